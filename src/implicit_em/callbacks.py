@@ -1,0 +1,131 @@
+"""Callbacks: epoch timing, feature images, the probe during training, and the identity check."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from implicit_em.figures import save_feature_grid
+from implicit_em.objective import lse_loss, responsibilities
+from implicit_em.probe import torch_probe
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    """The run's log directory (where metrics.csv, metrics.json and the feature images go)."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class EpochTimer(L.Callback):
+    """Wall time of each training epoch: from its start to the end of its last training batch.
+
+    Validation, checkpointing and the probe are outside it. Saved in checkpoints, so a resumed run
+    reports every epoch.
+    """
+
+    def __init__(self):
+        self.epoch_seconds: list[float] = []
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        _sync(pl_module.device)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx + 1 == trainer.num_training_batches:
+            _sync(pl_module.device)
+            self.epoch_seconds.append(time.perf_counter() - self._start)
+
+    def state_dict(self) -> dict:
+        return {"epoch_seconds": list(self.epoch_seconds)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.epoch_seconds = list(state_dict["epoch_seconds"])
+
+
+class FeatureImages(L.Callback):
+    """The rows of W as images in the data's shape (the paper's Figure 4), every N epochs and at the end.
+
+    Saved as ``features/epoch_XXXX.png`` and ``features.png`` in the run directory and sent to the
+    loggers that take images (W&B, TensorBoard). Member 0 of an ensemble.
+
+    Args:
+        every_n_epochs: how often during training (0: only at the end).
+    """
+
+    def __init__(self, every_n_epochs: int = 10):
+        self.every_n_epochs = every_n_epochs
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        epoch = trainer.current_epoch + 1
+        if self.every_n_epochs and epoch % self.every_n_epochs == 0:
+            self._draw(trainer, pl_module, run_dir(trainer) / "features" / f"epoch_{epoch:04d}.png", epoch)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._draw(trainer, pl_module, run_dir(trainer) / "features.png", trainer.current_epoch)
+
+    @rank_zero_only
+    def _draw(self, trainer, pl_module, path: Path, epoch: int) -> None:
+        shape = getattr(trainer.datamodule, "image_shape", None)
+        if not shape:
+            return
+        weights = pl_module.model.component_weights()[0]
+        save_feature_grid(weights, shape, path, title=f"{type(pl_module).__name__} components, epoch {epoch}")
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="features", images=[str(path)], step=trainer.global_step)
+            elif hasattr(getattr(logger, "experiment", None), "add_image"):
+                import matplotlib.image
+
+                logger.experiment.add_image("features", matplotlib.image.imread(path), epoch, dataformats="HWC")
+
+
+class ProbeDuringTraining(L.Callback):
+    """The fast linear probe (train split -> validation split) every N epochs, logged as
+    ``val/probe_accuracy``. Every rank computes the same value from the full in-memory splits.
+
+    Args:
+        every_n_epochs: how often (0: never during training; the final probe is in metrics.json).
+    """
+
+    def __init__(self, every_n_epochs: int = 10):
+        self.every_n_epochs = every_n_epochs
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        epoch = trainer.current_epoch + 1
+        if trainer.sanity_checking or not self.every_n_epochs or epoch % self.every_n_epochs:
+            return
+        dm = trainer.datamodule
+        train, val = dm.device_split("train"), dm.device_split("val")
+        with torch.no_grad():
+            f_train, f_val = pl_module(train.x), pl_module(val.x)
+        accs = torch.tensor([torch_probe(f_train[s], train.y, f_val[s], val.y) for s in range(pl_module.n_members)])
+        for key, value in pl_module.member_values("val/probe_accuracy", accs).items():
+            pl_module.log(key, value, prog_bar=True)
+
+
+class IdentityCheck(L.Callback):
+    """Checks the paper's theorem on live distances once per epoch: max |dL_LSE/dd - softmax(-d)|
+    over a batch of validation inputs, logged as ``val/identity_max_error`` (float64)."""
+
+    def __init__(self, n_samples: int = 256):
+        self.n_samples = n_samples
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        x = trainer.datamodule.device_split("val").x[: self.n_samples]
+        with torch.no_grad():
+            d = pl_module(x)[0].double()
+        with torch.enable_grad(), torch.autocast(d.device.type, enabled=False):
+            d.requires_grad_(True)
+            (grad,) = torch.autograd.grad(lse_loss(d), d)
+        pl_module.log("val/identity_max_error", (grad - responsibilities(d)).abs().max().float())

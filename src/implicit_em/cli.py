@@ -1,0 +1,216 @@
+"""The LightningCLI entry behind ``scripts/train.py``: configure, train, evaluate, write metrics.json.
+
+Configs compose with repeated ``--config configs/<group>/<name>.yaml``; any value overrides with
+``--section.key value``. Errors in settings or data print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger as _CSVLogger
+from lightning.pytorch.loggers import TensorBoardLogger as _TensorBoardLogger
+
+from implicit_em.callbacks import EpochTimer, FeatureImages, IdentityCheck, ProbeDuringTraining
+from implicit_em.data.memory import InMemoryDataModule
+from implicit_em.errors import ConfigError, UserError
+from implicit_em.loggers import AtomicCheckpointIO, WandbLogger
+from implicit_em.module import ComponentModule
+from implicit_em.report import ReportConfig, evaluate, write_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
+
+
+class CSVLogger(_CSVLogger):
+    """Lightning's CSV logger (per-epoch ``metrics.csv``); ``save_dir`` defaults to the root directory."""
+
+    def __init__(
+        self, save_dir: str | None = None, name: str = "implicit_em", version: int | str | None = None, **kwargs: Any
+    ):
+        super().__init__(save_dir or ".", name=name, version=version, **kwargs)
+
+
+class TensorBoardLogger(_TensorBoardLogger):
+    """Lightning's TensorBoard logger; ``save_dir`` defaults to the root directory."""
+
+    def __init__(
+        self, save_dir: str | None = None, name: str = "implicit_em", version: int | str | None = None, **kwargs: Any
+    ):
+        super().__init__(save_dir or ".", name=name, version=version, **kwargs)
+
+
+class OneLineParser(LightningArgumentParser):
+    """Argument errors as a single line on stderr, exit code 2 (no usage dump, no traceback)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+        sys.stderr.write(f"error: {text} (see --help)\n")
+        sys.exit(2)
+
+
+def _loggers(trainer_cfg: Namespace) -> list[Namespace]:
+    logger = trainer_cfg.get("logger")
+    if isinstance(logger, Namespace):
+        return [logger]
+    return [lg for lg in logger if isinstance(lg, Namespace)] if isinstance(logger, list) else []
+
+
+def find_last_checkpoint(root: str | Path) -> Path | None:
+    """The newest ``last*.ckpt`` below ``root`` (the run to resume), or None."""
+    found = [p for p in Path(root).glob("**/last*.ckpt") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+class ImplicitEMCLI(LightningCLI):
+    """LightningCLI with the project's defaults, sections and guarantees (see the module docstring)."""
+
+    def __init__(self, args: Sequence[str] | None = None, default_config_files: Sequence[str | Path] | None = None):
+        files = [str(p) for p in (default_config_files if default_config_files is not None else [DEFAULT_CONFIG])]
+        super().__init__(
+            model_class=ComponentModule,
+            subclass_mode_model=True,
+            datamodule_class=InMemoryDataModule,
+            subclass_mode_data=True,
+            parser_class=OneLineParser,
+            parser_kwargs={"default_config_files": files, "description": "Train a decoder-free implicit-EM model."},
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            run=False,
+            args=args,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--ckpt_path", type=str | None, default=None,
+            help="Resume from this checkpoint; 'last' resumes the newest run under --trainer.default_root_dir.",
+        )  # fmt: skip
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0, "checkpoint.every_n_epochs": 1})
+        parser.add_lightning_class_args(FeatureImages, "features")
+        parser.add_lightning_class_args(ProbeDuringTraining, "probe")
+        parser.add_lightning_class_args(IdentityCheck, "identity")
+        parser.add_class_arguments(ReportConfig, "report")
+        parser.link_arguments("data.dims", "model.init_args.in_features", apply_on="instantiate")
+
+    # -- before anything is built ---------------------------------------------------------------------
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config
+        root = cfg.trainer.default_root_dir or "."
+        self._check_devices(cfg)
+        if cfg.ckpt_path == "last":
+            self._resume_last(cfg, root)
+        for lg in _loggers(cfg.trainer):
+            if "save_dir" in lg.init_args and lg.init_args.save_dir in (None, "."):
+                lg.init_args.save_dir = str(root)
+
+    @staticmethod
+    def _check_devices(cfg: Namespace) -> None:
+        devices, nodes = cfg.trainer.devices, cfg.trainer.num_nodes or 1
+        if isinstance(devices, str) and devices.isdigit():
+            devices = int(devices)
+        if isinstance(devices, int) and devices > 0:
+            world = devices * nodes
+            batch = cfg.data.init_args.batch_size
+            if batch % world:
+                raise ConfigError(
+                    f"data.batch_size {batch} must divide evenly across {world} devices (it is the global batch)"
+                )
+
+    @staticmethod
+    def _resume_last(cfg: Namespace, root: str) -> None:
+        ckpt = find_last_checkpoint(root)
+        if ckpt is None:
+            print(f"--ckpt_path last: no last.ckpt under {Path(root).resolve()}; starting a new run", file=sys.stderr)
+            cfg.ckpt_path = None
+            return
+        cfg.ckpt_path = str(ckpt)
+        run = ckpt.parent.parent  # <root>/<name>/<version>/checkpoints/last.ckpt
+        for lg in _loggers(cfg.trainer):
+            args = lg.init_args
+            if "version" in args and "name" in args:
+                args.name, args.version = run.parent.name, run.name
+            elif "id" in args and (run / "wandb_id").is_file():
+                args.id, args.resume = (run / "wandb_id").read_text().strip(), "allow"
+
+    # -- the trainer ---------------------------------------------------------------------------------
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        callbacks = [*callbacks, EpochTimer()]
+        if config.get("enable_progress_bar", True) is not False and not any(
+            isinstance(c, ProgressBar) for c in config.get("callbacks") or []
+        ):
+            callbacks.append(RichProgressBar(refresh_rate=10, leave=True))
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(hasattr(p, "save_checkpoint") for p in plugins):
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
+        loggers = config.get("logger")
+        for lg in loggers if isinstance(loggers, list) else [loggers]:
+            if isinstance(lg, WandbLogger) and lg.save_dir in (None, "."):
+                lg.set_save_dir(str(config.get("default_root_dir") or "."))
+        return super()._instantiate_trainer(config, callbacks)
+
+    # -- the job -------------------------------------------------------------------------------------
+    def fit(self) -> Path | None:
+        """Train, then evaluate on frozen features; returns metrics.json's path on rank 0 (else None)."""
+        trainer, module, dm = self.trainer, self.model, self.datamodule
+        trainer.fit(module, datamodule=dm, ckpt_path=self.config.ckpt_path)
+        run = Path(trainer.log_dir or trainer.default_root_dir)  # every rank: log_dir may broadcast
+        if trainer.interrupted or not trainer.is_global_zero:
+            return None
+        for lg in trainer.loggers:
+            if isinstance(lg, WandbLogger):
+                (run / "wandb_id").write_text(str(lg.version))
+        metrics = evaluate(module, dm, ReportConfig(**self.config.report))
+        timer = next(c for c in trainer.callbacks if isinstance(c, EpochTimer))
+        metrics.update(
+            epoch_seconds=timer.epoch_seconds,
+            epochs=trainer.current_epoch,
+            model=type(module).__name__,
+            data=getattr(dm, "name", type(dm).__name__),
+            run_dir=str(run.resolve()),
+            checkpoint=getattr(trainer.checkpoint_callback, "last_model_path", None),
+        )
+        numeric = {
+            f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        for lg in trainer.loggers:
+            lg.log_metrics(numeric, step=trainer.global_step)
+            lg.save()
+        return write_metrics(metrics, run / "metrics.json")
+
+
+def main(args: Sequence[str] | None = None, default_config_files: Sequence[str | Path] | None = None) -> int:
+    """Run the main job; print metrics.json's absolute path as the last stdout line. Returns the exit code."""
+    try:
+        cli = ImplicitEMCLI(args, default_config_files)
+        path = cli.fit()
+    except UserError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return e.exit_code
+    except Exception as e:  # jsonargparse wraps errors raised while instantiating classes
+        cause = _user_error(e)
+        if cause is None:
+            raise
+        sys.stderr.write(f"error: {cause}\n")
+        return cause.exit_code
+    if path is not None:
+        sys.stdout.flush()
+        print(path, flush=True)
+    return 0
+
+
+def _user_error(e: BaseException) -> UserError | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, UserError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None

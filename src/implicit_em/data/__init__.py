@@ -1,0 +1,6 @@
+"""DataModules, one per data source, all serving in-memory tensors through :mod:`.memory`."""
+
+from implicit_em.data.digits import DigitsDataModule
+from implicit_em.data.memory import InMemoryDataModule, InMemoryLoader
+
+__all__ = ["DigitsDataModule", "InMemoryDataModule", "InMemoryLoader"]

@@ -1,0 +1,33 @@
+"""Errors a user can fix: the entry points print them as one line and exit with code 2, no traceback."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem in the user's settings or files; the message names it and says how to fix it."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid setting, raised before any data is loaded or model built."""
+
+
+class DataError(UserError):
+    """Data missing, corrupt, or inconsistent."""
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """A loss term became NaN or infinite during training."""
+
+    exit_code = 3
+
+
+def check(condition: bool, key: str, allowed: str, value) -> None:
+    """Raise :class:`ConfigError` naming ``key``, the allowed range and the value given, unless ``condition``."""
+    if not condition:
+        raise ConfigError(f"{key} must be {allowed} (got {value!r})")
+
+
+def check_choice(value: str, key: str, choices) -> None:
+    check(value in choices, key, "one of " + ", ".join(sorted(choices)), value)
