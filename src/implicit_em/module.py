@@ -44,6 +44,8 @@ class ComponentModule(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.member_specs = resolve_members(members, defaults, MEMBER_KEYS + self.member_hyperparameters)
+        self._nvml_check: str | None = None
+        self._force_lightning_steps = False  # tests set it to compare both paths
         self._epoch_sum: Tensor | None = None
         self._epoch_steps = 0
         self.epoch_means: dict[str, list[float]] = {}
@@ -95,17 +97,30 @@ class ComponentModule(L.LightningModule):
         return optimizers
 
     def training_step(self, batch: list[Tensor], batch_idx: int) -> None:
+        """One exact optimiser step per micro-batch of the chunk ``batch``."""
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        fast = self._fast_steps()
         records = []
         for x in batch:
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             terms = self.objective(x)
-            self.manual_backward(terms["loss"].sum())
-            for opt in optimizers:
-                opt.step()
-            records.append(torch.stack([t.detach() for t in terms.values()]))
+            loss = terms["loss"].sum()
+            if fast:
+                loss.backward()
+                for opt in optimizers:
+                    opt.optimizer.step()
+            else:
+                self.manual_backward(loss)
+                for opt in optimizers:
+                    opt.step()
+            records.append(torch.stack([t.detach().reshape(-1) for t in terms.values()]))
+        if fast:  # keep Lightning's step count (global_step) exact
+            for _ in batch:
+                for opt in optimizers:
+                    opt._on_before_step()
+                    opt._on_after_step()
         chunk = torch.stack(records)  # steps x terms x S
         self._term_names = list(terms)
         self._check_finite(chunk, self._term_names)
@@ -113,6 +128,14 @@ class ComponentModule(L.LightningModule):
         self._epoch_steps += len(batch)
         if self.trainer.log_every_n_steps and batch_idx % self.trainer.log_every_n_steps == 0:
             self.log("train/loss_step", chunk[-1, 0].mean(), prog_bar=True)
+
+    def _fast_steps(self) -> bool:
+        """Step the torch optimisers directly, skipping Lightning's per-step hooks (``on_before_backward``,
+        ``on_after_backward``, ``on_before_optimizer_step``), when nothing needs them: one process and no
+        gradient scaler. Same updates either way; about 0.3 ms less per step on a CPU."""
+        if self._force_lightning_steps or self.trainer.world_size > 1:
+            return False
+        return getattr(self.trainer.precision_plugin, "scaler", None) is None
 
     def _check_finite(self, chunk: Tensor, names: list[str]) -> None:
         """Stop on the first non-finite term of the chunk (one host sync per Lightning batch)."""
@@ -125,6 +148,18 @@ class ComponentModule(L.LightningModule):
             f"non-finite {names[bad[1]]} loss at step {step} of epoch {self.current_epoch} (member {bad[2]}); "
             f"training stopped; last good checkpoint: {ckpt}; lower the learning rate or check the data"
         )
+
+    def on_fit_start(self) -> None:
+        # Importing Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1, so torch.cuda.is_available() asks NVML
+        # (which keeps a later fork() safe). torch's optimisers ask is_available() on every step; where NVML
+        # is missing each ask dlopen()s it in vain, ~0.2 ms a step (a 30% slower epoch on a CPU here). The
+        # processes are launched by now and we fork nothing, so torch's own cached check is safe here.
+        self._nvml_check = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
+        os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
+
+    def on_fit_end(self) -> None:
+        if self._nvml_check is not None:
+            os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = self._nvml_check
 
     def on_train_epoch_start(self) -> None:
         self._epoch_sum, self._epoch_steps = None, 0
@@ -230,7 +265,8 @@ class ImplicitEM(ComponentModule):
             self.initialized.fill_(True)
 
     def objective(self, x: Tensor) -> dict[str, Tensor]:
-        d = gather_samples(self.model(x))
+        d = self.model(x)
+        d = gather_samples(d[0] if len(d) == 1 else d)  # one member: plain N x K matmuls
         lam = {k: self.per_member(k) for k in self.member_hyperparameters}
         weight = self.model.component_weights() if any(m["lambda_wr"] for m in self.member_specs) else None
         return implicit_em_objective(d, weight, eps=self.eps, **lam)

@@ -2,5 +2,6 @@
 
 from implicit_em.data.digits import DigitsDataModule
 from implicit_em.data.memory import InMemoryDataModule, InMemoryLoader
+from implicit_em.data.mnist import FashionMNISTDataModule, MNISTDataModule
 
-__all__ = ["DigitsDataModule", "InMemoryDataModule", "InMemoryLoader"]
+__all__ = ["DigitsDataModule", "FashionMNISTDataModule", "InMemoryDataModule", "InMemoryLoader", "MNISTDataModule"]

@@ -106,10 +106,13 @@ class Split:
     y: Tensor  # N int64
 
 
-def stratified_split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int):
+def stratified_split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int, key: str):
     """Split off ``fraction`` of the samples, stratified by label, reproducibly from ``seed``."""
     from sklearn.model_selection import train_test_split
 
+    n_classes, n_out = len(np.unique(y)), int(np.ceil(fraction * len(y)))
+    if not n_classes <= n_out <= len(y) - n_classes:
+        raise DataError(f"{key} {fraction} puts {n_out} of {len(y)} samples aside; each side needs at least {n_classes} (one per class)")
     return train_test_split(x, y, test_size=fraction, stratify=y, random_state=seed)
 
 
@@ -173,8 +176,8 @@ class InMemoryDataModule(L.LightningDataModule):
         if "test" in raw:
             x_test, y_test = raw["test"]
         else:
-            x_train, x_test, y_train, y_test = stratified_split(x_train, y_train, self.test_fraction, self.seed)
-        x_train, x_val, y_train, y_val = stratified_split(x_train, y_train, self.val_fraction, self.seed)
+            x_train, x_test, y_train, y_test = stratified_split(x_train, y_train, self.test_fraction, self.seed, "data.test_fraction")
+        x_train, x_val, y_train, y_val = stratified_split(x_train, y_train, self.val_fraction, self.seed, "data.val_fraction")
         parts = {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
         for name, (x, _) in parts.items():
             check_finite(np.asarray(x), f"{self.name} {name} split")
