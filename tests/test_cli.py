@@ -1,0 +1,71 @@
+"""The main job end to end: scripts/train.py, metrics.json, composition of configs, clear errors."""
+
+import pytest
+
+from implicit_em.cli import find_last_checkpoint
+
+REQUIRED = [
+    "probe_accuracy", "dead_components", "redundancy", "responsibility_entropy", "l0_density",
+    "n_parameters", "final_loss", "epoch_seconds", "cluster_accuracy", "nmi",
+    "kmeans_cluster_accuracy", "kmeans_nmi", "probe_method",
+]  # fmt: skip
+
+
+def test_one_epoch_smoke_writes_metrics_json(train, tmp_path):
+    run = train("--trainer.max_epochs", "1")
+    assert run.returncode == 0, run.stderr[-2000:]
+    path = run.metrics_path
+    assert path.is_absolute() and path.name == "metrics.json" and path.is_relative_to(tmp_path)
+    m = run.metrics
+    for key in REQUIRED:
+        assert key in m, key
+    assert 0.5 < m["probe_accuracy"] <= 1.0
+    assert m["n_parameters"] == 64 * 64 + 64
+    assert len(m["epoch_seconds"]) == 1 and m["epoch_seconds"][0] > 0
+    assert (path.parent / "metrics.csv").is_file() and (path.parent / "features.png").is_file()
+    assert find_last_checkpoint(tmp_path) is not None
+
+
+def test_overrides_and_composed_configs_reach_the_model(train):
+    run = train(
+        "--config", "configs/model/sae.yaml", "--trainer.max_epochs", "2",
+        "--model.n_components", "16", "--seed_everything", "7", "--report.kmeans", "false",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    m = run.metrics
+    assert m["model"] == "SparseAutoencoderModule" and m["n_components"] == 16 and m["seed"] == 7
+    assert m["n_parameters"] == 64 * 16 + 16 + 16 * 64 + 64
+    assert len(m["epoch_seconds"]) == 2 and "final_mse" in m and "kmeans_nmi" not in m
+
+
+def test_help_documents_options():
+    from tests.conftest import TRAIN, run_script
+
+    run = run_script(TRAIN, "--help")
+    assert run.returncode == 0
+    for option in ("--model", "--data", "--trainer.max_epochs", "--ckpt_path", "--report.probe_method", "--features.every_n_epochs"):
+        assert option in run.stdout, option
+
+
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["--data.batch_size", "1"], "data.batch_size"),
+        (["--model.n_components", "1"], "model.n_components"),
+        (["--model.lambda_var", "-1"], "model.lambda_var"),
+        (["--model.eps", "0"], "model.eps"),
+        (["--model.activation", "tanhh"], "model.activation"),
+        (["--model.optimizer", "adagradx"], "model.optimizer"),
+        (["--data.val_fraction", "1.5"], "data.val_fraction"),
+        (["--model.no_such_key", "3"], "no_such_key"),
+        (["--trainer.devices", "3", "--trainer.accelerator", "cpu"], "data.batch_size"),
+        (["--report.probe_method", "svm"], "report.probe_method"),
+    ],
+)
+def test_invalid_settings_fail_fast_with_one_line(train, args, key):
+    run = train(*args, timeout=120)
+    assert run.returncode == 2, (run.returncode, run.stderr[-1500:])
+    assert "Traceback" not in run.stderr
+    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+    assert lines and key in lines[-1], run.stderr[-1500:]
+    assert run.stdout.strip() == "" or "metrics.json" not in run.stdout
