@@ -21,6 +21,11 @@ def _wide(t: Tensor) -> Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
+def _no_autocast(t: Tensor) -> torch.autocast:
+    """Autocast off on ``t``'s device: under bf16 autocast a matmul would cast its float32 inputs back down."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def responsibilities(d: Tensor) -> Tensor:
     """Posterior responsibilities r_ij = exp(-d_ij) / sum_l exp(-d_il) = softmax(-d)_ij over components."""
     return torch.softmax(-_wide(d), dim=-1)
@@ -29,10 +34,14 @@ def responsibilities(d: Tensor) -> Tensor:
 def lse_loss(d: Tensor) -> Tensor:
     """Mixture negative log-likelihood L_LSE = -sum_i log sum_j exp(-d_ij), summed over the batch.
 
-    Its gradient is the E-step: dL_LSE/dd_ij = r_ij (see :func:`responsibilities`). ``logsumexp`` shifts
-    by the minimum distance, so it is exact for d anywhere in [0, 1e4].
+    Its gradient is the E-step: dL_LSE/dd_ij = r_ij (see :func:`responsibilities`). The distances are
+    shifted by their row minimum m_i before ``logsumexp`` (L = sum_i m_i - log sum_j exp(-(d_ij - m_i))),
+    so the backward pass exp(-(d - m) - lse) never subtracts two large numbers: the identity holds to
+    float precision for d anywhere in [0, 1e4]. m is detached; L does not depend on it.
     """
-    return -torch.logsumexp(-_wide(d), dim=-1).sum(dim=-1)
+    d = _wide(d)
+    m = d.detach().amin(dim=-1, keepdim=True)
+    return (m.squeeze(-1) - torch.logsumexp(m - d, dim=-1)).sum(dim=-1)
 
 
 def batch_variance(d: Tensor) -> Tensor:
@@ -49,7 +58,9 @@ def correlation_matrix(d: Tensor) -> Tensor:
     """Batch correlation Corr(d)_jk = Cov(d_j, d_k) / sqrt((Var d_j + c)(Var d_k + c)), c = 1e-8."""
     d = _wide(d)
     centred = d - d.mean(dim=-2, keepdim=True)
-    return covariance_to_correlation(centred.transpose(-1, -2) @ centred / (d.shape[-2] - 1))
+    with _no_autocast(d):
+        cov = centred.transpose(-1, -2) @ centred / (d.shape[-2] - 1)
+    return covariance_to_correlation(cov)
 
 
 def covariance_to_correlation(cov: Tensor) -> Tensor:
@@ -72,7 +83,8 @@ def weight_orthogonality_loss(weight: Tensor) -> Tensor:
     """L_wr = ||W_n W_n^T - I||_F^2 with W_n the rows of W (K x D, or S x K x D) scaled to unit norm."""
     w = _wide(weight)
     w = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    gram = w @ w.transpose(-1, -2)
+    with _no_autocast(w):
+        gram = w @ w.transpose(-1, -2)
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     return (gram - eye).pow(2).sum(dim=(-2, -1))
 
