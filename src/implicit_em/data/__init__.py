@@ -1,7 +1,20 @@
-"""DataModules, one per data source, all serving in-memory tensors through :mod:`.memory`."""
+"""DataModules, one per data source, all serving in-memory tensors through :mod:`.memory`.
 
+Select one with ``--config configs/data/<name>.yaml``: digits, mnist, fashion_mnist, cifar10, synthetic.
+"""
+
+from implicit_em.data.cifar10 import CIFAR10DataModule
 from implicit_em.data.digits import DigitsDataModule
 from implicit_em.data.memory import InMemoryDataModule, InMemoryLoader
 from implicit_em.data.mnist import FashionMNISTDataModule, MNISTDataModule
+from implicit_em.data.synthetic import SyntheticMixtureDataModule
 
-__all__ = ["DigitsDataModule", "FashionMNISTDataModule", "InMemoryDataModule", "InMemoryLoader", "MNISTDataModule"]
+__all__ = [
+    "CIFAR10DataModule",
+    "DigitsDataModule",
+    "FashionMNISTDataModule",
+    "InMemoryDataModule",
+    "InMemoryLoader",
+    "MNISTDataModule",
+    "SyntheticMixtureDataModule",
+]

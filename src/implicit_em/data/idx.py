@@ -21,9 +21,15 @@ def read_idx(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     try:
-        raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+        if path.suffix == ".gz":
+            with gzip.open(path) as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
     except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path}: cannot be read ({e.__class__.__name__}: {e}); the file is corrupt or truncated, replace it") from None
+        raise DataError(
+            f"{path}: cannot be read ({e.__class__.__name__}: {e}); the file is corrupt or truncated, replace it"
+        ) from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_TYPES:
         raise DataError(f"{path}: not an IDX file (bad magic number); replace it with the original file")
     ndim = raw[3]
@@ -44,8 +50,16 @@ def read_idx(path: str | Path) -> np.ndarray:
 def read_image_label_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
     """Images as float32 N x D in [0, 1] and labels as int64, checking that the counts agree."""
     x, y = read_idx(images), read_idx(labels)
+    if x.ndim != 3:
+        raise DataError(f"{images}: holds an array of shape {x.shape}, not N images of H x W; is it a labels file?")
+    if x.dtype != np.uint8:
+        raise DataError(f"{images}: pixels of type {x.dtype}; the images of an IDX dataset are unsigned bytes (0..255)")
+    if y.ndim != 1:
+        raise DataError(f"{labels}: holds an array of shape {y.shape}, not N labels; is it an images file?")
     if len(x) != len(y):
-        raise DataError(f"{images} holds {len(x)} images but {labels} holds {len(y)} labels; the files do not belong together")
+        raise DataError(
+            f"{images} holds {len(x)} images but {labels} holds {len(y)} labels; the files do not belong together"
+        )
     if y.size and (y.min() < 0 or y.max() > 9):
         raise DataError(f"{labels}: labels outside 0..9; replace the file")
-    return (x.reshape(len(x), -1).astype(np.float32) / 255.0), y.astype(np.int64)
+    return np.multiply(x.reshape(len(x), -1), np.float32(1 / 255), dtype=np.float32), y.astype(np.int64)

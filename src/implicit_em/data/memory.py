@@ -172,6 +172,8 @@ class InMemoryDataModule(L.LightningDataModule):
         if self.splits:
             return
         raw = self.load()
+        for name, (x, _) in raw.items():  # before splitting, so the index is the sample's place in the source
+            check_finite(np.asarray(x), f"{self.name} {name} data")
         x_train, y_train = raw["train"]
         if "test" in raw:
             x_test, y_test = raw["test"]
@@ -179,8 +181,6 @@ class InMemoryDataModule(L.LightningDataModule):
             x_train, x_test, y_train, y_test = stratified_split(x_train, y_train, self.test_fraction, self.seed, "data.test_fraction")
         x_train, x_val, y_train, y_val = stratified_split(x_train, y_train, self.val_fraction, self.seed, "data.val_fraction")
         parts = {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
-        for name, (x, _) in parts.items():
-            check_finite(np.asarray(x), f"{self.name} {name} split")
         transform = fit_normalization(np.asarray(x_train, dtype=np.float64), self.normalization)
         self.splits = {
             name: Split(

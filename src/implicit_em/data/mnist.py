@@ -9,14 +9,13 @@ Fashion-MNIST is also found, without download, where Debian's ``dataset-fashion-
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 
+from implicit_em.data.download import fetch
 from implicit_em.data.idx import read_image_label_pair
 from implicit_em.data.memory import InMemoryDataModule
 from implicit_em.errors import DataError
-from implicit_em.loggers import reachable
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -64,36 +63,43 @@ class IDXDataModule(InMemoryDataModule):
 
     def prepare_data(self) -> None:
         if self.locate() is None and self.download:
-            self._download()
+            import torchvision
 
-    def _download(self) -> None:
-        import torchvision
+            dataset = getattr(torchvision.datasets, self.torchvision_name)
+            root = Path(self.root or "data")
+            urls = getattr(dataset, "mirrors", None) or ["https://ossci-datasets.s3.amazonaws.com/mnist/"]
 
-        dataset = getattr(torchvision.datasets, self.torchvision_name)
-        root = Path(self.root or "data")
-        hosts = {urlparse(m).hostname for m in getattr(dataset, "mirrors", [])} or {"ossci-datasets.s3.amazonaws.com"}
-        if not any(reachable((h, 443), timeout=5) for h in hosts):
-            raise DataError(
-                f"{self.name}: files not found and no network to download them (tried {', '.join(sorted(hosts))}); "
-                f"looked in {self._looked_in()}; {self.how_to_get}"
-            )
-        try:
-            for train in (True, False):
-                dataset(str(root), train=train, download=True)
-        except Exception as e:  # torchvision raises RuntimeError/URLError/OSError variously
-            raise DataError(f"{self.name}: download into {root.resolve()} failed ({e}); {self.how_to_get}") from None
+            def download():
+                for train in (True, False):
+                    dataset(str(root), train=train, download=True)
+
+            fetch(self.name, urls, download, self._looked_in(), self.how_to_get)
 
     def _looked_in(self) -> str:
-        return ", ".join(str(f.resolve()) for f in self.candidate_folders())
+        """The folders searched, each with the files it lacks when it holds some of the four."""
+        parts = []
+        for folder in self.candidate_folders():
+            stems = [stem for pair in FILES.values() for stem in pair]
+            missing = [stem for stem in stems if _find(folder, stem) is None]
+            note = f" (lacks {', '.join(missing)})" if 0 < len(missing) < len(stems) else ""
+            parts.append(f"{folder.resolve()}{note}")
+        return ", ".join(parts)
 
     def load(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         files = self.locate()
         if files is None:
             raise DataError(
-                f"{self.name}: the four IDX files (train-images-idx3-ubyte[.gz], ...) are not in any of: {self._looked_in()}; "
-                f"{self.how_to_get}"
+                f"{self.name}: the four IDX files (train-images-idx3-ubyte[.gz], ...) are not in any of: "
+                f"{self._looked_in()}; {self.how_to_get}"
             )
-        return {split: read_image_label_pair(*pair) for split, pair in files.items()}
+        out = {split: read_image_label_pair(*pair) for split, pair in files.items()}
+        for split, (x, _) in out.items():
+            if x.shape[1] != self.dims:
+                raise DataError(
+                    f"{files[split][0]}: images of {x.shape[1]} pixels; {self.name} images are "
+                    f"{' x '.join(map(str, self.image_shape))} ({self.dims}); replace the file"
+                )
+        return out
 
 
 class MNISTDataModule(IDXDataModule):
