@@ -47,6 +47,7 @@ class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles plain containers and numpy arrays only: a batch file cannot run code when loaded."""
 
     ALLOWED = {
+        ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("numpy.core.multiarray", "_reconstruct"),
@@ -170,6 +171,11 @@ def decode_images(paths: list[str], workers: int | None = None) -> np.ndarray:
     return out
 
 
+def cache_path(root: Path) -> Path:
+    """The cache file of an image folder: one per absolute path, replaced when the folder changes."""
+    return cache_dir() / f"cifar10-{hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]}.npz"
+
+
 def folder_key(root: Path, stats: dict[str, list]) -> str:
     """A digest of the folder's absolute path and every image's relative name, size and mtime."""
     h = hashlib.sha256(str(root.resolve()).encode())
@@ -183,7 +189,7 @@ def read_image_folder(root: Path, cache: bool = True) -> dict[str, tuple[np.ndar
     """Both splits of an image-folder layout as uint8 N x 3 x 32 x 32 and int64 labels, via the cache."""
     listing = {split: list_image_folder(root / split) for split in ("train", "test")}
     key = folder_key(root, {split: stats for split, (_, _, stats) in listing.items()})
-    path = cache_dir() / f"cifar10-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]}.npz"
+    path = cache_path(root)
     if cache and path.is_file():
         cached = _read_cache(path, key, {split: labels for split, (_, labels, _) in listing.items()})
         if cached is not None:
