@@ -1,0 +1,203 @@
+"""scripts/reproduce.py: the --quick run writes every result, the notebook executes on it, bad arguments fail fast."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import time
+
+import pytest
+
+from implicit_em.experiments import (
+    ABLATION_CONFIGS,
+    EXPERIMENTS,
+    expand_experiments,
+    identity_errors,
+    markdown_table,
+    random_distances,
+    summarize,
+)
+from tests.conftest import REPO, run_script
+
+REPRODUCE = REPO / "scripts" / "reproduce.py"
+NOTEBOOK = REPO / "notebooks" / "reproduce.ipynb"
+K, D = 64, 64  # the quick run: the default K on 8 x 8 digits
+
+#: experiment -> (top-level JSON keys, keys of every row, figures)
+EXPECTED = {
+    "theorem": (
+        {"max_abs_error", "mean_abs_error", "correlation", "per_seed", "shape"},
+        {"max_abs_error", "mean_abs_error", "correlation"},
+        {"theorem.png"},
+    ),
+    "ablation": (
+        {"components", "rows"},
+        {"config", "dead_components", "redundancy", "responsibility_entropy", "probe_accuracy", "per_seed"},
+        {"ablation.png"},
+    ),
+    "benchmark": (
+        {"components", "rows"},
+        {"model", "seeds", "per_seed"},
+        {"benchmark.png"},
+    ),
+    "features": (
+        {"image_shape", "rows"},
+        {"model", "weight_redundancy", "effective_rank"},
+        {"features.png", "features_implicit_em.png", "features_sae.png"},
+    ),
+    "dynamics": (
+        {"rows"},
+        {"optimizer", "lr", "final_loss", "probe_accuracy", "per_seed"},
+        {"dynamics.png"},
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One ``--quick`` run (all experiments, digits, 3 epochs, seed 1) shared by the tests below."""
+    out = tmp_path_factory.mktemp("reproduce")
+    start = time.perf_counter()
+    run = run_script(REPRODUCE, "--quick", "--out", out, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    print(f"--quick took {time.perf_counter() - start:.0f} s")
+    return out / "digits"
+
+
+def load(folder, experiment: str) -> dict:
+    return json.loads((folder / f"{experiment}.json").read_text())
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_quick_run_writes_json_markdown_and_figures(quick, experiment):
+    top, row_keys, figures = EXPECTED[experiment]
+    result = load(quick, experiment)
+    assert top <= set(result), top - set(result)
+    assert result["experiment"] == experiment and result["data"] == "digits"
+    assert result["epochs"] == 3 and result["seeds"] == [1] and result["components"] == K
+    for row in result["rows"]:
+        assert row_keys <= set(row), (row_keys - set(row), row)
+    assert set(result["figures"]) == figures
+    for name in figures:
+        png = quick / name
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    md = (quick / f"{experiment}.md").read_text()
+    assert "Produced by `python scripts/reproduce.py --quick" in md
+    assert md.count("\n|") >= 2 + len(result["rows"]), md  # header, rule, one line per row
+
+
+def test_quick_numbers_follow_the_protocol(quick):
+    theorem = load(quick, "theorem")
+    assert theorem["max_abs_error"] < 1e-12 and theorem["correlation"] > 1 - 1e-12
+    assert theorem["shape"] == [64, 128]
+
+    ablation = load(quick, "ablation")
+    rows = {r["config"]: r for r in ablation["rows"]}
+    assert list(rows) == list(ABLATION_CONFIGS)
+    assert rows["lse"]["dead_components"] == K  # LSE alone collapses at once
+    assert rows["lse+var"]["lambda_tc"] == 0 and rows["var+tc"]["lambda_lse"] == 0
+    assert all(r["per_seed"]["probe_accuracy"] == [r["probe_accuracy"]] for r in rows.values())
+
+    bench = {r["model"]: r for r in load(quick, "benchmark")["rows"]}
+    assert list(bench) == ["implicit_em", "sae", "kmeans"]
+    assert bench["implicit_em"]["n_parameters"] == K * D + K
+    assert bench["sae"]["n_parameters"] == 2 * K * D + K + D  # matched K, plus the decoder
+    for model in ("implicit_em", "sae"):
+        for key in ("probe_accuracy", "l0_density", "reconstruction_mse", "reconstruction_mse_scaled"):
+            assert bench[model][key] is not None, (model, key)
+    for model in ("implicit_em", "kmeans"):
+        assert 0 < bench[model]["cluster_accuracy"] <= 1 and 0 <= bench[model]["nmi"] <= 1
+
+    dynamics = load(quick, "dynamics")["rows"]
+    assert [(r["optimizer"], r["lr"]) for r in dynamics] == [
+        (opt, lr) for opt in ("sgd", "adam") for lr in (1e-4, 1e-3, 1e-2, 1e-1)
+    ]
+    for row in dynamics:
+        (curve,) = row["per_seed"]["loss_curve"]
+        assert len(curve) == 3 and curve[-1] == pytest.approx(row["final_loss"], rel=1e-5)
+
+    assert load(quick, "features")["image_shape"] == [8, 8]
+    runs = quick / "runs"
+    assert {p.name for p in runs.iterdir()} == {"ablation", "implicit_em", "sae", "dynamics"}
+    assert all(any(p.glob("**/metrics.json")) for p in runs.iterdir())
+
+
+def test_notebook_executes_on_the_quick_results(quick, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("IEM_RESULTS", str(quick))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    text = "\n".join(
+        str(out.get("text", "")) + str(out.get("data", {}).get("text/markdown", ""))
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.outputs
+    )
+    assert str(quick) in text and "| lse+var+tc |" in text and "| kmeans |" in text
+    images = sum("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
+    assert images == 7  # every figure of every experiment
+
+
+def test_bad_argument_in_a_real_run_is_one_line_and_exit_2():
+    run = run_script(REPRODUCE, "--experiment", "theorem", "nonsense", timeout=120)
+    assert run.returncode == 2
+    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--experiment" in lines[0] and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["--data", "imagenet"], "--data"),
+        (["--epochs", "0"], "--epochs"),
+        (["--epochs", "two"], "--epochs"),
+        (["--seeds", "1", "1"], "--seeds"),
+        (["--seeds"], "--seeds"),
+        (["--components", "1"], "--components"),
+        (["--probe-method", "svm"], "--probe-method"),
+        (["--no-such-flag"], "--no-such-flag"),
+    ],
+)
+def test_bad_arguments_fail_with_one_line(args, key, capsys):
+    main = runpy.run_path(str(REPRODUCE))["main"]
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--out", "/nonexistent/never-written"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and key in lines[0], err
+
+
+def test_settings_errors_inside_a_run_are_one_line_and_exit_2(tmp_path, capsys):
+    main = runpy.run_path(str(REPRODUCE))["main"]
+    code = main(
+        ["--experiment", "ablation", "--epochs", "1", "--seeds", "1", "--batch-size", "5000", "--out", str(tmp_path)]
+    )
+    assert code == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "data.batch_size" in lines[0]
+    assert not (tmp_path / "digits" / "ablation.json").exists()
+
+
+def test_summarize_and_table():
+    results = [
+        {"config": "a", "seed": 1, "x": 1.0},
+        {"config": "b", "seed": 1, "x": 5.0},
+        {"config": "a", "seed": 2, "x": 3.0},
+    ]
+    rows = summarize(results, ["config"], ["x"])
+    assert [r["config"] for r in rows] == ["a", "b"]
+    assert rows[0]["x"] == 2.0 and rows[0]["x_std"] == pytest.approx(2**0.5) and rows[0]["seeds"] == [1, 2]
+    assert rows[0]["per_seed"] == {"x": [1.0, 3.0]} and rows[1]["x_std"] == 0.0
+    md = markdown_table(rows, ["config"], ["x"]).splitlines()
+    assert md[2] == "| a | 2 ± 1.414 |" and md[3] == "| b | 5 |"
+    assert summarize([{"k": 0, "seed": 1, "x": None}], ["k"], ["x"])[0]["x"] is None
+    assert expand_experiments(["dynamics", "theorem", "dynamics"]) == ["theorem", "dynamics"]
+    assert expand_experiments(["all"]) == list(EXPERIMENTS)
+
+
+def test_identity_is_exact_in_float64():
+    out = identity_errors(random_distances(0))
+    assert out["max_abs_error"] < 1e-15
+    assert out["gradient"].shape == (64, 128)
