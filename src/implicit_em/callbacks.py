@@ -109,7 +109,7 @@ class ProbeDuringTraining(L.Callback):
             f_train, f_val = pl_module(train.x), pl_module(val.x)
         accs = torch.tensor([torch_probe(f_train[s], train.y, f_val[s], val.y) for s in range(pl_module.n_members)])
         for key, value in pl_module.member_values("val/probe_accuracy", accs).items():
-            pl_module.log(key, value, prog_bar=True)
+            pl_module.log(key, value, prog_bar=True, sync_dist=True)
 
 
 class IdentityCheck(L.Callback):
@@ -128,4 +128,4 @@ class IdentityCheck(L.Callback):
         with torch.enable_grad(), torch.autocast(d.device.type, enabled=False):
             d.requires_grad_(True)
             (grad,) = torch.autograd.grad(lse_loss(d), d)
-        pl_module.log("val/identity_max_error", (grad - responsibilities(d)).abs().max().float())
+        pl_module.log("val/identity_max_error", (grad - responsibilities(d)).abs().max().float(), sync_dist=True)

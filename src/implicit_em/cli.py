@@ -63,9 +63,14 @@ def _loggers(trainer_cfg: Namespace) -> list[Namespace]:
 
 
 def find_last_checkpoint(root: str | Path) -> Path | None:
-    """The newest ``last*.ckpt`` below ``root`` (the run to resume), or None."""
-    found = [p for p in Path(root).glob("**/last*.ckpt") if p.is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+    """The newest checkpoint below ``root`` (the run to resume), or None: ``last.ckpt`` links to it; a
+    run killed between writing a checkpoint and relinking ``last.ckpt`` is still found."""
+    found = [p for p in Path(root).glob("**/checkpoints/*.ckpt") if p.is_file()]
+    if not found:
+        return None
+    newest = max(found, key=lambda p: (p.stat().st_mtime, p.name.startswith("last")))
+    last = newest.parent / "last.ckpt"
+    return last if last.is_file() and last.resolve() == newest.resolve() else newest
 
 
 class ImplicitEMCLI(LightningCLI):
@@ -92,7 +97,9 @@ class ImplicitEMCLI(LightningCLI):
             help="Resume from this checkpoint; 'last' resumes the newest run under --trainer.default_root_dir.",
         )  # fmt: skip
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0, "checkpoint.every_n_epochs": 1})
+        parser.set_defaults(
+            {"checkpoint.save_last": "link", "checkpoint.save_top_k": 1, "checkpoint.every_n_epochs": 1}
+        )
         parser.add_lightning_class_args(FeatureImages, "features")
         parser.add_lightning_class_args(ProbeDuringTraining, "probe")
         parser.add_lightning_class_args(IdentityCheck, "identity")

@@ -47,6 +47,7 @@ class ComponentModule(L.LightningModule):
         self._nvml_check: str | None = None
         self._force_lightning_steps = False  # tests set it to compare both paths
         self._epoch_sum: Tensor | None = None
+        self._pending_epoch_state: dict | None = None
         self._epoch_steps = 0
         self.epoch_means: dict[str, list[float]] = {}
 
@@ -162,7 +163,28 @@ class ComponentModule(L.LightningModule):
             os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = self._nvml_check
 
     def on_train_epoch_start(self) -> None:
-        self._epoch_sum, self._epoch_steps = None, 0
+        # a run resumed from a mid-epoch checkpoint continues that epoch's sums
+        pending, self._pending_epoch_state = self._pending_epoch_state, None
+        if pending is not None and pending["epoch"] == self.current_epoch:
+            self._epoch_sum, self._epoch_steps = pending["sum"], pending["steps"]
+        else:
+            self._epoch_sum, self._epoch_steps = None, 0
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["implicit_em"] = {
+            "epoch_means": self.epoch_means,
+            "epoch": self.current_epoch,
+            "sum": self._epoch_sum,
+            "steps": self._epoch_steps,
+            "term_names": getattr(self, "_term_names", None),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("implicit_em")
+        if state is not None:
+            self.epoch_means = state["epoch_means"]
+            self._term_names = state["term_names"]
+            self._pending_epoch_state = state if state["steps"] else None
 
     def on_train_epoch_end(self) -> None:
         if self._epoch_sum is None:
@@ -193,7 +215,7 @@ class ComponentModule(L.LightningModule):
         values["effective_rank"] = effective_rank(weight)
         for name, v in values.items():
             for key, value in self.member_values(f"val/{name}", v.float()).items():
-                self.log(key, value, prog_bar=name in ("dead_components", "responsibility_entropy"))
+                self.log(key, value, sync_dist=True, prog_bar=name in ("dead_components", "responsibility_entropy"))
 
 
 class ImplicitEM(ComponentModule):

@@ -32,8 +32,9 @@ class InMemoryLoader:
 
     Several exact optimiser steps per Lightning batch amortise Lightning's per-batch overhead; the
     sequence of batches is the same whatever ``steps_per_call`` is. With ``seeds`` of length S > 1 every
-    member of an ensemble gets its own order and a micro-batch is S x B x D. A last batch smaller than 2
-    per rank (variance undefined) is dropped. Stateful, so a run resumed mid-epoch continues the epoch.
+    member of an ensemble gets its own order and a micro-batch is S x B x D. The last, partial batch is
+    kept unless ``drop_last``, or it has fewer than 2 samples per rank (variance undefined), or it does
+    not split evenly across ranks. Stateful, so a run resumed mid-epoch continues the epoch.
     """
 
     def __init__(
@@ -45,13 +46,15 @@ class InMemoryLoader:
         steps_per_call: int = 1,
         rank: int = 0,
         world_size: int = 1,
+        drop_last: bool = False,
     ):
         self.x, self.batch_size, self.seeds = x, batch_size, list(seeds)
         self.epoch_fn, self.steps_per_call = epoch_fn, max(1, steps_per_call)
         self.rank, self.world_size = rank, world_size
         n, b = len(x), batch_size
         last = n % b
-        self.n_batches = n // b + (1 if last >= 2 * world_size and last % world_size == 0 else 0)
+        keep_last = not drop_last and last >= 2 * world_size and last % world_size == 0
+        self.n_batches = n // b + int(keep_last)
         self._resume: dict | None = None
         self._position = (0, 0)
 
@@ -112,7 +115,9 @@ def stratified_split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int, k
 
     n_classes, n_out = len(np.unique(y)), int(np.ceil(fraction * len(y)))
     if not n_classes <= n_out <= len(y) - n_classes:
-        raise DataError(f"{key} {fraction} puts {n_out} of {len(y)} samples aside; each side needs at least {n_classes} (one per class)")
+        raise DataError(
+            f"{key} {fraction} puts {n_out} of {len(y)} samples aside; each side needs at least {n_classes} (one per class)"
+        )
     return train_test_split(x, y, test_size=fraction, stratify=y, random_state=seed)
 
 
@@ -129,6 +134,7 @@ class InMemoryDataModule(L.LightningDataModule):
             fitted on the training split.
         eval_batch_size: batch size of the validation pass (metrics are exact over the split regardless).
         steps_per_call: optimiser steps per Lightning batch (speed only; forced to 1 under DDP).
+        drop_last: drop each epoch's last, partial batch.
     """
 
     #: the shape of one sample as an image, for feature images; subclasses set it
@@ -145,6 +151,7 @@ class InMemoryDataModule(L.LightningDataModule):
         normalization: str = "none",
         eval_batch_size: int = 4096,
         steps_per_call: int = 8,
+        drop_last: bool = False,
     ):
         super().__init__()
         check_data_args(batch_size, val_fraction, test_fraction, normalization, eval_batch_size, steps_per_call)
@@ -155,7 +162,7 @@ class InMemoryDataModule(L.LightningDataModule):
             test_fraction,
         )
         self.seed, self.normalization = seed, normalization
-        self.eval_batch_size, self.steps_per_call = eval_batch_size, steps_per_call
+        self.eval_batch_size, self.steps_per_call, self.drop_last = eval_batch_size, steps_per_call, drop_last
         self.splits: dict[str, Split] = {}
         self._device_splits: dict[str, Split] = {}
 
@@ -178,8 +185,12 @@ class InMemoryDataModule(L.LightningDataModule):
         if "test" in raw:
             x_test, y_test = raw["test"]
         else:
-            x_train, x_test, y_train, y_test = stratified_split(x_train, y_train, self.test_fraction, self.seed, "data.test_fraction")
-        x_train, x_val, y_train, y_val = stratified_split(x_train, y_train, self.val_fraction, self.seed, "data.val_fraction")
+            x_train, x_test, y_train, y_test = stratified_split(
+                x_train, y_train, self.test_fraction, self.seed, "data.test_fraction"
+            )
+        x_train, x_val, y_train, y_val = stratified_split(
+            x_train, y_train, self.val_fraction, self.seed, "data.val_fraction"
+        )
         parts = {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
         transform = fit_normalization(np.asarray(x_train, dtype=np.float64), self.normalization)
         self.splits = {
@@ -224,6 +235,7 @@ class InMemoryDataModule(L.LightningDataModule):
             steps_per_call=self.steps_per_call if world == 1 else 1,
             rank=rank,
             world_size=world,
+            drop_last=self.drop_last,
         )
 
     def val_dataloader(self) -> EvalLoader:
