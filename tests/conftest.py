@@ -36,7 +36,12 @@ def run_script(script: Path, *args: str, timeout: float = 600, env: dict | None 
     full_env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
     full_env.update({"WANDB_MODE": "offline", "MPLBACKEND": "Agg", **(env or {})})
     proc = subprocess.run(
-        [sys.executable, str(script), *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env
+        [sys.executable, str(script), *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
     )
     return Run(proc.returncode, proc.stdout, proc.stderr)
 

@@ -43,7 +43,14 @@ def test_help_documents_options():
 
     run = run_script(TRAIN, "--help")
     assert run.returncode == 0
-    for option in ("--model", "--data", "--trainer.max_epochs", "--ckpt_path", "--report.probe_method", "--features.every_n_epochs"):
+    for option in (
+        "--model",
+        "--data",
+        "--trainer.max_epochs",
+        "--ckpt_path",
+        "--report.probe_method",
+        "--features.every_n_epochs",
+    ):
         assert option in run.stdout, option
 
 
