@@ -1,0 +1,131 @@
+"""Feature evaluation: the fast torch probe against scikit-learn's, and the clustering scores."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from implicit_em.probe import (
+    cluster_accuracy,
+    clustering_scores,
+    kmeans_scores,
+    linear_probe,
+    responsibility_assignments,
+    sklearn_probe,
+    torch_probe,
+)
+
+
+@pytest.fixture(scope="module")
+def digits_split():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x_tr, x_te, y_tr, y_te = train_test_split(x.astype(np.float32), y, test_size=0.3, random_state=0, stratify=y)
+    return [torch.as_tensor(a) for a in (x_tr, y_tr, x_te, y_te)]
+
+
+def _mixture(n, d=20, classes=10, seed=0):
+    """Overlapping Gaussian classes: a probe problem whose accuracy is far from 0 and from 1."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, d, generator=torch.Generator().manual_seed(100)) * 0.5
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = centres[y] + torch.randn(n, d, generator=g)
+    x = torch.cat([x, x[:, :3] * 2 + 1, torch.full((n, 1), 7.0)], dim=1)  # duplicate and constant features
+    return x, y
+
+
+def test_torch_probe_agrees_with_sklearn_on_raw_digits(digits_split):
+    # 540 test images: one prediction is 0.19 points, so "within 0.3 points" means at most one differs
+    x_tr, y_tr, x_te, y_te = digits_split
+    sk, tp = sklearn_probe(x_tr, y_tr, x_te, y_te), torch_probe(x_tr, y_tr, x_te, y_te)
+    assert sk > 0.95
+    assert abs(sk - tp) <= 1 / len(y_te) + 1e-12, (sk, tp)
+
+
+def test_torch_probe_agrees_with_sklearn_on_a_large_synthetic_problem():
+    # 20,000 test samples: 0.3 points are 60 predictions, a tolerance with meaning
+    x_tr, y_tr = _mixture(20000, seed=1)
+    x_te, y_te = _mixture(20000, seed=2)
+    sk, tp = sklearn_probe(x_tr, y_tr, x_te, y_te), torch_probe(x_tr, y_tr, x_te, y_te)
+    assert 0.4 < sk < 0.95, sk
+    assert abs(sk - tp) <= 0.003, (sk, tp)
+    # float64 gives the same answer
+    assert abs(torch_probe(x_tr, y_tr, x_te, y_te, dtype=torch.float64) - sk) <= 0.003
+
+
+def test_torch_probe_on_encoder_features_with_dead_components(digits_split):
+    # features like a trained model's: ReLU distances, some components constant (dead)
+    x_tr, y_tr, x_te, y_te = digits_split
+    w = torch.randn(64, 32, generator=torch.Generator().manual_seed(3)) / 8
+    f_tr, f_te = torch.relu(x_tr @ w - 1), torch.relu(x_te @ w - 1)
+    f_tr[:, :4], f_te[:, :4] = 0.0, 0.0
+    sk, tp = sklearn_probe(f_tr, y_tr, f_te, y_te), torch_probe(f_tr, y_tr, f_te, y_te)
+    assert sk > 0.8
+    assert abs(sk - tp) <= 2 / len(y_te) + 1e-12, (sk, tp)
+
+
+def test_linear_probe_dispatches_and_takes_numpy(digits_split):
+    x_tr, y_tr, x_te, y_te = (a.numpy() for a in digits_split)
+    assert linear_probe(x_tr, y_tr, x_te, y_te, "sklearn") == sklearn_probe(x_tr, y_tr, x_te, y_te)
+    fast = linear_probe(x_tr, y_tr, x_te, y_te, "torch")
+    assert fast == torch_probe(*(torch.as_tensor(a) for a in (x_tr, y_tr, x_te, y_te)))
+
+
+def test_torch_probe_regularisation_strength_matters(digits_split):
+    x_tr, y_tr, x_te, y_te = digits_split
+    assert torch_probe(x_tr, y_tr, x_te, y_te, c=1e-5) < torch_probe(x_tr, y_tr, x_te, y_te) - 0.05
+
+
+def test_cluster_accuracy_and_nmi_by_hand():
+    # cluster 0 = {0, 0}: 2 right; cluster 1 = {1, 2}: majority 1 right -> 3/4
+    a, y = np.array([0, 0, 1, 1]), np.array([0, 0, 1, 2])
+    assert cluster_accuracy(a, y) == 0.75
+    # H(Y) = 1.5 ln 2, H(A) = ln 2, I(A; Y) = H(Y) - H(Y|A) = 1.5 ln 2 - 0.5 ln 2 = ln 2
+    # NMI (arithmetic) = 2 I / (H(A) + H(Y)) = 2 / 2.5 = 0.8
+    scores = clustering_scores(a, y)
+    assert scores == {"cluster_accuracy": 0.75, "nmi": pytest.approx(0.8, abs=1e-12)}
+    # the example written out once more with the entropies
+    h_y, h_a, i = 1.5 * math.log(2), math.log(2), math.log(2)
+    assert scores["nmi"] == pytest.approx(2 * i / (h_a + h_y))
+    # a relabelled perfect clustering; unused cluster ids; an uninformative clustering
+    assert clustering_scores(np.array([2, 2, 0, 0, 5]), np.array([0, 0, 1, 1, 2])) == {
+        "cluster_accuracy": 1.0,
+        "nmi": pytest.approx(1.0),
+    }
+    assert clustering_scores(torch.tensor([0, 1, 0, 1]), torch.tensor([0, 0, 1, 1])) == {
+        "cluster_accuracy": 0.5,
+        "nmi": pytest.approx(0.0, abs=1e-12),
+    }
+    # one cluster for everything: accuracy is the majority-class share
+    assert cluster_accuracy(np.zeros(5, dtype=int), np.array([0, 1, 1, 1, 2])) == 0.6
+
+
+def test_responsibility_assignments_are_argmin_distance():
+    d = torch.tensor([[[3.0, 1.0, 2.0], [0.5, 0.5, 4.0], [9.0, 8.0, 7.0]]])
+    assert responsibility_assignments(d).tolist() == [[1, 0, 2]]  # the tie goes to the lowest index
+
+
+def test_kmeans_scores_runs_and_returns_keys():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    y = torch.arange(3).repeat(40)
+    x = centres[y] + 0.3 * torch.randn(120, 2, generator=g)
+    scores = kmeans_scores(x[:60], x[60:], y[60:], n_clusters=3)
+    assert set(scores) == {"kmeans_cluster_accuracy", "kmeans_nmi"}
+    assert scores["kmeans_cluster_accuracy"] == 1.0 and scores["kmeans_nmi"] == pytest.approx(1.0)
+    assert all(isinstance(v, float) for v in scores.values())
+
+
+def test_torch_probe_restores_the_thread_setting(digits_split):
+    x_tr, y_tr, x_te, y_te = digits_split
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        one = torch_probe(x_tr, y_tr, x_te, y_te, cpu_threads=1)
+        assert torch.get_num_threads() == 2
+        assert torch_probe(x_tr, y_tr, x_te, y_te, cpu_threads=None) == pytest.approx(one, abs=1 / len(y_te) + 1e-12)
+    finally:
+        torch.set_num_threads(before)
