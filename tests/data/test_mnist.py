@@ -8,6 +8,7 @@ import pytest
 
 from implicit_em.data import MNISTDataModule
 from implicit_em.data import download as download_module
+from implicit_em.data import mnist as mnist_module
 from implicit_em.errors import DataError
 from tests.data.conftest import assert_one_line_error, write_idx, write_mnist
 
@@ -68,7 +69,7 @@ def test_no_network_is_detected_before_torchvision_tries(tmp_path, monkeypatch):
 
 def test_files_present_mean_no_download(tmp_path, monkeypatch):
     write_mnist(tmp_path)
-    monkeypatch.setattr(download_module, "fetch", lambda *a, **k: pytest.fail("tried to download"))
+    monkeypatch.setattr(mnist_module, "fetch", lambda *a, **k: pytest.fail("tried to download"))
     MNISTDataModule(root=str(tmp_path), download=True).prepare_data()
 
 
