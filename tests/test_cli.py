@@ -1,5 +1,7 @@
 """The main job end to end: scripts/train.py, metrics.json, composition of configs, clear errors."""
 
+import json
+
 import pytest
 
 from implicit_em.cli import find_last_checkpoint
@@ -76,3 +78,18 @@ def test_invalid_settings_fail_fast_with_one_line(train, args, key):
     lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
     assert lines and key in lines[-1], run.stderr[-1500:]
     assert run.stdout.strip() == "" or "metrics.json" not in run.stdout
+
+
+def test_probe_script_reproduces_the_runs_metrics_from_its_checkpoint(train, tmp_path):
+    from tests.conftest import REPO, run_script
+
+    run = train("--trainer.max_epochs", "2", "--report.kmeans", "false")
+    assert run.returncode == 0, run.stderr[-2000:]
+    m = run.metrics
+    probe = run_script(REPO / "scripts" / "probe.py", m["checkpoint"], "--no-kmeans", "--out", tmp_path / "p.json")
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    again = json.loads((tmp_path / "p.json").read_text())
+    for key in ("probe_accuracy", "dead_components", "redundancy", "cluster_accuracy", "final_loss"):
+        assert again[key] == pytest.approx(m[key], rel=1e-6), key
+    missing = run_script(REPO / "scripts" / "probe.py", tmp_path / "nope.ckpt")
+    assert missing.returncode == 2 and "nope.ckpt" in missing.stderr and "Traceback" not in missing.stderr

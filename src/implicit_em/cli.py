@@ -181,6 +181,10 @@ class ImplicitEMCLI(LightningCLI):
             epochs=trainer.current_epoch,
             model=type(module).__name__,
             data=getattr(dm, "name", type(dm).__name__),
+            n_train=len(dm.splits["train"].x),
+            peak_memory_mb=peak_memory_mb(module.device),
+            device=device_name(module.device),
+            n_test=len(dm.splits["test"].x),
             run_dir=str(run.resolve()),
             checkpoint=getattr(trainer.checkpoint_callback, "last_model_path", None),
         )
@@ -191,6 +195,51 @@ class ImplicitEMCLI(LightningCLI):
             lg.log_metrics(numeric, step=trainer.global_step)
             lg.save()
         return write_metrics(metrics, run / "metrics.json")
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path, config: str | Path | None = None, overrides: Sequence[str] = ()
+) -> dict:
+    """The metrics.json numbers of a saved model: rebuilt from its run's config.yaml (or ``config``),
+    loaded from ``checkpoint``, evaluated on frozen features. ``overrides`` are CLI arguments
+    such as ``--report.probe_method torch``."""
+    import torch
+
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise ConfigError(f"checkpoint {checkpoint} does not exist; pass the path of a .ckpt file")
+    config = Path(config) if config else checkpoint.resolve().parent.parent / "config.yaml"
+    if not config.is_file():
+        raise ConfigError(f"no config.yaml beside the run of {checkpoint}; pass the run's config with --config")
+    cli = ImplicitEMCLI(["--config", str(config), "--ckpt_path", "null", "--trainer.logger", "false", *overrides], [])
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ConfigError(
+            f"{checkpoint} is not a readable checkpoint ({e.__class__.__name__}); pass another file"
+        ) from None
+    cli.model.load_state_dict(state["state_dict"])
+    cli.model.on_load_checkpoint(state)
+    cli.datamodule.setup("test")
+    metrics = evaluate(cli.model, cli.datamodule, ReportConfig(**cli.config.report))
+    return {**metrics, "checkpoint": str(checkpoint.resolve()), "global_step": state.get("global_step")}
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory of the run: allocated GPU memory on a GPU, else the process's peak resident set."""
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # kilobytes on Linux
+
+
+def device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def main(args: Sequence[str] | None = None, default_config_files: Sequence[str | Path] | None = None) -> int:
