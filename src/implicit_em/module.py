@@ -142,11 +142,15 @@ class ComponentModule(L.LightningModule):
         """Stop on the first non-finite term of the chunk (one host sync per Lightning batch)."""
         if bool(torch.isfinite(chunk).all()):
             return
-        bad = (~torch.isfinite(chunk)).nonzero()[0].tolist()
-        step = self._epoch_steps + bad[0]
+        bad = ~torch.isfinite(chunk)
+        first, _, member = bad.nonzero()[0].tolist()
+        # the total is non-finite whenever a term is: name the first non-finite term, else the total
+        terms = [names[t] for t in bad[first, :, member].nonzero().flatten().tolist()]
+        term = next((t for t in terms if t != "loss"), "total")
+        step = self._epoch_steps + first
         ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none saved yet"
         raise NonFiniteLossError(
-            f"non-finite {names[bad[1]]} loss at step {step} of epoch {self.current_epoch} (member {bad[2]}); "
+            f"non-finite {term} loss at step {step} of epoch {self.current_epoch} (member {member}); "
             f"training stopped; last good checkpoint: {ckpt}; lower the learning rate or check the data"
         )
 
