@@ -1,0 +1,160 @@
+"""Loggers that never hang a run (W&B offline by itself), atomic checkpoints, the CSV log's columns."""
+
+import csv
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from implicit_em import loggers
+from implicit_em.loggers import AtomicCheckpointIO
+from tests.conftest import REPO, TRAIN, Run
+
+SMALL = [
+    "--trainer.max_epochs", "1",
+    "--trainer.enable_progress_bar", "false",
+    "--report.kmeans", "false",
+    "--features.every_n_epochs", "0",
+    "--probe.every_n_epochs", "0",
+]  # fmt: skip
+
+
+def no_wandb_env(tmp_path) -> dict:
+    """No API key anywhere, no WANDB_MODE, and W&B's server address unreachable (a closed local port)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}
+    env.update(
+        NETRC=str(tmp_path / "no-netrc"),
+        WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
+        WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"),
+        WANDB_BASE_URL="http://127.0.0.1:9",
+        MPLBACKEND="Agg",
+    )
+    return env
+
+
+def timed_train(root, *args, env) -> tuple[Run, float]:
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(TRAIN), "--trainer.default_root_dir", str(root), *SMALL, *args],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    return Run(proc.returncode, proc.stdout, proc.stderr), time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def csv_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("csv")
+    return timed_train(tmp / "runs", env=no_wandb_env(tmp))
+
+
+def test_wandb_without_key_or_network_logs_offline_quickly(csv_run, tmp_path):
+    csv_only, csv_seconds = csv_run
+    assert csv_only.returncode == 0, csv_only.stderr[-2000:]
+    root = tmp_path / "runs"
+    run, seconds = timed_train(root, "--config", "configs/logger/wandb.yaml", env=no_wandb_env(tmp_path))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "W&B: no API key; logging offline" in run.stderr
+    assert "Traceback" not in run.stderr
+    offline = list((root / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and offline[0].is_dir(), list(root.rglob("*"))[:50]
+    assert any(offline[0].glob("*.wandb"))  # the run's records, for a later `wandb sync`
+    assert run.metrics_path.is_file() and (run.metrics_path.parent / "wandb_id").is_file()
+    assert (run.metrics_path.parent / "metrics.csv").is_file()  # CSV alongside
+    # W&B should add about 10 s at most; timings on a shared machine are noisy, so the bound is generous
+    assert seconds - csv_seconds < 30, (seconds, csv_seconds)
+
+
+def test_wandb_logger_goes_offline_when_unreachable(monkeypatch, tmp_path, capsys):
+    # a key is present but api.wandb.ai cannot be reached: offline too, without waiting for the network
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    start = time.perf_counter()
+    assert not loggers.reachable(("127.0.0.1", 9), timeout=2.0)
+    assert time.perf_counter() - start < 3
+    monkeypatch.setattr(loggers, "reachable", lambda *a, **k: False)
+    logger = loggers.WandbLogger(project="test", save_dir=str(tmp_path))
+    assert "api.wandb.ai unreachable; logging offline" in capsys.readouterr().err
+    assert logger._offline
+
+
+def test_wandb_api_key_detection(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert not loggers.wandb_api_key_available()
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    assert loggers.wandb_api_key_available()
+    monkeypatch.setenv("NETRC", str(tmp_path / "missing"))
+    monkeypatch.setenv("WANDB_API_KEY", "abc")
+    assert loggers.wandb_api_key_available()
+
+
+def test_csv_log_has_the_validation_diagnostics(csv_run):
+    run, _ = csv_run
+    assert run.returncode == 0, run.stderr[-2000:]
+    with open(run.metrics_path.parent / "metrics.csv") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames
+        rows = list(reader)
+    for column in ("val/responsibility_entropy", "val/dead_components", "val/redundancy"):
+        assert column in header, header
+        assert any(row[column] not in ("", None) for row in rows), column
+
+
+# -- atomic checkpoints ----------------------------------------------------------------------------------
+
+
+def _crash_inside_save(monkeypatch):
+    """torch.save writes part of the file, then fails (a full disk, a killed process)."""
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", crash)
+
+
+def test_atomic_checkpoint_crash_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"epoch": 0, "weight": torch.arange(5.0)}, path)
+    _crash_inside_save(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        io.save_checkpoint({"epoch": 1, "weight": torch.zeros(5)}, path)
+    monkeypatch.undo()
+    loaded = io.load_checkpoint(path)
+    assert loaded["epoch"] == 0 and torch.equal(loaded["weight"], torch.arange(5.0))
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no half-written file left behind
+
+
+def test_crash_while_checkpointing_a_run_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from implicit_em.cli import ImplicitEMCLI, find_last_checkpoint
+    from implicit_em.module import ImplicitEM
+
+    real_save, saves = torch.save, []
+
+    def save_then_crash(obj, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:  # the end of epoch 1
+            f.write(b"half")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    cli = ImplicitEMCLI(
+        ["--trainer.default_root_dir", str(tmp_path), *SMALL, "--trainer.max_epochs", "3", "--model.n_components", "8"]
+    )
+    monkeypatch.setattr(torch, "save", save_then_crash)
+    with pytest.raises(OSError, match="No space left"):
+        cli.fit()
+    monkeypatch.undo()
+    ckpt = find_last_checkpoint(tmp_path)
+    assert ckpt is not None
+    last = ckpt.parent / "last.ckpt"
+    for path in (ckpt, last):  # the newest checkpoint, and last.ckpt, are epoch 0's, whole and loadable
+        state = torch.load(path, weights_only=False)
+        assert state["epoch"] == 0 and state["global_step"] == 11
+        restored = ImplicitEM.load_from_checkpoint(path)
+        assert restored.model.component_weights().shape == (1, 8, 64)
+    assert not [p for p in ckpt.parent.iterdir() if p.name.endswith(".tmp")]  # no half-written file left
