@@ -129,3 +129,30 @@ class IdentityCheck(L.Callback):
             d.requires_grad_(True)
             (grad,) = torch.autograd.grad(lse_loss(d), d)
         pl_module.log("val/identity_max_error", (grad - responsibilities(d)).abs().max().float(), sync_dist=True)
+
+
+class UsageHistogram(L.Callback):
+    """Mean responsibility of each component over the validation split (member 0), sent every validation
+    epoch to the loggers that draw histograms: W&B as a bar chart of usage by component, TensorBoard as a
+    histogram. A flat histogram is a mixture that uses all its components; a spike is collapse."""
+
+    @rank_zero_only
+    def on_validation_end(self, trainer, pl_module) -> None:
+        usage = getattr(pl_module, "last_usage", None)
+        if usage is None or trainer.sanity_checking:
+            return
+        u = usage[0].detach().float().cpu()
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(logger, "log_image"):  # W&B
+                import wandb
+
+                table = wandb.Table(data=[[j, float(v)] for j, v in enumerate(u)], columns=["component", "usage"])
+                experiment.log(
+                    {
+                        "val/component_usage": wandb.plot.bar(table, "component", "usage"),
+                        "trainer/global_step": trainer.global_step,
+                    }
+                )
+            elif hasattr(experiment, "add_histogram"):  # TensorBoard
+                experiment.add_histogram("val/component_usage", u, trainer.current_epoch)

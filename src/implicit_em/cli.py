@@ -6,6 +6,7 @@ Configs compose with repeated ``--config configs/<group>/<name>.yaml``; any valu
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,11 +14,11 @@ from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger as _CSVLogger
 from lightning.pytorch.loggers import TensorBoardLogger as _TensorBoardLogger
 
-from implicit_em.callbacks import EpochTimer, FeatureImages, IdentityCheck, ProbeDuringTraining
+from implicit_em.callbacks import EpochTimer, FeatureImages, IdentityCheck, ProbeDuringTraining, UsageHistogram
 from implicit_em.data.memory import InMemoryDataModule
 from implicit_em.errors import ConfigError, UserError
 from implicit_em.loggers import AtomicCheckpointIO, WandbLogger
@@ -44,6 +45,29 @@ class TensorBoardLogger(_TensorBoardLogger):
         self, save_dir: str | None = None, name: str = "implicit_em", version: int | str | None = None, **kwargs: Any
     ):
         super().__init__(save_dir or ".", name=name, version=version, **kwargs)
+
+
+class SaveAndLogConfig(SaveConfigCallback):
+    """Saves the resolved config beside the run (config.yaml) and sends it, flattened, with the model's
+    parameter count, to every logger but the CSV one (W&B's run config, TensorBoard's hparams)."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        flat = _flatten(self.config.clone().as_dict())
+        flat["n_parameters"] = pl_module.n_parameters()
+        for logger in trainer.loggers:
+            if not isinstance(logger, _CSVLogger):
+                logger.log_hyperparams(flat)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+    return out
 
 
 class OneLineParser(LightningArgumentParser):
@@ -85,6 +109,7 @@ class ImplicitEMCLI(LightningCLI):
             subclass_mode_data=True,
             parser_class=OneLineParser,
             parser_kwargs={"default_config_files": files, "description": "Train a decoder-free implicit-EM model."},
+            save_config_callback=SaveAndLogConfig,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
             run=False,
@@ -116,6 +141,24 @@ class ImplicitEMCLI(LightningCLI):
         for lg in _loggers(cfg.trainer):
             if "save_dir" in lg.init_args and lg.init_args.save_dir in (None, "."):
                 lg.init_args.save_dir = str(root)
+        self._share_version(cfg)
+
+    @staticmethod
+    def _share_version(cfg: Namespace) -> None:
+        """Give the file loggers (CSV, TensorBoard) one run directory: the next free version_N under their
+        name. DDP's worker processes inherit the choice through the environment instead of recounting."""
+        dir_loggers = [lg for lg in _loggers(cfg.trainer) if "version" in lg.init_args and "save_dir" in lg.init_args]
+        if not dir_loggers or any(lg.init_args.version is not None for lg in dir_loggers):
+            return
+        inherited = os.environ.get("LOCAL_RANK", "0") != "0"  # a worker launched by rank 0
+        version = os.environ.get("IMPLICIT_EM_RUN_VERSION") if inherited else None
+        if version is None:
+            first = dir_loggers[0].init_args
+            taken = [p.name for p in (Path(first.save_dir) / first.name).glob("version_*")]
+            numbers = [int(n.split("_")[1]) for n in taken if n.split("_")[1].isdigit()]
+            version = os.environ["IMPLICIT_EM_RUN_VERSION"] = f"version_{max(numbers, default=-1) + 1}"
+        for lg in dir_loggers:
+            lg.init_args.version = version
 
     @staticmethod
     def _check_devices(cfg: Namespace) -> None:
@@ -148,7 +191,7 @@ class ImplicitEMCLI(LightningCLI):
 
     # -- the trainer ---------------------------------------------------------------------------------
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
-        callbacks = [*callbacks, EpochTimer()]
+        callbacks = [*callbacks, EpochTimer(), UsageHistogram()]
         if config.get("enable_progress_bar", True) is not False and not any(
             isinstance(c, ProgressBar) for c in config.get("callbacks") or []
         ):
