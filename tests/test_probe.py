@@ -129,3 +129,21 @@ def test_torch_probe_restores_the_thread_setting(digits_split):
         assert torch_probe(x_tr, y_tr, x_te, y_te, cpu_threads=None) == pytest.approx(one, abs=1 / len(y_te) + 1e-12)
     finally:
         torch.set_num_threads(before)
+
+
+def test_probe_speed_benchmark_smoke(tmp_path):
+    from tests.conftest import REPO, run_script
+
+    run = run_script(
+        REPO / "benchmarks" / "probe_speed.py",
+        "--data", "digits", "--epochs", "1", "--repeats", "1", "--root_dir", str(tmp_path / "runs"),
+        timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.strip().splitlines()
+    accuracies = [float(ln.split("accuracy")[1].split()[0]) for ln in lines if " probe" in ln and "accuracy" in ln]
+    assert len(accuracies) == 2 and all(0.5 < a <= 1 for a in accuracies), run.stdout
+    assert abs(accuracies[0] - accuracies[1]) <= 0.01
+    assert lines[-1].startswith("speed ratio (sklearn / torch): ") and lines[-1].endswith("x")
+    assert float(lines[-1].split(": ")[1].rstrip("x")) > 0
+    assert list((tmp_path / "runs").glob("**/metrics.json"))  # trained through the project's CLI
