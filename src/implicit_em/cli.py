@@ -108,7 +108,14 @@ class ImplicitEMCLI(LightningCLI):
             datamodule_class=InMemoryDataModule,
             subclass_mode_data=True,
             parser_class=OneLineParser,
-            parser_kwargs={"default_config_files": files, "description": "Train a decoder-free implicit-EM model."},
+            parser_kwargs={
+                "default_config_files": files,
+                "description": (
+                    "Train a decoder-free implicit-EM model. The options of each model or data class: "
+                    "--model.help ImplicitEM | SparseAutoencoderModule; --data.help DigitsDataModule | "
+                    "MNISTDataModule | FashionMNISTDataModule | CIFAR10DataModule | SyntheticMixtureDataModule."
+                ),
+            },
             save_config_callback=SaveAndLogConfig,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,

@@ -229,14 +229,19 @@ class ImplicitEM(ComponentModule):
         in_features: input dimension D (linked from the data).
         n_components: K, the number of mixture components (rows of W).
         activation: phi, one of relu, softplus, abs, square, exp, identity.
-        lambda_lse, lambda_var, lambda_tc, lambda_wr: weights of the LSE, variance, decorrelation and
-            weight-orthogonality terms.
+        lambda_lse: weight of the log-sum-exp (mixture likelihood) term.
+        lambda_var: weight of the variance term -sum_j log(Var d_j + eps) (prevents dead components).
+        lambda_tc: weight of the decorrelation term ||Corr(d) - I||^2 (prevents redundant components).
+        lambda_wr: weight of the weight-orthogonality term ||W_n W_n^T - I||^2 (0: off).
         eps: added to each variance inside the log of the variance term.
         center_init: at the start of training, shift each bias by -W mean(x_train) so every component's
             hyperplane passes through the data mean. Same model, different start: with ReLU and inputs
             in [0, 1], a component negative on every input at initialisation gets no gradient from any
             term and stays dead; centred, every component starts active on part of the data.
-        optimizer: adam, sgd or adamw. lr, momentum (sgd), weight_decay: its settings.
+        optimizer: adam, sgd or adamw.
+        lr: learning rate.
+        momentum: SGD momentum.
+        weight_decay: the optimiser's weight decay.
         seed: initialisation and data-order seed (default: the ``--seed_everything`` value).
         members: train an ensemble: one dict per member overriding any of seed, optimizer, lr, momentum,
             weight_decay, lambda_lse, lambda_var, lambda_tc, lambda_wr.
@@ -305,8 +310,13 @@ class SparseAutoencoderModule(ComponentModule):
         in_features: input dimension D (linked from the data).
         n_components: K, the number of latent codes.
         l1: weight of the L1 sparsity penalty.
-        optimizer, lr, momentum, weight_decay, seed, members: as for :class:`ImplicitEM` (members may
-            override l1).
+        optimizer: adam, sgd or adamw.
+        lr: learning rate.
+        momentum: SGD momentum.
+        weight_decay: the optimiser's weight decay.
+        seed: initialisation and data-order seed (default: the ``--seed_everything`` value).
+        members: train an ensemble: one dict per member overriding any of seed, optimizer, lr, momentum,
+            weight_decay, l1.
     """
 
     member_hyperparameters = ("l1",)
