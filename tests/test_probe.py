@@ -147,3 +147,14 @@ def test_probe_speed_benchmark_smoke(tmp_path):
     assert lines[-1].startswith("speed ratio (sklearn / torch): ") and lines[-1].endswith("x")
     assert float(lines[-1].split(": ")[1].rstrip("x")) > 0
     assert list((tmp_path / "runs").glob("**/metrics.json"))  # trained through the project's CLI
+
+
+def test_sklearn_probe_leaves_the_blas_thread_setting_alone(digits_split):
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return sorted((i["filepath"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas")
+
+    before = blas_threads()
+    assert sklearn_probe(*digits_split) > 0.95
+    assert blas_threads() == before
