@@ -70,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     s, experiments = settings(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("MPLBACKEND", "Agg")
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     from implicit_em.cli import _user_error
     from implicit_em.experiments import reproduce
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # after the import, which sets INFO
 
     try:
         reproduce(s, experiments, log=lambda line: print(line, flush=True))

@@ -14,6 +14,7 @@ import csv
 import json
 import math
 import statistics
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,7 +280,9 @@ def train(s: Settings, name: str, members: list[dict], log: Callable[[str], None
     from implicit_em.cli import DEFAULT_CONFIG, ImplicitEMCLI
 
     log(f"[{name}] {len(members)} member(s) x {s.epochs} epochs on {s.data}")
-    cli = ImplicitEMCLI(cli_args(s, name, members, **kwargs), default_config_files=[DEFAULT_CONFIG])
+    with warnings.catch_warnings():  # the args are ours, not sys.argv's: LightningCLI's warning does not apply
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = ImplicitEMCLI(cli_args(s, name, members, **kwargs), default_config_files=[DEFAULT_CONFIG])
     path = cli.fit()
     if path is None:
         raise RuntimeError(f"run {name} was interrupted")
