@@ -29,15 +29,26 @@ class OneLineParser(argparse.ArgumentParser):
 def parser() -> argparse.ArgumentParser:
     from implicit_em.experiments import DATASETS, EXPERIMENTS
 
-    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--experiment", nargs="+", choices=[*EXPERIMENTS, "all"], default=["all"], help="experiments to run")
-    p.add_argument("--data", choices=DATASETS, default=None, help="dataset (configs/data/<data>.yaml); default digits")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs per run; default 100")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (init and data order); default 1 2 3")
-    p.add_argument("--out", type=Path, default=REPO / "results", help="results folder")
-    p.add_argument("--components", type=int, default=64, help="K")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--probe-method", choices=["sklearn", "torch"], default="sklearn", help="sklearn: the paper's")
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--experiment",
+        nargs="+",
+        choices=[*EXPERIMENTS, "all"],
+        default=["all"],
+        help="experiments to run (default: all)",
+    )
+    p.add_argument("--data", choices=DATASETS, default=None, help="configs/data/<data>.yaml (default: digits)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs per run (default: 100)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds: init and data order (default: 1 2 3)")
+    p.add_argument("--out", type=Path, default=REPO / "results", help="results folder (default: results/)")
+    p.add_argument("--components", type=int, default=64, help="K (default: 64)")
+    p.add_argument("--batch-size", type=int, default=128, help="(default: 128)")
+    p.add_argument(
+        "--probe-method",
+        choices=["sklearn", "torch"],
+        default="sklearn",
+        help="linear probe: sklearn (the paper's, default) or torch (fast)",
+    )
     p.add_argument("--data-root", default=None, help="--data.root for the data config (MNIST, CIFAR-10 files)")
     p.add_argument("--quick", action="store_true", help="smoke run: digits, 3 epochs, seed 1 (unless given)")
     return p
