@@ -30,7 +30,7 @@ def _free_port() -> int:
 def _module() -> ImplicitEM:
     # every term on, the weight term included, so each one's scaling under DDP is checked
     return ImplicitEM(
-        in_features=D, n_components=K, lambda_var=0.7, lambda_tc=1.3, lambda_wr=0.5, seed=3, center_init=False
+        in_features=D, n_components=K, lambda_var=0.7, lambda_tc=1.3, lambda_wr=0.5, seed=3, data_init=False
     ).double()
 
 

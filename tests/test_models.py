@@ -83,16 +83,22 @@ def test_ensemble_members_do_not_share_gradients():
     assert ens.linear.weights[2].grad is None or ens.linear.weights[2].grad.abs().max() == 0
 
 
-def test_center_on_moves_hyperplanes_through_the_mean():
+def test_fit_to_data_moves_hyperplanes_through_the_mean_and_sets_the_scale():
     lin = StackedLinear(D, K, member_generators([0, 1]))
-    before = [b.detach().clone() for b in lin.biases]
-    mean = _x(D, seed=4)
-    lin.center_on(mean)
+    before = [(w.detach().clone(), b.detach().clone()) for w, b in zip(lin.weights, lin.biases)]
+    x = _x(200, D, seed=4) * 3 + 1
+    lin.fit_to_data(x)  # centring only
     for s in range(2):
-        w = lin.weights[s].detach()
-        assert torch.allclose(lin.biases[s].detach(), before[s] - w @ mean, atol=1e-6)
+        w0, b0 = before[s]
+        assert torch.equal(lin.weights[s].detach(), w0)
         # at the mean, the pre-activation equals the old bias: W mean + b_new = b_old
-        assert torch.allclose(lin(mean[None])[s, 0], before[s], atol=1e-5)
+        assert torch.allclose(lin(x.mean(0)[None])[s, 0], b0, atol=1e-5)
+    lin.fit_to_data(x, std=0.3)
+    z = lin(x)  # S x N x K
+    assert torch.allclose(z.std(1), torch.full((2, K), 0.3), atol=1e-5)
+    for s in range(2):  # directions kept: each row only rescaled by a positive factor
+        cos = torch.nn.functional.cosine_similarity(lin.weights[s].detach(), before[s][0], dim=1)
+        assert torch.allclose(cos, torch.ones(K), atol=1e-5)
 
 
 def test_sae_shapes_codes_and_decode():

@@ -50,10 +50,17 @@ class StackedLinear(nn.Module):
         return [self.weights[s], self.biases[s]]
 
     @torch.no_grad()
-    def center_on(self, mean: Tensor) -> None:
-        """b_s <- b_s - W_s mean: each member's hyperplanes pass through ``mean`` shifted by the old bias."""
+    def fit_to_data(self, x: Tensor, std: float | None = None) -> None:
+        """Data-aware start: b_s <- b_s - W_s mean(x), so every hyperplane passes through the data mean
+        offset by its random initial bias; then, when ``std`` is given, each row of W_s and b_s scaled so
+        its pre-activation has that standard deviation over ``x`` (directions kept). x: N x in."""
+        mean = x.mean(0)
         for w, b in zip(self.weights, self.biases):
             b -= w @ mean.to(w)
+            if std is not None:
+                scale = std / (x.to(w) @ w.T).std(0).clamp_min(1e-12)
+                w.mul_(scale.unsqueeze(1))
+                b.mul_(scale)
 
     def weight(self) -> Tensor:
         """All members' weights, S x out x in (a view when S = 1)."""

@@ -234,10 +234,13 @@ class ImplicitEM(ComponentModule):
         lambda_tc: weight of the decorrelation term ||Corr(d) - I||^2 (prevents redundant components).
         lambda_wr: weight of the weight-orthogonality term ||W_n W_n^T - I||^2 (0: off).
         eps: added to each variance inside the log of the variance term.
-        center_init: at the start of training, shift each bias by -W mean(x_train) so every component's
-            hyperplane passes through the data mean. Same model, different start: with ReLU and inputs
-            in [0, 1], a component negative on every input at initialisation gets no gradient from any
-            term and stays dead; centred, every component starts active on part of the data.
+        data_init: at the start of training, move every component's hyperplane through the training mean
+            (b <- b - W mean(x)) and scale its row so the pre-activation has standard deviation ``init_std``
+            over the training split. Same model, a data-independent start: with nn.Linear's scale and
+            [0, 1] pixels about half the components start below the dead threshold Var(d_j) = 0.01, and a
+            ReLU component negative on every input gets no gradient from any term and stays dead.
+        init_std: the pre-activation standard deviation of ``data_init``; 0.3 puts Var(d_j) near 0.03
+            (3x the dead threshold) for a ReLU through the mean. null: keep nn.Linear's scale.
         optimizer: adam, sgd or adamw.
         lr: learning rate.
         momentum: SGD momentum.
@@ -259,7 +262,8 @@ class ImplicitEM(ComponentModule):
         lambda_tc: float = 1.0,
         lambda_wr: float = 0.0,
         eps: float = 1e-6,
-        center_init: bool = True,
+        data_init: bool = True,
+        init_std: float | None = 0.3,
         optimizer: str = "adam",
         lr: float = 1e-3,
         momentum: float = 0.0,
@@ -277,6 +281,7 @@ class ImplicitEM(ComponentModule):
         ):
             check(lam >= 0, f"model.{key}", ">= 0", lam)
         check(eps > 0, "model.eps", "> 0", eps)
+        check(init_std is None or init_std > 0, "model.init_std", "> 0 or null", init_std)
         super().__init__(
             members,
             seed=default_seed() if seed is None else seed,
@@ -284,15 +289,15 @@ class ImplicitEM(ComponentModule):
             lambda_lse=lambda_lse, lambda_var=lambda_var, lambda_tc=lambda_tc, lambda_wr=lambda_wr,
         )  # fmt: skip
         self.save_hyperparameters()
-        self.eps, self.center_init = eps, center_init
+        self.eps, self.init_std = eps, init_std
         self.model = Encoder(in_features, n_components, activation, self.member_seeds)
-        self.register_buffer("initialized", torch.tensor(not center_init))
+        self.register_buffer("initialized", torch.tensor(not data_init))
         self.diagnostics = ComponentDiagnostics(self.n_members, n_components)
 
     def on_train_start(self) -> None:
-        """Centre the biases on the training mean once (a resumed run keeps its trained biases)."""
+        """The data-aware start, once (a resumed run keeps its trained weights)."""
         if not bool(self.initialized):
-            self.model.linear.center_on(self.trainer.datamodule.device_split("train").x.mean(0))
+            self.model.linear.fit_to_data(self.trainer.datamodule.device_split("train").x, self.init_std)
             self.initialized.fill_(True)
 
     def objective(self, x: Tensor) -> dict[str, Tensor]:
