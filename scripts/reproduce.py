@@ -3,7 +3,7 @@
 Writes ``<out>/<data>/<experiment>.json`` (per seed), ``.md`` (mean ± std) and PNG figures; the training
 runs (through the same LightningModule and Trainer as scripts/train.py) go to ``<out>/<data>/runs``.
 Defaults are the paper's protocol: K = 64, batch 128, Adam lr 1e-3, 100 epochs, lambdas 1, ReLU, seeds
-1 2 3. ``--quick`` is the CI smoke run: digits, 3 epochs, seed 1. Bad arguments: one line, exit code 2.
+1 2 3. ``--quick`` is the CI smoke run: digits, 5 epochs, seed 1. Bad arguments: one line, exit code 2.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = {"data": "digits", "epochs": 3, "seeds": [1]}
+QUICK = {"data": "digits", "epochs": 5, "seeds": [1]}
 DEFAULTS = {"data": "digits", "epochs": 100, "seeds": [1, 2, 3]}
 
 
@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
         help="linear probe: sklearn (the paper's, default) or torch (fast)",
     )
     p.add_argument("--data-root", default=None, help="--data.root for the data config (MNIST, CIFAR-10 files)")
-    p.add_argument("--quick", action="store_true", help="smoke run: digits, 3 epochs, seed 1 (unless given)")
+    p.add_argument("--quick", action="store_true", help="smoke run: digits, 5 epochs, seed 1 (unless given)")
     return p
 
 

@@ -20,6 +20,7 @@ from implicit_em.experiments import (
 from tests.conftest import REPO, run_script
 
 REPRODUCE = REPO / "scripts" / "reproduce.py"
+QUICK = runpy.run_path(str(REPRODUCE))["QUICK"]  # the --quick settings
 NOTEBOOK = REPO / "notebooks" / "reproduce.ipynb"
 K, D = 64, 64  # the quick run: the default K on 8 x 8 digits
 
@@ -55,7 +56,7 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """One ``--quick`` run (all experiments, digits, 3 epochs, seed 1) shared by the tests below."""
+    """One ``--quick`` run (all experiments, digits, 5 epochs, seed 1) shared by the tests below."""
     out = tmp_path_factory.mktemp("reproduce")
     start = time.perf_counter()
     run = run_script(REPRODUCE, "--quick", "--out", out, timeout=600)
@@ -74,7 +75,7 @@ def test_quick_run_writes_json_markdown_and_figures(quick, experiment):
     result = load(quick, experiment)
     assert top <= set(result), top - set(result)
     assert result["experiment"] == experiment and result["data"] == "digits"
-    assert result["epochs"] == 3 and result["seeds"] == [1] and result["components"] == K
+    assert result["epochs"] == QUICK["epochs"] and result["seeds"] == [1] and result["components"] == K
     for row in result["rows"]:
         assert row_keys <= set(row), (row_keys - set(row), row)
     assert set(result["figures"]) == figures
@@ -114,7 +115,7 @@ def test_quick_numbers_follow_the_protocol(quick):
     ]
     for row in dynamics:
         (curve,) = row["per_seed"]["loss_curve"]
-        assert len(curve) == 3 and curve[-1] == pytest.approx(row["final_loss"], rel=1e-5)
+        assert len(curve) == QUICK["epochs"] and curve[-1] == pytest.approx(row["final_loss"], rel=1e-5)
 
     assert load(quick, "features")["image_shape"] == [8, 8]
     runs = quick / "runs"

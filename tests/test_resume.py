@@ -37,10 +37,12 @@ def _kill_after_checkpoint(root, extra: list[str], min_step: int, mid_epoch: boo
     deadline = time.time() + 300
     while time.time() < deadline:
         ckpt = find_last_checkpoint(root)
-        if ckpt is not None:
-            step = torch.load(ckpt, weights_only=False)["global_step"]
-            if step >= min_step and (not mid_epoch or step % STEPS_PER_EPOCH):
-                break
+        try:  # the file may be replaced while we read it
+            step = torch.load(ckpt, weights_only=False)["global_step"] if ckpt is not None else -1
+        except (OSError, RuntimeError, EOFError):
+            step = -1
+        if step >= min_step and (not mid_epoch or step % STEPS_PER_EPOCH):
+            break
         time.sleep(0.2)
         assert proc.poll() is None, "the run ended before it could be killed"
     assert proc.poll() is None, "the run ended before it could be killed"
