@@ -68,6 +68,13 @@ class ComponentModule(L.LightningModule):
             return values[0]
         return torch.tensor(values, device=self.device)
 
+    def member_settings(self) -> dict[str, float | Tensor]:
+        """:meth:`per_member` of every member hyperparameter, cached per device (they never change)."""
+        cache = getattr(self, "_settings_cache", None)
+        if cache is None or cache[0] != self.device:
+            cache = self._settings_cache = (self.device, {k: self.per_member(k) for k in self.member_hyperparameters})
+        return cache[1]
+
     def n_parameters(self) -> int:
         """Trainable parameters of one member."""
         return sum(p.numel() for p in self.model.member_parameters(0))
@@ -105,7 +112,7 @@ class ComponentModule(L.LightningModule):
         records = []
         for x in batch:
             for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
+                opt.optimizer.zero_grad(set_to_none=True)
             terms = self.objective(x)
             loss = terms["loss"].sum()
             if fast:
@@ -116,13 +123,13 @@ class ComponentModule(L.LightningModule):
                 self.manual_backward(loss)
                 for opt in optimizers:
                     opt.step()
-            records.append(torch.stack([t.detach().reshape(-1) for t in terms.values()]))
+            records.append(torch.stack(list(terms.values())).detach())
         if fast:  # keep Lightning's step count (global_step) exact
             for _ in batch:
                 for opt in optimizers:
                     opt._on_before_step()
                     opt._on_after_step()
-        chunk = torch.stack(records)  # steps x terms x S
+        chunk = torch.stack(records).reshape(len(records), len(terms), -1)  # steps x terms x S
         self._term_names = list(terms)
         self._check_finite(chunk, self._term_names)
         self._epoch_sum = chunk.sum(0) if self._epoch_sum is None else self._epoch_sum + chunk.sum(0)
@@ -281,6 +288,8 @@ class ImplicitEM(ComponentModule):
         ):
             check(lam >= 0, f"model.{key}", ">= 0", lam)
         check(eps > 0, "model.eps", "> 0", eps)
+        lambdas = (lambda_lse, lambda_var, lambda_tc, lambda_wr)
+        check(any(lam > 0 for lam in lambdas), "model.lambda_*", "not all 0 (nothing to train)", lambdas)
         check(init_std is None or init_std > 0, "model.init_std", "> 0 or null", init_std)
         super().__init__(
             members,
@@ -303,7 +312,7 @@ class ImplicitEM(ComponentModule):
     def objective(self, x: Tensor) -> dict[str, Tensor]:
         d = self.model(x)
         d = gather_samples(d[0] if len(d) == 1 else d)  # one member: plain N x K matmuls
-        lam = {k: self.per_member(k) for k in self.member_hyperparameters}
+        lam = self.member_settings()
         weight = self.model.component_weights() if any(m["lambda_wr"] for m in self.member_specs) else None
         return implicit_em_objective(d, weight, eps=self.eps, **lam)
 
@@ -350,7 +359,7 @@ class SparseAutoencoderModule(ComponentModule):
 
     def objective(self, x: Tensor) -> dict[str, Tensor]:
         codes = self.model(x)
-        return sae_objective(x, self.model.decode(codes), codes, self.per_member("l1"))
+        return sae_objective(x, self.model.decode(codes), codes, **self.member_settings())
 
 
 def check_model_args(in_features, n_components, optimizer, lr, momentum, weight_decay) -> None:
