@@ -313,7 +313,10 @@ class ImplicitEM(ComponentModule):
         d = self.model(x)
         d = gather_samples(d[0] if len(d) == 1 else d)  # one member: plain N x K matmuls
         lam = self.member_settings()
-        weight = self.model.component_weights() if any(m["lambda_wr"] for m in self.member_specs) else None
+        weight = None
+        if any(m["lambda_wr"] for m in self.member_specs):
+            weight = self.model.component_weights()
+            weight = weight[0] if len(weight) == 1 else weight
         return implicit_em_objective(d, weight, eps=self.eps, **lam)
 
 
