@@ -59,6 +59,7 @@ def _ddp_gradient_worker(rank: int, port: int, out: str) -> None:
         model(shard).backward()
         if rank == 0:
             torch.save({n: p.grad.clone() for n, p in module.named_parameters()}, out)
+        dist.barrier()  # no rank tears down while another still communicates
     finally:
         dist.destroy_process_group()
 

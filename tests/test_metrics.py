@@ -216,6 +216,7 @@ def _ddp_worker(rank: int, world: int, port: int, shards: list, s: int, k: int, 
         results = _results(metrics)
         results.update({f"diag/{key}": v for key, v in diagnostics.compute().items()})
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears down while another still communicates
     finally:
         dist.destroy_process_group()
 

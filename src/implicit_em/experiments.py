@@ -82,8 +82,9 @@ def seed_members(seeds: Sequence[int]) -> list[dict[str, Any]]:
 
 
 def ablation_members(seeds: Sequence[int]) -> list[tuple[str, dict[str, Any]]]:
-    """(config name, member spec) for every ablation config x seed."""
-    return [(name, {"seed": int(s), **lams}) for name, lams in ABLATION_CONFIGS.items() for s in seeds]
+    """(config name, member spec) for every seed x ablation config. Seed-major: the members sharing a seed
+    (and so a data order) are adjacent, which the ensemble stores and multiplies as one block."""
+    return [(name, {"seed": int(s), **lams}) for s in seeds for name, lams in ABLATION_CONFIGS.items()]
 
 
 def dynamics_members(seeds: Sequence[int]) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from implicit_em.errors import DataError, check, check_choice
+from implicit_em.models import first_appearance
 
 NORMALIZATIONS = ("none", "standardize", "zca")
 
@@ -31,8 +32,8 @@ class InMemoryLoader:
     """Yields training chunks: lists of up to ``steps_per_call`` micro-batches, each one optimiser step.
 
     Several exact optimiser steps per Lightning batch amortise Lightning's per-batch overhead; the
-    sequence of batches is the same whatever ``steps_per_call`` is. With ``seeds`` of length S > 1 every
-    member of an ensemble gets its own order and a micro-batch is S x B x D. The last, partial batch is
+    sequence of batches is the same whatever ``steps_per_call`` is. With U > 1 ``seeds`` there are U data
+    orders (an ensemble's members with different seeds) and a micro-batch is U x B x D. The last, partial batch is
     kept unless ``drop_last``, or it has fewer than 2 samples per rank (variance undefined), or it does
     not split evenly across ranks. Stateful, so a run resumed mid-epoch continues the epoch.
     """
@@ -224,9 +225,8 @@ class InMemoryDataModule(L.LightningDataModule):
         if self.batch_size % world:
             raise DataError(f"data.batch_size {self.batch_size} must divide evenly across {world} devices")
         module = self.trainer.lightning_module if self.trainer is not None else None
-        seeds = getattr(module, "member_seeds", None) or [self.seed]
-        if len(set(seeds)) == 1:
-            seeds = seeds[:1]
+        # one data order per distinct member seed, in order of first appearance (how the model reads them)
+        seeds = first_appearance(getattr(module, "member_seeds", None) or [self.seed])[0]
         return InMemoryLoader(
             self.device_split("train").x,
             self.batch_size,
