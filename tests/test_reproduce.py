@@ -100,7 +100,8 @@ def test_quick_numbers_follow_the_protocol(quick):
     assert all(r["per_seed"]["probe_accuracy"] == [r["probe_accuracy"]] for r in rows.values())
 
     bench = {r["model"]: r for r in load(quick, "benchmark")["rows"]}
-    assert list(bench) == ["implicit_em", "sae", "kmeans"]
+    assert list(bench) == ["implicit_em", "sae", "kmeans", "raw_pixels"]
+    assert 0.5 < bench["raw_pixels"]["probe_accuracy"] <= 1
     assert bench["implicit_em"]["n_parameters"] == K * D + K
     assert bench["sae"]["n_parameters"] == 2 * K * D + K + D  # matched K, plus the decoder
     for model in ("implicit_em", "sae"):

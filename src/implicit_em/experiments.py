@@ -472,6 +472,8 @@ def run_benchmark(s: Settings, runs: Runs) -> Path:
     ]
     rows += summarize(kmeans, ["model"], ("cluster_accuracy", "nmi"))
     rows[-1]["seeds"] = []  # KMeans has its own fixed seed (0), not the members'
+    rows += summarize([raw_pixel_probe(ours.datamodule, s.probe_method)], ["model"], ("probe_accuracy", "n_parameters"))
+    rows[-1]["seeds"] = []  # no training, nothing random
     fig = plot_bars(
         rows, "model", ("probe_accuracy", "l0_density", "reconstruction_mse_scaled", "cluster_accuracy", "nmi"),
         s.folder / "benchmark.png", f"Decoder-free model vs SAE on {s.data}",
@@ -480,10 +482,20 @@ def run_benchmark(s: Settings, runs: Runs) -> Path:
         "Reconstruction: x_hat = d W (through W^T) for the decoder-free model, the decoder for the SAE; "
         "'scaled' after the best single scale factor. Clustering assigns each test input to its most "
         "responsible component (argmin d); the SAE has no responsibilities, so no clustering scores. "
-        "KMeans: scikit-learn, K clusters on the raw inputs (n_init 1, seed 0)."
+        "KMeans: scikit-learn, K clusters on the raw inputs (n_init 1, seed 0). raw_pixels: the same "
+        "linear probe on the raw inputs."
     )
     result = {"rows": rows, "run_dirs": [str(ours.run_dir), str(sae.run_dir)]}
     return write_results(s, "benchmark", result, [fig], notes)
+
+
+def raw_pixel_probe(datamodule, method: str) -> dict:
+    """The same linear probe on the raw inputs: what a feature must beat to be worth having."""
+    from implicit_em.probe import linear_probe
+
+    train, test = datamodule.splits["train"], datamodule.splits["test"]
+    acc = linear_probe(train.x, train.y, test.x, test.y, method)
+    return {"model": "raw_pixels", "probe_accuracy": acc, "n_parameters": 0}
 
 
 def run_features(s: Settings, runs: Runs) -> Path:
