@@ -108,6 +108,16 @@ def test_responsibility_assignments_are_argmin_distance():
     assert responsibility_assignments(d).tolist() == [[1, 0, 2]]  # the tie goes to the lowest index
 
 
+def test_relu_ties_go_to_the_smallest_pre_activation():
+    z = torch.tensor([[-1.0, -3.0, 2.0, -2.0], [1.0, 0.5, 2.0, 3.0]])
+    d = torch.relu(z)  # row 0 ties at 0 for components 0, 1, 3; row 1 has a unique minimum
+    assert responsibility_assignments(d).tolist() == [0, 1]
+    assert responsibility_assignments(d, z).tolist() == [1, 1]
+    # a strictly monotone activation has no ties: the pre-activations change nothing
+    soft = torch.nn.functional.softplus(z)
+    assert torch.equal(responsibility_assignments(soft, z), responsibility_assignments(soft))
+
+
 def test_kmeans_scores_runs_and_returns_keys():
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])

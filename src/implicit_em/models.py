@@ -158,7 +158,11 @@ class Encoder(nn.Module):
         self.phi = ACTIVATIONS[activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.phi(self.linear(x))
+        return self.phi(self.pre_activation(x))
+
+    def pre_activation(self, x: Tensor) -> Tensor:
+        """z = W x + b (S x N x K), before the activation."""
+        return self.linear(x)
 
     def component_weights(self) -> Tensor:
         """S x K x D: the rows of W, the components the feature images show."""
@@ -193,7 +197,11 @@ class SparseAutoencoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """The codes a (S x N x K): the SAE's features."""
-        return F.relu(self.encoder(x))
+        return F.relu(self.pre_activation(x))
+
+    def pre_activation(self, x: Tensor) -> Tensor:
+        """W_e x + b_e (S x N x K), before the ReLU."""
+        return self.encoder(x)
 
     def decode(self, codes: Tensor) -> Tensor:
         """x_hat = W_d a + b_d for codes S x N x K."""

@@ -406,4 +406,6 @@ def resolve_members(
     for i, m in enumerate(specs):
         check_choice(m["optimizer"], f"model.members[{i}].optimizer", OPTIMIZERS)
         check(m["lr"] > 0, f"model.members[{i}].lr", "> 0", m["lr"])
+        for key in set(m) & {"momentum", "weight_decay", "l1", "lambda_lse", "lambda_var", "lambda_tc", "lambda_wr"}:
+            check(m[key] >= 0, f"model.members[{i}].{key}", ">= 0", m[key])
     return specs

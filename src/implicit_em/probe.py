@@ -134,9 +134,17 @@ def clustering_scores(assignments, labels) -> dict[str, float]:
     return {"cluster_accuracy": cluster_accuracy(a, y), "nmi": float(normalized_mutual_info_score(y, a))}
 
 
-def responsibility_assignments(d: Tensor) -> Tensor:
-    """Hard EM assignment of each input: argmax_j r_ij = argmin_j d_ij (ties go to the lowest index)."""
-    return d.argmin(dim=-1)
+def responsibility_assignments(d: Tensor, pre_activation: Tensor | None = None) -> Tensor:
+    """Hard EM assignment of each input: argmax_j r_ij = argmin_j d_ij.
+
+    With ReLU many components tie at d = 0 (often dozens per input). Given the pre-activations z
+    (d = phi(z)), ties go to the smallest z: the assignment in the limit of a sharp softplus, whose
+    distances have no ties. Without z, ties go to the lowest index.
+    """
+    if pre_activation is None:
+        return d.argmin(dim=-1)
+    tied = d <= d.amin(dim=-1, keepdim=True)
+    return pre_activation.masked_fill(~tied, float("inf")).argmin(dim=-1)
 
 
 def kmeans_scores(x_train, x_test, y_test, n_clusters: int, seed: int = 0) -> dict[str, float]:

@@ -34,10 +34,11 @@ class ReportConfig:
 
 
 @torch.no_grad()
-def features(module, x: Tensor, batch_size: int = 8192) -> Tensor:
-    """Frozen features S x N x K of ``x``, computed in chunks on the module's device."""
+def features(module, x: Tensor, fn=None, batch_size: int = 8192) -> Tensor:
+    """Frozen features S x N x K of ``x`` (or ``fn``'s outputs), computed in chunks on the module's device."""
     module.eval()
-    return torch.cat([module(chunk.to(module.device)) for chunk in x.split(batch_size)], dim=-2)
+    fn = fn or module
+    return torch.cat([fn(chunk.to(module.device)) for chunk in x.split(batch_size)], dim=-2)
 
 
 def reconstruction_errors(module, x: Tensor, f: Tensor) -> dict[str, list[float]]:
@@ -63,6 +64,7 @@ def evaluate(module, datamodule, config: ReportConfig | None = None) -> dict:
     config = config or ReportConfig()
     train, test = datamodule.splits["train"], datamodule.splits["test"]
     f_train, f_test = features(module, train.x), features(module, test.x)
+    z_test = features(module, test.x, module.model.pre_activation)
     diag = component_diagnostics(f_test, module.model.component_weights())
     recon = reconstruction_errors(module, test.x, f_test) if config.reconstruction else {}
     k = f_test.shape[-1]
@@ -72,7 +74,7 @@ def evaluate(module, datamodule, config: ReportConfig | None = None) -> dict:
         row = {
             "probe_accuracy": linear_probe(f_train[s].cpu(), train.y, f_test[s].cpu(), test.y, config.probe_method),
             "probe_method": config.probe_method,
-            **clustering_scores(responsibility_assignments(f_test[s]).cpu(), test.y),
+            **clustering_scores(responsibility_assignments(f_test[s], z_test[s]).cpu(), test.y),
             **{name: _number(v[s]) for name, v in diag.items() if name != "usage"},
             "n_parameters": module.n_parameters(),
             "n_components": k,
