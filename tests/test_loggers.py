@@ -67,6 +67,20 @@ def test_wandb_without_key_or_network_logs_offline_quickly(csv_run, tmp_path):
     assert seconds - csv_seconds < 30, (seconds, csv_seconds)
 
 
+def test_resumed_run_continues_the_same_wandb_run(tmp_path):
+    root, env = tmp_path / "runs", no_wandb_env(tmp_path)
+    first, _ = timed_train(root, "--config", "configs/logger/wandb.yaml", "--trainer.max_epochs", "1", env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    run_id = (first.metrics_path.parent / "wandb_id").read_text().strip()
+    resumed, _ = timed_train(
+        root, "--config", "configs/logger/wandb.yaml", "--trainer.max_epochs", "2", "--ckpt_path", "last", env=env
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.metrics_path == first.metrics_path  # the same run directory
+    runs = sorted(p.name for p in (root / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(run_id) for name in runs), (runs, run_id)
+
+
 def test_wandb_logger_goes_offline_when_unreachable(monkeypatch, tmp_path, capsys):
     # a key is present but api.wandb.ai cannot be reached: offline too, without waiting for the network
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)

@@ -49,7 +49,8 @@ class TensorBoardLogger(_TensorBoardLogger):
 
 class SaveAndLogConfig(SaveConfigCallback):
     """Saves the resolved config beside the run (config.yaml) and sends it, flattened, with the model's
-    parameter count, to every logger but the CSV one (W&B's run config, TensorBoard's hparams)."""
+    parameter count, to every logger but the CSV one (W&B's run config, TensorBoard's hparams). Notes
+    the W&B run id in the run directory, so a resumed run logs to the same W&B run."""
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         flat = _flatten(self.config.clone().as_dict())
@@ -57,6 +58,8 @@ class SaveAndLogConfig(SaveConfigCallback):
         for logger in trainer.loggers:
             if not isinstance(logger, _CSVLogger):
                 logger.log_hyperparams(flat)
+            if isinstance(logger, WandbLogger):  # --ckpt_path last continues this W&B run
+                (Path(trainer.log_dir) / "wandb_id").write_text(str(logger.version))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -193,7 +196,7 @@ class ImplicitEMCLI(LightningCLI):
             args = lg.init_args
             if "version" in args and "name" in args:
                 args.name, args.version = run.parent.name, run.name
-            elif "id" in args and (run / "wandb_id").is_file():
+            elif lg.class_path.endswith("WandbLogger") and (run / "wandb_id").is_file():
                 args.id, args.resume = (run / "wandb_id").read_text().strip(), "allow"
 
     # -- the trainer ---------------------------------------------------------------------------------
@@ -221,9 +224,6 @@ class ImplicitEMCLI(LightningCLI):
         run = Path(trainer.log_dir or trainer.default_root_dir)  # every rank: log_dir may broadcast
         if trainer.interrupted or not trainer.is_global_zero:
             return None
-        for lg in trainer.loggers:
-            if isinstance(lg, WandbLogger):
-                (run / "wandb_id").write_text(str(lg.version))
         metrics = evaluate(module, dm, ReportConfig(**self.config.report))
         timer = next(c for c in trainer.callbacks if isinstance(c, EpochTimer))
         metrics.update(
