@@ -292,8 +292,19 @@ def device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
+#: Lightning warnings that say nothing about a run of this project
+QUIET = (
+    r".*isinstance\(treespec, LeafSpec\)",  # Lightning's internal use of a deprecated torch API
+    r"The number of training batches .* is smaller than the logging interval",  # chunks of 8 steps
+)
+
+
 def main(args: Sequence[str] | None = None, default_config_files: Sequence[str | Path] | None = None) -> int:
     """Run the main job; print metrics.json's absolute path as the last stdout line. Returns the exit code."""
+    import warnings
+
+    for pattern in QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
     try:
         cli = ImplicitEMCLI(args, default_config_files)
         path = cli.fit()
