@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
 from implicit_em.figures import save_feature_grid
@@ -156,3 +157,19 @@ class UsageHistogram(L.Callback):
                 )
             elif hasattr(experiment, "add_histogram"):  # TensorBoard
                 experiment.add_histogram("val/component_usage", u, trainer.current_epoch)
+
+
+class ProgressBar(RichProgressBar):
+    """Rich progress bar with the loss and the diagnostics users watch, under short names."""
+
+    SHORT = {
+        "train/loss": "loss",
+        "train/loss_step": "loss_step",
+        "val/dead_components": "dead",
+        "val/responsibility_entropy": "H(r)",
+        "val/probe_accuracy": "probe",
+    }
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        return {self.SHORT[k]: v for k, v in metrics.items() if k in self.SHORT}

@@ -13,12 +13,19 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger as _CSVLogger
 from lightning.pytorch.loggers import TensorBoardLogger as _TensorBoardLogger
 
-from implicit_em.callbacks import EpochTimer, FeatureImages, IdentityCheck, ProbeDuringTraining, UsageHistogram
+from implicit_em.callbacks import (
+    EpochTimer,
+    FeatureImages,
+    IdentityCheck,
+    ProbeDuringTraining,
+    ProgressBar,
+    UsageHistogram,
+)
 from implicit_em.data.memory import InMemoryDataModule
 from implicit_em.errors import ConfigError, UserError
 from implicit_em.loggers import AtomicCheckpointIO, WandbLogger
@@ -205,7 +212,7 @@ class ImplicitEMCLI(LightningCLI):
         if config.get("enable_progress_bar", True) is not False and not any(
             isinstance(c, ProgressBar) for c in config.get("callbacks") or []
         ):
-            callbacks.append(RichProgressBar(refresh_rate=10, leave=True))
+            callbacks.append(ProgressBar(refresh_rate=10))
         plugins = config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(hasattr(p, "save_checkpoint") for p in plugins):
