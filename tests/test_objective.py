@@ -10,6 +10,7 @@ from implicit_em.objective import (
     decorrelation_loss,
     implicit_em_objective,
     lse_loss,
+    lse_loss_autograd,
     responsibilities,
     sae_objective,
     variance_loss,
@@ -60,6 +61,18 @@ def test_identity_at_large_magnitudes_with_far_apart_distances():
     expected = torch.softmax(-d.detach().double(), -1)
     assert (grad.double() - expected).abs().max() <= 1e-6
     assert torch.isclose(lse_loss(d.detach().double()), -torch.logsumexp(-d.detach().double(), -1).sum())
+
+
+def test_lse_backward_is_the_true_gradient():
+    """lse_loss writes its backward as the responsibilities; check it against finite differences and
+    against autograd of the textbook formula, so the identity tests above are not true by construction."""
+    d = (torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 2).requires_grad_()
+    assert torch.autograd.gradcheck(lse_loss, (d,))
+    big = (torch.rand(64, 128, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 50).requires_grad_()
+    (ours,) = torch.autograd.grad(lse_loss(big), big)
+    (textbook,) = torch.autograd.grad(lse_loss_autograd(big), big)
+    assert (ours - textbook).abs().max() <= 1e-12
+    assert (textbook - responsibilities(big.detach())).abs().max() <= 1e-12  # the theorem itself
 
 
 def test_lse_loss_by_hand():

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
 from implicit_em.figures import save_feature_grid
-from implicit_em.objective import lse_loss, responsibilities
+from implicit_em.objective import lse_loss_autograd, responsibilities
 from implicit_em.probe import torch_probe
 
 
@@ -115,7 +115,8 @@ class ProbeDuringTraining(L.Callback):
 
 class IdentityCheck(L.Callback):
     """Checks the paper's theorem on live distances once per epoch: max |dL_LSE/dd - softmax(-d)|
-    over a batch of validation inputs, logged as ``val/identity_max_error`` (float64)."""
+    over a batch of validation inputs, the gradient by autograd of the textbook LSE, logged as
+    ``val/identity_max_error`` (float64)."""
 
     def __init__(self, n_samples: int = 256):
         self.n_samples = n_samples
@@ -128,7 +129,7 @@ class IdentityCheck(L.Callback):
             d = pl_module(x)[0].double()
         with torch.enable_grad(), torch.autocast(d.device.type, enabled=False):
             d.requires_grad_(True)
-            (grad,) = torch.autograd.grad(lse_loss(d), d)
+            (grad,) = torch.autograd.grad(lse_loss_autograd(d), d)
         pl_module.log("val/identity_max_error", (grad - responsibilities(d)).abs().max().float(), sync_dist=True)
 
 

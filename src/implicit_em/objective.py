@@ -59,6 +59,12 @@ def lse_loss(d: Tensor) -> Tensor:
     return _NegLogSumExp.apply(_wide(d)).sum(dim=-1)
 
 
+def lse_loss_autograd(d: Tensor) -> Tensor:
+    """The same L_LSE as the textbook formula -sum_i logsumexp(-d_i), differentiated by autograd: the
+    independent reference that the identity checks compare the responsibilities with."""
+    return -torch.logsumexp(-_wide(d), dim=-1).sum(dim=-1)
+
+
 def centred_and_variance(d: Tensor) -> tuple[Tensor, Tensor]:
     """The batch statistics both InfoMax terms use: c_ij = d_ij - mean_i d_ij and the unbiased
     Var(d_j) = sum_i c_ij^2 / (N - 1)."""
