@@ -13,6 +13,7 @@ so a drift in machine load shows. The last line is the ratio: project epoch / fa
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import statistics
@@ -21,17 +22,23 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 
 
 def load_train_images(data: str) -> torch.Tensor:
-    """The training images as the project loads them (all 60,000 for Fashion-MNIST), float32 in [0, 1]."""
-    from implicit_em.data import DigitsDataModule, FashionMNISTDataModule
+    """All training images, float32 in [0, 1], read directly (the project is not imported here: importing
+    Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1, which slows every torch optimiser step on machines
+    without NVML; the project undoes that for its own training, a bare loop would not)."""
+    if data == "digits":
+        from sklearn.datasets import load_digits
 
-    dm = {"digits": DigitsDataModule, "fashion_mnist": FashionMNISTDataModule}[data]()
-    return torch.as_tensor(dm.load()["train"][0])
+        return torch.tensor(load_digits().data / 16.0, dtype=torch.float32)
+    raw = gzip.open(FASHION_MNIST).read()
+    return torch.tensor(np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 784).astype(np.float32) / 255.0)
 
 
 def plain_loop(x: torch.Tensor, epochs: int, batch_size: int = 128, k: int = 64) -> list[float]:

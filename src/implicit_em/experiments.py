@@ -482,7 +482,8 @@ def run_benchmark(s: Settings, runs: Runs) -> Path:
     notes = (
         "Reconstruction: x_hat = d W (through W^T) for the decoder-free model, the decoder for the SAE; "
         "'scaled' after the best single scale factor. Clustering assigns each test input to its most "
-        "responsible component (argmin d); the SAE has no responsibilities, so no clustering scores. "
+        "responsible component (argmin d; ReLU's ties at d = 0 go to the smallest pre-activation); the SAE has "
+        "no responsibilities, so no clustering scores. "
         "KMeans: scikit-learn, K clusters on the raw inputs (n_init 1, seed 0). raw_pixels: the same "
         "linear probe on the raw inputs."
     )
