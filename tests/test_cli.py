@@ -1,6 +1,7 @@
 """The main job end to end: scripts/train.py, metrics.json, composition of configs, clear errors."""
 
 import json
+import math
 
 import pytest
 
@@ -93,3 +94,10 @@ def test_probe_script_reproduces_the_runs_metrics_from_its_checkpoint(train, tmp
         assert again[key] == pytest.approx(m[key], rel=1e-6), key
     missing = run_script(REPO / "scripts" / "probe.py", tmp_path / "nope.ckpt")
     assert missing.returncode == 2 and "nope.ckpt" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_bf16_mixed_precision_trains_with_a_float32_objective(train):
+    run = train("--trainer.precision", "bf16-mixed", "--trainer.max_epochs", "2", "--report.kmeans", "false")
+    assert run.returncode == 0, run.stderr[-2000:]
+    m = run.metrics
+    assert math.isfinite(m["final_loss"]) and m["probe_accuracy"] > 0.5
