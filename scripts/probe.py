@@ -10,7 +10,7 @@ import json
 import sys
 
 from implicit_em.cli import evaluate_checkpoint
-from implicit_em.errors import UserError
+from implicit_em.errors import report_user_error
 
 
 def main() -> int:
@@ -24,9 +24,8 @@ def main() -> int:
     overrides = ["--report.probe_method", args.probe_method, "--report.kmeans", str(not args.no_kmeans).lower()]
     try:
         metrics = evaluate_checkpoint(args.checkpoint, args.config, overrides)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    except Exception as e:  # settings or data a user can fix: one line, their exit code
+        return report_user_error(e)
     text = json.dumps(metrics, indent=2)
     if args.out:
         with open(args.out, "w") as f:

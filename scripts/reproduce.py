@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     s, experiments = settings(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("MPLBACKEND", "Agg")
-    from implicit_em.cli import _user_error
+    from implicit_em.errors import report_user_error
     from implicit_em.experiments import reproduce
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # after the import, which sets INFO
@@ -89,11 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         reproduce(s, experiments, log=lambda line: print(line, flush=True))
     except Exception as e:  # settings or data a user can fix: one line, their exit code
-        cause = _user_error(e)
-        if cause is None:
-            raise
-        sys.stderr.write(f"error: {cause}\n")
-        return cause.exit_code
+        return report_user_error(e)
     return 0
 
 

@@ -27,7 +27,7 @@ from implicit_em.callbacks import (
     UsageHistogram,
 )
 from implicit_em.data.memory import InMemoryDataModule
-from implicit_em.errors import ConfigError, UserError
+from implicit_em.errors import ConfigError, report_user_error
 from implicit_em.loggers import AtomicCheckpointIO, WandbLogger
 from implicit_em.module import ComponentModule
 from implicit_em.report import ReportConfig, evaluate, write_metrics
@@ -315,26 +315,9 @@ def main(args: Sequence[str] | None = None, default_config_files: Sequence[str |
     try:
         cli = ImplicitEMCLI(args, default_config_files)
         path = cli.fit()
-    except UserError as e:
-        sys.stderr.write(f"error: {e}\n")
-        return e.exit_code
-    except Exception as e:  # jsonargparse wraps errors raised while instantiating classes
-        cause = _user_error(e)
-        if cause is None:
-            raise
-        sys.stderr.write(f"error: {cause}\n")
-        return cause.exit_code
+    except Exception as e:  # settings or data a user can fix: one line and its exit code
+        return report_user_error(e)
     if path is not None:
         sys.stdout.flush()
         print(path, flush=True)
     return 0
-
-
-def _user_error(e: BaseException) -> UserError | None:
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, UserError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None

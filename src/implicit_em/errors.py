@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 class UserError(Exception):
     """A problem in the user's settings or files; the message names it and says how to fix it."""
@@ -31,3 +33,24 @@ def check(condition: bool, key: str, allowed: str, value) -> None:
 
 def check_choice(value: str, key: str, choices) -> None:
     check(value in choices, key, "one of " + ", ".join(sorted(choices)), value)
+
+
+def user_error_behind(e: BaseException | None) -> UserError | None:
+    """The UserError that ``e`` is or was raised from (jsonargparse and Lightning wrap exceptions)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, UserError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def report_user_error(e: BaseException) -> int:
+    """For an entry point's ``except``: print the one-line message of the UserError behind ``e`` and
+    return its exit code; anything else is a bug and is raised again with its traceback."""
+    cause = user_error_behind(e)
+    if cause is None:
+        raise e
+    sys.stderr.write(f"error: {cause}\n")
+    return cause.exit_code
