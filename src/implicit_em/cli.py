@@ -254,6 +254,22 @@ class ImplicitEMCLI(LightningCLI):
         return write_metrics(metrics, run / "metrics.json")
 
 
+def fit_run(args: Sequence[str], default_config_files: Sequence[str | Path] | None = None) -> Path:
+    """Train and evaluate one run in this process, as ``scripts/train.py ARGS`` would; returns its metrics.json.
+
+    For library callers (experiments, notebooks); errors propagate as exceptions.
+    """
+    import warnings
+
+    with warnings.catch_warnings():  # the args are ours, not sys.argv's
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = ImplicitEMCLI(list(args), default_config_files)
+    path = cli.fit()
+    if path is None:
+        raise RuntimeError(f"the run {list(args)} was interrupted or ran on a worker rank")
+    return path
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path, config: str | Path | None = None, overrides: Sequence[str] = ()
 ) -> dict:
