@@ -112,8 +112,8 @@ class Ensemble(L.LightningModule):
             )
             for m in specs
         )
-        self.register_buffer("stopped_at", torch.zeros(len(members), dtype=torch.long))  # 0: still training
-        self.stop_reasons: list[str | None] = [None] * len(members)
+        self.register_buffer("stopped_at", torch.zeros(len(specs), dtype=torch.long))  # 0: still training
+        self.stop_reasons: list[str | None] = [None] * len(specs)
 
     @property
     def model(self) -> nn.Module:
