@@ -105,9 +105,10 @@ def _loss_steps(run_dir) -> list[tuple[int, float]]:
         return [(int(r["step"]), float(r["train/loss_step"])) for r in csv.DictReader(f) if r.get("train/loss_step")]
 
 
-@pytest.mark.parametrize("every", [5, 3])
-def test_step_loss_is_written_at_every_nth_optimiser_step_with_that_steps_value(tmp_path, every):
-    cli, rec = fit(tmp_path, "--trainer.max_epochs", "3", "--trainer.log_every_n_steps", str(every))
+@pytest.mark.parametrize("every, steps_per_call", [(5, 10), (3, 6)])
+def test_step_loss_is_written_at_every_nth_optimiser_step_with_that_steps_value(tmp_path, every, steps_per_call):
+    args = ["--trainer.log_every_n_steps", str(every), "--data.steps_per_call", str(steps_per_call)]
+    cli, rec = fit(tmp_path, "--trainer.max_epochs", "3", *args)
     steps = 3 * STEPS_PER_EPOCH
     logged = _loss_steps(cli.metrics_path.parent)
     assert [s for s, _ in logged] == list(range(every, steps + 1, every))  # across epoch boundaries too
@@ -119,7 +120,7 @@ def test_step_loss_is_written_at_every_nth_optimiser_step_with_that_steps_value(
 def test_checkpoints_every_n_train_steps_land_exactly_on_those_steps(tmp_path):
     args = ["--checkpoint.every_n_epochs", "0", "--checkpoint.every_n_train_steps", "4", "--checkpoint.save_top_k", "-1"]
     cli, rec = fit(tmp_path / "ckpt", "--trainer.max_epochs", "2", *args)
-    assert max(rec.chunks) > 1, rec.chunks  # chunks of 2 steps: gcd(steps_per_call 10, 4, log_every 50)
+    assert max(rec.chunks) > 1, rec.chunks  # chunks of 2 steps: gcd(steps_per_call, 4, log_every_n_steps 50)
     folder = cli.metrics_path.parent / "checkpoints"
     saved = {load_checkpoint(p)["global_step"]: p for p in folder.glob("epoch=*.ckpt")}
     assert sorted(saved) == [4, 8, 12, 16, 20], sorted(saved)
@@ -151,13 +152,15 @@ def test_chunked_run_equals_one_step_per_lightning_batch_bitwise(tmp_path, optim
         args += ["--model.lr", "0.01", "--model.momentum", "0.9"]
     chunked, rec_chunked = fit(tmp_path / "chunked", *args)
     single, rec_single = fit(tmp_path / "single", *args, "--data.steps_per_call", "1")
-    assert max(rec_chunked.chunks) == 10 and set(rec_single.chunks) == {1}
+    assert max(rec_chunked.chunks) > 1 and set(rec_single.chunks) == {1}
     assert chunked.trainer.global_step == single.trainer.global_step == 2 * STEPS_PER_EPOCH
     a, b = model_weights(chunked.model), model_weights(single.model)
     for name in a:
         assert torch.equal(a[name], b[name]), (name, (a[name] - b[name]).abs().max())
     assert rec_chunked.losses == rec_single.losses
-    assert chunked.trainer.callback_metrics["train/loss"] == single.trainer.callback_metrics["train/loss"]
+    # the epoch means are means of chunk means (float32), equal up to rounding
+    mean = float(single.trainer.callback_metrics["train/loss"])
+    assert float(chunked.trainer.callback_metrics["train/loss"]) == pytest.approx(mean, rel=1e-6)
 
 
 # -- the data-aware start, the same for the model and the SAE -----------------------------------------------
