@@ -197,7 +197,13 @@ class ComponentDataModule(L.LightningDataModule):
         t = self.trainer
         if t is None:
             return {"epoch_fn": lambda: 0, "step_fn": lambda: 0, "max_steps": -1}
-        return {"epoch_fn": lambda: t.current_epoch, "step_fn": lambda: t.global_step, "max_steps": t.max_steps}
+        # the epoch Lightning gives samplers (set_epoch): right also when a resumed fit reads its first batch,
+        # before current_epoch has moved past the epoch its checkpoint ended
+        return {
+            "epoch_fn": lambda: t.fit_loop.epoch_progress.current.processed,
+            "step_fn": lambda: t.global_step,
+            "max_steps": t.max_steps,
+        }
 
     def val_dataloader(self) -> EvalLoader:
         s = self.device_split("val")
