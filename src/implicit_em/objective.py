@@ -262,8 +262,9 @@ def decorrelation_subset_estimate(
     Cost: the correlations of m columns only (N m min(N, m)) instead of N K min(N, K).
     Its variance over the draw of M (the batch fixed) is :func:`subset_estimate_variance`: zero when all
     pairs are equally correlated, large when a few pairs carry the redundancy. The subset comes from
-    ``generator`` (its device; None: torch's global generator); every rank of a DDP run must draw the same
-    subset for the ranks to agree on the loss (seed the generator identically on all ranks).
+    ``generator`` (its device; None: torch's global generator). Under DDP, identically seeded generators
+    make every rank draw the same subset, so the run equals one process on the global batch; ranks that
+    draw different subsets still get an unbiased gradient (the mean of their R estimates).
     """
     k = centred.shape[-1]
     if m >= k:
