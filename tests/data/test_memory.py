@@ -103,21 +103,23 @@ def test_the_same_global_batches_for_any_number_of_processes(n, b, drop_last, si
     assert all(len(s) == len(sizes) for s in shards)
 
 
-def test_state_dict_resumes_mid_epoch():
+def test_state_dict_resumes_mid_epoch_at_the_step_trained_not_the_chunk_fetched():
     full = list(make_loader(n=100, b=10, chunk=2, epoch=1))
+    steps = [11]  # the global step, as the Trainer counts it: 11 steps before this epoch
     first = make_loader(n=100, b=10, chunk=2, epoch=1)
+    first.step_fn = lambda: steps[0]
     it = iter(first)
     seen = [next(it), next(it)]
+    steps[0] += len(seen[0])  # trained on the first chunk only; the second is fetched ahead, as Lightning does
     state = first.state_dict()
-    assert state == {"epoch": 1, "batch": 4}  # 2 chunks of 2 batches
-    resumed = make_loader(n=100, b=10, chunk=2, epoch=1, first_step=4)
+    assert state == {"epoch": 1, "batch": 1}  # the first chunk was 1 step (11 -> 12: chunks end on even steps)
+    resumed = make_loader(n=100, b=10, chunk=2, epoch=1, first_step=steps[0])
     resumed.load_state_dict(state)
     rest = list(resumed)
-    assert len(seen) + len(rest) == len(full)
-    for a, b in zip(seen + rest, full):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    got = [mb for chunk in seen[:1] + rest for mb in chunk]
+    assert len(got) == 10 and all(torch.equal(a, b) for a, b in zip(got, [mb for c in full for mb in c]))
     # the state applies once: the next epoch starts at its beginning
-    assert len(list(resumed)) == len(full)
+    assert sum(len(c) for c in resumed) == 10
 
 
 def test_state_from_another_epoch_starts_the_epoch_over():
