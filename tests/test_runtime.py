@@ -57,11 +57,6 @@ def svg_backend():
         matplotlib.use(before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: figures.save_feature_grid calls matplotlib.use('Agg') and pyplot; drawing on a "
-    "matplotlib.figure.Figure (as experiments/plots.py does) leaves the caller's backend alone",
-)
 def test_a_fit_that_draws_feature_images_keeps_the_callers_matplotlib_backend(tmp_path, svg_backend):
     path = fit_run(
         ["--trainer.default_root_dir", str(tmp_path), *ONE_EPOCH, "--features.every_n_epochs", "1"], [DEFAULT_CONFIG]

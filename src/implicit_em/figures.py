@@ -64,6 +64,36 @@ def feature_grid(
     return grid
 
 
+def feature_figure(
+    weights: torch.Tensor,
+    image_shape: tuple[int, ...],
+    title: str = "",
+    usage: torch.Tensor | None = None,
+    max_components: int = GRID_MAX_COMPONENTS,
+):
+    """The component grid as a matplotlib Figure (diverging colormap at [-1, 1]; colour shown with 0 as grey),
+    drawn with the object API, so the caller's backend is left alone. Above ``max_components`` components the
+    title says which are shown (the most used, given ``usage``)."""
+    from matplotlib.figure import Figure
+
+    grid = feature_grid(weights, image_shape, usage=usage, max_components=max_components)
+    k = weights.shape[0]
+    if k > max_components:
+        which = "most used" if usage is not None else "first"
+        title = f"{title}\n" if title else ""
+        title += f"the {max_components} {which} of {k} components"
+    fig = Figure(figsize=(6, 6 * grid.shape[0] / grid.shape[1] + (0.4 if title else 0)))
+    ax = fig.subplots()
+    if grid.ndim == 3:
+        ax.imshow((grid + 1) / 2)
+    else:
+        ax.imshow(grid, cmap=FEATURE_CMAP, vmin=-1, vmax=1)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title)
+    return fig
+
+
 def save_feature_grid(
     weights: torch.Tensor,
     image_shape: tuple[int, ...],
@@ -72,31 +102,8 @@ def save_feature_grid(
     usage: torch.Tensor | None = None,
     max_components: int = GRID_MAX_COMPONENTS,
 ) -> Path:
-    """Write the component grid as a PNG (diverging colormap at [-1, 1]; colour shown with 0 as grey).
-
-    Above ``max_components`` components the title says which are shown (the most used, given ``usage``).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    grid = feature_grid(weights, image_shape, usage=usage, max_components=max_components)
-    k = weights.shape[0]
-    if k > max_components:
-        which = "most used" if usage is not None else "first"
-        title = f"{title}\n" if title else ""
-        title += f"the {max_components} {which} of {k} components"
-    fig, ax = plt.subplots(figsize=(6, 6 * grid.shape[0] / grid.shape[1] + (0.4 if title else 0)))
-    if grid.ndim == 3:
-        ax.imshow((grid + 1) / 2)
-    else:
-        ax.imshow(grid, cmap=FEATURE_CMAP, vmin=-1, vmax=1)
-    ax.set_axis_off()
-    if title:
-        ax.set_title(title)
+    """Write :func:`feature_figure` as a PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    feature_figure(weights, image_shape, title, usage, max_components).savefig(path, dpi=100, bbox_inches="tight")
     return path
