@@ -1,0 +1,76 @@
+"""The TopK sparse autoencoder baseline (Gao et al. 2024): only the k largest codes of each input survive.
+
+(To be moved by the lead: the model into ``models.py``, the objective into ``objective.py``.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def keep_top_k(z: Tensor, k: int) -> Tensor:
+    """a = TopK(ReLU(z)): the k largest of ReLU(z_i) per row kept, every other entry 0 (at most k nonzero;
+    fewer when fewer than k pre-activations are positive)."""
+    values, idx = F.relu(z).topk(min(k, z.shape[-1]), dim=-1)
+    return torch.zeros_like(z).scatter(-1, idx, values)
+
+
+class TopKSparseAutoencoder(nn.Module):
+    """codes a = TopK(ReLU(W_e x + b_e)), reconstruction x_hat = W_d a + b_d.
+
+    Initialised as Gao et al. do: decoder columns of unit norm in random directions (from ``seed``'s own
+    generator), the encoder their transpose, biases 0.
+    """
+
+    def __init__(self, in_features: int, n_components: int, k: int, seed: int = 0):
+        super().__init__()
+        if not 1 <= k <= n_components:
+            raise ValueError(f"k must be in 1..n_components={n_components} (got {k})")
+        self.k = k
+        self.encoder = nn.Linear(in_features, n_components)
+        self.decoder = nn.Linear(n_components, in_features)
+        g = torch.Generator().manual_seed(int(seed))
+        directions = torch.randn(in_features, n_components, generator=g)
+        directions /= directions.norm(dim=0, keepdim=True).clamp_min(1e-12)
+        with torch.no_grad():
+            self.decoder.weight.copy_(directions)
+            self.encoder.weight.copy_(directions.T)
+            self.decoder.bias.zero_()
+            self.encoder.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The codes a (N x K), at most k nonzero per row."""
+        return keep_top_k(self.encoder(x), self.k)
+
+    def pre_activation(self, x: Tensor) -> Tensor:
+        """W_e x + b_e (N x K), before ReLU and TopK."""
+        return self.encoder(x)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """x_hat = W_d a + b_d."""
+        return self.decoder(codes)
+
+    def component_weights(self) -> Tensor:
+        """K x D: the encoder's rows."""
+        return self.encoder.weight
+
+
+def topk_sae_objective(x: Tensor, reconstruction: Tensor) -> dict[str, Tensor]:
+    """TopK SAE loss L = mean (x - x_hat)^2 (over batch and dimensions): sparsity is the TopK's, so no L1.
+
+    Returns ``{"loss": L, "mse": L, "fvu": sum (x - x_hat)^2 / sum (x - mean(x))^2}`` (the batch's FVU,
+    logged, not optimised).
+    """
+    resid = (reconstruction - x).pow(2)
+    mse = resid.mean()
+    fvu = resid.sum() / (x - x.mean(0)).pow(2).sum().clamp_min(torch.finfo(x.dtype).tiny)
+    return {"loss": mse, "mse": mse, "fvu": fvu.detach()}
+
+
+def matched_k(l0: float, n_components: int) -> int:
+    """The TopK k matching a model's L0: round(L0), within 1..K (NaN or 0 gives 1)."""
+    return min(max(int(round(l0)) if math.isfinite(l0) else 1, 1), n_components)
