@@ -244,11 +244,19 @@ def sparse_probe_accuracy(
     training rows, then logistic regression (standardised, class-balanced weights, scikit-learn) on those
     k columns alone, scored on the test rows by balanced accuracy (mean of the true-positive and
     true-negative rates: accuracy on a balanced test set, as SAEBench balances its tasks; chance = 0.5).
-    The value is the mean over labels with positives and negatives in both splits (NaN if none). With
-    groups (document ids), every document is one sample: the mean of its rows' features, its majority label.
+    The value is the mean over labels with positives and negatives in both splits (NaN if none); rows
+    labelled -1 (no label) are left out. With groups (document ids), every document is one sample: the mean
+    of its rows' features, its majority label.
     """
     from threadpoolctl import threadpool_limits
 
+    nan = {str(k): math.nan for k in ks}
+    keep_train, keep_test = y_train >= 0, y_test >= 0  # -1: no label
+    if not bool(keep_train.any()) or not bool(keep_test.any()):
+        return nan
+    f_train, y_train, f_test, y_test = f_train[keep_train], y_train[keep_train], f_test[keep_test], y_test[keep_test]
+    groups_train = None if groups_train is None else groups_train[keep_train]
+    groups_test = None if groups_test is None else groups_test[keep_test]
     if groups_train is not None:
         f_train, y_train = group_means(f_train, y_train, groups_train)
     if groups_test is not None:

@@ -1,6 +1,7 @@
 """The TopK sparse autoencoder baseline (Gao et al. 2024): only the k largest codes of each input survive.
 
-(To be moved by the lead: the model into ``models.py``, the objective into ``objective.py``.)
+(To be moved: the model into ``models.py``, the objective into ``objective.py``, the LightningModule into
+``module.py`` and ``configs/model/topk_sae.yaml``'s class_path with it.)
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from implicit_em.errors import check
+from implicit_em.module import ComponentModule
 
 
 def keep_top_k(z: Tensor, k: int) -> Tensor:
@@ -74,3 +78,37 @@ def topk_sae_objective(x: Tensor, reconstruction: Tensor) -> dict[str, Tensor]:
 def matched_k(l0: float, n_components: int) -> int:
     """The TopK k matching a model's L0: round(L0), within 1..K (NaN or 0 gives 1)."""
     return min(max(int(round(l0)) if math.isfinite(l0) else 1, 1), n_components)
+
+
+class TopKSparseAutoencoderModule(ComponentModule):
+    """The TopK SAE baseline: ReLU encoder keeping the k largest codes, linear decoder, loss MSE.
+
+    Args:
+        k: codes kept per input.
+        (the other arguments: see :class:`implicit_em.module.ComponentModule`; the data-aware start adjusts
+        the encoder)
+    """
+
+    def __init__(
+        self,
+        in_features: int = 64,
+        n_components: int = 64,
+        k: int = 32,
+        data_init: bool = True,
+        init_std: float | None = 0.3,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+    ):
+        super().__init__(in_features, n_components, data_init, init_std, optimizer, lr, momentum, weight_decay, seed)
+        check(isinstance(k, int) and 1 <= k <= n_components, "model.k", f"an integer in 1..{n_components}", k)
+        self.save_hyperparameters()
+        self.model = TopKSparseAutoencoder(in_features, n_components, k, seed)
+
+    def first_layer(self) -> nn.Linear:
+        return self.model.encoder
+
+    def objective(self, x: Tensor) -> dict[str, Tensor]:
+        return topk_sae_objective(x, self.model.decode(self.model(x)))
