@@ -65,3 +65,16 @@ def test_training_lowers_the_loss():
 def test_matched_k():
     assert matched_k(12.4, 768) == 12 and matched_k(0.2, 768) == 1 and matched_k(900.0, 768) == 768
     assert matched_k(float("nan"), 10) == 1
+
+
+def test_the_module_checks_k_and_trains_on_the_mse():
+    from implicit_em.errors import ConfigError
+    from implicit_em.topk import TopKSparseAutoencoderModule
+
+    with pytest.raises(ConfigError, match="model.k"):
+        TopKSparseAutoencoderModule(in_features=8, n_components=16, k=17)
+    module = TopKSparseAutoencoderModule(in_features=8, n_components=16, k=3, seed=1)
+    x = torch.randn(32, 8)
+    terms = module.objective(x)
+    assert set(terms) == {"loss", "mse", "fvu"} and terms["loss"].requires_grad
+    assert ((module(x) != 0).sum(1) <= 3).all()

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from implicit_em.errors import check
+from implicit_em.models import SparseAutoencoder
 from implicit_em.module import ComponentModule
 
 
@@ -23,20 +24,18 @@ def keep_top_k(z: Tensor, k: int) -> Tensor:
     return torch.zeros_like(z).scatter(-1, idx, values)
 
 
-class TopKSparseAutoencoder(nn.Module):
-    """codes a = TopK(ReLU(W_e x + b_e)), reconstruction x_hat = W_d a + b_d.
+class TopKSparseAutoencoder(SparseAutoencoder):
+    """codes a = TopK(ReLU(W_e x + b_e)), reconstruction x_hat = W_d a + b_d (the SAE with a TopK).
 
     Initialised as Gao et al. do: decoder columns of unit norm in random directions (from ``seed``'s own
     generator), the encoder their transpose, biases 0.
     """
 
     def __init__(self, in_features: int, n_components: int, k: int, seed: int = 0):
-        super().__init__()
+        super().__init__(in_features, n_components, seed)
         if not 1 <= k <= n_components:
             raise ValueError(f"k must be in 1..n_components={n_components} (got {k})")
         self.k = k
-        self.encoder = nn.Linear(in_features, n_components)
-        self.decoder = nn.Linear(n_components, in_features)
         g = torch.Generator().manual_seed(int(seed))
         directions = torch.randn(in_features, n_components, generator=g)
         directions /= directions.norm(dim=0, keepdim=True).clamp_min(1e-12)
@@ -49,18 +48,6 @@ class TopKSparseAutoencoder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """The codes a (N x K), at most k nonzero per row."""
         return keep_top_k(self.encoder(x), self.k)
-
-    def pre_activation(self, x: Tensor) -> Tensor:
-        """W_e x + b_e (N x K), before ReLU and TopK."""
-        return self.encoder(x)
-
-    def decode(self, codes: Tensor) -> Tensor:
-        """x_hat = W_d a + b_d."""
-        return self.decoder(codes)
-
-    def component_weights(self) -> Tensor:
-        """K x D: the encoder's rows."""
-        return self.encoder.weight
 
 
 def topk_sae_objective(x: Tensor, reconstruction: Tensor) -> dict[str, Tensor]:
