@@ -350,3 +350,12 @@ def run_compare(
     plot(rows, folder / "compare.png", f"{data}: K = {components}, {epochs} epochs")
     log(f"[compare] wrote {path}")
     return path
+
+
+def run_compare_experiment(s, runs=None) -> Path:
+    """The ``compare`` entry of :data:`implicit_em.experiments.EXPERIMENTS`: :func:`run_compare` with one
+    ``reproduce.py`` call's settings (its own plain runs: the shared ensemble runs do not apply)."""
+    return run_compare(
+        s.data, s.out, s.components, s.epochs, s.seeds, s.data_root, s.batch_size, s.probe_method, s.configs,
+        s.command, log=runs.log if runs is not None else print,
+    )  # fmt: skip
