@@ -69,6 +69,7 @@ def write_density_histogram(log_density: Tensor, path: str | Path, title: str = 
     ax.hist(values, bins=bins, color="#3b6ea5")
     ax.set_xlabel("log10 firing frequency")
     ax.set_ylabel("components")
+    ax.yaxis.get_major_locator().set_params(integer=True)
     dead = int((values <= -9.999).sum())
     ax.set_title(f"{title + ': ' if title else ''}{len(values)} components, {dead} never active", fontsize=9)
     path = Path(path)
