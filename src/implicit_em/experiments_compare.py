@@ -63,9 +63,10 @@ class Data:
 # -- training and reloading -------------------------------------------------------------------------------
 def train_args(
     configs: Path, data: str, model: str, run_root: Path, epochs: int, seed: int, components: int,
-    batch_size: int | None, data_root: str | None, probe_method: str, *extra: str,
+    batch_size: int | None, data_root: str | None, *extra: str,
 ) -> list[str]:  # fmt: skip
-    """The ``scripts/train.py`` arguments of one compare run (the same flags a user would type)."""
+    """The ``scripts/train.py`` arguments of one compare run (the same flags a user would type). The run's own
+    end-of-run report uses the fast torch probe: compare judges every row itself afterwards."""
     args = [
         "--config", str(configs / "default.yaml"),
         "--config", str(configs / "data" / f"{data}.yaml"),
@@ -76,7 +77,7 @@ def train_args(
         "--trainer.enable_model_summary", "false",
         "--seed_everything", str(seed),
         "--model.n_components", str(components),
-        "--report.probe_method", probe_method,
+        "--report.probe_method", "torch",
         "--report.kmeans", "false",
         "--probe.every_n_epochs", "0",
         "--features.every_n_epochs", "0",
@@ -193,8 +194,7 @@ def compare_seed(
     def fit_and_reload(name: str, model: str, *extra: str):
         log(f"[compare] {name}: training {epochs} epochs, K = {components}, seed {seed}")
         run_root = folder / "runs" / name / f"seed{seed}"
-        args = train_args(configs, data, model, run_root, epochs, seed, components, batch_size, data_root,
-                          probe_method, *extra)  # fmt: skip
+        args = train_args(configs, data, model, run_root, epochs, seed, components, batch_size, data_root, *extra)
         run_dir = fit_run(args).parent
         return (*rebuild(run_dir), run_dir)
 
