@@ -28,7 +28,7 @@ from implicit_em.callbacks import (
 )
 from implicit_em.checkpoints import find_last_checkpoint, load_checkpoint
 from implicit_em.data.memory import ComponentDataModule
-from implicit_em.errors import ConfigError, report_user_error
+from implicit_em.errors import ConfigError, exit_with_argument_error, report_user_error
 from implicit_em.loggers import WandbLogger
 from implicit_em.report import ReportConfig, evaluate_run, write_metrics
 from implicit_em.runtime import training_process
@@ -82,9 +82,7 @@ class OneLineParser(LightningArgumentParser):
     """Argument errors as a single line on stderr, exit code 2 (no usage dump, no traceback)."""
 
     def error(self, message: str, ex: Exception | None = None):
-        text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
-        sys.stderr.write(f"error: {text} (see --help)\n")
-        sys.exit(2)
+        exit_with_argument_error(message)
 
 
 def _loggers(trainer_cfg: Namespace) -> list[Namespace]:
@@ -139,6 +137,7 @@ class ImplicitEMCLI(LightningCLI):
         parser.add_class_arguments(ReportConfig, "report")
         parser.link_arguments("data.dims", "model.init_args.in_features", apply_on="instantiate")
         parser.link_arguments("seed_everything", "model.init_args.seed", compute_fn=_seed)
+        parser.link_arguments("seed_everything", "data.init_args.shuffle_seed", compute_fn=_seed)
 
     # -- before anything is built ---------------------------------------------------------------------
     def before_instantiate_classes(self) -> None:
@@ -296,7 +295,7 @@ QUIET = (
 
 
 def _seed(seed_everything) -> int:
-    """The model's seed from ``--seed_everything`` (an integer, or true/false: 0)."""
+    """The model's seed and the data order from ``--seed_everything`` (an integer, or true/false: 0)."""
     return 0 if isinstance(seed_everything, bool) or seed_everything is None else int(seed_everything)
 
 

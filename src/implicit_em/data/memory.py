@@ -74,7 +74,7 @@ class InMemoryLoader:
         self.rank, self.world_size = rank, world_size
         self.n_batches = batches_per_epoch(len(x), batch_size, drop_last)
         self._resume: dict | None = None
-        self._position = (0, 0)
+        self._epoch_start = (0, 0, 0)  # epoch, batch and global step where this epoch's iteration began
 
     def __len__(self) -> int:
         if self.chunk > 1:  # how many chunks an epoch has depends on the step it starts at
@@ -89,16 +89,19 @@ class InMemoryLoader:
         self._resume = None
         perm = epoch_permutation(len(self.x), self.seed, epoch).to(self.x.device)
         batches = perm.split(self.batch_size)[: self.n_batches]
-        position = start
-        for length in chunk_lengths(self.n_batches - start, self.step_fn(), self.chunk, self.max_steps):
+        position, step = start, self.step_fn()
+        self._epoch_start = (epoch, start, step)
+        for length in chunk_lengths(self.n_batches - start, step, self.chunk, self.max_steps):
             idx = [rank_rows(b, self.rank, self.world_size) for b in batches[position : position + length]]
             position += length
-            self._position = (epoch, position)
             gathered = self.x[torch.cat(idx)]  # one gather per chunk, then views
             yield list(gathered.split([len(i) for i in idx]))
 
     def state_dict(self) -> dict:
-        return {"epoch": self._position[0], "batch": self._position[1]}
+        """Where to resume: one batch per optimiser step taken since the epoch began (counted from the global
+        step, not from what was yielded: Lightning fetches a chunk ahead of the step it trains on)."""
+        epoch, start, step = self._epoch_start
+        return {"epoch": epoch, "batch": start + self.step_fn() - step}
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = dict(state)
@@ -139,7 +142,8 @@ class ComponentDataModule(L.LightningDataModule):
 
     Args:
         batch_size: the global batch size (divided across DDP ranks).
-        seed: fixes the splits and the data order.
+        seed: fixes the splits.
+        shuffle_seed: fixes the data order (linked from ``--seed_everything``).
         eval_batch_size: batch size of the validation pass (metrics are exact over the split regardless).
         steps_per_call: the most optimiser steps per Lightning batch (speed only; step settings stay exact).
         drop_last: drop each epoch's last, partial batch.
@@ -149,13 +153,20 @@ class ComponentDataModule(L.LightningDataModule):
     image_shape: tuple[int, ...] = ()
     name = "data"
 
-    def __init__(self, batch_size: int, seed: int, eval_batch_size: int, steps_per_call: int, drop_last: bool):
+    def __init__(
+        self, batch_size: int, seed: int, eval_batch_size: int, steps_per_call: int, drop_last: bool, shuffle_seed: int
+    ):
         super().__init__()
         check(isinstance(batch_size, int) and batch_size >= 2, "data.batch_size",
               "an integer >= 2 (the variance term needs 2 samples)", batch_size)  # fmt: skip
         check(eval_batch_size >= 1, "data.eval_batch_size", ">= 1", eval_batch_size)
         check(steps_per_call >= 1, "data.steps_per_call", ">= 1", steps_per_call)
-        self.batch_size, self.seed, self.eval_batch_size = batch_size, seed, eval_batch_size
+        self.batch_size, self.seed, self.shuffle_seed, self.eval_batch_size = (
+            batch_size,
+            seed,
+            shuffle_seed,
+            eval_batch_size,
+        )
         self.steps_per_call, self.drop_last = steps_per_call, drop_last
         self.splits: dict[str, Split] = {}
         self.normalization = Normalization()
@@ -189,7 +200,13 @@ class ComponentDataModule(L.LightningDataModule):
         t = self.trainer
         if t is None:
             return {"epoch_fn": lambda: 0, "step_fn": lambda: 0, "max_steps": -1}
-        return {"epoch_fn": lambda: t.current_epoch, "step_fn": lambda: t.global_step, "max_steps": t.max_steps}
+        # the epoch Lightning gives samplers (set_epoch): right also when a resumed fit reads its first batch,
+        # before current_epoch has moved past the epoch its checkpoint ended
+        return {
+            "epoch_fn": lambda: t.fit_loop.epoch_progress.current.processed,
+            "step_fn": lambda: t.global_step,
+            "max_steps": t.max_steps,
+        }
 
     def val_dataloader(self) -> EvalLoader:
         s = self.device_split("val")
@@ -225,10 +242,11 @@ class InMemoryDataModule(ComponentDataModule):
         seed: int = 0,
         normalization: str = "none",
         eval_batch_size: int = 4096,
-        steps_per_call: int = 10,
+        steps_per_call: int = 50,
         drop_last: bool = False,
+        shuffle_seed: int = 0,
     ):
-        super().__init__(batch_size, seed, eval_batch_size, steps_per_call, drop_last)
+        super().__init__(batch_size, seed, eval_batch_size, steps_per_call, drop_last, shuffle_seed)
         check(0 < val_fraction < 1, "data.val_fraction", "in (0, 1)", val_fraction)
         check(0 < test_fraction < 1, "data.test_fraction", "in (0, 1)", test_fraction)
         check_choice(normalization, "data.normalization", NORMALIZATIONS)
@@ -271,7 +289,7 @@ class InMemoryDataModule(ComponentDataModule):
     def train_dataloader(self) -> InMemoryLoader:
         rank, world = self.rank_world()
         return InMemoryLoader(
-            self.device_split("train").x, self.batch_size, self.seed, chunk=self.chunk_steps(),
+            self.device_split("train").x, self.batch_size, self.shuffle_seed, chunk=self.chunk_steps(),
             rank=rank, world_size=world, drop_last=self.drop_last, **self.loop_clock(),
         )  # fmt: skip
 

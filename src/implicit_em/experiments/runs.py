@@ -65,6 +65,7 @@ def cli_args(s: Settings, name: str, experiment: str, *extra: str, kmeans=False,
         "--trainer.max_epochs", str(s.epochs),
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
+        "--seed_everything", str(s.seeds[0]),  # the data order
         "--model.init_args.seeds", json.dumps(list(s.seeds)),
         "--model.n_components", str(s.components),
         "--data.batch_size", str(s.batch_size),
