@@ -213,7 +213,7 @@ def test_a_trained_run_exports_the_fvu_it_was_judged_by(tmp_path):
     """The acceptance check in small: train on digits with ZCA whitening, judge the features, save the
     readout, export; the FVU recomputed from the exported files on raw inputs equals the evaluation's."""
     from implicit_em.cli import fit_run
-    from implicit_em.experiments_compare import load_data, module_features, rebuild
+    from implicit_em.experiments.compare import load_data, module_features, rebuild
     from implicit_em.sae_metrics import readout_scores, sae_evaluation
 
     metrics_path = fit_run([

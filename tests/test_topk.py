@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from implicit_em.topk import TopKSparseAutoencoder, keep_top_k, matched_k, topk_sae_objective
+from implicit_em.experiments.compare import matched_k
+from implicit_em.models import TopKSparseAutoencoder, keep_top_k
+from implicit_em.objective import topk_sae_objective
 
 
 def test_keep_top_k_by_hand():
@@ -69,7 +71,7 @@ def test_matched_k():
 
 def test_the_module_checks_k_and_trains_on_the_mse():
     from implicit_em.errors import ConfigError
-    from implicit_em.topk import TopKSparseAutoencoderModule
+    from implicit_em.module import TopKSparseAutoencoderModule
 
     with pytest.raises(ConfigError, match="model.k"):
         TopKSparseAutoencoderModule(in_features=8, n_components=16, k=17)

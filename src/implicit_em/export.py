@@ -253,7 +253,7 @@ class ExportedSAE(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         z = torch.relu(x.to(self.W_enc) @ self.W_enc + self.b_enc)
         if self.k is not None:
-            from implicit_em.topk import keep_top_k
+            from implicit_em.models import keep_top_k
 
             z = keep_top_k(z, int(self.k))
         return z

@@ -15,8 +15,8 @@ from torch import Tensor
 from implicit_em.distributed import gather_samples
 from implicit_em.errors import NonFiniteLossError, check, check_choice
 from implicit_em.metrics import ComponentDiagnostics, effective_rank, weight_redundancy
-from implicit_em.models import ACTIVATIONS, Encoder, SparseAutoencoder, fit_to_data
-from implicit_em.objective import implicit_em_objective, sae_objective
+from implicit_em.models import ACTIVATIONS, Encoder, SparseAutoencoder, TopKSparseAutoencoder, fit_to_data
+from implicit_em.objective import implicit_em_objective, sae_objective, topk_sae_objective
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
@@ -247,6 +247,40 @@ class SparseAutoencoderModule(ComponentModule):
     def objective(self, x: Tensor) -> dict[str, Tensor]:
         codes = self.model(x)
         return sae_objective(x, self.model.decode(codes), codes, self.hparams.l1)
+
+
+class TopKSparseAutoencoderModule(ComponentModule):
+    """The TopK SAE baseline: ReLU encoder keeping the k largest codes, linear decoder, loss MSE.
+
+    Args:
+        k: codes kept per input.
+        (the other arguments: see :class:`implicit_em.module.ComponentModule`; the data-aware start adjusts
+        the encoder)
+    """
+
+    def __init__(
+        self,
+        in_features: int = 64,
+        n_components: int = 64,
+        k: int = 32,
+        data_init: bool = True,
+        init_std: float | None = 0.3,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+    ):
+        super().__init__(in_features, n_components, data_init, init_std, optimizer, lr, momentum, weight_decay, seed)
+        check(isinstance(k, int) and 1 <= k <= n_components, "model.k", f"an integer in 1..{n_components}", k)
+        self.save_hyperparameters()
+        self.model = TopKSparseAutoencoder(in_features, n_components, k, seed)
+
+    def first_layer(self) -> torch.nn.Linear:
+        return self.model.encoder
+
+    def objective(self, x: Tensor) -> dict[str, Tensor]:
+        return topk_sae_objective(x, self.model.decode(self.model(x)))
 
 
 def log_position(module: L.LightningModule) -> None:

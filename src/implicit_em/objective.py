@@ -437,3 +437,15 @@ def sae_objective(x: Tensor, reconstruction: Tensor, codes: Tensor, l1: float | 
     mse = (_wide(reconstruction) - _wide(x)).pow(2).mean(dim=(-2, -1))
     sparsity = _wide(codes).abs().mean(dim=(-2, -1))
     return {"loss": mse + l1 * sparsity, "mse": mse, "l1": sparsity}
+
+
+def topk_sae_objective(x: Tensor, reconstruction: Tensor) -> dict[str, Tensor]:
+    """TopK SAE loss L = mean (x - x_hat)^2 (over batch and dimensions): sparsity is the TopK's, so no L1.
+
+    Returns ``{"loss": L, "mse": L, "fvu": sum (x - x_hat)^2 / sum (x - mean(x))^2}`` (the batch's FVU,
+    logged, not optimised).
+    """
+    resid = (reconstruction - x).pow(2)
+    mse = resid.mean()
+    fvu = resid.sum() / (x - x.mean(0)).pow(2).sum().clamp_min(torch.finfo(x.dtype).tiny)
+    return {"loss": mse, "mse": mse, "fvu": fvu.detach()}

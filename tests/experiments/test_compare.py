@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from implicit_em.data.memory import Split
-from implicit_em.experiments_compare import (
+from implicit_em.experiments.compare import (
     ROWS,
     Data,
     evaluate_features,

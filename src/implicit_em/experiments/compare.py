@@ -183,13 +183,17 @@ def evaluate_features(feats: dict[str, Tensor], data: Data, probe_method: str, p
     return row
 
 
+def matched_k(l0: float, n_components: int) -> int:
+    """The TopK k matching a model's L0: round(L0), within 1..K (NaN or 0 gives 1)."""
+    return min(max(int(round(l0)) if math.isfinite(l0) else 1, 1), n_components)
+
+
 def compare_seed(
     configs: Path, data: str, folder: Path, components: int, epochs: int, seed: int, batch_size: int | None,
     data_root: str | None, probe_method: str, log: Callable[[str], None] = print,
 ) -> list[dict]:  # fmt: skip
     """Every row of one seed: train what needs training, then evaluate each row's features."""
     from implicit_em.cli import fit_run
-    from implicit_em.topk import matched_k
 
     def fit_and_reload(name: str, model: str, *extra: str):
         log(f"[compare] {name}: training {epochs} epochs, K = {components}, seed {seed}")
