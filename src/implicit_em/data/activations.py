@@ -1,0 +1,489 @@
+"""Model activations on disk, bigger than memory: shards streamed through a shuffle buffer.
+
+``--data.root DIR`` holds shards (see :mod:`.shards`) and optionally, beside them, ``labels.npy`` (one integer
+per row), ``doc_ids.npy`` (the document of each row), ``label_names.json`` and ``manifest.json`` (what
+``scripts/harvest.py`` writes). Nothing is read whole:
+
+- **Splits.** Validation and test rows are held out by document when ``doc_ids.npy`` exists (no document in two
+  splits), else as runs of ``block_rows`` consecutive rows; both fixed by ``seed``.
+- **Training order.** The training rows are cut into blocks of ``block_rows``; each epoch permutes the blocks
+  (fixed by seed and epoch), reads them a window of ``buffer_rows`` at a time, permutes the rows inside the
+  window and serves consecutive global batches. Every training row comes once per epoch; batches mix rows of
+  many blocks and shards. Only this rank's part of each batch becomes float32. While one window is served the
+  next is read in a background thread, so at most two windows are resident.
+- **Evaluation.** ``splits`` holds bounded random samples (``eval_train_rows``, ``eval_val_rows``,
+  ``eval_test_rows``) read at setup, drawn as runs of 64 consecutive rows.
+- **Normalisation** is fitted on the training sample and kept in :meth:`state_dict`, so a checkpoint carries
+  it (Lightning stores a DataModule's state) and a resumed or evaluated run uses the same transform.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from implicit_em.data.memory import EvalLoader, InMemoryDataModule, Split
+from implicit_em.data.shards import RowVector, ShardSet
+from implicit_em.errors import ConfigError, DataError, check, check_choice
+
+NORMALIZATIONS = ("none", "center", "center+scale")
+#: evaluation samples are drawn as runs of this many consecutive rows (few reads, many places)
+EVAL_RUN_ROWS = 64
+#: without doc_ids, held-out runs are at most block_rows long, and at least this many runs split the data
+MIN_SPLIT_UNITS = 64
+# tags that keep the random streams of one seed apart
+_SPLIT, _ORDER, _SAMPLE = 0, 1, 2
+
+
+# -- row runs and splits -------------------------------------------------------------------------------------
+def merge_runs(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Sorted disjoint [lo, hi) runs as a k x 2 array, touching runs merged into one."""
+    if len(lo) == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    order = np.argsort(lo, kind="stable")
+    lo, hi = lo[order], hi[order]
+    new = np.ones(len(lo), dtype=bool)
+    new[1:] = lo[1:] != hi[:-1]
+    starts = np.flatnonzero(new)
+    ends = np.r_[starts[1:], len(lo)] - 1
+    return np.stack([lo[starts], hi[ends]], axis=1).astype(np.int64)
+
+
+def document_runs(doc_ids: RowVector, chunk_rows: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of consecutive rows of one document: their start rows and document ids, read in chunks."""
+    starts, docs, previous = [], [], None
+    for lo in range(0, doc_ids.n_rows, chunk_rows):
+        d = doc_ids.read(lo, min(lo + chunk_rows, doc_ids.n_rows))
+        change = np.flatnonzero(np.r_[previous is None or d[0] != previous, d[1:] != d[:-1]])
+        starts.append(change + lo)
+        docs.append(d[change])
+        previous = d[-1]
+    return np.concatenate(starts), np.concatenate(docs)
+
+
+def split_by_document(
+    starts: np.ndarray, docs: np.ndarray, n_rows: int, val_fraction: float, test_fraction: float, seed: int, where
+) -> dict[str, np.ndarray]:
+    """Train/val/test row runs with every document in exactly one split.
+
+    Documents are taken in a random order fixed by ``seed``: into test until it holds ``test_fraction`` of the
+    rows, then into validation until it holds ``val_fraction``, the rest into train.
+    """
+    unique, inverse = np.unique(docs, return_inverse=True)
+    if len(unique) < 3:
+        raise DataError(
+            f"{where}: names {len(unique)} document(s); holding out validation and test documents needs at least 3: "
+            "harvest more documents, or remove doc_ids.npy to split by rows"
+        )
+    ends = np.r_[starts[1:], n_rows]
+    rows = np.bincount(inverse, weights=ends - starts, minlength=len(unique))
+    order = np.random.default_rng([seed, _SPLIT]).permutation(len(unique))
+    placed = np.cumsum(rows[order])
+    before = placed - rows[order]  # rows already placed when each document comes
+    n_test = max(1, int((before < test_fraction * n_rows).sum()))
+    n_val = max(1, int((before[n_test:] - placed[n_test - 1] < val_fraction * n_rows).sum()))
+    if n_test + n_val >= len(unique):
+        raise DataError(
+            f"{where}: no document is left for training ({len(unique)} documents); lower --data.val_fraction / "
+            "--data.test_fraction, or harvest more documents"
+        )
+    split_of_doc = np.full(len(unique), 2, dtype=np.int64)  # 0 test, 1 val, 2 train
+    split_of_doc[order[:n_test]], split_of_doc[order[n_test : n_test + n_val]] = 0, 1
+    split_of_run = split_of_doc[inverse]
+    out = {name: merge_runs(starts[split_of_run == s], ends[split_of_run == s]) for s, name in
+           enumerate(("test", "val", "train"))}  # fmt: skip
+    return out
+
+
+def split_by_rows(
+    n_rows: int, block_rows: int, val_fraction: float, test_fraction: float, seed: int, where
+) -> dict[str, np.ndarray]:
+    """Train/val/test as runs of consecutive rows (at most ``block_rows``, at least 64 runs in all), fixed by
+    ``seed``: neighbouring rows (often one document) stay together, keeping held-out rows apart from train."""
+    unit = max(1, min(block_rows, n_rows // MIN_SPLIT_UNITS))
+    n_units = -(-n_rows // unit)
+    n_test, n_val = max(1, round(test_fraction * n_units)), max(1, round(val_fraction * n_units))
+    if n_units - n_test - n_val < 1:
+        raise DataError(f"{where}: {n_rows} rows are too few to hold out validation and test rows; add rows")
+    order = np.random.default_rng([seed, _SPLIT]).permutation(n_units)
+    parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
+    return {name: merge_runs(units * unit, np.minimum((units + 1) * unit, n_rows)) for name, units in parts.items()}
+
+
+class RowRuns:
+    """The rows of one split, numbered 0..n-1 in file order (a 'virtual' row space over its runs)."""
+
+    def __init__(self, runs: np.ndarray):
+        self.lo = runs[:, 0].astype(np.int64)
+        self.lengths = (runs[:, 1] - runs[:, 0]).astype(np.int64)
+        self.cum = np.r_[0, np.cumsum(self.lengths)]
+        self.n = int(self.cum[-1])
+
+    def ranges(self, a: int, b: int) -> list[tuple[int, int]]:
+        """The global row ranges of split rows [a, b)."""
+        out, pos = [], a
+        i = int(np.searchsorted(self.cum, a, side="right")) - 1
+        while pos < b:
+            offset = pos - int(self.cum[i])
+            take = min(b - pos, int(self.lengths[i]) - offset)
+            lo = int(self.lo[i]) + offset
+            if out and out[-1][1] == lo:
+                out[-1] = (out[-1][0], lo + take)
+            else:
+                out.append((lo, lo + take))
+            pos, i = pos + take, i + 1
+        return out
+
+    def sample(self, cap: int, rng: np.random.Generator, run: int = EVAL_RUN_ROWS) -> list[tuple[int, int]]:
+        """Global row ranges of ``cap`` rows drawn as random runs of ``run`` split rows (all rows when fewer)."""
+        if self.n <= cap:
+            return self.ranges(0, self.n)
+        n_runs = -(-self.n // run)
+        order = rng.permutation(n_runs)
+        sizes = np.minimum(run, self.n - order * run)
+        k = int(np.searchsorted(np.cumsum(sizes), cap))  # runs order[:k + 1] hold cap rows
+        take = sizes[: k + 1].copy()
+        take[k] -= int(take.sum()) - cap
+        out = []
+        for r, size in sorted(zip(order[: k + 1].tolist(), take.tolist())):
+            for lo, hi in self.ranges(r * run, r * run + size):
+                if out and out[-1][1] == lo:
+                    out[-1] = (out[-1][0], hi)
+                else:
+                    out.append((lo, hi))
+        return out
+
+
+# -- normalisation -------------------------------------------------------------------------------------------
+def fit_normalization(x: Tensor, kind: str) -> dict[str, Tensor]:
+    """mean mu and scale s of x' = (x - mu) / s, fitted on sample rows x (N x D).
+
+    ``none``: mu = 0, s = 1. ``center``: mu = mean_i x_i, s = 1. ``center+scale``: also s = mean_i ||x_i - mu||,
+    so the mean row norm of x' is 1 (one scale for all dimensions keeps the geometry of the activations).
+    """
+    x = x.double()
+    mean = x.mean(0) if kind != "none" else x.new_zeros(x.shape[1])
+    scale = (x - mean).norm(dim=1).mean() if kind == "center+scale" else x.new_ones(())
+    if not float(scale) > 0:
+        raise DataError("the training rows are all equal (mean distance to their mean is 0); check the shards")
+    return {"mean": mean.float(), "scale": scale.float()}
+
+
+def normalize(x: Tensor, state: dict[str, Tensor]) -> Tensor:
+    """x' = (x - mu) / s (state from :func:`fit_normalization`)."""
+    return (x - state["mean"].to(x.device)) / state["scale"].to(x.device)
+
+
+# -- the training loader -------------------------------------------------------------------------------------
+class ActivationLoader:
+    """Training chunks (lists of up to ``steps_per_call`` micro-batches) streamed from the shards.
+
+    See the module docstring for the order. Each micro-batch is this rank's contiguous part of one global batch
+    of ``batch_size`` rows, as float32 on ``device`` after ``transform``. The last, partial batch is kept unless
+    ``drop_last``, or it has fewer than 2 rows per rank, or it does not split evenly across ranks. Stateful:
+    ``state_dict`` / ``load_state_dict`` continue an epoch exactly where it stopped.
+    """
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        rows: RowRuns,
+        batch_size: int,
+        seed: int,
+        epoch_fn: Callable[[], int],
+        transform: Callable[[Tensor], Tensor] = lambda x: x,
+        steps_per_call: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        block_rows: int = 4096,
+        buffer_rows: int = 262_144,
+        device: torch.device | str | None = None,
+        prefetch: bool = True,
+    ):
+        self.shards, self.rows, self.batch_size, self.seed = shards, rows, batch_size, seed
+        self.epoch_fn, self.transform, self.steps_per_call = epoch_fn, transform, max(1, steps_per_call)
+        self.rank, self.world_size, self.device, self.prefetch = rank, world_size, device, prefetch
+        self.block_rows = block_rows
+        self.blocks_per_window = max(1, buffer_rows // block_rows)
+        if self.blocks_per_window * block_rows < batch_size:
+            raise ConfigError(
+                f"data.buffer_rows {buffer_rows} holds {self.blocks_per_window * block_rows} rows in whole blocks of "
+                f"{block_rows}, less than one batch ({batch_size}); raise --data.buffer_rows"
+            )
+        n, b = rows.n, batch_size
+        self.last = n % b
+        keep_last = not drop_last and self.last >= 2 * world_size and self.last % world_size == 0
+        self.n_batches = n // b + int(keep_last)
+        self.n_blocks = -(-n // block_rows)
+        self._resume: dict | None = None
+        self._position = {"epoch": 0, "chunk": 0, "batch": 0}
+
+    def __len__(self) -> int:
+        return -(-self.n_batches // self.steps_per_call)
+
+    def windows(self, epoch: int) -> list[np.ndarray]:
+        """The blocks of each window of ``epoch``, in reading order."""
+        order = np.random.default_rng([self.seed, _ORDER, epoch]).permutation(self.n_blocks)
+        return [order[i : i + self.blocks_per_window] for i in range(0, self.n_blocks, self.blocks_per_window)]
+
+    def _block_size(self, block: int) -> int:
+        return min(self.block_rows, self.rows.n - block * self.block_rows)
+
+    def read_window(self, epoch: int, w: int, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The rows of one window as stored (blocks one after another) and the permutation that serves them."""
+        ranges = [r for blk in blocks for r in self.rows.ranges(blk * self.block_rows, blk * self.block_rows +
+                                                                 self._block_size(blk))]  # fmt: skip
+        raw = self.shards.empty(sum(hi - lo for lo, hi in ranges))
+        self.shards.read_ranges(ranges, raw)
+        return raw, np.random.default_rng([self.seed, _ORDER, epoch, w]).permutation(len(raw))
+
+    def _part(self, k: int) -> tuple[int, int]:
+        """Epoch positions [p0, p1) of this rank's part of global batch ``k``."""
+        size = self.batch_size if k < self.rows.n // self.batch_size else self.last
+        part = size // self.world_size
+        p0 = k * self.batch_size + self.rank * part
+        return p0, p0 + part
+
+    def __iter__(self) -> Iterator[list[Tensor]]:
+        epoch = self.epoch_fn()
+        first = 0
+        if self._resume is not None and self._resume["epoch"] == epoch:
+            first = self._resume.get("batch", self._resume["chunk"] * self.steps_per_call)
+        self._resume = None
+        windows = self.windows(epoch)
+        bounds = np.cumsum([0] + [sum(self._block_size(b) for b in blocks) for blocks in windows])
+        pool = ThreadPoolExecutor(1, thread_name_prefix="shard-reader") if self.prefetch else None
+        held: dict[int, Future | tuple] = {}
+
+        def submit(w: int) -> None:
+            if w < len(windows) and w not in held:
+                args = (epoch, w, windows[w])
+                held[w] = pool.submit(self.read_window, *args) if pool else self.read_window(*args)
+
+        def window(w: int) -> tuple[np.ndarray, np.ndarray]:
+            submit(w)
+            if isinstance(held[w], Future):
+                held[w] = held[w].result()
+            if len(held) < 2:  # at most two windows resident: the one served and the next being read
+                submit(w + 1)
+            return held[w]
+
+        try:
+            for k0 in range(first, self.n_batches, self.steps_per_call):
+                chunk = []
+                for k in range(k0, min(k0 + self.steps_per_call, self.n_batches)):
+                    p0, p1 = self._part(k)
+                    w0 = int(np.searchsorted(bounds, p0, side="right")) - 1
+                    for w in [w for w in held if w < w0]:
+                        del held[w]
+                    pieces, pos = [], p0
+                    while pos < p1:
+                        w = int(np.searchsorted(bounds, pos, side="right")) - 1
+                        raw, perm = window(w)
+                        hi = min(p1, int(bounds[w + 1]))
+                        pieces.append(raw[perm[pos - bounds[w] : hi - bounds[w]]])
+                        pos = hi
+                    rows = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+                    chunk.append(self.transform(self.shards.to_float32(rows, self.device)))
+                done = k0 + len(chunk)
+                self._position = {"epoch": epoch, "chunk": -(-done // self.steps_per_call), "batch": done}
+                yield chunk
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def state_dict(self) -> dict:
+        return dict(self._position)
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state)
+
+
+# -- the DataModule ------------------------------------------------------------------------------------------
+class ActivationsDataModule(InMemoryDataModule):
+    """Activations (or any vectors) in shards under ``root``, streamed; see the module docstring.
+
+    Args:
+        root: the directory of shards (required).
+        batch_size: the global batch size (divided across DDP ranks).
+        val_fraction, test_fraction: parts of the rows held out (by document when doc_ids.npy exists).
+        seed: fixes the splits, the evaluation samples and the data order.
+        normalization: ``none``, ``center`` or ``center+scale`` (unit mean row norm), fitted on the training
+            sample.
+        eval_batch_size: batch size of the validation pass.
+        steps_per_call: optimiser steps per Lightning batch (speed only; 1 under DDP).
+        drop_last: drop each epoch's last, partial batch.
+        block_rows: rows per block, the unit of shuffling and reading.
+        buffer_rows: rows per shuffle window; memory holds about two windows (one served, one being read).
+        eval_train_rows, eval_val_rows, eval_test_rows: sizes of the in-memory evaluation samples (the final
+            probe fits on the train sample and scores on the test sample; normalisation fits on the train sample).
+        prefetch: read the next window in a background thread.
+    """
+
+    name = "activations"
+    image_shape: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 1024,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        normalization: str = "center+scale",
+        eval_batch_size: int = 4096,
+        steps_per_call: int = 8,
+        drop_last: bool = False,
+        block_rows: int = 4096,
+        buffer_rows: int = 262_144,
+        eval_train_rows: int = 100_000,
+        eval_val_rows: int = 20_000,
+        eval_test_rows: int = 20_000,
+        prefetch: bool = True,
+    ):
+        super().__init__(root, batch_size, val_fraction, test_fraction, seed, "none", eval_batch_size,
+                         steps_per_call, drop_last)  # fmt: skip
+        check_choice(normalization, "data.normalization", NORMALIZATIONS)
+        check(isinstance(block_rows, int) and block_rows >= 1, "data.block_rows", "an integer >= 1", block_rows)
+        check(
+            isinstance(buffer_rows, int) and buffer_rows >= max(block_rows, batch_size),
+            "data.buffer_rows",
+            f"an integer >= data.block_rows and >= data.batch_size ({max(block_rows, batch_size)})",
+            buffer_rows,
+        )
+        for key, v in (("eval_train_rows", eval_train_rows), ("eval_val_rows", eval_val_rows),
+                       ("eval_test_rows", eval_test_rows)):  # fmt: skip
+            check(isinstance(v, int) and v >= 2, f"data.{key}", "an integer >= 2", v)
+        self.normalization = normalization
+        self.block_rows, self.buffer_rows, self.prefetch = block_rows, buffer_rows, prefetch
+        self.eval_rows = {"train": eval_train_rows, "val": eval_val_rows, "test": eval_test_rows}
+        self._shards: ShardSet | None = None
+        self.rows: dict[str, RowRuns] = {}
+        self.norm: dict[str, Tensor] | None = None
+        self.label_names: list[str] | None = None
+        self.manifest: dict | None = None
+
+    # -- files ------------------------------------------------------------------------------------------
+    @property
+    def shards(self) -> ShardSet:
+        if self._shards is None:
+            if not self.root:
+                raise ConfigError("data.root is not set; pass --data.root DIR holding .npy or .safetensors shards")
+            self._shards = ShardSet(self.root)
+        return self._shards
+
+    @property
+    def dims(self) -> int:
+        """d_model, from the shards' headers (no rows read)."""
+        return self.shards.width
+
+    def _read_json(self, name: str):
+        path = Path(self.root) / name
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
+
+    # -- setup ------------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        shards, root = self.shards, Path(self.root)
+        n = shards.n_rows
+        labels = RowVector(root / "labels.npy", n, "labels") if (root / "labels.npy").is_file() else None
+        docs = RowVector(root / "doc_ids.npy", n, "doc ids") if (root / "doc_ids.npy").is_file() else None
+        self.label_names, self.manifest = self._read_json("label_names.json"), self._read_json("manifest.json")
+        if docs is not None:
+            starts, doc = document_runs(docs)
+            runs = split_by_document(starts, doc, n, self.val_fraction, self.test_fraction, self.seed, docs.path)
+        else:
+            runs = split_by_rows(n, self.block_rows, self.val_fraction, self.test_fraction, self.seed, root)
+        self.rows = {name: RowRuns(r) for name, r in runs.items()}
+        if self.rows["train"].n < self.batch_size:
+            raise DataError(
+                f"data.batch_size {self.batch_size} exceeds the {self.rows['train'].n} training rows of {root}; "
+                "lower --data.batch_size"
+            )
+        raw = {}
+        for i, name in enumerate(("train", "val", "test")):
+            ranges = self.rows[name].sample(self.eval_rows[name], np.random.default_rng([self.seed, _SAMPLE, i]))
+            x = shards.read_ranges(ranges, shards.empty(sum(hi - lo for lo, hi in ranges)))
+            x = shards.to_float32(x)
+            self._check_finite(x, ranges)
+            y = labels.read_ranges(ranges) if labels is not None else np.full(len(x), -1, dtype=np.int64)
+            groups = docs.read_ranges(ranges) if docs is not None else None
+            raw[name] = (x, torch.from_numpy(y), None if groups is None else torch.from_numpy(groups))
+        self.norm = fit_normalization(raw["train"][0], self.normalization)
+        self.splits = {name: _split(normalize(x, self.norm), y, g) for name, (x, y, g) in raw.items()}
+        self._device_splits = {}
+
+    def _check_finite(self, x: Tensor, ranges: list[tuple[int, int]]) -> None:
+        bad = ~torch.isfinite(x).all(dim=1)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            for lo, hi in ranges:
+                if i < hi - lo:
+                    shard, local = self.shards.shard_of(lo + i)
+                    raise DataError(f"{shard.path}: row {local} has non-finite values (NaN or inf); fix the shard")
+                i -= hi - lo
+
+    # -- normalisation, saved with the model ---------------------------------------------------------------
+    def transform(self, x: Tensor) -> Tensor:
+        """Raw rows (float32) to what the model sees: the fitted normalisation."""
+        return normalize(x, self.norm)
+
+    def state_dict(self) -> dict:
+        return {"normalization": {k: v.clone() for k, v in self.norm.items()}} if self.norm is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the normalisation of a checkpoint; the evaluation samples are re-expressed in it."""
+        new = {k: v.detach().float().cpu() for k, v in state["normalization"].items()}
+        if self.norm is not None and self.splits:
+            old = self.norm
+            for s in self.splits.values():  # x_new = ((x_old s_old + mu_old) - mu_new) / s_new, in place
+                s.x.mul_(old["scale"] / new["scale"]).add_((old["mean"] - new["mean"]) / new["scale"])
+            self._device_splits = {}
+        self.norm = new
+
+    # -- loaders ----------------------------------------------------------------------------------------
+    def train_dataloader(self) -> ActivationLoader:
+        rank, world = self._rank_world()
+        if self.batch_size % world:
+            raise DataError(f"data.batch_size {self.batch_size} must divide evenly across {world} devices")
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        norm = {k: v.to(device) for k, v in self.norm.items()}
+        return ActivationLoader(
+            self.shards,
+            self.rows["train"],
+            self.batch_size,
+            self.seed,
+            epoch_fn=(lambda: self.trainer.current_epoch) if self.trainer is not None else (lambda: 0),
+            transform=lambda x: normalize(x, norm),
+            steps_per_call=self.steps_per_call if world == 1 else 1,
+            rank=rank,
+            world_size=world,
+            drop_last=self.drop_last,
+            block_rows=self.block_rows,
+            buffer_rows=self.buffer_rows,
+            device=device,
+            prefetch=self.prefetch,
+        )
+
+    def val_dataloader(self) -> EvalLoader:
+        s = self.device_split("val")
+        return EvalLoader(s.x, s.y, self.eval_batch_size, *self._rank_world())
+
+
+def _split(x: Tensor, y: Tensor, groups: Tensor | None) -> Split:
+    """A Split with document ids as groups where the base class has that field."""
+    fields = getattr(Split, "__dataclass_fields__", {})
+    return Split(x, y, groups) if "groups" in fields else Split(x, y)
