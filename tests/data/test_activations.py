@@ -16,7 +16,6 @@ from implicit_em.data.activations import (
     split_by_document,
     split_by_rows,
 )
-from implicit_em.data.shards import ShardSet
 from implicit_em.errors import ConfigError, DataError
 
 D = 6
