@@ -155,31 +155,30 @@ def effective_rank(weight: Tensor) -> Tensor:
 
 
 class ComponentDiagnostics(torch.nn.Module):
-    """All distance-based metrics together: ``update(d)`` per batch, ``compute()`` -> name -> S-vector."""
+    """All distance-based metrics together: ``update(d)`` per batch (N x K), ``compute()`` -> name -> value."""
 
-    def __init__(self, n_members: int, n_components: int, **metric_kwargs):
+    def __init__(self, n_components: int, **metric_kwargs):
         super().__init__()
-        self.entropy = ResponsibilityEntropy(n_members, **metric_kwargs)
-        self.l0 = L0Density(n_members, **metric_kwargs)
-        self.usage = ComponentUsage(n_members, n_components, **metric_kwargs)
-        self.dead = DeadComponents(n_members, n_components, **metric_kwargs)
-        self.redundancy = Redundancy(n_members, n_components, **metric_kwargs)
+        self.entropy = ResponsibilityEntropy(1, **metric_kwargs)
+        self.l0 = L0Density(1, **metric_kwargs)
+        self.usage = ComponentUsage(1, n_components, **metric_kwargs)
+        self.dead = DeadComponents(1, n_components, **metric_kwargs)
+        self.redundancy = Redundancy(1, n_components, **metric_kwargs)
 
     def update(self, d: Tensor) -> None:
         for m in self.children():
             m.update(d)
 
     def compute(self) -> dict[str, Tensor]:
-        """name -> S-vector (``usage``: S x K). torchmetrics squeezes single values; the reshape undoes it."""
-        s = self.entropy.n_members
+        """name -> scalar (``usage``: a K-vector)."""
         out = {
             "responsibility_entropy": self.entropy.compute(),
             "l0_density": self.l0.compute(),
             "redundancy": self.redundancy.compute(),
             **self.dead.compute(),
         }
-        out = {k: v.reshape(s) for k, v in out.items()}
-        out["usage"] = self.usage.compute().reshape(s, -1)
+        out = {k: v.reshape(()) for k, v in out.items()}
+        out["usage"] = self.usage.compute().reshape(-1)
         return out
 
     def reset(self) -> None:
@@ -188,12 +187,11 @@ class ComponentDiagnostics(torch.nn.Module):
 
 
 def component_diagnostics(d: Tensor, weight: Tensor | None = None) -> dict[str, Tensor]:
-    """Every diagnostic on a whole (S x) N x K tensor at once (plus the weight metrics when given).
+    """Every diagnostic on a whole N x K tensor at once (plus the weight metrics when given).
 
     Local to this process: no synchronisation across ranks.
     """
-    d = _members(d)
-    diag = ComponentDiagnostics(d.shape[0], d.shape[-1], sync_on_compute=False).to(d.device)
+    diag = ComponentDiagnostics(d.shape[-1], sync_on_compute=False).to(d.device)
     diag.update(d)
     out = diag.compute()
     if weight is not None:
