@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 
 import numpy as np
 import pytest
@@ -12,7 +13,6 @@ from implicit_em.data.activations import (
     ActivationLoader,
     ActivationsDataModule,
     RowRuns,
-    fit_normalization,
     split_by_document,
     split_by_rows,
 )
@@ -177,35 +177,39 @@ def test_the_order_is_fixed_by_seed_and_epoch(root):
     assert not np.array_equal(first, np.concatenate(ids(loader(dm, epoch=0, seed=5))))
 
 
-def test_steps_per_call_groups_the_same_batches(root):
+def test_chunks_group_the_same_batches(root):
     dm = module(root)
-    one, eight = loader(dm), loader(dm, steps_per_call=8)
-    assert len(eight) == -(-len(one) // 8)
-    assert all(len(c) <= 8 for c in eight)
-    assert all(np.array_equal(a, b) for a, b in zip(ids(one), ids(eight), strict=True))
+    one, chunked = loader(dm), loader(dm, chunk=8)
+    with pytest.raises(TypeError):
+        len(chunked)
+    assert all(len(c) <= 8 for c in chunked)
+    assert all(np.array_equal(a, b) for a, b in zip(ids(one), ids(chunked), strict=True))
+    # chunks end on multiples of c counted from the global step the epoch starts at, and on max_steps
+    lengths = [len(c) for c in loader(dm, chunk=8, step_fn=lambda: 5, max_steps=20)]
+    assert lengths[:3] == [3, 8, 4] and sum(lengths) == len(one)
 
 
 @pytest.mark.parametrize("steps", [1, 3])
 def test_resume_mid_epoch_serves_exactly_the_remaining_batches(root, steps):
     dm = module(root)
-    full = ids(loader(dm, steps_per_call=steps))
-    first = loader(dm, steps_per_call=steps)
+    full = ids(loader(dm, chunk=steps))
+    first = loader(dm, chunk=steps)
     it, taken = iter(first), []
     for _ in range(4):
         taken += ids([next(it)])
     state = first.state_dict()
-    assert state["epoch"] == 0 and state["batch"] == 4 * steps
-    resumed = loader(dm, steps_per_call=steps)
+    assert state == {"epoch": 0, "batch": 4 * steps}
+    resumed = loader(dm, chunk=steps, step_fn=lambda: 4 * steps)
     resumed.load_state_dict(state)
     rest = ids(resumed)
     assert all(np.array_equal(a, b) for a, b in zip(taken + rest, full, strict=True))
     # the state of another epoch does not skip anything in this one
-    other = loader(dm, epoch=1, steps_per_call=steps)
+    other = loader(dm, epoch=1, chunk=steps)
     other.load_state_dict(state)
     assert sum(len(b) for b in ids(other)) == dm.rows["train"].n
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_ranks_read_disjoint_parts_of_each_global_batch(root, world):
     dm = module(root)
     single = ids(loader(dm))
@@ -214,6 +218,7 @@ def test_ranks_read_disjoint_parts_of_each_global_batch(root, world):
     assert all(len(p) == n for p in parts)
     for k in range(n):
         assert np.array_equal(np.concatenate([p[k] for p in parts]), single[k])
+        assert max(len(p[k]) for p in parts) - min(len(p[k]) for p in parts) <= 1  # as Tensor.tensor_split
 
 
 def test_the_last_partial_batch_follows_the_in_memory_rules(root):
@@ -232,22 +237,25 @@ def test_the_buffer_must_hold_a_batch(root):
         loader(dm, buffer_rows=60, block_rows=50)
 
 
-def test_resident_memory_is_two_windows_whatever_the_data(root, monkeypatch):
-    """Windows are read only as needed: at most two are held at once."""
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_at_most_two_windows_are_held_and_each_is_read_once(root, monkeypatch, prefetch):
     dm = module(root)
-    held, peak = set(), [0]
+    alive, reads, peak = set(), [], [0]
     original = ActivationLoader.read_window
 
-    def counting(self, epoch, w, blocks):
-        held.add(w)
-        peak[0] = max(peak[0], len(held))
-        return original(self, epoch, w, blocks)
+    def tracked(self, epoch, w, blocks):
+        raw, perm = original(self, epoch, w, blocks)
+        alive.add(w)
+        weakref.finalize(raw, alive.discard, w)
+        reads.append(w)
+        return raw, perm
 
-    monkeypatch.setattr(ActivationLoader, "read_window", counting)
-    lo = loader(dm, prefetch=False)
-    for chunk in lo:
-        pass
-    assert len(held) == len(lo.windows(0)) > 2
+    monkeypatch.setattr(ActivationLoader, "read_window", tracked)
+    lo = loader(dm, prefetch=prefetch)
+    for _ in lo:
+        peak[0] = max(peak[0], len(alive))
+    n_windows = len(lo.windows(0))
+    assert n_windows > 3 and sorted(reads) == list(range(n_windows)) and peak[0] <= 2
 
 
 # -- normalisation -------------------------------------------------------------------------------------------
@@ -256,20 +264,18 @@ def test_center_and_scale_give_unit_mean_norm(root):
     x = dm.splits["train"].x.double()
     assert x.mean(0).abs().max() < 1e-5 and abs(x.norm(dim=1).mean() - 1) < 1e-5
     c = module(root, normalization="center")
-    assert c.splits["train"].x.double().mean(0).abs().max() < 1e-4 and float(c.norm["scale"]) == 1
+    assert c.splits["train"].x.double().mean(0).abs().max() < 1e-4 and c.normalization.scale is None
     raw = module(root)
-    assert torch.equal(raw.norm["mean"], torch.zeros(D)) and float(raw.norm["scale"]) == 1
+    assert raw.normalization.mean is None and torch.equal(raw.splits["test"].x, raw._read_sample("test"))
 
 
 def test_the_training_batches_are_normalised_like_the_splits(root):
     dm = module(root, normalization="center+scale")
-    lo = dm.train_dataloader()
-    batch = next(iter(lo))[0]
+    batch = next(iter(dm.train_dataloader()))[0]
     rows = torch.from_numpy(dm.shards.read(0, dm.shards.n_rows))
-    expected = (rows - dm.norm["mean"]) / dm.norm["scale"]
-    # column 0 is the row index, from which the raw row is looked up
-    index = (batch[:, 0] * dm.norm["scale"] + dm.norm["mean"][0]).round().long()
-    assert torch.allclose(batch, expected[index], atol=1e-5)
+    index = dm.normalization.scale[0]  # column 0 is the row index, from which the raw row is looked up
+    index = (batch[:, 0] / index + dm.normalization.mean[0]).round().long()
+    assert torch.allclose(batch, dm.normalization(rows[index]), atol=1e-5)
 
 
 def test_normalisation_round_trips_through_a_checkpoint(root, tmp_path):
@@ -277,28 +283,23 @@ def test_normalisation_round_trips_through_a_checkpoint(root, tmp_path):
     path = tmp_path / "state.pt"
     torch.save(dm.state_dict(), path)
     other = module(root, normalization="center+scale", seed=3)  # another sample: another fit
-    assert not torch.equal(other.norm["mean"], dm.norm["mean"])
-    reference = module(root, normalization="center+scale", seed=3)
+    assert not torch.equal(other.normalization.mean, dm.normalization.mean)
     other.load_state_dict(torch.load(path))
-    for k in ("mean", "scale"):
-        assert torch.equal(other.norm[k], dm.norm[k])
-    # the evaluation samples are re-expressed in the restored transform
-    raw = reference.splits["test"].x * reference.norm["scale"] + reference.norm["mean"]
-    assert torch.allclose(other.splits["test"].x, (raw - dm.norm["mean"]) / dm.norm["scale"], atol=1e-5)
-    x = torch.randn(3, D)
-    assert torch.equal(other.transform(x), dm.transform(x))
-
-
-def test_fit_normalization_rejects_constant_rows():
-    with pytest.raises(DataError, match="all equal"):
-        fit_normalization(torch.ones(5, 3), "center+scale")
+    for k, v in dm.state_dict()["normalization"].items():
+        assert (v is None and other.normalization.state_dict()[k] is None) or torch.equal(
+            other.normalization.state_dict()[k], v
+        )
+    # the evaluation samples are normalised again with the restored transform
+    assert torch.allclose(other.splits["test"].x, dm.normalization(other._read_sample("test")), atol=1e-6)
+    assert torch.equal(other.device_split("test").x, other.splits["test"].x)
 
 
 # -- settings and bad data -----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kwargs,key",
     [
-        ({"normalization": "zca"}, "data.normalization"),
+        ({"normalization": "whiten"}, "data.normalization"),
+        ({"val_fraction": 0.5, "test_fraction": 0.5}, "data.val_fraction"),
         ({"block_rows": 0}, "data.block_rows"),
         ({"buffer_rows": 10}, "data.buffer_rows"),
         ({"eval_test_rows": 1}, "data.eval_test_rows"),
@@ -311,7 +312,7 @@ def test_invalid_settings(kwargs, key):
 
 def test_no_root_is_a_config_error():
     with pytest.raises(ConfigError, match="pass --data.root DIR"):
-        ActivationsDataModule().dims
+        ActivationsDataModule().setup()
 
 
 def test_labels_of_the_wrong_length(root):
@@ -365,7 +366,7 @@ def test_training_on_shards_end_to_end(train, tmp_path):
     assert 1400 < m["n_train"] + m["n_test"] < 2100  # small splits: their evaluation samples are whole
     ckpt = torch.load(m["checkpoint"], weights_only=False)
     norm = ckpt["ActivationsDataModule"]["normalization"]
-    assert norm["mean"].shape == (D,) and float(norm["scale"]) > 0
+    assert norm["mean"].shape == norm["scale"].shape == (D,) and (norm["scale"] > 0).all()
 
 
 def test_a_truncated_shard_stops_train_py_with_one_line(train, root):

@@ -28,11 +28,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from implicit_em.data.memory import EvalLoader, InMemoryDataModule, Split
+from implicit_em.data.chunks import chunk_lengths
+from implicit_em.data.memory import ComponentDataModule, Split, batches_per_epoch
+from implicit_em.data.normalization import NORMALIZATIONS, Normalization
 from implicit_em.data.shards import RowVector, ShardSet
 from implicit_em.errors import ConfigError, DataError, check, check_choice
 
-NORMALIZATIONS = ("none", "center", "center+scale")
 #: evaluation samples are drawn as runs of this many consecutive rows (few reads, many places)
 EVAL_RUN_ROWS = 64
 #: without doc_ids, held-out runs are at most block_rows long, and at least this many runs split the data
@@ -160,34 +161,15 @@ class RowRuns:
         return out
 
 
-# -- normalisation -------------------------------------------------------------------------------------------
-def fit_normalization(x: Tensor, kind: str) -> dict[str, Tensor]:
-    """mean mu and scale s of x' = (x - mu) / s, fitted on sample rows x (N x D).
-
-    ``none``: mu = 0, s = 1. ``center``: mu = mean_i x_i, s = 1. ``center+scale``: also s = mean_i ||x_i - mu||,
-    so the mean row norm of x' is 1 (one scale for all dimensions keeps the geometry of the activations).
-    """
-    x = x.double()
-    mean = x.mean(0) if kind != "none" else x.new_zeros(x.shape[1])
-    scale = (x - mean).norm(dim=1).mean() if kind == "center+scale" else x.new_ones(())
-    if not float(scale) > 0:
-        raise DataError("the training rows are all equal (mean distance to their mean is 0); check the shards")
-    return {"mean": mean.float(), "scale": scale.float()}
-
-
-def normalize(x: Tensor, state: dict[str, Tensor]) -> Tensor:
-    """x' = (x - mu) / s (state from :func:`fit_normalization`)."""
-    return (x - state["mean"].to(x.device)) / state["scale"].to(x.device)
-
-
 # -- the training loader -------------------------------------------------------------------------------------
 class ActivationLoader:
-    """Training chunks (lists of up to ``steps_per_call`` micro-batches) streamed from the shards.
+    """Training chunks (lists of micro-batches, one exact optimiser step each) streamed from the shards.
 
     See the module docstring for the order. Each micro-batch is this rank's contiguous part of one global batch
-    of ``batch_size`` rows, as float32 on ``device`` after ``transform``. The last, partial batch is kept unless
-    ``drop_last``, or it has fewer than 2 rows per rank, or it does not split evenly across ranks. Stateful:
-    ``state_dict`` / ``load_state_dict`` continue an epoch exactly where it stopped.
+    of ``batch_size`` rows (parts differ by at most one row), as float32 on ``device`` after ``transform``. Chunk
+    lengths and the last, partial batch follow the in-memory loader (:mod:`implicit_em.data.chunks`,
+    :func:`~implicit_em.data.memory.batches_per_epoch`). Stateful: ``state_dict`` / ``load_state_dict``
+    continue an epoch exactly where it stopped.
     """
 
     def __init__(
@@ -197,8 +179,10 @@ class ActivationLoader:
         batch_size: int,
         seed: int,
         epoch_fn: Callable[[], int],
+        step_fn: Callable[[], int] = lambda: 0,
+        chunk: int = 1,
+        max_steps: int = -1,
         transform: Callable[[Tensor], Tensor] = lambda x: x,
-        steps_per_call: int = 1,
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
@@ -208,57 +192,57 @@ class ActivationLoader:
         prefetch: bool = True,
     ):
         self.shards, self.rows, self.batch_size, self.seed = shards, rows, batch_size, seed
-        self.epoch_fn, self.transform, self.steps_per_call = epoch_fn, transform, max(1, steps_per_call)
-        self.rank, self.world_size, self.device, self.prefetch = rank, world_size, device, prefetch
-        self.block_rows = block_rows
+        self.epoch_fn, self.step_fn, self.chunk, self.max_steps = epoch_fn, step_fn, max(1, chunk), max_steps
+        self.transform, self.rank, self.world_size = transform, rank, world_size
+        self.device, self.prefetch, self.block_rows = device, prefetch, block_rows
         self.blocks_per_window = max(1, buffer_rows // block_rows)
         if self.blocks_per_window * block_rows < batch_size:
             raise ConfigError(
                 f"data.buffer_rows {buffer_rows} holds {self.blocks_per_window * block_rows} rows in whole blocks of "
                 f"{block_rows}, less than one batch ({batch_size}); raise --data.buffer_rows"
             )
-        n, b = rows.n, batch_size
-        self.last = n % b
-        keep_last = not drop_last and self.last >= 2 * world_size and self.last % world_size == 0
-        self.n_batches = n // b + int(keep_last)
-        self.n_blocks = -(-n // block_rows)
+        self.n_batches = batches_per_epoch(rows.n, batch_size, drop_last)
+        self.n_blocks = -(-rows.n // block_rows)
         self._resume: dict | None = None
-        self._position = {"epoch": 0, "chunk": 0, "batch": 0}
+        self._position = (0, 0)
 
     def __len__(self) -> int:
-        return -(-self.n_batches // self.steps_per_call)
+        if self.chunk > 1:  # how many chunks an epoch has depends on the step it starts at
+            raise TypeError("a chunked loader has no fixed length")
+        return self.n_batches
 
     def windows(self, epoch: int) -> list[np.ndarray]:
         """The blocks of each window of ``epoch``, in reading order."""
         order = np.random.default_rng([self.seed, _ORDER, epoch]).permutation(self.n_blocks)
         return [order[i : i + self.blocks_per_window] for i in range(0, self.n_blocks, self.blocks_per_window)]
 
-    def _block_size(self, block: int) -> int:
-        return min(self.block_rows, self.rows.n - block * self.block_rows)
+    def _block(self, block: int) -> tuple[int, int]:
+        lo = block * self.block_rows
+        return lo, min(lo + self.block_rows, self.rows.n)
 
     def read_window(self, epoch: int, w: int, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The rows of one window as stored (blocks one after another) and the permutation that serves them."""
-        ranges = [r for blk in blocks for r in self.rows.ranges(blk * self.block_rows, blk * self.block_rows +
-                                                                 self._block_size(blk))]  # fmt: skip
-        raw = self.shards.empty(sum(hi - lo for lo, hi in ranges))
-        self.shards.read_ranges(ranges, raw)
+        ranges = [r for blk in blocks for r in self.rows.ranges(*self._block(blk))]
+        raw = self.shards.read_ranges(ranges, self.shards.empty(sum(hi - lo for lo, hi in ranges)))
         return raw, np.random.default_rng([self.seed, _ORDER, epoch, w]).permutation(len(raw))
 
     def _part(self, k: int) -> tuple[int, int]:
-        """Epoch positions [p0, p1) of this rank's part of global batch ``k``."""
-        size = self.batch_size if k < self.rows.n // self.batch_size else self.last
-        part = size // self.world_size
-        p0 = k * self.batch_size + self.rank * part
-        return p0, p0 + part
+        """Epoch positions [p0, p1) of this rank's part of global batch ``k`` (as ``Tensor.tensor_split``)."""
+        start = k * self.batch_size
+        size = min(self.batch_size, self.rows.n - start)
+        q, r = divmod(size, self.world_size)
+        p0 = start + self.rank * q + min(self.rank, r)
+        return p0, p0 + q + int(self.rank < r)
 
     def __iter__(self) -> Iterator[list[Tensor]]:
         epoch = self.epoch_fn()
-        first = 0
+        start = 0
         if self._resume is not None and self._resume["epoch"] == epoch:
-            first = self._resume.get("batch", self._resume["chunk"] * self.steps_per_call)
+            start = self._resume["batch"]
         self._resume = None
         windows = self.windows(epoch)
-        bounds = np.cumsum([0] + [sum(self._block_size(b) for b in blocks) for blocks in windows])
+        sizes = [sum(hi - lo for lo, hi in map(self._block, blocks)) for blocks in windows]
+        bounds = np.cumsum([0, *sizes])
         pool = ThreadPoolExecutor(1, thread_name_prefix="shard-reader") if self.prefetch else None
         held: dict[int, Future | tuple] = {}
 
@@ -275,56 +259,53 @@ class ActivationLoader:
                 submit(w + 1)
             return held[w]
 
+        def micro_batch(k: int) -> Tensor:
+            p0, p1 = self._part(k)
+            for w in [w for w in held if bounds[w + 1] <= p0]:  # windows already served
+                del held[w]
+            pieces, pos = [], p0
+            while pos < p1:
+                w = int(np.searchsorted(bounds, pos, side="right")) - 1
+                raw, perm = window(w)
+                hi = min(p1, int(bounds[w + 1]))
+                pieces.append(raw[perm[pos - bounds[w] : hi - bounds[w]]])
+                pos = hi
+            rows = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+            return self.transform(self.shards.to_float32(rows, self.device))
+
         try:
-            for k0 in range(first, self.n_batches, self.steps_per_call):
-                chunk = []
-                for k in range(k0, min(k0 + self.steps_per_call, self.n_batches)):
-                    p0, p1 = self._part(k)
-                    w0 = int(np.searchsorted(bounds, p0, side="right")) - 1
-                    for w in [w for w in held if w < w0]:
-                        del held[w]
-                    pieces, pos = [], p0
-                    while pos < p1:
-                        w = int(np.searchsorted(bounds, pos, side="right")) - 1
-                        raw, perm = window(w)
-                        hi = min(p1, int(bounds[w + 1]))
-                        pieces.append(raw[perm[pos - bounds[w] : hi - bounds[w]]])
-                        pos = hi
-                    rows = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-                    chunk.append(self.transform(self.shards.to_float32(rows, self.device)))
-                done = k0 + len(chunk)
-                self._position = {"epoch": epoch, "chunk": -(-done // self.steps_per_call), "batch": done}
+            position = start
+            for length in chunk_lengths(self.n_batches - start, self.step_fn(), self.chunk, self.max_steps):
+                chunk = [micro_batch(k) for k in range(position, position + length)]
+                position += length
+                self._position = (epoch, position)
                 yield chunk
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
 
     def state_dict(self) -> dict:
-        return dict(self._position)
+        return {"epoch": self._position[0], "batch": self._position[1]}
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = dict(state)
 
 
 # -- the DataModule ------------------------------------------------------------------------------------------
-class ActivationsDataModule(InMemoryDataModule):
+class ActivationsDataModule(ComponentDataModule):
     """Activations (or any vectors) in shards under ``root``, streamed; see the module docstring.
 
     Args:
         root: the directory of shards (required).
-        batch_size: the global batch size (divided across DDP ranks).
         val_fraction, test_fraction: parts of the rows held out (by document when doc_ids.npy exists).
-        seed: fixes the splits, the evaluation samples and the data order.
-        normalization: ``none``, ``center`` or ``center+scale`` (unit mean row norm), fitted on the training
-            sample.
-        eval_batch_size: batch size of the validation pass.
-        steps_per_call: optimiser steps per Lightning batch (speed only; 1 under DDP).
-        drop_last: drop each epoch's last, partial batch.
+        normalization: ``center+scale`` (unit mean row norm; the default), ``center``, ``none``, ``standardize``
+            or ``zca``, fitted on the training sample.
         block_rows: rows per block, the unit of shuffling and reading.
-        buffer_rows: rows per shuffle window; memory holds about two windows (one served, one being read).
+        buffer_rows: rows per shuffle window; about two windows are in memory (one served, one being read).
         eval_train_rows, eval_val_rows, eval_test_rows: sizes of the in-memory evaluation samples (the final
             probe fits on the train sample and scores on the test sample; normalisation fits on the train sample).
         prefetch: read the next window in a background thread.
+        (batch_size, seed, eval_batch_size, steps_per_call, drop_last: see :class:`ComponentDataModule`)
     """
 
     name = "activations"
@@ -339,7 +320,7 @@ class ActivationsDataModule(InMemoryDataModule):
         seed: int = 0,
         normalization: str = "center+scale",
         eval_batch_size: int = 4096,
-        steps_per_call: int = 8,
+        steps_per_call: int = 10,
         drop_last: bool = False,
         block_rows: int = 4096,
         buffer_rows: int = 262_144,
@@ -348,8 +329,11 @@ class ActivationsDataModule(InMemoryDataModule):
         eval_test_rows: int = 20_000,
         prefetch: bool = True,
     ):
-        super().__init__(root, batch_size, val_fraction, test_fraction, seed, "none", eval_batch_size,
-                         steps_per_call, drop_last)  # fmt: skip
+        super().__init__(batch_size, seed, eval_batch_size, steps_per_call, drop_last)
+        check(0 < val_fraction < 1, "data.val_fraction", "in (0, 1)", val_fraction)
+        check(0 < test_fraction < 1, "data.test_fraction", "in (0, 1)", test_fraction)
+        check(val_fraction + test_fraction < 1, "data.val_fraction + data.test_fraction", "< 1",
+              val_fraction + test_fraction)  # fmt: skip
         check_choice(normalization, "data.normalization", NORMALIZATIONS)
         check(isinstance(block_rows, int) and block_rows >= 1, "data.block_rows", "an integer >= 1", block_rows)
         check(
@@ -361,12 +345,13 @@ class ActivationsDataModule(InMemoryDataModule):
         for key, v in (("eval_train_rows", eval_train_rows), ("eval_val_rows", eval_val_rows),
                        ("eval_test_rows", eval_test_rows)):  # fmt: skip
             check(isinstance(v, int) and v >= 2, f"data.{key}", "an integer >= 2", v)
-        self.normalization = normalization
+        self.root, self.val_fraction, self.test_fraction = root, val_fraction, test_fraction
+        self.normalization_kind = normalization
         self.block_rows, self.buffer_rows, self.prefetch = block_rows, buffer_rows, prefetch
         self.eval_rows = {"train": eval_train_rows, "val": eval_val_rows, "test": eval_test_rows}
         self._shards: ShardSet | None = None
         self.rows: dict[str, RowRuns] = {}
-        self.norm: dict[str, Tensor] | None = None
+        self._sample_ranges: dict[str, list[tuple[int, int]]] = {}
         self.label_names: list[str] | None = None
         self.manifest: dict | None = None
 
@@ -413,20 +398,22 @@ class ActivationsDataModule(InMemoryDataModule):
                 f"data.batch_size {self.batch_size} exceeds the {self.rows['train'].n} training rows of {root}; "
                 "lower --data.batch_size"
             )
-        raw = {}
+        raw, targets = {}, {}
         for i, name in enumerate(("train", "val", "test")):
-            ranges = self.rows[name].sample(self.eval_rows[name], np.random.default_rng([self.seed, _SAMPLE, i]))
-            x = shards.read_ranges(ranges, shards.empty(sum(hi - lo for lo, hi in ranges)))
-            x = shards.to_float32(x)
-            self._check_finite(x, ranges)
-            y = labels.read_ranges(ranges) if labels is not None else np.full(len(x), -1, dtype=np.int64)
+            rng = np.random.default_rng([self.seed, _SAMPLE, i])
+            ranges = self._sample_ranges[name] = self.rows[name].sample(self.eval_rows[name], rng)
+            raw[name] = self._read_sample(name)
+            y = labels.read_ranges(ranges) if labels is not None else np.full(len(raw[name]), -1, dtype=np.int64)
             groups = docs.read_ranges(ranges) if docs is not None else None
-            raw[name] = (x, torch.from_numpy(y), None if groups is None else torch.from_numpy(groups))
-        self.norm = fit_normalization(raw["train"][0], self.normalization)
-        self.splits = {name: _split(normalize(x, self.norm), y, g) for name, (x, y, g) in raw.items()}
+            targets[name] = (torch.from_numpy(y), None if groups is None else torch.from_numpy(groups))
+        self.normalization = Normalization.fit(raw["train"], self.normalization_kind)
+        self.splits = {name: Split(self.normalization(x), *targets[name]) for name, x in raw.items()}
         self._device_splits = {}
 
-    def _check_finite(self, x: Tensor, ranges: list[tuple[int, int]]) -> None:
+    def _read_sample(self, name: str) -> Tensor:
+        """The rows of evaluation sample ``name`` as float32, checked to be finite."""
+        ranges = self._sample_ranges[name]
+        x = self.shards.to_float32(self.shards.read_ranges(ranges, self.shards.empty(sum(b - a for a, b in ranges))))
         bad = ~torch.isfinite(x).all(dim=1)
         if bad.any():
             i = int(bad.nonzero()[0])
@@ -435,55 +422,27 @@ class ActivationsDataModule(InMemoryDataModule):
                     shard, local = self.shards.shard_of(lo + i)
                     raise DataError(f"{shard.path}: row {local} has non-finite values (NaN or inf); fix the shard")
                 i -= hi - lo
-
-    # -- normalisation, saved with the model ---------------------------------------------------------------
-    def transform(self, x: Tensor) -> Tensor:
-        """Raw rows (float32) to what the model sees: the fitted normalisation."""
-        return normalize(x, self.norm)
-
-    def state_dict(self) -> dict:
-        return {"normalization": {k: v.clone() for k, v in self.norm.items()}} if self.norm is not None else {}
+        return x
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the normalisation of a checkpoint; the evaluation samples are re-expressed in it."""
-        new = {k: v.detach().float().cpu() for k, v in state["normalization"].items()}
-        if self.norm is not None and self.splits:
-            old = self.norm
-            for s in self.splits.values():  # x_new = ((x_old s_old + mu_old) - mu_new) / s_new, in place
-                s.x.mul_(old["scale"] / new["scale"]).add_((old["mean"] - new["mean"]) / new["scale"])
+        """Restore a checkpoint's normalisation; evaluation samples already read are normalised again with it."""
+        before = self.normalization.state_dict()
+        super().load_state_dict(state)
+        after = self.normalization.state_dict()
+        same = all((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+                   for a, b in zip(before.values(), after.values()))  # fmt: skip
+        if self.splits and not same:
+            for name, s in self.splits.items():
+                self.splits[name] = Split(self.normalization(self._read_sample(name)), s.y, s.groups)
             self._device_splits = {}
-        self.norm = new
 
     # -- loaders ----------------------------------------------------------------------------------------
     def train_dataloader(self) -> ActivationLoader:
-        rank, world = self._rank_world()
-        if self.batch_size % world:
-            raise DataError(f"data.batch_size {self.batch_size} must divide evenly across {world} devices")
+        rank, world = self.rank_world()
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        norm = {k: v.to(device) for k, v in self.norm.items()}
+        norm = Normalization(*(None if v is None else v.to(device) for v in self.normalization.state_dict().values()))
         return ActivationLoader(
-            self.shards,
-            self.rows["train"],
-            self.batch_size,
-            self.seed,
-            epoch_fn=(lambda: self.trainer.current_epoch) if self.trainer is not None else (lambda: 0),
-            transform=lambda x: normalize(x, norm),
-            steps_per_call=self.steps_per_call if world == 1 else 1,
-            rank=rank,
-            world_size=world,
-            drop_last=self.drop_last,
-            block_rows=self.block_rows,
-            buffer_rows=self.buffer_rows,
-            device=device,
-            prefetch=self.prefetch,
-        )
-
-    def val_dataloader(self) -> EvalLoader:
-        s = self.device_split("val")
-        return EvalLoader(s.x, s.y, self.eval_batch_size, *self._rank_world())
-
-
-def _split(x: Tensor, y: Tensor, groups: Tensor | None) -> Split:
-    """A Split with document ids as groups where the base class has that field."""
-    fields = getattr(Split, "__dataclass_fields__", {})
-    return Split(x, y, groups) if "groups" in fields else Split(x, y)
+            self.shards, self.rows["train"], self.batch_size, self.seed, chunk=self.chunk_steps(),
+            transform=norm, rank=rank, world_size=world, drop_last=self.drop_last, block_rows=self.block_rows,
+            buffer_rows=self.buffer_rows, device=device, prefetch=self.prefetch, **self.loop_clock(),
+        )  # fmt: skip
