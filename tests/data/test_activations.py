@@ -209,6 +209,23 @@ def test_resume_mid_epoch_serves_exactly_the_remaining_batches(root, steps):
     assert sum(len(b) for b in ids(other)) == dm.rows["train"].n
 
 
+def test_with_a_step_clock_the_state_counts_the_steps_taken_not_the_chunks_fetched(root):
+    """Lightning fetches one chunk ahead of the step it runs: a checkpoint must name the batches trained on."""
+    dm = module(root)
+    steps = [5]  # the Trainer's global step when the epoch starts
+    lo = loader(dm, chunk=2, step_fn=lambda: steps[0])
+    it = iter(lo)
+    ahead = next(it)
+    for _ in range(3):  # train on one chunk while the next one is already fetched
+        current, ahead = ahead, next(it)
+        steps[0] += len(current)
+    assert lo.state_dict() == {"epoch": 0, "batch": steps[0] - 5}
+    resumed = loader(dm, chunk=2, step_fn=lambda: steps[0])
+    resumed.load_state_dict(lo.state_dict())
+    full = ids(loader(dm))
+    assert all(np.array_equal(a, b) for a, b in zip(ids(resumed), full[steps[0] - 5 :], strict=True))
+
+
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_ranks_read_disjoint_parts_of_each_global_batch(root, world):
     dm = module(root)
@@ -377,3 +394,51 @@ def test_a_truncated_shard_stops_train_py_with_one_line(train, root):
     lines = run.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and "shard-00001.npy: truncated" in lines[-1], run.stderr[-2000:]
     assert "Traceback" not in run.stderr
+
+
+E2E = ["--config", "configs/data/activations.yaml", "--data.batch_size", "128", "--data.block_rows", "64",
+       "--data.buffer_rows", "256", "--model.n_components", "8", "--seed_everything", "3"]  # fmt: skip
+
+
+def _weights(run) -> dict[str, torch.Tensor]:
+    state = torch.load(run.metrics["checkpoint"], weights_only=False)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("model.")}
+
+
+def test_two_process_ddp_on_shards_ends_with_the_single_process_weights(tmp_path):
+    """Lightning's DDP (2 CPU processes, gloo): each rank reads its part of every global batch."""
+    from tests.conftest import TRAIN, run_script
+
+    root = tmp_path / "classes"
+    write_shards(root, index=False)
+    common = [*E2E, "--data.root", root, "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false"]
+    ddp = run_script(TRAIN, "--config", "configs/trainer/ddp_cpu.yaml", "--trainer.devices", "2",
+                     "--trainer.default_root_dir", tmp_path / "ddp", *common)  # fmt: skip
+    single = run_script(TRAIN, "--config", "configs/trainer/cpu.yaml", "--trainer.default_root_dir",
+                        tmp_path / "single", *common)  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    assert single.returncode == 0, single.stderr[-2000:]
+    a, b = _weights(ddp), _weights(single)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), (k, float((a[k] - b[k]).abs().max()))
+
+
+def test_a_run_stopped_mid_epoch_resumes_exactly(train, tmp_path):
+    """Stopped by max_steps inside epoch 0 with a checkpoint there; resumed with --ckpt_path last, it ends with
+    the weights of an uninterrupted run (the loader continues the epoch's order; normalisation comes back)."""
+    root = tmp_path / "classes"
+    write_shards(root, index=False)
+    every = ["--checkpoint.every_n_epochs", "0", "--checkpoint.every_n_train_steps", "4"]
+    whole = train(*E2E, "--data.root", root, "--trainer.max_epochs", "2", *every)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    part_root = ["--trainer.default_root_dir", str(tmp_path / "parts")]
+    first = train(*E2E, "--data.root", root, "--trainer.max_epochs", "2", "--trainer.max_steps", "8", *every,
+                  *part_root)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+    ckpt = torch.load(first.metrics["checkpoint"], weights_only=False)
+    assert ckpt["global_step"] == 8 and ckpt["epoch"] == 0  # inside the first epoch (12 steps)
+    rest = train(*E2E, "--data.root", root, "--trainer.max_epochs", "2", *every, *part_root, "--ckpt_path", "last")
+    assert rest.returncode == 0, rest.stderr[-2000:]
+    a, b = _weights(rest), _weights(whole)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), (k, float((a[k] - b[k]).abs().max()))

@@ -179,7 +179,7 @@ class ActivationLoader:
         batch_size: int,
         seed: int,
         epoch_fn: Callable[[], int],
-        step_fn: Callable[[], int] = lambda: 0,
+        step_fn: Callable[[], int] | None = None,
         chunk: int = 1,
         max_steps: int = -1,
         transform: Callable[[Tensor], Tensor] = lambda x: x,
@@ -205,6 +205,7 @@ class ActivationLoader:
         self.n_blocks = -(-rows.n // block_rows)
         self._resume: dict | None = None
         self._position = (0, 0)
+        self._epoch_start: tuple[int, int, int] | None = None
 
     def __len__(self) -> int:
         if self.chunk > 1:  # how many chunks an epoch has depends on the step it starts at
@@ -273,9 +274,11 @@ class ActivationLoader:
             rows = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
             return self.transform(self.shards.to_float32(rows, self.device))
 
+        first_step = self.step_fn() if self.step_fn is not None else 0
+        self._epoch_start = (epoch, start, first_step)
         try:
             position = start
-            for length in chunk_lengths(self.n_batches - start, self.step_fn(), self.chunk, self.max_steps):
+            for length in chunk_lengths(self.n_batches - start, first_step, self.chunk, self.max_steps):
                 chunk = [micro_batch(k) for k in range(position, position + length)]
                 position += length
                 self._position = (epoch, position)
@@ -285,7 +288,16 @@ class ActivationLoader:
                 pool.shutdown(wait=True, cancel_futures=True)
 
     def state_dict(self) -> dict:
-        return {"epoch": self._position[0], "batch": self._position[1]}
+        """The epoch and the batches of it already trained on.
+
+        With a step clock (the Trainer's global step) that is the steps taken since the epoch began: Lightning
+        fetches one chunk ahead of the step it runs, so the chunks handed out are one more than those trained on.
+        Without one, every chunk handed out counts as consumed.
+        """
+        if self.step_fn is None or self._epoch_start is None:
+            return {"epoch": self._position[0], "batch": self._position[1]}
+        epoch, start, first_step = self._epoch_start
+        return {"epoch": epoch, "batch": min(start + self.step_fn() - first_step, self.n_batches)}
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = dict(state)
@@ -441,8 +453,11 @@ class ActivationsDataModule(ComponentDataModule):
         rank, world = self.rank_world()
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         norm = Normalization(*(None if v is None else v.to(device) for v in self.normalization.state_dict().values()))
+        clock = self.loop_clock()
+        if self.trainer is None:  # no step clock: the state counts the chunks handed out
+            clock["step_fn"] = None
         return ActivationLoader(
             self.shards, self.rows["train"], self.batch_size, self.seed, chunk=self.chunk_steps(),
             transform=norm, rank=rank, world_size=world, drop_last=self.drop_last, block_rows=self.block_rows,
-            buffer_rows=self.buffer_rows, device=device, prefetch=self.prefetch, **self.loop_clock(),
+            buffer_rows=self.buffer_rows, device=device, prefetch=self.prefetch, **clock,
         )  # fmt: skip
