@@ -139,6 +139,7 @@ class ImplicitEMCLI(LightningCLI):
         parser.add_class_arguments(ReportConfig, "report")
         parser.link_arguments("data.dims", "model.init_args.in_features", apply_on="instantiate")
         parser.link_arguments("seed_everything", "model.init_args.seed", compute_fn=_seed)
+        parser.link_arguments("seed_everything", "data.init_args.shuffle_seed", compute_fn=_seed)
 
     # -- before anything is built ---------------------------------------------------------------------
     def before_instantiate_classes(self) -> None:
@@ -296,7 +297,7 @@ QUIET = (
 
 
 def _seed(seed_everything) -> int:
-    """The model's seed from ``--seed_everything`` (an integer, or true/false: 0)."""
+    """The model's seed and the data order from ``--seed_everything`` (an integer, or true/false: 0)."""
     return 0 if isinstance(seed_everything, bool) or seed_everything is None else int(seed_everything)
 
 

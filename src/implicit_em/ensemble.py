@@ -14,6 +14,7 @@ has stopped. The ensemble shows member 0 to callbacks (``ensemble(x)``, ``ensemb
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from implicit_em.errors import NonFiniteLossError, check
+from implicit_em.module import log_position
 
 #: the member classes an ensemble can hold, by the names used in configs
 MEMBER_CLASSES = {
@@ -76,31 +78,42 @@ class Ensemble(L.LightningModule):
 
     Args:
         members: one dict per member: the member's own settings (``seed``, ``lr``, ``lambda_tc``, ...),
-            overriding ``defaults``.
+            overriding ``defaults``; an optional ``name`` labels the member in results.
+        seeds: when given, every member once per seed (member-major order).
         member_class: ``implicit_em``, ``sae``, or a class path of a ComponentModule.
         defaults: settings every member shares (any argument of the member class).
         in_features: input dimension D (linked from the data).
         n_components: K of every member.
+        seed: the seed of members that name none (linked from ``--seed_everything``).
     """
 
     def __init__(
         self,
         members: list[dict[str, Any]],
+        seeds: list[int] | None = None,
         member_class: str = "implicit_em",
         defaults: dict[str, Any] | None = None,
         in_features: int = 64,
         n_components: int = 64,
+        seed: int = 0,
     ):
         super().__init__()
         check(len(members) >= 1, "model.members", "a list of at least one member dict", members)
         self.save_hyperparameters()
         self.automatic_optimization = False
+        specs = [{"seed": s, **m} for m in members for s in seeds] if seeds else [{"seed": seed, **m} for m in members]
+        self.names = [str(m.pop("name", f"m{i}")) for i, m in enumerate(specs)]
         cls = _member_class(member_class)
+        # each member in a fresh context: LightningCLI's context would hand every member the ensemble's
+        # hyperparameters when the member saves its own
         self.members = nn.ModuleList(
-            cls(in_features=in_features, n_components=n_components, **(defaults or {}), **m) for m in members
+            contextvars.Context().run(
+                cls, in_features=in_features, n_components=n_components, **{**(defaults or {}), **m}
+            )
+            for m in specs
         )
-        self.register_buffer("stopped_at", torch.zeros(len(members), dtype=torch.long))  # 0: still training
-        self.stop_reasons: list[str | None] = [None] * len(members)
+        self.register_buffer("stopped_at", torch.zeros(len(specs), dtype=torch.long))  # 0: still training
+        self.stop_reasons: list[str | None] = [None] * len(specs)
 
     @property
     def model(self) -> nn.Module:
@@ -117,8 +130,12 @@ class Ensemble(L.LightningModule):
         return [s for s in range(len(self.members)) if int(self.stopped_at[s]) == 0]
 
     def member_status(self, s: int) -> dict[str, Any]:
-        """``stopped_at_step`` (0: trained to the end) and ``stopped_because`` of member s."""
-        return {"stopped_at_step": int(self.stopped_at[s]), "stopped_because": self.stop_reasons[s]}
+        """Member s's ``name``, ``stopped_at_step`` (0: trained to the end) and ``stopped_because``."""
+        return {
+            "name": self.names[s],
+            "stopped_at_step": int(self.stopped_at[s]),
+            "stopped_because": self.stop_reasons[s],
+        }
 
     def on_train_start(self) -> None:
         x = self.trainer.datamodule.device_split("train").x
@@ -172,7 +189,7 @@ class Ensemble(L.LightningModule):
         self.stop_reasons = list(checkpoint.get("stop_reasons", self.stop_reasons))
 
     def on_train_epoch_end(self) -> None:
-        self.log("step", float(self.global_step))
+        log_position(self)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         for m in self.members:
@@ -182,4 +199,4 @@ class Ensemble(L.LightningModule):
         for s, m in enumerate(self.members):
             for name, value in m.diagnostic_values().items():
                 self.log(f"val/{name}/m{s}", value.float())
-        self.log("step", float(self.global_step))
+        log_position(self)

@@ -24,14 +24,18 @@ class ReportConfig:
         probe_method: ``sklearn`` (the paper's protocol) or ``torch`` (the fast full-batch solver).
         kmeans: also fit scikit-learn KMeans with the same K on the raw inputs, for comparison.
         reconstruction: also report reconstruction MSE (through W^T for the decoder-free model).
+        split: where the features are scored: ``test``, or ``val`` to choose settings without touching the
+            test split.
     """
 
     probe_method: str = "sklearn"
     kmeans: bool = True
     reconstruction: bool = False
+    split: str = "test"
 
     def __post_init__(self):
         check_choice(self.probe_method, "report.probe_method", PROBE_METHODS)
+        check_choice(self.split, "report.split", ("test", "val"))
 
 
 @torch.no_grad()
@@ -60,18 +64,19 @@ def reconstruction_errors(module, x: Tensor, f: Tensor) -> dict[str, float]:
 def evaluate(module, datamodule, config: ReportConfig | None = None) -> dict:
     """Every number of metrics.json for one model except timing and losses.
 
-    Diagnostics are over the test split; the probe is fit on train and scored on test; clustering assigns
-    each test input to its most responsible component. KMeans is skipped, with a note, when K exceeds the
-    training samples.
+    Diagnostics are over the test split (``config.split``); the probe is fit on train and scored there;
+    clustering assigns each input to its most responsible component. KMeans is skipped, with a note, when K
+    exceeds the training samples.
     """
     config = config or ReportConfig()
-    train, test = datamodule.splits["train"], datamodule.splits["test"]
+    train, test = datamodule.splits["train"], datamodule.splits[config.split]
     f_train, f_test = features(module, train.x), features(module, test.x)
     z_test = features(module, test.x, module.model.pre_activation)
     k = f_test.shape[-1]
     row = {
         "probe_accuracy": linear_probe(f_train.cpu(), train.y, f_test.cpu(), test.y, config.probe_method),
         "probe_method": config.probe_method,
+        "scored_on": config.split,
         **clustering_scores(responsibility_assignments(f_test, z_test).cpu(), test.y),
         **{name: _number(v) for name, v in component_diagnostics(f_test, module.model.component_weights()).items()
            if name != "usage"},

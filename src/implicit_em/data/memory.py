@@ -139,7 +139,8 @@ class ComponentDataModule(L.LightningDataModule):
 
     Args:
         batch_size: the global batch size (divided across DDP ranks).
-        seed: fixes the splits and the data order.
+        seed: fixes the splits.
+        shuffle_seed: fixes the data order (linked from ``--seed_everything``).
         eval_batch_size: batch size of the validation pass (metrics are exact over the split regardless).
         steps_per_call: the most optimiser steps per Lightning batch (speed only; step settings stay exact).
         drop_last: drop each epoch's last, partial batch.
@@ -149,13 +150,20 @@ class ComponentDataModule(L.LightningDataModule):
     image_shape: tuple[int, ...] = ()
     name = "data"
 
-    def __init__(self, batch_size: int, seed: int, eval_batch_size: int, steps_per_call: int, drop_last: bool):
+    def __init__(
+        self, batch_size: int, seed: int, eval_batch_size: int, steps_per_call: int, drop_last: bool, shuffle_seed: int
+    ):
         super().__init__()
         check(isinstance(batch_size, int) and batch_size >= 2, "data.batch_size",
               "an integer >= 2 (the variance term needs 2 samples)", batch_size)  # fmt: skip
         check(eval_batch_size >= 1, "data.eval_batch_size", ">= 1", eval_batch_size)
         check(steps_per_call >= 1, "data.steps_per_call", ">= 1", steps_per_call)
-        self.batch_size, self.seed, self.eval_batch_size = batch_size, seed, eval_batch_size
+        self.batch_size, self.seed, self.shuffle_seed, self.eval_batch_size = (
+            batch_size,
+            seed,
+            shuffle_seed,
+            eval_batch_size,
+        )
         self.steps_per_call, self.drop_last = steps_per_call, drop_last
         self.splits: dict[str, Split] = {}
         self.normalization = Normalization()
@@ -225,10 +233,11 @@ class InMemoryDataModule(ComponentDataModule):
         seed: int = 0,
         normalization: str = "none",
         eval_batch_size: int = 4096,
-        steps_per_call: int = 10,
+        steps_per_call: int = 50,
         drop_last: bool = False,
+        shuffle_seed: int = 0,
     ):
-        super().__init__(batch_size, seed, eval_batch_size, steps_per_call, drop_last)
+        super().__init__(batch_size, seed, eval_batch_size, steps_per_call, drop_last, shuffle_seed)
         check(0 < val_fraction < 1, "data.val_fraction", "in (0, 1)", val_fraction)
         check(0 < test_fraction < 1, "data.test_fraction", "in (0, 1)", test_fraction)
         check_choice(normalization, "data.normalization", NORMALIZATIONS)
@@ -271,7 +280,7 @@ class InMemoryDataModule(ComponentDataModule):
     def train_dataloader(self) -> InMemoryLoader:
         rank, world = self.rank_world()
         return InMemoryLoader(
-            self.device_split("train").x, self.batch_size, self.seed, chunk=self.chunk_steps(),
+            self.device_split("train").x, self.batch_size, self.shuffle_seed, chunk=self.chunk_steps(),
             rank=rank, world_size=world, drop_last=self.drop_last, **self.loop_clock(),
         )  # fmt: skip
 
