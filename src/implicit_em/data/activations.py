@@ -7,7 +7,7 @@ per row), ``doc_ids.npy`` (the document of each row), ``label_names.json`` and `
 - **Splits.** Validation and test rows are held out by document when ``doc_ids.npy`` exists (no document in two
   splits), else as runs of ``block_rows`` consecutive rows; both fixed by ``seed``.
 - **Training order.** The training rows are cut into blocks of ``block_rows``; each epoch permutes the blocks
-  (fixed by seed and epoch), reads them a window of ``buffer_rows`` at a time, permutes the rows inside the
+  (fixed by shuffle_seed and epoch), reads them a window of ``buffer_rows`` at a time, permutes the rows inside the
   window and serves consecutive global batches. Every training row comes once per epoch; batches mix rows of
   many blocks and shards. Only this rank's part of each batch becomes float32. While one window is served the
   next is read in a background thread, so at most two windows are resident.
@@ -317,7 +317,8 @@ class ActivationsDataModule(ComponentDataModule):
         eval_train_rows, eval_val_rows, eval_test_rows: sizes of the in-memory evaluation samples (the final
             probe fits on the train sample and scores on the test sample; normalisation fits on the train sample).
         prefetch: read the next window in a background thread.
-        (batch_size, seed, eval_batch_size, steps_per_call, drop_last: see :class:`ComponentDataModule`)
+        (batch_size, seed (splits and evaluation samples), shuffle_seed (the data order), eval_batch_size,
+        steps_per_call, drop_last: see :class:`ComponentDataModule`)
     """
 
     name = "activations"
@@ -332,8 +333,9 @@ class ActivationsDataModule(ComponentDataModule):
         seed: int = 0,
         normalization: str = "center+scale",
         eval_batch_size: int = 4096,
-        steps_per_call: int = 10,
+        steps_per_call: int = 50,
         drop_last: bool = False,
+        shuffle_seed: int = 0,
         block_rows: int = 4096,
         buffer_rows: int = 262_144,
         eval_train_rows: int = 100_000,
@@ -341,7 +343,7 @@ class ActivationsDataModule(ComponentDataModule):
         eval_test_rows: int = 20_000,
         prefetch: bool = True,
     ):
-        super().__init__(batch_size, seed, eval_batch_size, steps_per_call, drop_last)
+        super().__init__(batch_size, seed, eval_batch_size, steps_per_call, drop_last, shuffle_seed)
         check(0 < val_fraction < 1, "data.val_fraction", "in (0, 1)", val_fraction)
         check(0 < test_fraction < 1, "data.test_fraction", "in (0, 1)", test_fraction)
         check(val_fraction + test_fraction < 1, "data.val_fraction + data.test_fraction", "< 1",
@@ -457,7 +459,7 @@ class ActivationsDataModule(ComponentDataModule):
         if self.trainer is None:  # no step clock: the state counts the chunks handed out
             clock["step_fn"] = None
         return ActivationLoader(
-            self.shards, self.rows["train"], self.batch_size, self.seed, chunk=self.chunk_steps(),
+            self.shards, self.rows["train"], self.batch_size, self.shuffle_seed, chunk=self.chunk_steps(),
             transform=norm, rank=rank, world_size=world, drop_last=self.drop_last, block_rows=self.block_rows,
             buffer_rows=self.buffer_rows, device=device, prefetch=self.prefetch, **clock,
         )  # fmt: skip
