@@ -22,8 +22,9 @@ DEFAULTS = {"data": "digits", "epochs": 100, "seeds": [1, 2, 3]}
 
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
-        sys.stderr.write(f"error: {message} (see --help)\n")
-        sys.exit(2)
+        from implicit_em.errors import exit_with_argument_error
+
+        exit_with_argument_error(message)
 
 
 def parser() -> argparse.ArgumentParser:

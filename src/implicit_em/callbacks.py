@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
 from implicit_em.figures import save_feature_grid
-from implicit_em.objective import lse_loss_autograd, responsibilities
+from implicit_em.objective import autograd_lse_gradient, responsibilities
 from implicit_em.probe import torch_probe
 
 
@@ -136,10 +136,8 @@ class IdentityCheck(L.Callback):
         x = trainer.datamodule.device_split("val").x[: self.n_samples]
         with torch.no_grad():
             d = pl_module(x).double()
-        with torch.enable_grad(), torch.autocast(d.device.type, enabled=False):
-            d.requires_grad_(True)
-            (grad,) = torch.autograd.grad(lse_loss_autograd(d), d)
-        pl_module.log("val/identity_max_error", (grad - responsibilities(d)).abs().max().float(), sync_dist=True)
+        error = (autograd_lse_gradient(d) - responsibilities(d)).abs().max()
+        pl_module.log("val/identity_max_error", error.float(), sync_dist=True)
 
 
 class UsageHistogram(L.Callback):

@@ -28,7 +28,7 @@ from implicit_em.callbacks import (
 )
 from implicit_em.checkpoints import find_last_checkpoint, load_checkpoint
 from implicit_em.data.memory import ComponentDataModule
-from implicit_em.errors import ConfigError, report_user_error
+from implicit_em.errors import ConfigError, exit_with_argument_error, report_user_error
 from implicit_em.loggers import WandbLogger
 from implicit_em.report import ReportConfig, evaluate_run, write_metrics
 from implicit_em.runtime import training_process
@@ -82,9 +82,7 @@ class OneLineParser(LightningArgumentParser):
     """Argument errors as a single line on stderr, exit code 2 (no usage dump, no traceback)."""
 
     def error(self, message: str, ex: Exception | None = None):
-        text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
-        sys.stderr.write(f"error: {text} (see --help)\n")
-        sys.exit(2)
+        exit_with_argument_error(message)
 
 
 def _loggers(trainer_cfg: Namespace) -> list[Namespace]:

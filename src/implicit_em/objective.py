@@ -65,6 +65,15 @@ def lse_loss_autograd(d: Tensor) -> Tensor:
     return -torch.logsumexp(-_wide(d), dim=-1).sum(dim=-1)
 
 
+def autograd_lse_gradient(d: Tensor) -> Tensor:
+    """dL_LSE/dd by autograd of the textbook formula :func:`lse_loss_autograd`, in float64 and outside any
+    autocast: what the identity checks compare with the responsibilities r = softmax(-d)."""
+    d = d.detach().double().requires_grad_(True)
+    with torch.enable_grad(), torch.autocast(d.device.type, enabled=False):
+        (grad,) = torch.autograd.grad(lse_loss_autograd(d), d)
+    return grad
+
+
 def centred_and_variance(d: Tensor) -> tuple[Tensor, Tensor]:
     """The batch statistics both InfoMax terms use: c_ij = d_ij - mean_i d_ij and the unbiased
     Var(d_j) = sum_i c_ij^2 / (N - 1)."""

@@ -15,7 +15,7 @@ from torch import Tensor
 from implicit_em.experiments.plots import plot_bars, plot_identity, plot_loss_curves, side_by_side
 from implicit_em.experiments.runs import Runs, Settings, loss_curves, with_names
 from implicit_em.experiments.tables import markdown_table, summarize, write_results
-from implicit_em.objective import lse_loss_autograd, responsibilities
+from implicit_em.objective import autograd_lse_gradient, responsibilities
 
 #: the theorem's random distances: N samples x K components
 THEOREM_SHAPE = (64, 128)
@@ -51,9 +51,8 @@ def identity_errors(d: Tensor) -> dict[str, Any]:
     """The paper's theorem on distances ``d`` (N x K): dL_LSE/dd_ij = r_ij. Gradient by autograd of the
     textbook formula (not the project's own E-step backward), responsibilities by softmax(-d); their max
     and mean absolute difference and Pearson correlation."""
-    d = d.detach().clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(lse_loss_autograd(d), d)
-    r = responsibilities(d).detach()
+    grad = autograd_lse_gradient(d).to(d.dtype)
+    r = responsibilities(d.detach())
     err = (grad - r).abs()
     g, q = grad.flatten().double(), r.flatten().double()
     corr = float(torch.corrcoef(torch.stack([g, q]))[0, 1])
