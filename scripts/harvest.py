@@ -12,13 +12,12 @@ harvest. Prints the output directory as the last stdout line.
 import argparse
 import sys
 
-from implicit_em.errors import report_user_error
+from implicit_em.errors import exit_with_argument_error, report_user_error
 
 
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
-        sys.stderr.write(f"error: {message} (see --help)\n")
-        sys.exit(2)
+        exit_with_argument_error(message)
 
 
 def main() -> int:
