@@ -76,7 +76,7 @@ def harvested(tmp_path_factory):
     model = minilm()
     files = fortunes("computers", "people")
     out = tmp_path_factory.mktemp("harvest") / "out"
-    manifest = hv.harvest(model, 3, files, out, separator="%", max_tokens=1500, shard_rows=300, batch_size=4)
+    manifest = hv.harvest(model, 3, files, out, separator="%", max_tokens=1500, shard_rows=300, batch_size=1)
     return model, files, out, manifest
 
 
@@ -124,7 +124,7 @@ def test_the_harvest_trains_through_the_datamodule_split_by_document(harvested):
 
 def test_a_complete_harvest_is_not_redone(harvested):
     model, files, out, manifest = harvested
-    again = hv.harvest(model, 3, files, out, separator="%", max_tokens=1500, shard_rows=300, batch_size=4)
+    again = hv.harvest(model, 3, files, out, separator="%", max_tokens=1500, shard_rows=300, batch_size=1)
     assert again == manifest
 
 
@@ -141,7 +141,7 @@ def test_an_interrupted_harvest_resumes_after_its_last_shard(harvested, tmp_path
 
     monkeypatch.setattr(hv, "_write_rows", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        hv.harvest(model, 3, files, out, separator="%", max_tokens=1500, shard_rows=300, batch_size=4)
+        hv.harvest(model, 3, files, out, separator="%", max_tokens=1500, shard_rows=300, batch_size=1)
     partial = json.loads((out / "manifest.json").read_text())
     assert not partial["complete"] and len(partial["shards"]) == 2 and not (out / "labels.npy").exists()
     monkeypatch.setattr(hv, "_write_rows", write_rows)
@@ -149,7 +149,7 @@ def test_an_interrupted_harvest_resumes_after_its_last_shard(harvested, tmp_path
     monkeypatch.setattr(
         hv, "hidden_rows", lambda net, batch, *a: computed.append(len(batch)) or hidden_rows(net, batch, *a)
     )
-    resumed = hv.harvest(model, 3, files, out, separator="%", max_tokens=1500, shard_rows=300, batch_size=4)
+    resumed = hv.harvest(model, 3, files, out, separator="%", max_tokens=1500, shard_rows=300, batch_size=1)
     assert sum(computed) == manifest["windows"] - partial["windows"]  # only what was not written before
     assert {k: v for k, v in resumed.items() if k != "seconds"} == {k: v for k, v in manifest.items() if k != "seconds"}
     for name in [s["file"] for s in manifest["shards"]] + ["labels.npy", "doc_ids.npy", "label_names.json"]:

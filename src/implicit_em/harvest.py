@@ -15,7 +15,8 @@ The output directory (read by :class:`~implicit_em.data.activations.ActivationsD
 (one per row), ``label_names.json`` (the files' names) and ``manifest.json`` (model, layer, d_model, dtype,
 tokens, documents, shards, settings). Memory stays bounded: text is read line by line (a long document in
 pieces of at most :data:`PIECE_CHARS` characters) and rows are held only until a shard of ``shard_rows`` is
-written. Every file is written atomically; the manifest records each finished shard, so a harvest that is
+written. Windows go through the model in batches of similar lengths (sorted within groups of
+:data:`GROUP_BATCHES` batches) and are written in document order. Every file is written atomically; the manifest records each finished shard, so a harvest that is
 interrupted resumes after its last shard when run again with the same settings.
 """
 
@@ -38,6 +39,8 @@ from implicit_em.files import atomic_write
 
 #: a document longer than this many characters is tokenised in pieces cut at line ends
 PIECE_CHARS = 100_000
+#: windows are sorted by length within groups of this many batches, so a batch pads little
+GROUP_BATCHES = 16
 DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 INSTALL = 'pip install -e ".[activations]"'
 MANIFEST = "manifest.json"
@@ -314,9 +317,17 @@ def harvest(
         log(f"{name}: {len(x)} rows ({manifest['tokens']} tokens, {manifest['seconds']:.1f} s)")
         rows, labels, docs, n_rows = [], [], [], 0
 
-    def run(batch: list[Window]) -> None:
+    def run(group: list[Window]) -> None:
+        """The rows of a group of windows, in window order; computed in batches of similar lengths (less padding)."""
         nonlocal n_rows, max_doc
-        h = hidden_rows(net, batch, frame, pad_id, layer, model, device).to("cpu", DTYPES[dtype])
+        order = sorted(range(len(group)), key=lambda i: len(group[i].ids))
+        per_window: list[torch.Tensor | None] = [None] * len(group)
+        for b in range(0, len(order), batch_size):
+            idx = order[b : b + batch_size]
+            h = hidden_rows(net, [group[i] for i in idx], frame, pad_id, layer, model, device)
+            for i, part in zip(idx, h.to("cpu", DTYPES[dtype]).split([len(group[i].ids) for i in idx])):
+                per_window[i] = part
+        h, batch = torch.cat(per_window), group
         if not torch.isfinite(h).all():
             raise DataError(
                 f"layer {layer} of {model} has values beyond {dtype}'s range or not finite; pass --dtype float32 "
@@ -331,19 +342,19 @@ def harvest(
     def tokenize(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
-    batch: list[Window] = []
+    group: list[Window] = []
     for window in token_windows(tokenize, texts, separator, width, max_tokens):
         n_windows += 1
         if n_windows <= done_windows:  # written before an interruption
             continue
-        batch.append(window)
-        if len(batch) == batch_size:
-            run(batch)
-            batch = []
+        group.append(window)
+        if len(group) == GROUP_BATCHES * batch_size:
+            run(group)
+            group = []
             if n_rows >= shard_rows:
                 flush()
-    if batch:
-        run(batch)
+    if group:
+        run(group)
     if rows:
         flush()
     if not manifest["shards"]:

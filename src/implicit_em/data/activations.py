@@ -13,7 +13,7 @@ per row), ``doc_ids.npy`` (the document of each row), ``label_names.json`` and `
   next is read in a background thread, so at most two windows are resident.
 - **Evaluation.** ``splits`` holds bounded random samples (``eval_train_rows``, ``eval_val_rows``,
   ``eval_test_rows``) read at setup, drawn as runs of 64 consecutive rows.
-- **Normalisation** is fitted on the training sample and kept in :meth:`state_dict`, so a checkpoint carries
+- **Normalisation** is fitted on (a subset of) the training sample and kept in :meth:`state_dict`, so a checkpoint carries
   it (Lightning stores a DataModule's state) and a resumed or evaluated run uses the same transform.
 """
 
@@ -38,6 +38,10 @@ from implicit_em.errors import ConfigError, DataError, check, check_choice
 EVAL_RUN_ROWS = 64
 #: without doc_ids, held-out runs are at most block_rows long, and at least this many runs split the data
 MIN_SPLIT_UNITS = 64
+#: evaluation samples are read, widened to float32 and normalised this many rows at a time
+READ_ROWS = 16_384
+#: the normalisation is fitted on at most this many values (rows x d_model) of the training sample
+FIT_VALUES = 1 << 24
 # tags that keep the random streams of one seed apart
 _SPLIT, _ORDER, _SAMPLE = 0, 1, 2
 
@@ -317,8 +321,10 @@ class ActivationsDataModule(ComponentDataModule):
         eval_train_rows, eval_val_rows, eval_test_rows: sizes of the in-memory evaluation samples (the final
             probe fits on the train sample and scores on the test sample; normalisation fits on the train sample).
         prefetch: read the next window in a background thread.
+        steps_per_call: as for every source, but 10 by default: a chunk holds its micro-batches as float32
+            (steps x batch_size x d_model x 4 bytes) and Lightning holds the next chunk too.
         (batch_size, seed (splits and evaluation samples), shuffle_seed (the data order), eval_batch_size,
-        steps_per_call, drop_last: see :class:`ComponentDataModule`)
+        drop_last: see :class:`ComponentDataModule`)
     """
 
     name = "activations"
@@ -333,7 +339,7 @@ class ActivationsDataModule(ComponentDataModule):
         seed: int = 0,
         normalization: str = "center+scale",
         eval_batch_size: int = 4096,
-        steps_per_call: int = 50,
+        steps_per_call: int = 10,
         drop_last: bool = False,
         shuffle_seed: int = 0,
         block_rows: int = 4096,
@@ -412,30 +418,56 @@ class ActivationsDataModule(ComponentDataModule):
                 f"data.batch_size {self.batch_size} exceeds the {self.rows['train'].n} training rows of {root}; "
                 "lower --data.batch_size"
             )
-        raw, targets = {}, {}
         for i, name in enumerate(("train", "val", "test")):
             rng = np.random.default_rng([self.seed, _SAMPLE, i])
             ranges = self._sample_ranges[name] = self.rows[name].sample(self.eval_rows[name], rng)
-            raw[name] = self._read_sample(name)
-            y = labels.read_ranges(ranges) if labels is not None else np.full(len(raw[name]), -1, dtype=np.int64)
-            groups = docs.read_ranges(ranges) if docs is not None else None
-            targets[name] = (torch.from_numpy(y), None if groups is None else torch.from_numpy(groups))
-        self.normalization = Normalization.fit(raw["train"], self.normalization_kind)
-        self.splits = {name: Split(self.normalization(x), *targets[name]) for name, x in raw.items()}
+            x = self._read_sample(name)
+            if name == "train":
+                self.normalization = Normalization.fit(self._fit_rows(x), self.normalization_kind)
+            y = labels.read_ranges(ranges) if labels is not None else np.full(len(x), -1, dtype=np.int64)
+            groups = torch.from_numpy(docs.read_ranges(ranges)) if docs is not None else None
+            self.splits[name] = Split(self._normalize_(x), torch.from_numpy(y), groups)
         self._device_splits = {}
 
+    def _normalize_(self, x: Tensor) -> Tensor:
+        """Normalise ``x`` in place, a block of rows at a time."""
+        for block in x.split(READ_ROWS):
+            block.copy_(self.normalization(block))
+        return x
+
+    def _fit_rows(self, x: Tensor) -> Tensor:
+        """The rows of the training sample the normalisation is fitted on: a random subset of at most
+        :data:`FIT_VALUES` values (and at least 4 D rows), since the fit holds float64 copies of them."""
+        n = min(len(x), max(FIT_VALUES // x.shape[1], 4 * x.shape[1]))
+        if n == len(x):
+            return x
+        keep = np.sort(np.random.default_rng([self.seed, _SAMPLE, 3]).choice(len(x), size=n, replace=False))
+        return x[torch.from_numpy(keep)]
+
     def _read_sample(self, name: str) -> Tensor:
-        """The rows of evaluation sample ``name`` as float32, checked to be finite."""
-        ranges = self._sample_ranges[name]
-        x = self.shards.to_float32(self.shards.read_ranges(ranges, self.shards.empty(sum(b - a for a, b in ranges))))
-        bad = ~torch.isfinite(x).all(dim=1)
-        if bad.any():
-            i = int(bad.nonzero()[0])
-            for lo, hi in ranges:
-                if i < hi - lo:
-                    shard, local = self.shards.shard_of(lo + i)
-                    raise DataError(f"{shard.path}: row {local} has non-finite values (NaN or inf); fix the shard")
-                i -= hi - lo
+        """The rows of evaluation sample ``name`` as float32 (read and widened a block at a time), checked to be
+        finite."""
+        pieces = [
+            (lo, min(lo + READ_ROWS, hi)) for a, hi in self._sample_ranges[name] for lo in range(a, hi, READ_ROWS)
+        ]
+        x = torch.empty(sum(hi - lo for lo, hi in pieces), self.shards.width)
+        at, p = 0, 0
+        while p < len(pieces):
+            group, size = [], 0
+            while p < len(pieces) and size + pieces[p][1] - pieces[p][0] <= READ_ROWS:
+                group.append(pieces[p])
+                size, p = size + pieces[p][1] - pieces[p][0], p + 1
+            block = x[at : at + size]
+            block.copy_(self.shards.to_float32(self.shards.read_ranges(group, self.shards.empty(size))))
+            bad = ~torch.isfinite(block.sum(dim=1, dtype=torch.float64))  # NaN and inf survive a sum; no N x D mask
+            if bad.any():
+                i = int(bad.nonzero()[0])
+                for lo, hi in group:
+                    if i < hi - lo:
+                        shard, local = self.shards.shard_of(lo + i)
+                        raise DataError(f"{shard.path}: row {local} has non-finite values (NaN or inf); fix the shard")
+                    i -= hi - lo
+            at += size
         return x
 
     def load_state_dict(self, state: dict) -> None:
@@ -447,7 +479,7 @@ class ActivationsDataModule(ComponentDataModule):
                    for a, b in zip(before.values(), after.values()))  # fmt: skip
         if self.splits and not same:
             for name, s in self.splits.items():
-                self.splits[name] = Split(self.normalization(self._read_sample(name)), s.y, s.groups)
+                self.splits[name] = Split(self._normalize_(self._read_sample(name)), s.y, s.groups)
             self._device_splits = {}
 
     # -- loaders ----------------------------------------------------------------------------------------
