@@ -88,7 +88,7 @@ def test_minilm_layer_3_over_fortunes_writes_shards_labels_and_a_manifest(harves
     assert json.loads((out / "label_names.json").read_text()) == ["computers", "people"]
     shards = ShardSet(out)
     assert shards.n_rows == 1500 and shards.width == 384 and shards.dtype == np.float16
-    assert [s.path.name for s in shards.shards] == [s["file"] for s in manifest["shards"]] and len(shards.shards) > 2
+    assert [s.path.name for s in shards.shards] == [s["file"] for s in manifest["shards"]] and len(shards.shards) >= 2
     labels, docs = np.load(out / "labels.npy"), np.load(out / "doc_ids.npy")
     assert len(labels) == len(docs) == 1500 and abs(np.bincount(labels)[0] - 750) < 100  # the files share
     assert docs.max() + 1 == manifest["documents"]
@@ -134,8 +134,8 @@ def test_an_interrupted_harvest_resumes_after_its_last_shard(harvested, tmp_path
     write_rows, calls = hv._write_rows, []
 
     def interrupted(path, rows):
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # the third shard is never written
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # the second shard is never written
         calls.append(path)
         write_rows(path, rows)
 
@@ -143,7 +143,7 @@ def test_an_interrupted_harvest_resumes_after_its_last_shard(harvested, tmp_path
     with pytest.raises(KeyboardInterrupt):
         hv.harvest(model, 3, files, out, separator="%", max_tokens=1500, shard_rows=300, batch_size=1)
     partial = json.loads((out / "manifest.json").read_text())
-    assert not partial["complete"] and len(partial["shards"]) == 2 and not (out / "labels.npy").exists()
+    assert not partial["complete"] and len(partial["shards"]) == 1 and not (out / "labels.npy").exists()
     monkeypatch.setattr(hv, "_write_rows", write_rows)
     computed, hidden_rows = [], hv.hidden_rows
     monkeypatch.setattr(
