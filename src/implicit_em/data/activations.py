@@ -191,7 +191,7 @@ class ActivationLoader:
         world_size: int = 1,
         drop_last: bool = False,
         block_rows: int = 4096,
-        buffer_rows: int = 262_144,
+        buffer_rows: int = 131_072,
         device: torch.device | str | None = None,
         prefetch: bool = True,
     ):
@@ -343,7 +343,7 @@ class ActivationsDataModule(ComponentDataModule):
         drop_last: bool = False,
         shuffle_seed: int = 0,
         block_rows: int = 4096,
-        buffer_rows: int = 262_144,
+        buffer_rows: int = 131_072,
         eval_train_rows: int = 100_000,
         eval_val_rows: int = 20_000,
         eval_test_rows: int = 20_000,
