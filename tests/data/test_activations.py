@@ -238,6 +238,14 @@ def test_ranks_read_disjoint_parts_of_each_global_batch(root, world):
         assert max(len(p[k]) for p in parts) - min(len(p[k]) for p in parts) <= 1  # as Tensor.tensor_split
 
 
+def test_a_rank_may_get_no_row_of_a_small_last_batch(root):
+    dm = module(root)
+    n = dm.rows["train"].n
+    parts = [ids(loader(dm, batch_size=n - 2, buffer_rows=2048, rank=r, world_size=4)) for r in range(4)]
+    assert [len(p[-1]) for p in parts] == [1, 1, 0, 0]  # the last batch has 2 rows
+    assert np.array_equal(np.sort(np.concatenate([b for p in parts for b in p])), train_rows(dm))
+
+
 def test_the_last_partial_batch_follows_the_in_memory_rules(root):
     dm = module(root)
     n = dm.rows["train"].n

@@ -275,7 +275,7 @@ class ActivationLoader:
                 hi = min(p1, int(bounds[w + 1]))
                 pieces.append(raw[perm[pos - bounds[w] : hi - bounds[w]]])
                 pos = hi
-            rows = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+            rows = pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else self.shards.empty(0)
             return self.transform(self.shards.to_float32(rows, self.device))
 
         first_step = self.step_fn() if self.step_fn is not None else 0
