@@ -157,6 +157,21 @@ def test_an_interrupted_harvest_resumes_after_its_last_shard(harvested, tmp_path
         assert a == b if not name.startswith("shard") else np.array_equal(np.load(whole / name), np.load(out / name))
 
 
+def test_a_harvest_interrupted_before_its_first_shard_starts_over(harvested, tmp_path, monkeypatch):
+    model, files, whole, manifest = harvested
+
+    def interrupted(path, rows):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(hv, "_write_rows", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            hv.harvest(model, 3, files, tmp_path / "o", separator="%", max_tokens=1500, shard_rows=300, batch_size=1)
+    assert not (tmp_path / "o" / "manifest.json").exists()
+    again = hv.harvest(model, 3, files, tmp_path / "o", separator="%", max_tokens=1500, shard_rows=300, batch_size=1)
+    assert again["complete"] and again["shards"] == manifest["shards"]
+
+
 def test_bfloat16_harvests_write_safetensors_shards(tmp_path):
     model, files = minilm(), fortunes("science")
     m = hv.harvest(model, 0, files, tmp_path / "o", separator="%", max_tokens=200, dtype="bfloat16")

@@ -215,7 +215,7 @@ def _prepare_out(out: Path, settings: dict) -> dict | None:
     Files the manifest does not list (a shard written just before an interruption) are removed."""
     path = out / MANIFEST
     if not path.is_file():
-        if out.is_dir() and any(out.iterdir()):
+        if out.is_dir() and any(p.name != PARTS for p in out.iterdir()):  # PARTS alone: stopped before shard 0
             raise ConfigError(f"{out} is not empty and holds no {MANIFEST} of a harvest; pass a new or empty --out")
         return None
     try:
