@@ -43,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds: init and data order (default: 1 2 3)")
     p.add_argument("--out", type=Path, default=REPO / "results", help="results folder (default: results/)")
     p.add_argument("--components", type=int, default=64, help="K (default: 64)")
-    p.add_argument("--batch-size", type=int, default=128, help="(default: 128)")
+    p.add_argument("--batch-size", type=int, default=None, help="(default: the data config's, 128 for images)")
     p.add_argument(
         "--probe-method",
         choices=["sklearn", "torch"],
@@ -68,7 +68,7 @@ def settings(argv: list[str]):
         p.error(f"argument --seeds: must be distinct (got {' '.join(map(str, seeds))})")
     if a.components < 2:
         p.error(f"argument --components: must be >= 2 (got {a.components})")
-    if a.batch_size < 2:
+    if a.batch_size is not None and a.batch_size < 2:
         p.error(f"argument --batch-size: must be >= 2 (got {a.batch_size})")
     if not (REPO / "configs" / "data" / f"{data}.yaml").is_file():
         p.error(f"argument --data: configs/data/{data}.yaml does not exist")

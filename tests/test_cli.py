@@ -70,6 +70,7 @@ def test_help_documents_options():
         (["--model.no_such_key", "3"], "no_such_key"),
         (["--trainer.devices", "3", "--trainer.accelerator", "cpu"], "data.batch_size"),
         (["--report.probe_method", "svm"], "report.probe_method"),
+        (["--model.members", '[{"seed": 1}]'], "members"),  # members belong to implicit_em.ensemble.Ensemble
     ],
 )
 def test_invalid_settings_fail_fast_with_one_line(train, args, key):
@@ -101,3 +102,15 @@ def test_bf16_mixed_precision_trains_with_a_float32_objective(train):
     assert run.returncode == 0, run.stderr[-2000:]
     m = run.metrics
     assert math.isfinite(m["final_loss"]) and m["probe_accuracy"] > 0.5
+
+
+def test_more_components_than_training_samples_skips_kmeans_with_a_note(train):
+    # test_fraction 0.9 leaves 180 of digits' 1,797 samples, 162 of them for training (val_fraction 0.1)
+    run = train("--trainer.max_epochs", "1", "--data.test_fraction", "0.9", "--model.n_components", "200",
+                "--report.probe_method", "torch")  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    m = run.metrics
+    assert m["n_train"] == 162 and m["n_components"] == 200
+    assert m["kmeans_skipped"] == "K = 200 exceeds the 162 training samples"
+    assert "kmeans_nmi" not in m and "kmeans_cluster_accuracy" not in m
+    assert 0 <= m["probe_accuracy"] <= 1 and "nmi" in m  # the rest of the evaluation is there

@@ -1,24 +1,28 @@
-"""Multi-process training optimises exactly the single-process objective on the global batch.
+"""Multi-process training optimises exactly the single-process objective on the global batch, under default
+settings (the last, partial batch kept and split unevenly across ranks).
 
-Runs real 2-process CPU DDP (gloo): the gradient check spawns processes with torch.multiprocessing and
-averages the gradients over ranks as DDP does; the training checks launch scripts/train.py with
-configs/trainer/ddp_cpu.yaml (Lightning's DDP) as users do.
+Runs real CPU DDP (gloo): the gradient check spawns processes with torch.multiprocessing and averages the
+gradients over ranks as DDP does; the training checks launch scripts/train.py as users do, with
+configs/trainer/ddp_cpu.yaml (2 processes) and as 2 nodes of one process each (MASTER_ADDR, NODE_RANK, ...).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from implicit_em.checkpoints import load_checkpoint
 from implicit_em.module import ImplicitEM
+from tests.conftest import REPO, TRAIN, Run, run_script
 
-WORLD = 2
-N, D, K = 24, 10, 6
+D, K = 10, 6
 
 
 def _free_port() -> int:
@@ -34,79 +38,135 @@ def _module() -> ImplicitEM:
     ).double()
 
 
-def _batch() -> torch.Tensor:
-    return torch.rand(N, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+def _batch(n: int) -> torch.Tensor:
+    return torch.rand(n, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
 
-def _ddp_gradient_worker(rank: int, port: int, out: str) -> None:
+def _ddp_gradient_worker(rank: int, world: int, sizes: list[int], port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         module = _module()
-        shard = _batch().chunk(WORLD)[rank]  # rank r holds the r-th contiguous part of the global batch
-        module.objective(shard)["loss"].sum().backward()
+        shard = _batch(sum(sizes)).split(sizes)[rank]  # rank r holds the r-th contiguous part of the global batch
+        terms = module.objective(shard)
+        terms["loss"].backward()
         for p in module.parameters():  # what DDP does to gradients: average them over the ranks
             dist.all_reduce(p.grad)
-            p.grad /= WORLD
-        if rank == 0:
-            torch.save({n: p.grad.clone() for n, p in module.named_parameters()}, out)
+            p.grad /= world
+        torch.save(
+            {"grads": {n: p.grad.clone() for n, p in module.named_parameters()},
+             "terms": {n: v.detach() for n, v in terms.items()}},
+            f"{out}.{rank}",
+        )  # fmt: skip
         dist.barrier()  # no rank tears down while another still communicates
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_gradient_equals_single_process_gradient_on_the_concatenated_batch(tmp_path):
-    out = str(tmp_path / "grads.pt")
-    mp.spawn(_ddp_gradient_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
-    ddp = torch.load(out)
-
-    module = _module()
-    module.objective(_batch())["loss"].sum().backward()
-    for name, p in module.named_parameters():
-        rel = (ddp[name] - p.grad).norm() / p.grad.norm()
-        assert rel <= 1e-6, (name, float(rel))
+@pytest.mark.parametrize(
+    "sizes",
+    [[15, 9], [2, 1, 0]],  # uneven, and a rank with no rows (a last batch of 3 over 3 ranks)
+    ids=["15+9", "2+1+0"],
+)
+def test_ddp_value_and_gradient_equal_the_single_process_ones_with_uneven_shards(tmp_path, sizes):
+    world, out = len(sizes), str(tmp_path / "ddp")
+    mp.spawn(_ddp_gradient_worker, args=(world, sizes, _free_port(), out), nprocs=world, join=True)
+    single = _module()
+    terms = single.objective(_batch(sum(sizes)))
+    terms["loss"].backward()
+    for rank in range(world):
+        got = torch.load(f"{out}.{rank}")
+        for name, value in terms.items():  # every rank evaluates the global objective
+            assert torch.allclose(got["terms"][name], value.detach(), rtol=1e-12, atol=1e-12), (rank, name)
+        for name, p in single.named_parameters():
+            rel = (got["grads"][name] - p.grad).norm() / p.grad.norm()
+            assert rel <= 1e-12, (rank, name, float(rel))
     # and the per-shard objective (what plain DDP would optimise) is measurably different
-    naive = _module()
-    sum(naive.objective(s)["loss"].sum() for s in _batch().chunk(WORLD)).backward()
-    w = "model.linear.weights.0"
-    assert (dict(naive.named_parameters())[w].grad / WORLD - dict(module.named_parameters())[w].grad).norm() > 1e-3
+    if min(sizes) >= 2:
+        naive = _module()
+        sum(naive.objective(s)["loss"] for s in _batch(sum(sizes)).split(sizes)).backward()
+        w = "model.linear.weight"
+        grad = dict(single.named_parameters())[w].grad
+        assert (dict(naive.named_parameters())[w].grad / world - grad).norm() > 1e-3 * grad.norm()
 
 
-def _final_weights(run) -> dict[str, torch.Tensor]:
-    ckpt = torch.load(run.metrics["checkpoint"], weights_only=False)
-    return {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+# -- training: 2 processes, and 2 nodes, equal one process under default settings ----------------------------
+
+COMMON = ["--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false", "--report.kmeans", "false",
+          "--report.probe_method", "torch", "--features.every_n_epochs", "0"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def ddp_and_single_runs(tmp_path_factory):
-    from tests.conftest import TRAIN, run_script
-
-    common = ["--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false", "--data.drop_last", "true",
-              "--report.kmeans", "false", "--report.probe_method", "torch", "--features.every_n_epochs", "0"]  # fmt: skip
-    ddp_root, single_root = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("single")
-    ddp = run_script(TRAIN, "--config", "configs/trainer/ddp_cpu.yaml", "--trainer.devices", "2",
-                     "--trainer.default_root_dir", ddp_root, *common)  # fmt: skip
-    single = run_script(
-        TRAIN, "--config", "configs/trainer/cpu.yaml", "--trainer.default_root_dir", single_root, *common
-    )
-    return ddp, single, ddp_root
+def _final_weights(metrics: dict) -> dict[str, torch.Tensor]:
+    state = load_checkpoint(metrics["checkpoint"])["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("model.")}
 
 
-def test_ddp_training_ends_with_the_single_process_weights(ddp_and_single_runs):
-    ddp, single, _ = ddp_and_single_runs
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
-    assert single.returncode == 0, single.stderr[-2000:]
-    a, b = _final_weights(ddp), _final_weights(single)
+def _assert_same_training(run: Run, single: Run) -> None:
+    assert run.returncode == 0, run.stderr[-3000:]
+    m, s = run.metrics, single.metrics
+    assert m["final_loss"] == pytest.approx(s["final_loss"], rel=1e-4)
+    assert m["n_train"] == s["n_train"] == 1293 and 1293 % 128 == 13  # a last, partial batch was in play
+    a, b = _final_weights(m), _final_weights(s)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), (k, float((a[k] - b[k]).abs().max()))
-    assert ddp.metrics["final_loss"] == pytest.approx(single.metrics["final_loss"], rel=1e-5)
 
 
-def test_ddp_run_writes_one_metrics_json_and_prints_its_path_once(ddp_and_single_runs):
-    ddp, _, root = ddp_and_single_runs
-    found = list(root.rglob("metrics.json"))
-    assert found == [ddp.metrics_path]
-    assert ddp.stdout.count("metrics.json") == 1
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    run = run_script(TRAIN, "--config", "configs/trainer/cpu.yaml", "--trainer.default_root_dir",
+                     tmp_path_factory.mktemp("single"), *COMMON)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    run = run_script(TRAIN, "--config", "configs/trainer/ddp_cpu.yaml", "--trainer.devices", "2",
+                     "--trainer.default_root_dir", root, *COMMON)  # fmt: skip
+    return run, root
+
+
+def test_ddp_training_under_default_settings_equals_one_process(ddp, single):
+    _assert_same_training(ddp[0], single)
+
+
+def test_ddp_run_writes_one_metrics_json_and_prints_its_path_once(ddp):
+    run, root = ddp
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert list(root.rglob("metrics.json")) == [run.metrics_path]
+    assert run.stdout.count("metrics.json") == 1
     assert len(list(root.rglob("last.ckpt"))) == 1
-    assert ddp.metrics["probe_accuracy"] > 0.5
+    assert run.metrics["probe_accuracy"] > 0.5
+
+
+def test_two_nodes_of_one_process_equal_one_process(tmp_path, single):
+    """Two nodes on this host, as a cluster launcher starts them: one process per node, rendezvous by env."""
+    port = str(_free_port())
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    env.update(WANDB_MODE="offline", MPLBACKEND="Agg", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2",
+               LOCAL_RANK="0")  # fmt: skip
+    nodes = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "1",
+             "--trainer.num_nodes", "2"]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(TRAIN), *nodes, *COMMON, "--trainer.default_root_dir", str(tmp_path / f"n{r}")],
+            cwd=REPO,
+            env={**env, "NODE_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for r in (1, 0)
+    ]
+    try:
+        results = {r: p.communicate(timeout=600) for r, p in zip((1, 0), procs)}
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    node0 = Run(procs[1].returncode, *results[0])
+    assert procs[0].returncode == 0, results[1][1][-3000:]
+    _assert_same_training(node0, single)
+    assert not list((tmp_path / "n1").rglob("metrics.json"))  # only global rank 0 evaluates and writes

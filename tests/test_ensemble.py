@@ -1,6 +1,12 @@
 """Ensembles (implicit_em.ensemble.Ensemble): each member is bitwise the lone run of its class with its settings
-(``--seed_everything`` = its seed, same data settings); a member whose loss goes non-finite stops alone; a run
-fails only when every member stopped; an ensemble resumes exactly from its checkpoint."""
+(its seed, the same data settings and the ensemble's data order); a member whose loss goes non-finite stops
+alone; a run fails only when every member stopped; an ensemble resumes exactly from its checkpoint.
+
+The data order follows ``--seed_everything`` (linked to ``data.shuffle_seed``) and the ensemble has one; so a
+member whose seed is the ensemble's ``--seed_everything`` equals ``scripts/train.py --seed_everything <seed>``
+with its settings, and any other member equals that lone run with the data order set back to the ensemble's
+(done in process below: the link leaves no command-line way to give a lone run both).
+"""
 
 from __future__ import annotations
 
@@ -39,12 +45,23 @@ def lone_args(member: dict, defaults: dict) -> list[str]:
     return args + [a for key, value in settings.items() for a in (f"--model.{key}", str(value))]
 
 
+def lone_run(root, member: dict, defaults: dict, *args: str, data_order: int = 0):
+    """The lone run of one member (:func:`lone_args`), reading the data in the ensemble's order ``data_order``."""
+    cli = fit_in_process(root, *lone_args(member, defaults), *args, fit=False)
+    assert cli.datamodule.shuffle_seed == member["seed"]  # linked to --seed_everything
+    cli.datamodule.shuffle_seed = data_order
+    with training_process():
+        cli.metrics_path = cli.fit()
+    return cli
+
+
 @pytest.fixture(scope="module", params=sorted(OPTIMIZERS))
 def ensemble_and_lone_runs(request, tmp_path_factory):
     defaults = OPTIMIZERS[request.param]
     root = tmp_path_factory.mktemp(f"ensemble-{request.param}")
     ensemble = fit_in_process(root / "ensemble", *COMMON, *ensemble_args(MEMBERS, defaults))
-    lone = [fit_in_process(root / f"lone{s}", *COMMON, *lone_args(m, defaults)) for s, m in enumerate(MEMBERS)]
+    assert ensemble.datamodule.shuffle_seed == 0  # --seed_everything 0 (default.yaml)
+    lone = [lone_run(root / f"lone{s}", m, defaults, *COMMON) for s, m in enumerate(MEMBERS)]
     return request.param, ensemble, lone
 
 
@@ -63,6 +80,14 @@ def test_each_member_is_bitwise_its_lone_run(ensemble_and_lone_runs):
         assert member_loss == pytest.approx(float(alone.trainer.callback_metrics["train/loss"]), rel=1e-6)
     # the members differ from each other, so the comparison has teeth
     assert not torch.allclose(members[0].model.linear.weight, members[1].model.linear.weight, atol=1e-3)
+
+
+def test_the_member_with_the_ensembles_seed_is_the_plain_command_line_run(ensemble_and_lone_runs, tmp_path):
+    optimizer, ensemble, _ = ensemble_and_lone_runs
+    assert MEMBERS[0]["seed"] == 0  # the ensemble's --seed_everything
+    alone = fit_in_process(tmp_path, *COMMON, *lone_args(MEMBERS[0], OPTIMIZERS[optimizer]))
+    for name, value in model_weights(alone.model).items():
+        assert torch.equal(model_weights(ensemble.model.members[0])[name], value), name
 
 
 def test_metrics_json_has_every_member_and_member_0_on_top(ensemble_and_lone_runs):
@@ -146,14 +171,12 @@ def test_the_others_are_untouched_and_the_stopped_member_keeps_its_last_finite_s
     cli, _, root = one_member_stops
     members = cli.model.members
     for s in (0, 2):
-        alone = fit_in_process(root / f"lone{s}", *COMMON, *lone_args(MEMBERS[s], {}))
+        alone = lone_run(root / f"lone{s}", MEMBERS[s], {}, *COMMON)
         for name, value in model_weights(alone.model).items():
             assert torch.equal(model_weights(members[s])[name], value), (s, name)
     # member 1: the weights of its lone run after the 12 steps before the poisoned one
-    stopped = fit_in_process(
-        root / "lone1", *lone_args(MEMBERS[1], {}), "--trainer.max_steps", str(POISONED_STEP - 1),
-        "--trainer.max_epochs", "-1",
-    )  # fmt: skip
+    before = ["--trainer.max_steps", str(POISONED_STEP - 1), "--trainer.max_epochs", "-1"]
+    stopped = lone_run(root / "lone1", MEMBERS[1], {}, *before)
     for name, value in model_weights(stopped.model).items():
         assert torch.equal(model_weights(members[1])[name], value), name
 

@@ -1,16 +1,12 @@
 """The component grid (the paper's Figure 4): layout, scaling to [-1, 1], zero padding, the saved PNG."""
 
-import matplotlib
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from implicit_em import figures  # noqa: E402
-from implicit_em.figures import FEATURE_CMAP, feature_grid, save_feature_grid  # noqa: E402
+from implicit_em import figures
+from implicit_em.figures import FEATURE_CMAP, feature_figure, feature_grid, save_feature_grid
 
 
 def _weights(k, d, seed=0):
@@ -80,7 +76,7 @@ def test_save_feature_grid_writes_png(tmp_path):
     path = save_feature_grid(_weights(16, 64), (8, 8), tmp_path / "sub" / "features.png", title="components")
     assert path == tmp_path / "sub" / "features.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    image = plt.imread(path)
+    image = matplotlib.image.imread(path)
     assert image.ndim == 3 and image.shape[0] > 50 and image.shape[1] > 50
     colour = save_feature_grid(_weights(4, 3 * 32 * 32), (3, 32, 32), tmp_path / "colour.png")
     assert colour.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -97,23 +93,37 @@ def test_feature_cmap_is_diverging():
     assert lightness[0] < lightness[5] and lightness[-1] < lightness[5]
 
 
-def test_plot_uses_the_diverging_map_at_minus_one_to_one(tmp_path, monkeypatch):
-    captured = []
-    real_close = plt.close
-
-    def close(fig=None):
-        captured.append(fig)
-        real_close(fig)
-
-    monkeypatch.setattr(plt, "close", close)
-    save_feature_grid(_weights(9, 64), (8, 8), tmp_path / "f.png")
-    (fig,) = captured
+def test_plot_uses_the_diverging_map_at_minus_one_to_one():
+    fig = feature_figure(_weights(9, 64), (8, 8))
     (image,) = fig.axes[0].get_images()
     assert image.get_clim() == (-1, 1)
     assert image.get_cmap().name == FEATURE_CMAP
     assert figures.FEATURE_CMAP == "RdBu_r"
     # colour grids are shown with 0 as mid-grey: (grid + 1) / 2 in [0, 1]
-    captured.clear()
-    save_feature_grid(_weights(4, 3 * 8 * 8), (3, 8, 8), tmp_path / "c.png")
-    data = np.asarray(captured[0].axes[0].get_images()[0].get_array())
+    fig = feature_figure(_weights(4, 3 * 8 * 8), (3, 8, 8))
+    data = np.asarray(fig.axes[0].get_images()[0].get_array())
     assert data.min() >= 0 and data.max() <= 1 and data[8, 0, 0] == 0.5  # a padding pixel
+
+
+def test_grid_at_k_16384_shows_the_most_used_components_first(tmp_path):
+    import time
+
+    k = 16384
+    w = torch.randn(k, 64, generator=torch.Generator().manual_seed(1))
+    usage = torch.rand(k, generator=torch.Generator().manual_seed(2))
+    top = torch.argsort(usage, descending=True)[:256]
+    start = time.perf_counter()
+    grid = feature_grid(w, (8, 8), usage=usage)
+    assert time.perf_counter() - start < 5  # 256 tiles, not 16,384
+    assert grid.shape == (16 * 9 - 1, 16 * 9 - 1)  # 256 tiles: 16 x 16
+    for i, tile in enumerate(_tiles(grid, 256, 8, 8, 16)):
+        j = int(top[i])  # tile i is the i-th most used component
+        np.testing.assert_allclose(tile, (w[j] / w[j].abs().max()).double().reshape(8, 8).numpy(), atol=1e-12)
+    # no usage: the first components; a smaller limit; K under the limit: every component, in order
+    first = feature_grid(w, (8, 8), max_components=4)
+    np.testing.assert_allclose(first, feature_grid(w[:4], (8, 8)))
+    assert torch.equal(figures.grid_components(10, usage[:10]), torch.arange(10))
+    # the saved figure says what it shows
+    path = save_feature_grid(w, (8, 8), tmp_path / "many.png", title="run", usage=usage)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert feature_figure(w, (8, 8), "run", usage).axes[0].get_title() == "run\nthe 256 most used of 16384 components"

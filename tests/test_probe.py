@@ -168,3 +168,82 @@ def test_sklearn_probe_leaves_the_blas_thread_setting_alone(digits_split):
     before = blas_threads()
     assert sklearn_probe(*digits_split) > 0.95
     assert blas_threads() == before
+
+
+def _random_features(x: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    """ReLU features of k random directions: an overcomplete code like a wide dictionary's."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(k, x.shape[1], generator=g) / x.shape[1] ** 0.5
+    return torch.relu(x @ w.T + 0.5 * torch.randn(k, generator=g))
+
+
+def test_sample_and_feature_space_designs_pose_the_same_problem(digits_split):
+    """For matching parameters both designs give the same training logits and the same penalty
+    ||W||^2 on the standardised features; the sample-space one has r <= n columns instead of K."""
+    from implicit_em.probe import _feature_space_design, _mean_and_std, _sample_space_design
+
+    f = _random_features(digits_split[0][:300] / 16, 400).double()
+    f[:, 3] = 2.0  # a constant feature
+    mean, std = _mean_and_std(f)
+    z = (f - mean) / std
+    g = torch.Generator().manual_seed(0)
+    for design in (_sample_space_design, _feature_space_design):
+        x, penalty, to_features = design(f, mean, std, torch.float64)
+        v = torch.randn(x.shape[1] - 1, 10, generator=g, dtype=torch.float64)
+        weight = to_features(v)  # on f; on z it is std * weight
+        assert torch.allclose(f @ weight - mean @ weight, x[:, :-1] @ v, atol=1e-8)
+        assert (penalty * v.pow(2).sum(1)).sum().item() == pytest.approx(
+            (std[:, None] * weight).pow(2).sum().item(), rel=1e-8
+        )
+        assert torch.allclose(x[:, -1], torch.ones(300, dtype=torch.float64))
+    assert _sample_space_design(f, mean, std, torch.float64)[0].shape[1] <= 301
+    assert torch.linalg.matrix_rank(z).item() == _sample_space_design(f, mean, std, torch.float64)[0].shape[1] - 1
+
+
+def test_sample_space_probe_reaches_the_feature_space_optimum(digits_split):
+    # K = 400 features > 300 training rows: both designs are affordable; with a firm penalty (C = 0.05)
+    # both solve to a tight tolerance in a few hundred steps and must predict alike
+    x_tr, y_tr, x_te, y_te = digits_split
+    x_tr, y_tr = x_tr[:300], y_tr[:300]
+    f_tr, f_te = _random_features(x_tr / 16, 400), _random_features(x_te / 16, 400)
+    kw = {"c": 0.05, "tol": 1e-5, "dtype": torch.float64, "cpu_threads": 1}
+    dual = torch_probe(f_tr, y_tr, f_te, y_te, space="samples", **kw)
+    primal = torch_probe(f_tr, y_tr, f_te, y_te, space="features", **kw)
+    assert dual > 0.9
+    assert abs(dual - primal) <= 1 / len(y_te) + 1e-12, (dual, primal)
+    with pytest.raises(ValueError, match="space"):
+        torch_probe(f_tr, y_tr, f_te, y_te, space="dual")
+
+
+def test_torch_probe_at_16384_features_on_digits_in_bounded_memory(digits_split):
+    import resource
+
+    x_tr, y_tr, x_te, y_te = digits_split
+    f_tr, f_te = _random_features(x_tr / 16, 16384, seed=1), _random_features(x_te / 16, 16384, seed=1)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    acc = torch_probe(f_tr, y_tr, f_te, y_te, cpu_threads=1)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert acc > 0.9
+    assert grown_mb < 600, grown_mb  # the K x K covariance alone would be 1,074 MB in float32
+
+
+def test_unwhitened_feature_space_probe_reaches_the_same_optimum(monkeypatch):
+    import implicit_em.probe as probe
+
+    x_tr, y_tr = _mixture(3000, seed=1)
+    x_te, y_te = _mixture(3000, seed=2)
+    whitened = torch_probe(x_tr, y_tr, x_te, y_te, tol=1e-6, dtype=torch.float64)
+    monkeypatch.setattr(probe, "WHITEN_MAX", 8)  # 24 features: now without the K x K whitening
+    plain = torch_probe(x_tr, y_tr, x_te, y_te, tol=1e-6, dtype=torch.float64)
+    assert 0.4 < plain < 0.95
+    assert abs(plain - whitened) <= 2 / len(y_te) + 1e-12, (plain, whitened)
+
+
+def test_kmeans_is_skipped_with_a_reason_when_k_is_too_large():
+    x = torch.rand(50, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(50) % 3
+    out = kmeans_scores(x, x, y, n_clusters=16384)
+    assert out == {"kmeans_skipped": "K = 16384 exceeds the 50 training samples"}
+    out = kmeans_scores(x, x, y, n_clusters=20, max_clusters=10)
+    assert set(out) == {"kmeans_skipped"} and "max_clusters = 10" in out["kmeans_skipped"]
+    assert set(kmeans_scores(x, x, y, n_clusters=50)) == {"kmeans_cluster_accuracy", "kmeans_nmi"}  # K = n fits

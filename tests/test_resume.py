@@ -1,5 +1,6 @@
-"""Never lose a run: a run killed with SIGKILL and resumed with ``--ckpt_path last`` ends exactly where an
-uninterrupted run ends (weights, final_loss, per-epoch record), from epoch-end and mid-epoch checkpoints."""
+"""Never lose a run: a run stopped (or killed with SIGKILL) and resumed with ``--ckpt_path last`` ends exactly
+where an uninterrupted run ends (bitwise weights, final_loss, per-epoch record), from epoch-end and mid-epoch
+checkpoints."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import time
 import pytest
 import torch
 
-from implicit_em.checkpoints import find_last_checkpoint
-from tests.conftest import REPO, TRAIN, run_script
+from implicit_em.checkpoints import find_last_checkpoint, load_checkpoint
+from tests.conftest import REPO, TRAIN, fit_in_process, run_script
 
 EPOCHS = 40
 STEPS_PER_EPOCH = 11  # digits: 1,293 training samples in batches of 128
@@ -22,7 +23,7 @@ COMMON = ["--trainer.max_epochs", str(EPOCHS), "--trainer.enable_progress_bar", 
 
 
 def _weights(metrics: dict) -> dict[str, torch.Tensor]:
-    state = torch.load(metrics["checkpoint"], weights_only=False)["state_dict"]
+    state = load_checkpoint(metrics["checkpoint"])["state_dict"]
     return {k: v for k, v in state.items() if k.startswith("model.")}
 
 
@@ -38,8 +39,8 @@ def _kill_after_checkpoint(root, extra: list[str], min_step: int, mid_epoch: boo
     while time.time() < deadline:
         ckpt = find_last_checkpoint(root)
         try:  # the file may be replaced while we read it
-            step = torch.load(ckpt, weights_only=False)["global_step"] if ckpt is not None else -1
-        except (OSError, RuntimeError, EOFError):
+            step = load_checkpoint(ckpt)["global_step"] if ckpt is not None else -1
+        except Exception:
             step = -1
         if step >= min_step and (not mid_epoch or step % STEPS_PER_EPOCH):
             break
@@ -62,8 +63,8 @@ def uninterrupted(tmp_path_factory):
     "extra, mid_epoch",
     [
         ([], False),  # epoch-end checkpoints, killed after epoch 5
-        # a checkpoint whenever the step count passes a multiple of 8 (Lightning batches carry 8 steps):
-        # some land inside an epoch; 440 = 40 * 11 steps ends on one, so the last checkpoint is the end
+        # a checkpoint every 8 optimiser steps: most land inside an epoch; 440 = 40 * 11 steps ends on one,
+        # so the last checkpoint is the end
         (["--checkpoint.every_n_epochs", "0", "--checkpoint.every_n_train_steps", "8"], True),
     ],
     ids=["epoch_end", "mid_epoch"],
@@ -76,7 +77,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, uninterrupted, extra
     assert m["final_loss"] == pytest.approx(uninterrupted["final_loss"], rel=1e-6)
     a, b = _weights(m), _weights(uninterrupted)
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+        assert torch.equal(a[k], b[k]), (k, float((a[k] - b[k]).abs().max()))
     assert len(m["epoch_seconds"]) == EPOCHS  # the killed run's epochs are kept in the record
     assert len(list(tmp_path.rglob("metrics.json"))) == 1  # resumed into the same run directory
 
@@ -85,3 +86,24 @@ def test_ckpt_path_last_without_a_checkpoint_starts_a_new_run(train, tmp_path):
     run = train("--trainer.max_epochs", "1", "--ckpt_path", "last", "--report.kmeans", "false")
     assert run.returncode == 0, run.stderr[-2000:]
     assert "starting a new run" in run.stderr
+
+
+@pytest.mark.parametrize(
+    "first, extra",
+    [
+        (["--trainer.max_epochs", "2"], []),  # from the checkpoint at the end of epoch 1
+        (["--trainer.max_steps", "15", "--trainer.max_epochs", "-1"],  # from step 12 or 15, inside epoch 1
+         ["--checkpoint.every_n_epochs", "0", "--checkpoint.every_n_train_steps", "4"]),
+    ],
+    ids=["epoch_end", "mid_epoch"],
+)  # fmt: skip
+def test_stop_then_resume_in_process_is_bitwise_the_uninterrupted_run(tmp_path, first, extra):
+    whole = fit_in_process(tmp_path / "whole", "--trainer.max_epochs", "4", *extra)
+    stopped = fit_in_process(tmp_path / "resumed", *first, *extra)
+    assert 0 < stopped.trainer.global_step < 4 * STEPS_PER_EPOCH
+    resumed = fit_in_process(tmp_path / "resumed", "--trainer.max_epochs", "4", *extra, "--ckpt_path", "last")
+    assert resumed.trainer.global_step == whole.trainer.global_step == 4 * STEPS_PER_EPOCH
+    a, b = resumed.model.state_dict(), whole.model.state_dict()
+    for k in b:
+        assert torch.equal(a[k], b[k]), (k, float((a[k].float() - b[k].float()).abs().max()))
+    assert float(resumed.trainer.callback_metrics["train/loss"]) == float(whole.trainer.callback_metrics["train/loss"])

@@ -89,8 +89,10 @@ class FeatureImages(L.Callback):
         shape = getattr(trainer.datamodule, "image_shape", None)
         if not shape:
             return
-        weights = pl_module.model.component_weights()
-        save_feature_grid(weights, shape, path, title=f"{type(pl_module).__name__} components, epoch {epoch}")
+        weights = pl_module.model.component_weights().detach()
+        usage = getattr(pl_module, "last_usage", None)  # the most used components first, when K is large
+        title = f"{type(pl_module).__name__} components, epoch {epoch}"
+        save_feature_grid(weights, shape, path, title=title, usage=usage)
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key="features", images=[str(path)], step=trainer.global_step)

@@ -26,8 +26,11 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        what = str(e).splitlines()[-1].strip() or e.__class__.__name__
-        if "Unsupported global" in str(e) or "weights_only" in str(e):
+        # torch's message is many lines about weights_only whatever the cause; the cause is the "Unsupported ..."
+        # or "Trying to load unsupported GLOBAL ..." line, and only a GLOBAL (a callable or class) means code
+        causes = [ln.strip() for ln in str(e).splitlines() if ln.strip().startswith(("Unsupported", "Trying to load"))]
+        what = causes[0] if causes else e.__class__.__name__
+        if "GLOBAL" in what:
             raise UntrustedCheckpointError(
                 f"{path} holds objects that only running code could rebuild ({what[:120]}); refusing to load it: "
                 "use a checkpoint written by scripts/train.py, or re-save this one as tensors and plain data"

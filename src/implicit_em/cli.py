@@ -107,7 +107,7 @@ class ImplicitEMCLI(LightningCLI):
                 "default_config_files": files,
                 "description": (
                     "Train a decoder-free implicit-EM model. The options of each model or data class: "
-                    "--model.help ImplicitEM | SparseAutoencoderModule | Ensemble; --data.help DigitsDataModule | "
+                    "--model.help ImplicitEM | SparseAutoencoderModule | TopKSparseAutoencoderModule | Ensemble; --data.help DigitsDataModule | "
                     "MNISTDataModule | FashionMNISTDataModule | CIFAR10DataModule | SyntheticMixtureDataModule."
                 ),
             },
@@ -211,7 +211,7 @@ class ImplicitEMCLI(LightningCLI):
         run = Path(trainer.log_dir or trainer.default_root_dir)  # every rank: log_dir may broadcast
         if trainer.interrupted or not trainer.is_global_zero:
             return None
-        metrics = evaluate_run(module, dm, ReportConfig(**self.config.report), trainer.callback_metrics)
+        metrics = evaluate_run(module, dm, ReportConfig(**self.config.report), trainer.callback_metrics, run)
         timer = next(c for c in trainer.callbacks if isinstance(c, EpochTimer))
         metrics.update(
             epoch_seconds=timer.epoch_seconds,
@@ -225,13 +225,32 @@ class ImplicitEMCLI(LightningCLI):
             run_dir=str(run.resolve()),
             checkpoint=getattr(trainer.checkpoint_callback, "last_model_path", None),
         )
-        numeric = {
-            f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
-        for lg in trainer.loggers:
-            lg.log_metrics(numeric, step=trainer.global_step)
-            lg.save()
+        log_final(trainer, metrics, run)
         return write_metrics(metrics, run / "metrics.json")
+
+
+def log_final(trainer, metrics: dict, run: Path) -> None:
+    """The end-of-run numbers to every logger under ``final/`` (the k-sparse probes as ``..._k<k>``), and the
+    feature-density histogram to the loggers that draw histograms (W&B, TensorBoard)."""
+    numbers = {
+        **metrics,
+        **{f"sparse_probe_accuracy_k{k}": v for k, v in metrics.get("sparse_probe_accuracy", {}).items()},
+    }
+    numeric = {f"final/{k}": v for k, v in numbers.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    density = run / "log10_density.npy"
+    for lg in trainer.loggers:
+        lg.log_metrics(numeric, step=trainer.global_step)
+        experiment = getattr(lg, "experiment", None)
+        if density.is_file() and hasattr(lg, "log_image"):  # W&B
+            import numpy as np
+            import wandb
+
+            experiment.log({"final/log10_feature_density": wandb.Histogram(np.load(density))})
+        elif density.is_file() and hasattr(experiment, "add_histogram"):  # TensorBoard
+            import numpy as np
+
+            experiment.add_histogram("final/log10_feature_density", np.load(density), trainer.global_step)
+        lg.save()
 
 
 def fit_run(args: Sequence[str], default_config_files: Sequence[str | Path] | None = None) -> Path:

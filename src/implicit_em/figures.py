@@ -12,16 +12,41 @@ import torch
 FEATURE_CMAP = "RdBu_r"
 
 
+#: the component grid shows at most this many components (the most used ones when usage is known)
+GRID_MAX_COMPONENTS = 256
+
+
+def grid_components(
+    n_components: int, usage: torch.Tensor | None = None, max_components: int = GRID_MAX_COMPONENTS
+) -> torch.Tensor:
+    """Indices of the components a grid shows: all of them when K <= ``max_components``; else the
+    ``max_components`` with the largest usage (mean responsibility), most used first, or the first ones
+    when no usage is given."""
+    if n_components <= max_components:
+        return torch.arange(n_components)
+    if usage is None:
+        return torch.arange(max_components)
+    return torch.argsort(usage.detach().double().cpu().reshape(-1), descending=True, stable=True)[:max_components]
+
+
 def feature_grid(
-    weights: torch.Tensor, image_shape: tuple[int, ...], columns: int | None = None, pad: int = 1
+    weights: torch.Tensor,
+    image_shape: tuple[int, ...],
+    columns: int | None = None,
+    pad: int = 1,
+    usage: torch.Tensor | None = None,
+    max_components: int = GRID_MAX_COMPONENTS,
 ) -> np.ndarray:
     """Tile the rows of W (K x D) as images of ``image_shape``: H x W, or C x H x W for colour.
 
+    At most ``max_components`` tiles, chosen by :func:`grid_components` (the most used first when
+    ``usage``, a K-vector, is given), so the grid costs the same at K = 16,384 as at 256.
     Each component is scaled by its own max |w| into [-1, 1], so 0 stays 0 (the colormap's centre).
     Returns a (rows * (H + pad) - pad) x (columns * (W + pad) - pad) array, with a trailing channel axis of
     3 for colour images; the padding reads 0.
     """
-    w = weights.detach().double().cpu()
+    index = grid_components(weights.shape[0], usage, max_components)
+    w = weights.detach()[index.to(weights.device)].double().cpu()
     k = w.shape[0]
     w = w / w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
     colour = len(image_shape) == 3
@@ -39,15 +64,26 @@ def feature_grid(
     return grid
 
 
-def save_feature_grid(weights: torch.Tensor, image_shape: tuple[int, ...], path: str | Path, title: str = "") -> Path:
-    """Write the component grid as a PNG (diverging colormap at [-1, 1]; colour shown with 0 as grey)."""
-    import matplotlib
+def feature_figure(
+    weights: torch.Tensor,
+    image_shape: tuple[int, ...],
+    title: str = "",
+    usage: torch.Tensor | None = None,
+    max_components: int = GRID_MAX_COMPONENTS,
+):
+    """The component grid as a matplotlib Figure (diverging colormap at [-1, 1]; colour shown with 0 as grey),
+    drawn with the object API, so the caller's backend is left alone. Above ``max_components`` components the
+    title says which are shown (the most used, given ``usage``)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    grid = feature_grid(weights, image_shape)
-    fig, ax = plt.subplots(figsize=(6, 6 * grid.shape[0] / grid.shape[1] + (0.4 if title else 0)))
+    grid = feature_grid(weights, image_shape, usage=usage, max_components=max_components)
+    k = weights.shape[0]
+    if k > max_components:
+        which = "most used" if usage is not None else "first"
+        title = f"{title}\n" if title else ""
+        title += f"the {max_components} {which} of {k} components"
+    fig = Figure(figsize=(6, 6 * grid.shape[0] / grid.shape[1] + (0.4 if title else 0)))
+    ax = fig.subplots()
     if grid.ndim == 3:
         ax.imshow((grid + 1) / 2)
     else:
@@ -55,8 +91,19 @@ def save_feature_grid(weights: torch.Tensor, image_shape: tuple[int, ...], path:
     ax.set_axis_off()
     if title:
         ax.set_title(title)
+    return fig
+
+
+def save_feature_grid(
+    weights: torch.Tensor,
+    image_shape: tuple[int, ...],
+    path: str | Path,
+    title: str = "",
+    usage: torch.Tensor | None = None,
+    max_components: int = GRID_MAX_COMPONENTS,
+) -> Path:
+    """Write :func:`feature_figure` as a PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    feature_figure(weights, image_shape, title, usage, max_components).savefig(path, dpi=100, bbox_inches="tight")
     return path

@@ -94,3 +94,36 @@ class SparseAutoencoder(nn.Module):
     def component_weights(self) -> Tensor:
         """K x D: the encoder's rows."""
         return self.encoder.weight
+
+
+def keep_top_k(z: Tensor, k: int) -> Tensor:
+    """a = TopK(ReLU(z)): the k largest of ReLU(z_i) per row kept, every other entry 0 (at most k nonzero;
+    fewer when fewer than k pre-activations are positive)."""
+    values, idx = F.relu(z).topk(min(k, z.shape[-1]), dim=-1)
+    return torch.zeros_like(z).scatter(-1, idx, values)
+
+
+class TopKSparseAutoencoder(SparseAutoencoder):
+    """codes a = TopK(ReLU(W_e x + b_e)), reconstruction x_hat = W_d a + b_d (the SAE with a TopK).
+
+    Initialised as Gao et al. do: decoder columns of unit norm in random directions (from ``seed``'s own
+    generator), the encoder their transpose, biases 0.
+    """
+
+    def __init__(self, in_features: int, n_components: int, k: int, seed: int = 0):
+        super().__init__(in_features, n_components, seed)
+        if not 1 <= k <= n_components:
+            raise ValueError(f"k must be in 1..n_components={n_components} (got {k})")
+        self.k = k
+        g = torch.Generator().manual_seed(int(seed))
+        directions = torch.randn(in_features, n_components, generator=g)
+        directions /= directions.norm(dim=0, keepdim=True).clamp_min(1e-12)
+        with torch.no_grad():
+            self.decoder.weight.copy_(directions)
+            self.encoder.weight.copy_(directions.T)
+            self.decoder.bias.zero_()
+            self.encoder.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The codes a (N x K), at most k nonzero per row."""
+        return keep_top_k(self.encoder(x), self.k)

@@ -15,8 +15,8 @@ from torch import Tensor
 from implicit_em.distributed import gather_samples
 from implicit_em.errors import NonFiniteLossError, check, check_choice
 from implicit_em.metrics import ComponentDiagnostics, effective_rank, weight_redundancy
-from implicit_em.models import ACTIVATIONS, Encoder, SparseAutoencoder, fit_to_data
-from implicit_em.objective import implicit_em_objective, sae_objective
+from implicit_em.models import ACTIVATIONS, Encoder, SparseAutoencoder, TopKSparseAutoencoder, fit_to_data
+from implicit_em.objective import implicit_em_objective, sae_objective, topk_sae_objective
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
@@ -163,6 +163,10 @@ class ImplicitEM(ComponentModule):
         lambda_tc: weight of the decorrelation term ||Corr(d) - I||^2 (prevents redundant components).
         lambda_wr: weight of the weight-orthogonality term ||W_n W_n^T - I||^2 (0: off).
         eps: added to each variance inside the log of the variance term.
+        tc_components: null (default): the exact decorrelation term. m < K: its unbiased estimate from m
+            components drawn afresh each step (the same on every rank, fixed by the seed and the step, so
+            resumed runs draw the same), for batches and dictionaries where even the exact N x N form costs
+            more than the encoder; see ``objective.decorrelation_subset_estimate`` for its variance.
         (the other arguments: see :class:`ComponentModule`)
     """
 
@@ -176,6 +180,7 @@ class ImplicitEM(ComponentModule):
         lambda_tc: float = 1.0,
         lambda_wr: float = 0.0,
         eps: float = 1e-6,
+        tc_components: int | None = None,
         data_init: bool = True,
         init_std: float | None = 0.3,
         optimizer: str = "adam",
@@ -186,6 +191,8 @@ class ImplicitEM(ComponentModule):
     ):
         super().__init__(in_features, n_components, data_init, init_std, optimizer, lr, momentum, weight_decay, seed)
         check_choice(activation, "model.activation", ACTIVATIONS)
+        check(tc_components is None or tc_components >= 2, "model.tc_components", "null or an integer >= 2",
+              tc_components)  # fmt: skip
         lambdas = {"lambda_lse": lambda_lse, "lambda_var": lambda_var, "lambda_tc": lambda_tc, "lambda_wr": lambda_wr}
         for key, lam in lambdas.items():
             check(lam >= 0, f"model.{key}", ">= 0", lam)
@@ -201,7 +208,11 @@ class ImplicitEM(ComponentModule):
     def objective(self, x: Tensor) -> dict[str, Tensor]:
         d = gather_samples(self.model(x))  # the global batch under DDP
         weight = self.model.component_weights() if self.lambdas["lambda_wr"] else None
-        return implicit_em_objective(d, weight, eps=self.hparams.eps, **self.lambdas)
+        m = self.hparams.tc_components
+        subsets = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step) if m else None
+        return implicit_em_objective(
+            d, weight, eps=self.hparams.eps, tc_components=m, generator=subsets, **self.lambdas
+        )
 
 
 class SparseAutoencoderModule(ComponentModule):
@@ -236,6 +247,40 @@ class SparseAutoencoderModule(ComponentModule):
     def objective(self, x: Tensor) -> dict[str, Tensor]:
         codes = self.model(x)
         return sae_objective(x, self.model.decode(codes), codes, self.hparams.l1)
+
+
+class TopKSparseAutoencoderModule(ComponentModule):
+    """The TopK SAE baseline: ReLU encoder keeping the k largest codes, linear decoder, loss MSE.
+
+    Args:
+        k: codes kept per input.
+        (the other arguments: see :class:`implicit_em.module.ComponentModule`; the data-aware start adjusts
+        the encoder)
+    """
+
+    def __init__(
+        self,
+        in_features: int = 64,
+        n_components: int = 64,
+        k: int = 32,
+        data_init: bool = True,
+        init_std: float | None = 0.3,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+    ):
+        super().__init__(in_features, n_components, data_init, init_std, optimizer, lr, momentum, weight_decay, seed)
+        check(isinstance(k, int) and 1 <= k <= n_components, "model.k", f"an integer in 1..{n_components}", k)
+        self.save_hyperparameters()
+        self.model = TopKSparseAutoencoder(in_features, n_components, k, seed)
+
+    def first_layer(self) -> torch.nn.Linear:
+        return self.model.encoder
+
+    def objective(self, x: Tensor) -> dict[str, Tensor]:
+        return topk_sae_objective(x, self.model.decode(self.model(x)))
 
 
 def log_position(module: L.LightningModule) -> None:

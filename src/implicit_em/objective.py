@@ -127,43 +127,105 @@ def off_diagonal_sq_norm(m: Tensor) -> Tensor:
     return m.pow(2).sum(dim=(-2, -1)) - torch.diagonal(m, dim1=-2, dim2=-1).pow(2).sum(dim=-1)
 
 
-class _Decorrelation(torch.autograd.Function):
-    """L_tc(c, Var) through the smaller Gram matrix, with its gradient written out (one matmul back).
+def _decorrelation_forward(z: Tensor, var: Tensor, shifted: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """L_tc from z = c r (Corr = z^T z), r_j = ((N - 1)(Var_j + c_eps))^-1/2, shifted = Var + c_eps.
 
-    Forward, with r_j = ((N - 1)(Var_j + c_eps))^-1/2 and z = c r (so Corr = z^T z):
-    N < K: L = ||z z^T||_F^2 - sum_j q_j^2, q_j = Corr_jj = Var_j / (Var_j + c_eps); else
-    L = ||O||_F^2, O = z^T z without its diagonal. Backward, B = 4 (z z^T) z or 4 z O (dL/dz at fixed q):
-    dL/dc = B r and dL/dVar_j = -(sum_i B_ij z_ij) / (2 (Var_j + c_eps)) [- 2 q_j c_eps / (Var_j + c_eps)^2
-    for the N < K form]. Autograd carries Var's and c's own dependence on d.
+    N < K: L = ||z z^T||_F^2 - sum_j q_j^2 with q_j = Corr_jj = Var_j / (Var_j + c_eps); else
+    L = ||O||_F^2, O = z^T z without its diagonal. Returns (L, the Gram matrix used, q or None).
     """
+    n, k = z.shape[-2:]
+    if n < k:
+        gram = _matmul(z, z.transpose(-1, -2))  # N x N
+        q = var / shifted
+        return gram.pow(2).sum(dim=(-2, -1)) - q.pow(2).sum(dim=-1), gram, q
+    gram = _matmul(z.transpose(-1, -2), z)  # K x K
+    gram.diagonal(dim1=-2, dim2=-1).zero_()
+    return gram.pow(2).sum(dim=(-2, -1)), gram, None
+
+
+def _decorrelation_backward(
+    grad: Tensor, z: Tensor, gram: Tensor, r: Tensor, shifted: Tensor, q: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """(dL/dc at fixed Var, dL/dVar at fixed c) for :func:`_decorrelation_forward`, times ``grad``.
+
+    With B = 4 (z z^T) z (N < K) or 4 z O, dL/dz at fixed q: dL/dc = B r and
+    dL/dVar_j = -(sum_i B_ij z_ij) / (2 (Var_j + c_eps)) [- 2 q_j c_eps / (Var_j + c_eps)^2 for N < K].
+    dL/dc has zero column sums (1^T z = 0), so centring c = d - mean(d) passes it through unchanged.
+    """
+    g = (4 * grad).unsqueeze(-1).unsqueeze(-1)
+    b = _matmul(gram * g, z) if q is not None else _matmul(z, gram * g)
+    grad_var = -torch.linalg.vecdot(b, z, dim=-2) / (2 * shifted)
+    if q is not None:
+        grad_var = grad_var - 2 * grad.unsqueeze(-1) * q * CORRELATION_EPS / shifted.pow(2)
+    return b.mul_(r.unsqueeze(-2)), grad_var
+
+
+def _scale_and_standardize(centred: Tensor, var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(z, r, Var + c_eps) with r_j = ((N - 1)(Var_j + c_eps))^-1/2 and z = c r."""
+    shifted = var + CORRELATION_EPS
+    r = torch.rsqrt(shifted * (centred.shape[-2] - 1))
+    return centred * r.unsqueeze(-2), r, shifted
+
+
+class _Decorrelation(torch.autograd.Function):
+    """L_tc(c, Var) through the smaller Gram matrix, its gradient written out (one matmul back);
+    autograd carries Var's and c's own dependence on d."""
 
     @staticmethod
     def forward(ctx, centred: Tensor, var: Tensor) -> Tensor:
-        n, k = centred.shape[-2:]
-        shifted = var + CORRELATION_EPS
-        r = torch.rsqrt(shifted * (n - 1))
-        z = centred * r.unsqueeze(-2)
-        if n < k:
-            gram = _matmul(z, z.transpose(-1, -2))  # N x N
-            q = var / shifted
-            value = gram.pow(2).sum(dim=(-2, -1)) - q.pow(2).sum(dim=-1)
-        else:
-            gram = _matmul(z.transpose(-1, -2), z)  # K x K
-            gram.diagonal(dim1=-2, dim2=-1).zero_()
-            q = None
-            value = gram.pow(2).sum(dim=(-2, -1))
+        z, r, shifted = _scale_and_standardize(centred, var)
+        value, gram, q = _decorrelation_forward(z, var, shifted)
         ctx.save_for_backward(z, gram, r, shifted, q)
         return value
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
-        z, gram, r, shifted, q = ctx.saved_tensors
-        g = (4 * grad).unsqueeze(-1).unsqueeze(-1)
-        b = _matmul(gram * g, z) if q is not None else _matmul(z, gram * g)  # dL/dz
-        grad_var = -torch.linalg.vecdot(b, z, dim=-2) / (2 * shifted)
-        if q is not None:
-            grad_var = grad_var - 2 * grad.unsqueeze(-1) * q * CORRELATION_EPS / shifted.pow(2)
-        return b.mul_(r.unsqueeze(-2)), grad_var
+        return _decorrelation_backward(grad, *ctx.saved_tensors)
+
+
+class _BatchTerms(torch.autograd.Function):
+    """L_LSE, Var(d) and L_tc of one batch with one backward pass written out over d (N x K):
+
+        dL/dd_ij = g_lse r_ij + (2 / (N - 1)) gVar_j c_ij + dL_tc/dc_ij,   r = softmax(-d) (the E-step),
+
+    where gVar sums the incoming gradient of Var and L_tc's. The same functions as the separate terms,
+    with a few passes over the N x K batch instead of one per autograd node, which is what the step costs
+    when N and K are both large (the SAE regime). ``index``: L_tc from those components only, times
+    ``scale`` (the subset estimate); None: all components.
+    """
+
+    @staticmethod
+    def forward(ctx, d: Tensor, with_lse: bool, with_tc: bool, index: Tensor | None, scale: float):
+        with torch.autocast(d.device.type, enabled=False):
+            var, mean = torch.var_mean(d, dim=-2, correction=1)
+            lse = -torch.logsumexp(-d, dim=-1).sum(dim=-1) if with_lse else d.new_zeros(d.shape[:-2])
+            tc, saved = d.new_zeros(d.shape[:-2]), (None,) * 5
+            if with_tc:
+                sub, sub_mean, sub_var = (d, mean, var) if index is None else (
+                    d.index_select(-1, index), mean.index_select(-1, index), var.index_select(-1, index))  # fmt: skip
+                z, r, shifted = _scale_and_standardize(sub - sub_mean.unsqueeze(-2), sub_var)
+                value, gram, q = _decorrelation_forward(z, sub_var, shifted)
+                tc, saved = value * scale, (z, gram, r, shifted, q)
+        ctx.with_lse, ctx.with_tc, ctx.scale = with_lse, with_tc, scale
+        ctx.save_for_backward(d, mean, index, *saved)
+        return lse, var, tc
+
+    @staticmethod
+    def backward(ctx, g_lse: Tensor, g_var: Tensor, g_tc: Tensor):
+        d, mean, index, *saved = ctx.saved_tensors
+        with torch.autocast(d.device.type, enabled=False):
+            grad_c_tc = None
+            if ctx.with_tc:
+                grad_c_tc, grad_var_tc = _decorrelation_backward(g_tc * ctx.scale, *saved)
+                g_var = g_var + grad_var_tc if index is None else g_var.index_add(-1, index, grad_var_tc)
+            if ctx.with_lse:
+                grad = torch.softmax(-d, dim=-1).mul_(g_lse.unsqueeze(-1).unsqueeze(-1))
+            else:
+                grad = torch.zeros_like(d)
+            grad.addcmul_(d - mean.unsqueeze(-2), (2 / (d.shape[-2] - 1) * g_var).unsqueeze(-2))
+            if grad_c_tc is not None:
+                grad = grad.add_(grad_c_tc) if index is None else grad.index_add_(-1, index, grad_c_tc)
+        return grad, None, None, None, None
 
 
 def decorrelation_from_statistics(centred: Tensor, var: Tensor) -> Tensor:
@@ -209,18 +271,25 @@ def decorrelation_subset_estimate(
     Cost: the correlations of m columns only (N m min(N, m)) instead of N K min(N, K).
     Its variance over the draw of M (the batch fixed) is :func:`subset_estimate_variance`: zero when all
     pairs are equally correlated, large when a few pairs carry the redundancy. The subset comes from
-    ``generator`` (its device; None: torch's global generator); every rank of a DDP run must draw the same
-    subset for the ranks to agree on the loss (seed the generator identically on all ranks).
+    ``generator`` (its device; None: torch's global generator). Under DDP, identically seeded generators
+    make every rank draw the same subset, so the run equals one process on the global batch; ranks that
+    draw different subsets still get an unbiased gradient (the mean of their R estimates).
     """
     k = centred.shape[-1]
-    if m < 2:
-        raise ValueError(f"the decorrelation estimate needs at least 2 components, got m = {m}")
     if m >= k:
         return decorrelation_from_statistics(centred, var)
-    device = generator.device if generator is not None else torch.device("cpu")
-    idx = torch.randperm(k, generator=generator, device=device)[:m].to(centred.device)
-    sub = decorrelation_from_statistics(centred.index_select(-1, idx), var.index_select(-1, idx))
-    return sub * (k * (k - 1) / (m * (m - 1)))
+    idx, scale = _subset(k, m, generator, centred.device)
+    return decorrelation_from_statistics(centred.index_select(-1, idx), var.index_select(-1, idx)) * scale
+
+
+def _subset(k: int, m: int, generator: torch.Generator | None, device: torch.device) -> tuple[Tensor, float]:
+    """m of the K components uniformly at random (from ``generator``, on its device; None: torch's global
+    generator) and the estimate's scale K (K - 1) / (m (m - 1))."""
+    if m < 2:
+        raise ValueError(f"the decorrelation estimate needs at least 2 components, got m = {m}")
+    rng_device = generator.device if generator is not None else torch.device("cpu")
+    idx = torch.randperm(k, generator=generator, device=rng_device)[:m].to(device)
+    return idx, k * (k - 1) / (m * (m - 1))
 
 
 def _pair_moments(a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -339,17 +408,16 @@ def implicit_em_objective(
     lambdas = {"lse": lambda_lse, "var": lambda_var, "tc": lambda_tc, "wr": lambda_wr}
     zero = d.new_zeros(d.shape[:-2])
     terms = dict.fromkeys(lambdas, zero)
-    if not _is_zero(lambda_lse):
-        terms["lse"] = lse_loss(d)
-    if not (_is_zero(lambda_var) and _is_zero(lambda_tc)):
-        centred, var = centred_and_variance(d)
-        if not _is_zero(lambda_var):
+    with_lse, with_var, with_tc = (not _is_zero(lambdas[t]) for t in ("lse", "var", "tc"))
+    if with_lse or with_var or with_tc:
+        index, scale = None, 1.0
+        k = d.shape[-1]
+        if with_tc and tc_components is not None and tc_components < k:
+            index, scale = _subset(k, tc_components, generator, d.device)
+        lse, var, tc = _BatchTerms.apply(d, with_lse, with_tc, index, scale)
+        terms.update({name: t for name, t, on in (("lse", lse, with_lse), ("tc", tc, with_tc)) if on})
+        if with_var:
             terms["var"] = log_variance_barrier(var, eps)
-        if not _is_zero(lambda_tc):
-            if tc_components is None:
-                terms["tc"] = decorrelation_from_statistics(centred, var)
-            else:
-                terms["tc"] = decorrelation_subset_estimate(centred, var, tc_components, generator)
     if weight is not None and not _is_zero(lambda_wr):
         terms["wr"] = weight_orthogonality_loss(weight)
     weighted = [
@@ -369,3 +437,15 @@ def sae_objective(x: Tensor, reconstruction: Tensor, codes: Tensor, l1: float | 
     mse = (_wide(reconstruction) - _wide(x)).pow(2).mean(dim=(-2, -1))
     sparsity = _wide(codes).abs().mean(dim=(-2, -1))
     return {"loss": mse + l1 * sparsity, "mse": mse, "l1": sparsity}
+
+
+def topk_sae_objective(x: Tensor, reconstruction: Tensor) -> dict[str, Tensor]:
+    """TopK SAE loss L = mean (x - x_hat)^2 (over batch and dimensions): sparsity is the TopK's, so no L1.
+
+    Returns ``{"loss": L, "mse": L, "fvu": sum (x - x_hat)^2 / sum (x - mean(x))^2}`` (the batch's FVU,
+    logged, not optimised).
+    """
+    resid = (reconstruction - x).pow(2)
+    mse = resid.mean()
+    fvu = resid.sum() / (x - x.mean(0)).pow(2).sum().clamp_min(torch.finfo(x.dtype).tiny)
+    return {"loss": mse, "mse": mse, "fvu": fvu.detach()}

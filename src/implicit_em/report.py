@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -14,6 +15,7 @@ from implicit_em.errors import check_choice
 from implicit_em.files import atomic_write
 from implicit_em.metrics import component_diagnostics
 from implicit_em.probe import PROBE_METHODS, clustering_scores, kmeans_scores, linear_probe, responsibility_assignments
+from implicit_em.sae_metrics import log10_density, sae_evaluation, write_density_histogram
 
 
 @dataclass
@@ -26,12 +28,15 @@ class ReportConfig:
         reconstruction: also report reconstruction MSE (through W^T for the decoder-free model).
         split: where the features are scored: ``test``, or ``val`` to choose settings without touching the
             test split.
+        sae_metrics: also the SAE users' numbers (L0, dead fraction, FVU and the rest through a fitted ridge
+            readout, k-sparse probing; ``readout.safetensors`` and ``feature_density.png`` in the run dir).
     """
 
     probe_method: str = "sklearn"
     kmeans: bool = True
     reconstruction: bool = False
     split: str = "test"
+    sae_metrics: bool = True
 
     def __post_init__(self):
         check_choice(self.probe_method, "report.probe_method", PROBE_METHODS)
@@ -61,7 +66,7 @@ def reconstruction_errors(module, x: Tensor, f: Tensor) -> dict[str, float]:
     }
 
 
-def evaluate(module, datamodule, config: ReportConfig | None = None) -> dict:
+def evaluate(module, datamodule, config: ReportConfig | None = None, run_dir: Path | None = None) -> dict:
     """Every number of metrics.json for one model except timing and losses.
 
     Diagnostics are over the test split (``config.split``); the probe is fit on train and scored there;
@@ -85,11 +90,36 @@ def evaluate(module, datamodule, config: ReportConfig | None = None) -> dict:
         **(reconstruction_errors(module, test.x, f_test) if config.reconstruction else {}),
         **{key: v for key, v in module.hparams.items() if isinstance(v, (int, float, str, bool)) or v is None},
     }  # fmt: skip
+    if config.sae_metrics:
+        row.update(sae_numbers(module, datamodule, f_train, f_test, config.split, run_dir))
     if config.kmeans and k > len(train.x):
         row["kmeans_skipped"] = f"K = {k} exceeds the {len(train.x)} training samples"
     elif config.kmeans:
         row.update(kmeans_scores(train.x, test.x, test.y, k))
     return row
+
+
+def sae_numbers(module, datamodule, f_train: Tensor, f_scored: Tensor, split: str, run_dir: Path | None) -> dict:
+    """The SAE users' numbers (:func:`implicit_em.sae_metrics.sae_evaluation`) in raw activation units; with
+    ``run_dir``, also its ``readout.safetensors`` (for export) and ``feature_density.png``. Scored on test, the
+    readout's ridge is chosen on val; scored on val, on the last tenth of the training rows."""
+    from implicit_em.export import normalization_inverse, save_readout
+
+    train, val, scored = (datamodule.splits[n] for n in ("train", "val", split))
+    f_val = f_scored if split == "val" else features(module, val.x)
+    labelled = bool((train.y >= 0).any()) and bool((scored.y >= 0).any())
+    choose = (f_val.cpu(), val.x) if split == "test" else (None, None)
+    numbers, readout = sae_evaluation(
+        f_train.cpu(), train.x, *choose, f_scored.cpu(), scored.x,
+        train.y if labelled else None, scored.y if labelled else None, train.groups, scored.groups,
+        to_raw=normalization_inverse(datamodule.normalization.state_dict()),
+    )  # fmt: skip
+    if run_dir is not None:
+        save_readout(readout.state_dict(), run_dir)
+        density = log10_density([f_train, f_val] + ([f_scored] if split == "test" else []))
+        write_density_histogram(density, Path(run_dir) / "feature_density.png", title=type(module).__name__)
+        atomic_write(Path(run_dir) / "log10_density.npy", lambda f: np.save(f, density.cpu().numpy()))
+    return numbers
 
 
 def final_losses(callback_metrics: dict, suffix: str = "") -> dict[str, float]:
@@ -103,12 +133,14 @@ def final_losses(callback_metrics: dict, suffix: str = "") -> dict[str, float]:
     return out
 
 
-def evaluate_run(module, datamodule, config: ReportConfig | None, callback_metrics: dict) -> dict:
+def evaluate_run(
+    module, datamodule, config: ReportConfig | None, callback_metrics: dict, run_dir: Path | None = None
+) -> dict:
     """:func:`evaluate` and the final losses of a run's model; for an ensemble, of every member (``members``,
     with when a member stopped), member 0's values at the top level."""
     members = getattr(module, "members", None)
     if members is None:
-        return {**evaluate(module, datamodule, config), **final_losses(callback_metrics)}
+        return {**evaluate(module, datamodule, config, run_dir), **final_losses(callback_metrics)}
     rows = [
         {**evaluate(m, datamodule, config), **final_losses(callback_metrics, f"/m{s}"), **module.member_status(s)}
         for s, m in enumerate(members)

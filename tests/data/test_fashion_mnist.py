@@ -1,5 +1,6 @@
 """Fashion-MNIST from the real files of Debian's dataset-fashion-mnist (installed by .ci/run), found with
-no root and no download; and the one-line error when they are missing."""
+no root and no download (skipped, with the reason, where the package is not installed; tests/data/test_mnist.py
+covers the same loader on IDX files it writes); and the one-line error when they are missing."""
 
 import time
 from pathlib import Path
@@ -9,15 +10,14 @@ import pytest
 
 from implicit_em.data import FashionMNISTDataModule
 from tests.conftest import FASHION_MNIST
-from tests.data.conftest import assert_one_line_error
+from tests.data.conftest import assert_one_line_error, write_mnist
 
 
 @pytest.fixture(scope="module")
 def fashion(tmp_path_factory):
     """The module set up from the system files, loaded once for these tests (from a folder with no data/)."""
-    assert (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(), (
-        f"Fashion-MNIST is not in {FASHION_MNIST}: apt-get install dataset-fashion-mnist (.ci/run does)"
-    )
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"Fashion-MNIST is not in {FASHION_MNIST}: apt-get install dataset-fashion-mnist (.ci/run does)")
     dm = FashionMNISTDataModule(batch_size=128)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp_path_factory.mktemp("cwd"))  # so a ./data folder cannot shadow the system copy
@@ -47,6 +47,22 @@ def test_sizes_pixels_and_labels(fashion):
     assert len(dm.splits["train"].x) + len(dm.splits["val"].x) == 60_000 and len(dm.splits["test"].x) == 10_000
     assert len(dm.splits["val"].x) == 6_000
     assert dm.dims == 784
+
+
+@pytest.mark.parametrize("layout", ["debian", "torchvision"])
+def test_found_with_no_root_in_a_system_folder_the_test_wrote(tmp_path, monkeypatch, layout):
+    """The same search on IDX files written by the test (so it runs where Debian's package is absent)."""
+    system = tmp_path / "usr-share-datasets-fashion-mnist"
+    folder = system if layout == "debian" else system / "FashionMNIST" / "raw"
+    written = write_mnist(folder, n_train=100, n_test=20, gz=True)
+    monkeypatch.setattr(FashionMNISTDataModule, "system_roots", (str(system),))
+    monkeypatch.chdir(tmp_path)  # no ./data folder here
+    dm = FashionMNISTDataModule(batch_size=8)
+    found = dm.locate()
+    assert found is not None and {p.parent for pair in found.values() for p in pair} == {folder}
+    raw = dm.load()
+    np.testing.assert_allclose(raw["train"][0], written["train"][0].reshape(100, -1) / 255.0, atol=1e-7)
+    assert np.array_equal(raw["test"][1], written["t10k"][1]) and dm.dims == 784
 
 
 def test_missing_files_name_the_folder_and_the_debian_package(train, tmp_path):

@@ -74,7 +74,7 @@ class InMemoryLoader:
         self.rank, self.world_size = rank, world_size
         self.n_batches = batches_per_epoch(len(x), batch_size, drop_last)
         self._resume: dict | None = None
-        self._position = (0, 0)
+        self._epoch_start = (0, 0, 0)  # epoch, batch and global step where this epoch's iteration began
 
     def __len__(self) -> int:
         if self.chunk > 1:  # how many chunks an epoch has depends on the step it starts at
@@ -89,16 +89,19 @@ class InMemoryLoader:
         self._resume = None
         perm = epoch_permutation(len(self.x), self.seed, epoch).to(self.x.device)
         batches = perm.split(self.batch_size)[: self.n_batches]
-        position = start
-        for length in chunk_lengths(self.n_batches - start, self.step_fn(), self.chunk, self.max_steps):
+        position, step = start, self.step_fn()
+        self._epoch_start = (epoch, start, step)
+        for length in chunk_lengths(self.n_batches - start, step, self.chunk, self.max_steps):
             idx = [rank_rows(b, self.rank, self.world_size) for b in batches[position : position + length]]
             position += length
-            self._position = (epoch, position)
             gathered = self.x[torch.cat(idx)]  # one gather per chunk, then views
             yield list(gathered.split([len(i) for i in idx]))
 
     def state_dict(self) -> dict:
-        return {"epoch": self._position[0], "batch": self._position[1]}
+        """Where to resume: one batch per optimiser step taken since the epoch began (counted from the global
+        step, not from what was yielded: Lightning fetches a chunk ahead of the step it trains on)."""
+        epoch, start, step = self._epoch_start
+        return {"epoch": epoch, "batch": start + self.step_fn() - step}
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = dict(state)
@@ -197,7 +200,13 @@ class ComponentDataModule(L.LightningDataModule):
         t = self.trainer
         if t is None:
             return {"epoch_fn": lambda: 0, "step_fn": lambda: 0, "max_steps": -1}
-        return {"epoch_fn": lambda: t.current_epoch, "step_fn": lambda: t.global_step, "max_steps": t.max_steps}
+        # the epoch Lightning gives samplers (set_epoch): right also when a resumed fit reads its first batch,
+        # before current_epoch has moved past the epoch its checkpoint ended
+        return {
+            "epoch_fn": lambda: t.fit_loop.epoch_progress.current.processed,
+            "step_fn": lambda: t.global_step,
+            "max_steps": t.max_steps,
+        }
 
     def val_dataloader(self) -> EvalLoader:
         s = self.device_split("val")

@@ -1,6 +1,6 @@
 """The experiments behind ``scripts/reproduce.py``: one registry, one entry point.
 
-``paper`` holds the paper's experiments, ``runs`` launches their training runs (``configs/experiment/*.yaml``
+``paper`` holds the paper's experiments, ``compare`` the SAE users' comparison with the usual baselines, ``runs`` launches their training runs (``configs/experiment/*.yaml``
 through the path of ``scripts/train.py``), ``tables`` and ``plots`` summarise and draw.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from implicit_em.experiments import paper
+from implicit_em.experiments import compare, paper
 from implicit_em.experiments.runs import Runs, Settings
 
 #: experiment name -> runner; register a new experiment here
@@ -19,10 +19,11 @@ EXPERIMENTS: dict[str, Callable[[Settings, Runs], Path]] = {
     "benchmark": paper.run_benchmark,
     "features": paper.run_features,
     "dynamics": paper.run_dynamics,
+    "compare": compare.run_compare_experiment,
 }
 #: the experiments ``all`` runs
 PAPER = ("theorem", "ablation", "benchmark", "features", "dynamics")
-DATASETS = ("mnist", "fashion_mnist", "digits", "cifar10", "synthetic")
+DATASETS = ("mnist", "fashion_mnist", "digits", "cifar10", "synthetic", "activations")
 
 
 def expand_experiments(names: Sequence[str]) -> list[str]:

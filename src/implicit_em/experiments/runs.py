@@ -20,7 +20,7 @@ class Settings:
     epochs: int = 100
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     components: int = 64
-    batch_size: int = 128
+    batch_size: int | None = None  # None: the data config's
     probe_method: str = "sklearn"
     data_root: str | None = None
     command: str = ""
@@ -68,7 +68,6 @@ def cli_args(s: Settings, name: str, experiment: str, *extra: str, kmeans=False,
         "--seed_everything", str(s.seeds[0]),  # the data order
         "--model.init_args.seeds", json.dumps(list(s.seeds)),
         "--model.n_components", str(s.components),
-        "--data.batch_size", str(s.batch_size),
         "--report.probe_method", s.probe_method,
         "--report.kmeans", str(kmeans).lower(),
         "--report.reconstruction", str(reconstruction).lower(),
@@ -76,6 +75,8 @@ def cli_args(s: Settings, name: str, experiment: str, *extra: str, kmeans=False,
         "--features.every_n_epochs", "0",
         *extra,
     ]  # fmt: skip
+    if s.batch_size:
+        args += ["--data.batch_size", str(s.batch_size)]
     if s.data_root:
         args += ["--data.root", s.data_root]
     return args

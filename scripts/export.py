@@ -1,0 +1,42 @@
+#!/usr/bin/env python
+"""Export a run in the layout SAELens loads: ``python scripts/export.py RUN_DIR --out DIR``.
+
+Writes DIR/sae_weights.safetensors (W_enc d_in x K, b_enc K, W_dec K x d_in, b_dec d_in) and DIR/cfg.json, the
+data's normalisation folded in: raw activations in, raw activations out. RUN_DIR may also be a .ckpt file.
+Errors print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run", type=Path, help="a run directory (scripts/train.py's) or one of its checkpoints")
+    p.add_argument("--out", type=Path, required=True, help="the export directory (created)")
+    p.add_argument(
+        "--use-readout", action="store_true", help="SAE baselines: export the fitted ridge readout, not their decoder"
+    )
+    a = p.parse_args(argv)
+    from implicit_em.errors import report_user_error
+    from implicit_em.export import export_run
+
+    try:
+        out = export_run(a.run, a.out, use_readout=a.use_readout or None)
+    except Exception as e:  # settings or files a user can fix: one line, exit code 2
+        return report_user_error(e)
+    print(out.resolve(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
