@@ -313,18 +313,23 @@ class ActivationsDataModule(ComponentDataModule):
 
     Args:
         root: the directory of shards (required).
-        val_fraction, test_fraction: parts of the rows held out (by document when doc_ids.npy exists).
-        normalization: ``center+scale`` (unit mean row norm; the default), ``center``, ``none``, ``standardize``
-            or ``zca``, fitted on the training sample.
-        block_rows: rows per block, the unit of shuffling and reading.
-        buffer_rows: rows per shuffle window; about two windows are in memory (one served, one being read).
-        eval_train_rows, eval_val_rows, eval_test_rows: sizes of the in-memory evaluation samples (the final
-            probe fits on the train sample and scores on the test sample; normalisation fits on the train sample).
+        batch_size: the global batch size (divided across DDP ranks).
+        val_fraction: part of the rows held out for validation (whole documents when doc_ids.npy exists).
+        test_fraction: part of the rows held out for testing (whole documents when doc_ids.npy exists).
+        seed: fixes the splits and the evaluation samples.
+        normalization: center+scale (unit mean row norm; the default), center, none, standardize or zca, fitted
+            on the training sample.
+        eval_batch_size: batch size of the validation pass.
+        steps_per_call: the most optimiser steps per Lightning batch; 10 by default, since a chunk holds its
+            micro-batches as float32 (steps x batch_size x d_model x 4 bytes) and Lightning holds the next too.
+        drop_last: drop each epoch's last, partial batch.
+        shuffle_seed: fixes the data order (linked from --seed_everything).
+        block_rows: rows per block, the unit of reading and shuffling.
+        buffer_rows: rows per shuffle window; two windows are in memory (one served, one being read).
+        eval_train_rows: rows of the training sample (the final probe fits on it; the normalisation too).
+        eval_val_rows: rows of the validation sample.
+        eval_test_rows: rows of the test sample (the final probe scores on it).
         prefetch: read the next window in a background thread.
-        steps_per_call: as for every source, but 10 by default: a chunk holds its micro-batches as float32
-            (steps x batch_size x d_model x 4 bytes) and Lightning holds the next chunk too.
-        (batch_size, seed (splits and evaluation samples), shuffle_seed (the data order), eval_batch_size,
-        drop_last: see :class:`ComponentDataModule`)
     """
 
     name = "activations"
