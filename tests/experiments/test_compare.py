@@ -21,7 +21,7 @@ from implicit_em.experiments.compare import (
     summarize,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _data(n: int = 300, d: int = 5) -> Data:
