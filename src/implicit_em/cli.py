@@ -108,7 +108,8 @@ class ImplicitEMCLI(LightningCLI):
                 "description": (
                     "Train a decoder-free implicit-EM model. The options of each model or data class: "
                     "--model.help ImplicitEM | SparseAutoencoderModule | TopKSparseAutoencoderModule | Ensemble; --data.help DigitsDataModule | "
-                    "MNISTDataModule | FashionMNISTDataModule | CIFAR10DataModule | SyntheticMixtureDataModule."
+                    "MNISTDataModule | FashionMNISTDataModule | CIFAR10DataModule | SyntheticMixtureDataModule | "
+                    "ActivationsDataModule."
                 ),
             },
             save_config_callback=SaveAndLogConfig,
