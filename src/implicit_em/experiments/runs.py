@@ -71,6 +71,7 @@ def cli_args(s: Settings, name: str, experiment: str, *extra: str, kmeans=False,
         "--report.probe_method", s.probe_method,
         "--report.kmeans", str(kmeans).lower(),
         "--report.reconstruction", str(reconstruction).lower(),
+        "--report.sae_metrics", "false",  # the paper's experiments report the paper's numbers
         "--probe.every_n_epochs", "0",
         "--features.every_n_epochs", "0",
         *extra,
