@@ -249,35 +249,21 @@ class SparseAutoencoderModule(ComponentModule):
         return sae_objective(x, self.model.decode(codes), codes, self.hparams.l1)
 
 
-class TopKSparseAutoencoderModule(ComponentModule):
-    """The TopK SAE baseline: ReLU encoder keeping the k largest codes, linear decoder, loss MSE.
+class TopKSparseAutoencoderModule(SparseAutoencoderModule):
+    """The TopK SAE baseline (Gao et al. 2024): ReLU encoder keeping the k largest codes, linear decoder, loss
+    MSE (no L1: the TopK is the sparsity).
 
     Args:
         k: codes kept per input.
-        (the other arguments: see :class:`implicit_em.module.ComponentModule`; the data-aware start adjusts
-        the encoder)
+        (the other arguments: see :class:`SparseAutoencoderModule`, whose ``l1`` is unused here)
     """
 
-    def __init__(
-        self,
-        in_features: int = 64,
-        n_components: int = 64,
-        k: int = 32,
-        data_init: bool = True,
-        init_std: float | None = 0.3,
-        optimizer: str = "adam",
-        lr: float = 1e-3,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        seed: int = 0,
-    ):
-        super().__init__(in_features, n_components, data_init, init_std, optimizer, lr, momentum, weight_decay, seed)
+    def __init__(self, k: int = 32, **kwargs):
+        super().__init__(**kwargs)
+        n_components = self.hparams.n_components
         check(isinstance(k, int) and 1 <= k <= n_components, "model.k", f"an integer in 1..{n_components}", k)
         self.save_hyperparameters()
-        self.model = TopKSparseAutoencoder(in_features, n_components, k, seed)
-
-    def first_layer(self) -> torch.nn.Linear:
-        return self.model.encoder
+        self.model = TopKSparseAutoencoder(self.hparams.in_features, n_components, k, self.hparams.seed)
 
     def objective(self, x: Tensor) -> dict[str, Tensor]:
         return topk_sae_objective(x, self.model.decode(self.model(x)))
