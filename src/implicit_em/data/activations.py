@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from implicit_em.data.chunks import chunk_lengths
+from implicit_em.data.chunks import ChunkedEpochs
 from implicit_em.data.memory import ComponentDataModule, Split, batches_per_epoch
-from implicit_em.data.normalization import NORMALIZATIONS, Normalization
+from implicit_em.data.normalization import Normalization
 from implicit_em.data.shards import RowVector, ShardSet
-from implicit_em.errors import ConfigError, DataError, check, check_choice
+from implicit_em.errors import ConfigError, DataError, check
 
 #: evaluation samples are drawn as runs of this many consecutive rows (few reads, many places)
 EVAL_RUN_ROWS = 64
@@ -166,7 +166,7 @@ class RowRuns:
 
 
 # -- the training loader -------------------------------------------------------------------------------------
-class ActivationLoader:
+class ActivationLoader(ChunkedEpochs):
     """Training chunks (lists of micro-batches, one exact optimiser step each) streamed from the shards.
 
     See the module docstring for the order. Each micro-batch is this rank's contiguous part of one global batch
@@ -196,7 +196,7 @@ class ActivationLoader:
         prefetch: bool = True,
     ):
         self.shards, self.rows, self.batch_size, self.seed = shards, rows, batch_size, seed
-        self.epoch_fn, self.step_fn, self.chunk, self.max_steps = epoch_fn, step_fn, max(1, chunk), max_steps
+        super().__init__(batches_per_epoch(rows.n, batch_size, drop_last), epoch_fn, step_fn, chunk, max_steps)
         self.transform, self.rank, self.world_size = transform, rank, world_size
         self.device, self.prefetch, self.block_rows = device, prefetch, block_rows
         self.blocks_per_window = max(1, buffer_rows // block_rows)
@@ -205,16 +205,7 @@ class ActivationLoader:
                 f"data.buffer_rows {buffer_rows} holds {self.blocks_per_window * block_rows} rows in whole blocks of "
                 f"{block_rows}, less than one batch ({batch_size}); raise --data.buffer_rows"
             )
-        self.n_batches = batches_per_epoch(rows.n, batch_size, drop_last)
         self.n_blocks = -(-rows.n // block_rows)
-        self._resume: dict | None = None
-        self._position = (0, 0)
-        self._epoch_start: tuple[int, int, int] | None = None
-
-    def __len__(self) -> int:
-        if self.chunk > 1:  # how many chunks an epoch has depends on the step it starts at
-            raise TypeError("a chunked loader has no fixed length")
-        return self.n_batches
 
     def windows(self, epoch: int) -> list[np.ndarray]:
         """The blocks of each window of ``epoch``, in reading order."""
@@ -240,11 +231,7 @@ class ActivationLoader:
         return p0, p0 + q + int(self.rank < r)
 
     def __iter__(self) -> Iterator[list[Tensor]]:
-        epoch = self.epoch_fn()
-        start = 0
-        if self._resume is not None and self._resume["epoch"] == epoch:
-            start = self._resume["batch"]
-        self._resume = None
+        epoch, start, lengths = self.start_epoch()
         windows = self.windows(epoch)
         sizes = [sum(hi - lo for lo, hi in map(self._block, blocks)) for blocks in windows]
         bounds = np.cumsum([0, *sizes])
@@ -278,52 +265,29 @@ class ActivationLoader:
             rows = pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else self.shards.empty(0)
             return self.transform(self.shards.to_float32(rows, self.device))
 
-        first_step = self.step_fn() if self.step_fn is not None else 0
-        self._epoch_start = (epoch, start, first_step)
         try:
             position = start
-            for length in chunk_lengths(self.n_batches - start, first_step, self.chunk, self.max_steps):
+            for length in lengths:
                 chunk = [micro_batch(k) for k in range(position, position + length)]
                 position += length
-                self._position = (epoch, position)
+                self.handed_out(epoch, position)
                 yield chunk
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-
-    def state_dict(self) -> dict:
-        """The epoch and the batches of it already trained on.
-
-        With a step clock (the Trainer's global step) that is the steps taken since the epoch began: Lightning
-        fetches one chunk ahead of the step it runs, so the chunks handed out are one more than those trained on.
-        Without one, every chunk handed out counts as consumed.
-        """
-        if self.step_fn is None or self._epoch_start is None:
-            return {"epoch": self._position[0], "batch": self._position[1]}
-        epoch, start, first_step = self._epoch_start
-        return {"epoch": epoch, "batch": min(start + self.step_fn() - first_step, self.n_batches)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._resume = dict(state)
 
 
 # -- the DataModule ------------------------------------------------------------------------------------------
 class ActivationsDataModule(ComponentDataModule):
     """Activations (or any vectors) in shards under ``root``, streamed; see the module docstring.
 
+    The arguments of :class:`ComponentDataModule` (``root``: the directory of shards, required; held-out rows
+    are whole documents when doc_ids.npy exists; ``seed`` also fixes the evaluation samples; the normalisation
+    is fitted on the training sample), with the defaults of ``configs/data/activations.yaml``: batch 1024,
+    ``center+scale`` (unit mean row norm), ``steps_per_call`` 10 (a chunk holds its micro-batches as float32,
+    steps x batch_size x d_model x 4 bytes, and Lightning holds the next too); and:
+
     Args:
-        root: the directory of shards (required).
-        batch_size: the global batch size (divided across DDP ranks).
-        val_fraction: part of the rows held out for validation (whole documents when doc_ids.npy exists).
-        test_fraction: part of the rows held out for testing (whole documents when doc_ids.npy exists).
-        seed: fixes the splits and the evaluation samples.
-        normalization: center+scale (unit mean row norm; the default), center, none, standardize or zca, fitted
-            on the training sample.
-        eval_batch_size: batch size of the validation pass.
-        steps_per_call: the most optimiser steps per Lightning batch; 10 by default, since a chunk holds its
-            micro-batches as float32 (steps x batch_size x d_model x 4 bytes) and Lightning holds the next too.
-        drop_last: drop each epoch's last, partial batch.
-        shuffle_seed: fixes the data order (linked from --seed_everything).
         block_rows: rows per block, the unit of reading and shuffling.
         buffer_rows: rows per shuffle window; two windows are in memory (one served, one being read).
         eval_train_rows: rows of the training sample (the final probe fits on it; the normalisation too).
@@ -337,29 +301,18 @@ class ActivationsDataModule(ComponentDataModule):
 
     def __init__(
         self,
-        root: str | None = None,
-        batch_size: int = 1024,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.2,
-        seed: int = 0,
-        normalization: str = "center+scale",
-        eval_batch_size: int = 4096,
-        steps_per_call: int = 10,
-        drop_last: bool = False,
-        shuffle_seed: int = 0,
         block_rows: int = 4096,
         buffer_rows: int = 131_072,
         eval_train_rows: int = 100_000,
         eval_val_rows: int = 20_000,
         eval_test_rows: int = 20_000,
         prefetch: bool = True,
+        **kwargs,
     ):
-        super().__init__(batch_size, seed, eval_batch_size, steps_per_call, drop_last, shuffle_seed)
-        check(0 < val_fraction < 1, "data.val_fraction", "in (0, 1)", val_fraction)
-        check(0 < test_fraction < 1, "data.test_fraction", "in (0, 1)", test_fraction)
+        super().__init__(**kwargs)
+        val_fraction, test_fraction, batch_size = self.val_fraction, self.test_fraction, self.batch_size
         check(val_fraction + test_fraction < 1, "data.val_fraction + data.test_fraction", "< 1",
               val_fraction + test_fraction)  # fmt: skip
-        check_choice(normalization, "data.normalization", NORMALIZATIONS)
         check(isinstance(block_rows, int) and block_rows >= 1, "data.block_rows", "an integer >= 1", block_rows)
         check(
             isinstance(buffer_rows, int) and buffer_rows >= max(block_rows, batch_size),
@@ -370,8 +323,6 @@ class ActivationsDataModule(ComponentDataModule):
         for key, v in (("eval_train_rows", eval_train_rows), ("eval_val_rows", eval_val_rows),
                        ("eval_test_rows", eval_test_rows)):  # fmt: skip
             check(isinstance(v, int) and v >= 2, f"data.{key}", "an integer >= 2", v)
-        self.root, self.val_fraction, self.test_fraction = root, val_fraction, test_fraction
-        self.normalization_kind = normalization
         self.block_rows, self.buffer_rows, self.prefetch = block_rows, buffer_rows, prefetch
         self.eval_rows = {"train": eval_train_rows, "val": eval_val_rows, "test": eval_test_rows}
         self._shards: ShardSet | None = None

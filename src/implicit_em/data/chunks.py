@@ -10,6 +10,7 @@ integer or fractional ``val_check_interval``) and DDP (one backward per DDP forw
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 
 def chunk_steps(trainer, steps_per_call: int) -> int:
@@ -39,3 +40,51 @@ def chunk_lengths(n_steps: int, first_step: int, c: int, max_steps: int = -1) ->
         lengths.append(stop - step)
         step = stop
     return lengths
+
+
+class ChunkedEpochs:
+    """What every training loader shares: the position in the epoch (to resume mid-epoch exactly) and the
+    chunk lengths of an epoch's iteration.
+
+    ``epoch_fn`` and ``step_fn`` read the Trainer's epoch and global step. The saved position counts the
+    batches trained on: with a step clock, the optimiser steps taken since the epoch began (Lightning fetches a
+    chunk ahead of the one it trains on, so the chunks handed out are one more); without one, every chunk
+    handed out counts. A loader has a length only when every chunk is one step.
+    """
+
+    def __init__(
+        self, n_batches: int, epoch_fn: Callable[[], int], step_fn: Callable[[], int] | None, chunk: int, max_steps: int
+    ):
+        self.n_batches, self.epoch_fn, self.step_fn = n_batches, epoch_fn, step_fn
+        self.chunk, self.max_steps = max(1, chunk), max_steps
+        self._resume: dict | None = None
+        self._position = (0, 0)
+        self._epoch_start: tuple[int, int, int] | None = None
+
+    def __len__(self) -> int:
+        if self.chunk > 1:  # how many chunks an epoch has depends on the step it starts at
+            raise TypeError("a chunked loader has no fixed length")
+        return self.n_batches
+
+    def start_epoch(self) -> tuple[int, int, list[int]]:
+        """(epoch, first batch, chunk lengths) of the iteration that begins now, from a loaded position if any."""
+        epoch, start = self.epoch_fn(), 0
+        if self._resume is not None and self._resume["epoch"] == epoch:
+            start = self._resume["batch"]
+        self._resume = None
+        first_step = self.step_fn() if self.step_fn is not None else 0
+        self._epoch_start, self._position = (epoch, start, first_step), (epoch, start)
+        return epoch, start, chunk_lengths(self.n_batches - start, first_step, self.chunk, self.max_steps)
+
+    def handed_out(self, epoch: int, position: int) -> None:
+        """Note that the batches up to ``position`` of ``epoch`` have been handed out."""
+        self._position = (epoch, position)
+
+    def state_dict(self) -> dict:
+        if self.step_fn is None or self._epoch_start is None:
+            return {"epoch": self._position[0], "batch": self._position[1]}
+        epoch, start, first_step = self._epoch_start
+        return {"epoch": epoch, "batch": min(start + self.step_fn() - first_step, self.n_batches)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state)

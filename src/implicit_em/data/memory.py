@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from implicit_em.data.chunks import chunk_lengths, chunk_steps
+from implicit_em.data.chunks import ChunkedEpochs, chunk_steps
 from implicit_em.data.normalization import NORMALIZATIONS, Normalization
 from implicit_em.errors import DataError, check, check_choice
 
@@ -47,7 +47,7 @@ class Split:
     groups: Tensor | None = None  # N int64: the document each row came from, where known
 
 
-class InMemoryLoader:
+class InMemoryLoader(ChunkedEpochs):
     """Yields training chunks: lists of micro-batches of one in-memory tensor, one exact optimiser step each.
 
     Each epoch is one permutation fixed by (seed, epoch); ``batch_size`` is the global batch and every rank
@@ -69,42 +69,20 @@ class InMemoryLoader:
         world_size: int = 1,
         drop_last: bool = False,
     ):
+        super().__init__(batches_per_epoch(len(x), batch_size, drop_last), epoch_fn, step_fn, chunk, max_steps)
         self.x, self.batch_size, self.seed = x, batch_size, seed
-        self.epoch_fn, self.step_fn, self.chunk, self.max_steps = epoch_fn, step_fn, chunk, max_steps
         self.rank, self.world_size = rank, world_size
-        self.n_batches = batches_per_epoch(len(x), batch_size, drop_last)
-        self._resume: dict | None = None
-        self._epoch_start = (0, 0, 0)  # epoch, batch and global step where this epoch's iteration began
-
-    def __len__(self) -> int:
-        if self.chunk > 1:  # how many chunks an epoch has depends on the step it starts at
-            raise TypeError("a chunked loader has no fixed length")
-        return self.n_batches
 
     def __iter__(self) -> Iterator[list[Tensor]]:
-        epoch = self.epoch_fn()
-        start = 0
-        if self._resume is not None and self._resume["epoch"] == epoch:
-            start = self._resume["batch"]
-        self._resume = None
+        epoch, position, lengths = self.start_epoch()
         perm = epoch_permutation(len(self.x), self.seed, epoch).to(self.x.device)
         batches = perm.split(self.batch_size)[: self.n_batches]
-        position, step = start, self.step_fn()
-        self._epoch_start = (epoch, start, step)
-        for length in chunk_lengths(self.n_batches - start, step, self.chunk, self.max_steps):
+        for length in lengths:
             idx = [rank_rows(b, self.rank, self.world_size) for b in batches[position : position + length]]
             position += length
+            self.handed_out(epoch, position)
             gathered = self.x[torch.cat(idx)]  # one gather per chunk, then views
             yield list(gathered.split([len(i) for i in idx]))
-
-    def state_dict(self) -> dict:
-        """Where to resume: one batch per optimiser step taken since the epoch began (counted from the global
-        step, not from what was yielded: Lightning fetches a chunk ahead of the step it trains on)."""
-        epoch, start, step = self._epoch_start
-        return {"epoch": epoch, "batch": start + self.step_fn() - step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._resume = dict(state)
 
 
 class EvalLoader:
@@ -141,8 +119,13 @@ class ComponentDataModule(L.LightningDataModule):
     ``setup`` and implement ``train_dataloader`` (chunks; see :mod:`implicit_em.data.chunks`).
 
     Args:
+        root: where the data files are (each dataset documents the layouts it accepts).
         batch_size: the global batch size (divided across DDP ranks).
+        val_fraction: fraction of the training split held out for validation.
+        test_fraction: fraction held out for testing when the source has no test split.
         seed: fixes the splits.
+        normalization: none, center, center+scale, standardize (per feature) or zca (whitening), fitted on
+            training rows.
         shuffle_seed: fixes the data order (linked from ``--seed_everything``).
         eval_batch_size: batch size of the validation pass (metrics are exact over the split regardless).
         steps_per_call: the most optimiser steps per Lightning batch (speed only; step settings stay exact).
@@ -154,13 +137,27 @@ class ComponentDataModule(L.LightningDataModule):
     name = "data"
 
     def __init__(
-        self, batch_size: int, seed: int, eval_batch_size: int, steps_per_call: int, drop_last: bool, shuffle_seed: int
+        self,
+        root: str | None = None,
+        batch_size: int = 128,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        normalization: str = "none",
+        eval_batch_size: int = 4096,
+        steps_per_call: int = 50,
+        drop_last: bool = False,
+        shuffle_seed: int = 0,
     ):
         super().__init__()
         check(isinstance(batch_size, int) and batch_size >= 2, "data.batch_size",
               "an integer >= 2 (the variance term needs 2 samples)", batch_size)  # fmt: skip
+        check(0 < val_fraction < 1, "data.val_fraction", "in (0, 1)", val_fraction)
+        check(0 < test_fraction < 1, "data.test_fraction", "in (0, 1)", test_fraction)
+        check_choice(normalization, "data.normalization", NORMALIZATIONS)
         check(eval_batch_size >= 1, "data.eval_batch_size", ">= 1", eval_batch_size)
         check(steps_per_call >= 1, "data.steps_per_call", ">= 1", steps_per_call)
+        self.root, self.val_fraction, self.test_fraction = root, val_fraction, test_fraction
         self.batch_size, self.seed, self.shuffle_seed, self.eval_batch_size = (
             batch_size,
             seed,
@@ -168,6 +165,7 @@ class ComponentDataModule(L.LightningDataModule):
             eval_batch_size,
         )
         self.steps_per_call, self.drop_last = steps_per_call, drop_last
+        self.normalization_kind = normalization
         self.splits: dict[str, Split] = {}
         self.normalization = Normalization()
         self._device_splits: dict[str, Split] = {}
@@ -224,34 +222,9 @@ class InMemoryDataModule(ComponentDataModule):
     """Base of the in-memory sources: subclasses implement :meth:`load`; this class splits, normalises and
     serves every split as one tensor on the training device.
 
-    Args:
-        root: where the data files are (each dataset documents the layouts it accepts).
-        val_fraction: fraction of the training split held out for validation (stratified).
-        test_fraction: fraction held out for testing when the source has no test split.
-        normalization: none (pixels in [0, 1]), center, center+scale, standardize (per feature) or zca
-            (whitening), fitted on the training split.
-        (the other arguments: see :class:`ComponentDataModule`)
+    The arguments are :class:`ComponentDataModule`'s (validation split stratified by label; normalisation
+    ``none`` keeps pixels in [0, 1]).
     """
-
-    def __init__(
-        self,
-        root: str | None = None,
-        batch_size: int = 128,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.2,
-        seed: int = 0,
-        normalization: str = "none",
-        eval_batch_size: int = 4096,
-        steps_per_call: int = 50,
-        drop_last: bool = False,
-        shuffle_seed: int = 0,
-    ):
-        super().__init__(batch_size, seed, eval_batch_size, steps_per_call, drop_last, shuffle_seed)
-        check(0 < val_fraction < 1, "data.val_fraction", "in (0, 1)", val_fraction)
-        check(0 < test_fraction < 1, "data.test_fraction", "in (0, 1)", test_fraction)
-        check_choice(normalization, "data.normalization", NORMALIZATIONS)
-        self.root, self.val_fraction, self.test_fraction = root, val_fraction, test_fraction
-        self.normalization_kind = normalization
 
     def load(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Return ``{"train": (x, y), "test": (x, y)}`` (test optional), x float32 N x D in [0, 1]."""
