@@ -1,0 +1,219 @@
+"""The single-layer feature pipeline of Coates, Lee & Ng (2011) for any dictionary of patch components.
+
+A dictionary (the implicit-EM model's W, b, or k-means centroids) acts on normalised, whitened p x p patches
+(:class:`~implicit_em.data.cifar10_patches.PatchNormalization`). Here it is applied at every position of
+every image (stride 1) by one convolution, each position is encoded, and every encoding is sum-pooled over
+the image's four quadrants: 4K features per image, which a linear probe judges.
+
+Folding: at each position the patch x (D = C p p values) becomes x_w = ((x - m 1) / s - mu) P, with m, s the
+patch's mean and sqrt(unbiased variance + e). For an affine map z = x_w A + b (A: D x K), with G = P A,
+
+    z = (x G - m 1^T G) / s + (b - mu G),
+
+so x G is one convolution of the image with the K filters G, and m, s come from box filters of the image
+and of its square; only that per-position division is not linear.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from implicit_em.data.cifar10_patches import PatchNormalization, check_patch_size
+from implicit_em.errors import ConfigError, check
+from implicit_em.models import ACTIVATIONS
+
+#: encodings of the mixture model's distances d at a position: d itself, and relu(mean_j d - d), the
+#: triangle code's form (a component scores when it is closer than the average component)
+MIXTURE_ENCODINGS = ("distance", "contrast")
+#: bytes of feature maps one batch of images may hold during extraction
+BATCH_BYTES = 256 * 2**20
+
+
+@dataclass
+class FoldedFilters:
+    """z = (conv(image, filters) - m * sums) / s + offset at every position (see the module docstring)."""
+
+    filters: Tensor  # K x C x p x p: G's columns as filters
+    sums: Tensor  # K: 1^T G
+    offset: Tensor  # K: b - mu G
+    contrast_eps: float
+
+    @property
+    def patch_size(self) -> int:
+        return self.filters.shape[-1]
+
+
+def fold(normalization: PatchNormalization, weight: Tensor, bias: Tensor | None = None) -> FoldedFilters:
+    """Fold the patch normalisation into the affine map z = x_w W^T + b (W: K x D on whitened patches)."""
+    n = normalization
+    if weight.shape[-1] != n.dims:
+        raise ConfigError(f"the dictionary has {weight.shape[-1]} dims per component, the patches {n.dims}")
+    g = n.whiten.double() @ weight.double().T  # D x K
+    offset = -(n.mean.double() @ g)
+    if bias is not None:
+        offset = offset + bias.double()
+    filters = g.T.reshape(len(weight), n.channels, n.patch_size, n.patch_size)
+    return FoldedFilters(filters.float(), g.sum(0).float(), offset.float(), n.contrast_eps)
+
+
+def patch_moments(images: Tensor, patch_size: int, eps: float) -> tuple[Tensor, Tensor]:
+    """Mean m and s = sqrt(unbiased variance + eps) of the patch at every position: N x 1 x H' x W' each,
+    H' = H - p + 1, by box filters over all channels."""
+    n_values = images.shape[1] * patch_size**2
+    mean = F.avg_pool2d(images.mean(1, keepdim=True), patch_size, stride=1)
+    second = F.avg_pool2d(images.pow(2).mean(1, keepdim=True), patch_size, stride=1)
+    var = (second - mean.pow(2)).clamp_min(0) * (n_values / (n_values - 1))
+    return mean, (var + eps).sqrt()
+
+
+def affine_maps(images: Tensor, folded: FoldedFilters) -> Tensor:
+    """z = x_w A + b at every position of float images N x C x H x W (pixels in [0, 1]): N x K x H' x W'."""
+    check_patch_size(folded.patch_size, min(images.shape[-2:]))
+    images = images - 0.5  # (x - m 1) G is shift-invariant; centring keeps x G - m 1^T G from cancelling
+    mean, s = patch_moments(images, folded.patch_size, folded.contrast_eps)
+    z = F.conv2d(images, folded.filters)
+    z = z.sub_(mean * folded.sums[:, None, None]).div_(s)
+    return z.add_(folded.offset[:, None, None])
+
+
+def quadrant_pool(maps: Tensor) -> Tensor:
+    """Sum over each quadrant of the positions: N x K x H x W -> N x 4K, component-major (k * 4 + q).
+
+    The first half of the rows (columns) is the larger one for odd sizes: 27 positions split 14 + 13.
+    """
+    h, w = maps.shape[-2:]
+    if h < 2 or w < 2:
+        raise ConfigError(f"quadrant pooling needs at least 2 x 2 positions, got {h} x {w}; use smaller patches")
+    h2, w2 = math.ceil(h / 2), math.ceil(w / 2)
+    top, bottom = maps[..., :h2, :], maps[..., h2:, :]
+    quads = [top[..., :w2], top[..., w2:], bottom[..., :w2], bottom[..., w2:]]
+    return torch.stack([q.sum(dim=(-2, -1)) for q in quads], dim=-1).flatten(1)
+
+
+def mixture_encodings(d: Tensor, encodings: tuple[str, ...] = MIXTURE_ENCODINGS) -> dict[str, Tensor]:
+    """Encodings of distances d (N x K x ...): ``distance`` = d, ``contrast`` = relu(mean_j d_j - d)."""
+    out = {}
+    for name in encodings:
+        if name == "distance":
+            out[name] = d
+        elif name == "contrast":
+            out[name] = F.relu(d.mean(dim=1, keepdim=True) - d)
+        else:
+            raise ConfigError(f"unknown encoding {name!r}; choose from {', '.join(MIXTURE_ENCODINGS)}")
+    return out
+
+
+def triangle(sq_distances: Tensor) -> Tensor:
+    """The k-means triangle code f_j = relu(mean_k z_k - z_j), z_j = ||x_w - c_j|| (dim 1 indexes j)."""
+    z = sq_distances.clamp_min(0).sqrt()
+    return F.relu(z.mean(dim=1, keepdim=True) - z)
+
+
+Encoder = Callable[[Tensor], dict[str, Tensor]]
+
+
+def mixture_encoder(
+    normalization: PatchNormalization,
+    weight: Tensor,
+    bias: Tensor,
+    activation: str = "relu",
+    encodings: tuple[str, ...] = MIXTURE_ENCODINGS,
+) -> Encoder:
+    """The implicit-EM dictionary d = phi(W x_w + b) at every position, encoded by ``encodings``."""
+    check_dictionary(weight)
+    folded, phi = fold(normalization, weight, bias), ACTIVATIONS[activation]
+    return lambda images: mixture_encodings(phi(affine_maps(images, folded)), encodings)
+
+
+def kmeans_encoder(normalization: PatchNormalization, centroids: Tensor) -> Encoder:
+    """Centroids c_j at every position, triangle-encoded: ||x_w - c_j||^2 = ||x_w||^2 - 2 x_w c_j + ||c_j||^2,
+    with x_w itself from the same convolution (D identity filters after the K centroid filters)."""
+    check_dictionary(centroids)
+    k, dims = centroids.shape
+    weight = torch.cat([centroids, torch.eye(dims, dtype=centroids.dtype)])
+    folded = fold(normalization, weight)
+    c2 = centroids.double().pow(2).sum(1).float()
+
+    def encode(images: Tensor) -> dict[str, Tensor]:
+        z = affine_maps(images, folded)
+        cross, whitened = z[:, :k], z[:, k:]
+        sq = whitened.pow(2).sum(1, keepdim=True) - 2 * cross + c2[:, None, None]
+        return {"triangle": triangle(sq)}
+
+    return encode
+
+
+def check_dictionary(weight: Tensor) -> None:
+    check(weight.dim() == 2 and len(weight) >= 2, "the number of components K", "at least 2", len(weight))
+
+
+@torch.no_grad()
+def extract_features(
+    images: Tensor, encoder: Encoder, n_maps: int, batch_size: int | None = None, log: Callable | None = None
+) -> dict[str, Tensor]:
+    """Quadrant-pooled encodings of uint8 images N x C x H x W: ``{encoding: N x 4K}`` (float32).
+
+    Images go through in batches whose feature maps (``n_maps`` channels in all) fit in :data:`BATCH_BYTES`.
+    """
+    n, _, h, w = images.shape
+    if batch_size is None:
+        batch_size = max(1, BATCH_BYTES // (4 * n_maps * h * w))
+    out: dict[str, list[Tensor]] = {}
+    for i, lo in enumerate(range(0, n, batch_size)):
+        batch = images[lo : lo + batch_size].float().div_(255)
+        for name, maps in encoder(batch).items():
+            out.setdefault(name, []).append(quadrant_pool(maps))
+        if log is not None and i % 50 == 0:
+            log(f"  features: {min(lo + batch_size, n)} / {n} images")
+    return {name: torch.cat(parts) for name, parts in out.items()}
+
+
+@torch.no_grad()
+def kmeans(x: Tensor, k: int, iterations: int = 10, seed: int = 0, chunk: int = 65536) -> tuple[Tensor, Tensor]:
+    """Plain k-means (Lloyd) on the rows of x (n x D): returns the centroids (K x D) and each one's count at
+    the last assignment. Starts from K distinct random rows; a centroid left empty restarts at a random row
+    (the count it reports is that of its last assignment, 0 for a dead one)."""
+    check(k >= 2, "the number of components K", "at least 2", k)
+    check(k <= len(x), "the number of components K", f"at most the {len(x)} samples", k)
+    g = torch.Generator().manual_seed(seed)
+    centroids = x[torch.randperm(len(x), generator=g)[:k]].clone()
+    counts = torch.zeros(k)
+    for _ in range(iterations):
+        sums = torch.zeros_like(centroids, dtype=torch.float64)
+        counts = torch.zeros(k, dtype=torch.float64)
+        c2 = centroids.pow(2).sum(1)
+        for part in x.split(chunk):
+            nearest = torch.addmm(c2, part, centroids.T, alpha=-2).argmin(1)
+            sums.index_add_(0, nearest, part.double())
+            counts.index_add_(0, nearest, torch.ones(len(part), dtype=torch.float64))
+        empty = counts == 0
+        centroids = (sums / counts.clamp_min(1)[:, None]).float()
+        centroids[empty] = x[torch.randint(len(x), (int(empty.sum()),), generator=g)]
+    return centroids, counts.float()
+
+
+def plot_dictionaries(dictionaries: dict[str, Tensor], patch_size: int, path: Path, columns: int = 20) -> Path:
+    """The components of each dictionary (K x C p p, on whitened patches) as p x p colour filters, side by
+    side; each filter scaled by its own max |w|, 0 shown as grey. At most ``columns``^2 filters each."""
+    import matplotlib.pyplot as plt
+
+    from implicit_em.figures import feature_grid
+
+    fig, axes = plt.subplots(1, len(dictionaries), figsize=(6 * len(dictionaries), 6.4), squeeze=False)
+    for ax, (title, weight) in zip(axes[0], dictionaries.items()):
+        shown = weight[: columns * columns]
+        grid = feature_grid(shown, (weight.shape[1] // patch_size**2, patch_size, patch_size), columns=columns)
+        ax.imshow(((grid + 1) / 2).clip(0, 1))
+        ax.set_title(f"{title} ({len(shown)} of {len(weight)})")
+        ax.set_axis_off()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
