@@ -176,14 +176,16 @@ def extract_features(
 
 
 @torch.no_grad()
-def kmeans(x: Tensor, k: int, iterations: int = 10, seed: int = 0, chunk: int = 65536) -> tuple[Tensor, Tensor]:
+def kmeans(
+    x: Tensor, k: int, iterations: int = 10, seed: int = 0, init: Tensor | None = None, chunk: int = 65536
+) -> tuple[Tensor, Tensor]:
     """Plain k-means (Lloyd) on the rows of x (n x D): returns the centroids (K x D) and each one's count at
-    the last assignment. Starts from K distinct random rows; a centroid left empty restarts at a random row
-    (the count it reports is that of its last assignment, 0 for a dead one)."""
+    the last assignment. Starts from ``init`` or K distinct random rows; a centroid left empty restarts at a
+    random row (the count it reports is that of its last assignment, 0 for a dead one)."""
     check(k >= 2, "the number of components K", "at least 2", k)
     check(k <= len(x), "the number of components K", f"at most the {len(x)} samples", k)
     g = torch.Generator().manual_seed(seed)
-    centroids = x[torch.randperm(len(x), generator=g)[:k]].clone()
+    centroids = x[torch.randperm(len(x), generator=g)[:k]].clone() if init is None else init.clone().to(x)
     counts = torch.zeros(k)
     for _ in range(iterations):
         sums = torch.zeros_like(centroids, dtype=torch.float64)
