@@ -37,49 +37,49 @@ def normalization(images):
     return PatchNormalization.fit(raw.float() / 255, P)
 
 
-def every_patch(images, normalization):
-    """The normalised, whitened patch at every position, one by one: N x positions x D."""
-    raw = F.unfold(images.float() / 255, P).transpose(1, 2)
-    return normalization(raw.reshape(-1, D)).reshape(len(images), -1, D)
+def whitened_patches(images, normalization):
+    """The normalised, whitened patch at every position, one by one (float64): N x positions x D."""
+    raw = F.unfold(images.double() / 255, P).transpose(1, 2)
+    return normalization(raw.reshape(-1, D)).double().reshape(len(images), -1, D)
 
 
 def as_maps(per_position, n, side):
-    """N x positions x K -> N x K x side x side."""
-    return per_position.transpose(1, 2).reshape(n, -1, side, side)
+    """N x positions x K -> N x side x side x K."""
+    return per_position.reshape(n, side, side, -1).float()
 
 
 def test_folded_convolution_equals_patch_by_patch_encoding(images, normalization):
     g = torch.Generator().manual_seed(2)
     weight, bias = torch.randn(5, D, generator=g), torch.randn(5, generator=g)
     z = affine_maps(images.float() / 255, fold(normalization, weight, bias))
-    expected = as_maps(every_patch(images, normalization) @ weight.T + bias, 6, 8)
-    assert z.shape == (6, 5, 8, 8)
+    expected = as_maps(whitened_patches(images, normalization) @ weight.T.double() + bias.double(), 6, 8)
+    assert z.shape == (6, 8, 8, 5)
     torch.testing.assert_close(z, expected, atol=2e-4, rtol=1e-4)
     encoded = mixture_encoder(normalization, weight, bias)(images.float() / 255)
     d = expected.relu()
     torch.testing.assert_close(encoded["distance"], d, atol=2e-4, rtol=1e-4)
-    torch.testing.assert_close(encoded["contrast"], (d.mean(1, keepdim=True) - d).relu(), atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(encoded["contrast"], (d.mean(-1, keepdim=True) - d).relu(), atol=2e-4, rtol=1e-4)
 
 
 def test_kmeans_triangle_code_equals_patch_by_patch(images, normalization):
     centroids = torch.randn(7, D, generator=torch.Generator().manual_seed(3))
     got = kmeans_encoder(normalization, centroids)(images.float() / 255)["triangle"]
-    z = torch.cdist(every_patch(images, normalization), centroids)  # N x positions x K
+    z = torch.cdist(whitened_patches(images, normalization), centroids.double())  # N x positions x K
     expected = as_maps((z.mean(-1, keepdim=True) - z).relu(), 6, 8)
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
     assert (got >= 0).all() and (got == 0).any()  # components farther than average score 0
 
 
 def test_quadrant_pooling_sums_each_quadrant():
-    maps = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).reshape(2, 3, 5, 5)
+    maps = torch.arange(2 * 5 * 5 * 3, dtype=torch.float32).reshape(2, 5, 5, 3)
     pooled = quadrant_pool(maps)
     assert pooled.shape == (2, 12)
-    m = maps[1, 2]  # odd sizes: the first half is the larger one (3 + 2)
+    m = maps[1, :, :, 2]  # odd sizes: the first half is the larger one (3 + 2)
     expected = [m[:3, :3].sum(), m[:3, 3:].sum(), m[3:, :3].sum(), m[3:, 3:].sum()]
-    torch.testing.assert_close(pooled[1, 8:12], torch.stack(expected))
-    torch.testing.assert_close(pooled.reshape(2, 3, 4).sum(-1), maps.sum((-2, -1)))  # nothing lost or counted twice
+    torch.testing.assert_close(pooled[1].reshape(4, 3)[:, 2], torch.stack(expected))  # quadrant-major
+    torch.testing.assert_close(pooled.reshape(2, 4, 3).sum(1), maps.sum((1, 2)))  # nothing lost or counted twice
     with pytest.raises(ConfigError, match="at least 2 x 2 positions"):
-        quadrant_pool(torch.zeros(1, 3, 1, 4))
+        quadrant_pool(torch.zeros(1, 1, 4, 3))
 
 
 def test_extraction_in_batches_equals_one_batch(images, normalization):

@@ -2,16 +2,21 @@
 
 A dictionary (the implicit-EM model's W, b, or k-means centroids) acts on normalised, whitened p x p patches
 (:class:`~implicit_em.data.cifar10_patches.PatchNormalization`). Here it is applied at every position of
-every image (stride 1) by one convolution, each position is encoded, and every encoding is sum-pooled over
-the image's four quadrants: 4K features per image, which a linear probe judges.
+every image (stride 1), each position is encoded, and every encoding is sum-pooled over the image's four
+quadrants: 4K features per image, which a linear probe judges.
 
-Folding: at each position the patch x (D = C p p values) becomes x_w = ((x - m 1) / s - mu) P, with m, s the
-patch's mean and sqrt(unbiased variance + e). For an affine map z = x_w A + b (A: D x K), with G = P A,
+Folding: at each position the patch x (D = C p p values) becomes x_w = (u - mu) P with u = (x - m) / s its
+contrast-normalised values (m, s: the patch's mean and sqrt(unbiased variance + e)). For an affine map
+z = x_w A + b (A: D x K), with G = P A,
 
-    z = (x G - m 1^T G) / s + (b - mu G),
+    z = u G + (b - mu G),
 
-so x G is one convolution of the image with the K filters G, and m, s come from box filters of the image
-and of its square; only that per-position division is not linear.
+so the whitening and the components are one D x K matrix: the convolution is one matrix product of the
+unfolded patches u (positions x D) with G, with the offset added in the same call. Only the contrast
+normalisation is not linear; it is computed on the D values of each position, D / K of the product's cost.
+The maps are position-major (N x H' x W' x K), so the encodings' means over components and the pooling
+(a matrix product with the quadrants' indicators) read contiguous memory; extraction goes through a few
+images at a time so their maps stay in the CPU's cache.
 """
 
 from __future__ import annotations
@@ -25,33 +30,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from implicit_em.data.cifar10_patches import PatchNormalization, check_patch_size
+from implicit_em.data.cifar10_patches import PatchNormalization, check_patch_size, contrast_normalize
 from implicit_em.errors import ConfigError, check
 from implicit_em.models import ACTIVATIONS
 
 #: encodings of the mixture model's distances d at a position: d itself, and relu(mean_j d - d), the
 #: triangle code's form (a component scores when it is closer than the average component)
 MIXTURE_ENCODINGS = ("distance", "contrast")
-#: bytes of feature maps one batch of images may hold during extraction
-BATCH_BYTES = 256 * 2**20
+#: bytes of feature maps one batch of images may hold during extraction (a few MB: they stay in cache)
+BATCH_BYTES = 8 * 2**20
 
 
 @dataclass
 class FoldedFilters:
-    """z = (conv(image, filters) - m * sums) / s + offset at every position (see the module docstring)."""
+    """z = u G + offset at every position, u the contrast-normalised patch (see the module docstring)."""
 
-    filters: Tensor  # K x C x p x p: G's columns as filters
-    sums: Tensor  # K: 1^T G
+    matrix: Tensor  # D x K: G = P A
     offset: Tensor  # K: b - mu G
+    patch_size: int
     contrast_eps: float
-
-    @property
-    def patch_size(self) -> int:
-        return self.filters.shape[-1]
 
 
 def fold(normalization: PatchNormalization, weight: Tensor, bias: Tensor | None = None) -> FoldedFilters:
-    """Fold the patch normalisation into the affine map z = x_w W^T + b (W: K x D on whitened patches)."""
+    """Fold the whitening into the affine map z = x_w W^T + b (W: K x D on whitened patches)."""
     n = normalization
     if weight.shape[-1] != n.dims:
         raise ConfigError(f"the dictionary has {weight.shape[-1]} dims per component, the patches {n.dims}")
@@ -59,61 +60,58 @@ def fold(normalization: PatchNormalization, weight: Tensor, bias: Tensor | None 
     offset = -(n.mean.double() @ g)
     if bias is not None:
         offset = offset + bias.double()
-    filters = g.T.reshape(len(weight), n.channels, n.patch_size, n.patch_size)
-    return FoldedFilters(filters.float(), g.sum(0).float(), offset.float(), n.contrast_eps)
+    return FoldedFilters(g.float().contiguous(), offset.float(), n.patch_size, n.contrast_eps)
 
 
-def patch_moments(images: Tensor, patch_size: int, eps: float) -> tuple[Tensor, Tensor]:
-    """Mean m and s = sqrt(unbiased variance + eps) of the patch at every position: N x 1 x H' x W' each,
-    H' = H - p + 1, by box filters over all channels."""
-    n_values = images.shape[1] * patch_size**2
-    mean = F.avg_pool2d(images.mean(1, keepdim=True), patch_size, stride=1)
-    second = F.avg_pool2d(images.pow(2).mean(1, keepdim=True), patch_size, stride=1)
-    var = (second - mean.pow(2)).clamp_min(0) * (n_values / (n_values - 1))
-    return mean, (var + eps).sqrt()
+def every_patch(images: Tensor, patch_size: int) -> Tensor:
+    """The patch at every position (stride 1): N x C x H x W -> N x H' x W' x (C p p), C x p x p order."""
+    n, _, h, w = images.shape
+    check_patch_size(patch_size, min(h, w))
+    u = F.unfold(images, patch_size).transpose(1, 2)
+    return u.reshape(n, h - patch_size + 1, w - patch_size + 1, -1)
 
 
 def affine_maps(images: Tensor, folded: FoldedFilters) -> Tensor:
-    """z = x_w A + b at every position of float images N x C x H x W (pixels in [0, 1]): N x K x H' x W'."""
-    check_patch_size(folded.patch_size, min(images.shape[-2:]))
-    images = images - 0.5  # (x - m 1) G is shift-invariant; centring keeps x G - m 1^T G from cancelling
-    mean, s = patch_moments(images, folded.patch_size, folded.contrast_eps)
-    z = F.conv2d(images, folded.filters)
-    z = z.sub_(mean * folded.sums[:, None, None]).div_(s)
-    return z.add_(folded.offset[:, None, None])
+    """z = x_w A + b at every position of float images N x C x H x W (pixels in [0, 1]): N x H' x W' x K."""
+    # contrast normalisation is shift-invariant; centring the pixels keeps float32 sums of squares exact
+    u = contrast_normalize(every_patch(images - 0.5, folded.patch_size), folded.contrast_eps)
+    z = torch.addmm(folded.offset, u.reshape(-1, u.shape[-1]), folded.matrix)
+    return z.reshape(*u.shape[:-1], -1)
+
+
+def quadrant_indicators(h: int, w: int) -> Tensor:
+    """4 x (h w): row q is 1 on the positions of quadrant q (top-left, top-right, bottom-left, bottom-right);
+    for odd sizes the first half is the larger one (27 positions split 14 + 13)."""
+    if h < 2 or w < 2:
+        raise ConfigError(f"quadrant pooling needs at least 2 x 2 positions, got {h} x {w}; use smaller patches")
+    rows, cols = torch.arange(h)[:, None] >= math.ceil(h / 2), torch.arange(w)[None, :] >= math.ceil(w / 2)
+    quadrant = (2 * rows + cols).flatten()
+    return (quadrant[None, :] == torch.arange(4)[:, None]).float()
 
 
 def quadrant_pool(maps: Tensor) -> Tensor:
-    """Sum over each quadrant of the positions: N x K x H x W -> N x 4K, component-major (k * 4 + q).
-
-    The first half of the rows (columns) is the larger one for odd sizes: 27 positions split 14 + 13.
-    """
-    h, w = maps.shape[-2:]
-    if h < 2 or w < 2:
-        raise ConfigError(f"quadrant pooling needs at least 2 x 2 positions, got {h} x {w}; use smaller patches")
-    h2, w2 = math.ceil(h / 2), math.ceil(w / 2)
-    top, bottom = maps[..., :h2, :], maps[..., h2:, :]
-    quads = [top[..., :w2], top[..., w2:], bottom[..., :w2], bottom[..., w2:]]
-    return torch.stack([q.sum(dim=(-2, -1)) for q in quads], dim=-1).flatten(1)
+    """Sum over each quadrant of the positions: N x H x W x K -> N x 4K, quadrant-major (q K + k)."""
+    n, h, w, k = maps.shape
+    return (quadrant_indicators(h, w).to(maps) @ maps.reshape(n, h * w, k)).reshape(n, 4 * k)
 
 
 def mixture_encodings(d: Tensor, encodings: tuple[str, ...] = MIXTURE_ENCODINGS) -> dict[str, Tensor]:
-    """Encodings of distances d (N x K x ...): ``distance`` = d, ``contrast`` = relu(mean_j d_j - d)."""
+    """Encodings of distances d (... x K): ``distance`` = d, ``contrast`` = relu(mean_j d_j - d)."""
     out = {}
     for name in encodings:
         if name == "distance":
             out[name] = d
         elif name == "contrast":
-            out[name] = F.relu(d.mean(dim=1, keepdim=True) - d)
+            out[name] = torch.sub(d.mean(dim=-1, keepdim=True), d).clamp_min_(0)
         else:
             raise ConfigError(f"unknown encoding {name!r}; choose from {', '.join(MIXTURE_ENCODINGS)}")
     return out
 
 
 def triangle(sq_distances: Tensor) -> Tensor:
-    """The k-means triangle code f_j = relu(mean_k z_k - z_j), z_j = ||x_w - c_j|| (dim 1 indexes j)."""
-    z = sq_distances.clamp_min(0).sqrt()
-    return F.relu(z.mean(dim=1, keepdim=True) - z)
+    """The k-means triangle code f_j = relu(mean_k z_k - z_j), z_j = ||x_w - c_j|| (last dim indexes j)."""
+    z = sq_distances.clamp_min(0).sqrt_()
+    return torch.sub(z.mean(dim=-1, keepdim=True), z).clamp_min_(0)
 
 
 Encoder = Callable[[Tensor], dict[str, Tensor]]
@@ -143,8 +141,8 @@ def kmeans_encoder(normalization: PatchNormalization, centroids: Tensor) -> Enco
 
     def encode(images: Tensor) -> dict[str, Tensor]:
         z = affine_maps(images, folded)
-        cross, whitened = z[:, :k], z[:, k:]
-        sq = whitened.pow(2).sum(1, keepdim=True) - 2 * cross + c2[:, None, None]
+        cross, whitened = z[..., :k], z[..., k:]
+        sq = torch.add(c2, cross, alpha=-2).add_(whitened.pow(2).sum(-1, keepdim=True))
         return {"triangle": triangle(sq)}
 
     return encode
@@ -166,11 +164,12 @@ def extract_features(
     if batch_size is None:
         batch_size = max(1, BATCH_BYTES // (4 * n_maps * h * w))
     out: dict[str, list[Tensor]] = {}
-    for i, lo in enumerate(range(0, n, batch_size)):
+    step = max(batch_size, n // 10)
+    for lo in range(0, n, batch_size):
         batch = images[lo : lo + batch_size].float().div_(255)
         for name, maps in encoder(batch).items():
             out.setdefault(name, []).append(quadrant_pool(maps))
-        if log is not None and i % 50 == 0:
+        if log is not None and (lo + batch_size) // step > lo // step:
             log(f"  features: {min(lo + batch_size, n)} / {n} images")
     return {name: torch.cat(parts) for name, parts in out.items()}
 

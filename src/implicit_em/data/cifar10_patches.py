@@ -49,10 +49,9 @@ def sample_patches(images: Tensor, n: int, patch_size: int, generator: torch.Gen
 
 def contrast_normalize(patches: Tensor, eps: float = CONTRAST_EPS) -> Tensor:
     """Brightness and contrast normalisation of each row: u = (x - mean(x)) / sqrt(var(x) + eps), the
-    variance unbiased (over the row's D values), as Coates, Lee & Ng do. Computed in float64 at least."""
-    x = patches.double() if patches.dtype != torch.float64 else patches
-    centred = x - x.mean(dim=-1, keepdim=True)
-    return centred / (centred.pow(2).sum(dim=-1, keepdim=True) / (x.shape[-1] - 1) + eps).sqrt()
+    variance unbiased (over the row's D values, the last dimension), as Coates, Lee & Ng do."""
+    centred = patches - patches.mean(dim=-1, keepdim=True)
+    return centred / (centred.pow(2).sum(dim=-1, keepdim=True) / (patches.shape[-1] - 1) + eps).sqrt()
 
 
 def zca_matrix(cov: Tensor, eps: float) -> Tensor:
@@ -91,7 +90,7 @@ class PatchNormalization:
         cls, patches: Tensor, patch_size: int, channels: int = 3, contrast_eps: float = CONTRAST_EPS, zca_eps=0.1
     ) -> PatchNormalization:
         """Fit mu and P (eps = ``zca_eps``) on raw training patches (n x D, pixels in [0, 1])."""
-        u = contrast_normalize(patches, contrast_eps)
+        u = contrast_normalize(patches.double(), contrast_eps)
         mean = u.mean(0)
         centred = u - mean
         cov = centred.T @ centred / (len(u) - 1)
@@ -103,7 +102,7 @@ class PatchNormalization:
 
     def __call__(self, patches: Tensor) -> Tensor:
         """Normalised, whitened patches (float32) of raw patches n x D with pixels in [0, 1]."""
-        u = contrast_normalize(patches, self.contrast_eps)
+        u = contrast_normalize(patches.double(), self.contrast_eps)
         return ((u - self.mean.double()) @ self.whiten.double()).float()
 
     def state_dict(self) -> dict:
