@@ -22,8 +22,9 @@ DEFAULTS = {"data": "digits", "epochs": 100, "seeds": [1, 2, 3]}
 
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
-        sys.stderr.write(f"error: {message} (see --help)\n")
-        sys.exit(2)
+        from implicit_em.errors import exit_with_argument_error
+
+        exit_with_argument_error(message)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,14 +73,15 @@ def settings(argv: list[str]):
     if not (REPO / "configs" / "data" / f"{data}.yaml").is_file():
         p.error(f"argument --data: configs/data/{data}.yaml does not exist")
     command = shlex.join(["python", "scripts/reproduce.py", *argv])
-    s = Settings(data, a.out, epochs, list(seeds), a.components, a.batch_size, a.probe_method, a.data_root, command)
+    s = Settings(REPO / "configs", data, a.out, epochs, list(seeds), a.components, a.batch_size, a.probe_method,
+                 a.data_root, command)  # fmt: skip
     return s, a.experiment
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     s, experiments = settings(argv)
-    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_MODE", "offline")  # this script owns its process
     os.environ.setdefault("MPLBACKEND", "Agg")
     from implicit_em.errors import report_user_error
     from implicit_em.experiments import reproduce

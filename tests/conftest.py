@@ -13,7 +13,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "scripts" / "train.py"
+DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+#: small, quiet settings for in-process fits: no progress bar, no feature images, the fast probe, no KMeans
+QUIET = [
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+    "--report.kmeans", "false",
+    "--report.probe_method", "torch",
+    "--features.every_n_epochs", "0",
+    "--probe.every_n_epochs", "0",
+]  # fmt: skip
 
 
 @dataclass
@@ -44,6 +55,30 @@ def run_script(script: Path, *args: str, timeout: float = 600, env: dict | None 
         env=full_env,
     )
     return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+def fit_in_process(root, *args: str, callbacks=(), fit: bool = True):
+    """Build the CLI of ``scripts/train.py ARGS`` (default.yaml, quiet settings, run directory ``root``) in this
+    process, add ``callbacks`` to its Trainer and, with ``fit``, train and evaluate as ``main`` does (inside
+    :func:`~implicit_em.runtime.training_process`). Returns the CLI (``.model``, ``.trainer``, ``.datamodule``)."""
+    import warnings
+
+    from implicit_em.cli import ImplicitEMCLI
+    from implicit_em.runtime import training_process
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = ImplicitEMCLI(["--trainer.default_root_dir", str(root), *QUIET, *map(str, args)], [DEFAULT_CONFIG])
+    cli.trainer.callbacks.extend(callbacks)
+    if fit:
+        with training_process():
+            cli.metrics_path = cli.fit()
+    return cli
+
+
+def model_weights(module) -> dict:
+    """The trained weights of a plain module (``model.*`` of its state dict), detached copies."""
+    return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from implicit_em.cli import find_last_checkpoint
+from implicit_em.checkpoints import find_last_checkpoint
 
 REQUIRED = [
     "probe_accuracy", "dead_components", "redundancy", "responsibility_entropy", "l0_density",

@@ -1,4 +1,5 @@
-"""Loggers that never hang a run (W&B offline by itself), atomic checkpoints, the CSV log's columns."""
+"""Loggers that never hang a run (W&B offline by itself), the CSV log's columns. (Atomic checkpoint writes:
+tests/test_checkpoints.py.)"""
 
 import csv
 import os
@@ -7,10 +8,8 @@ import sys
 import time
 
 import pytest
-import torch
 
 from implicit_em import loggers
-from implicit_em.loggers import AtomicCheckpointIO
 from tests.conftest import REPO, TRAIN, Run
 
 SMALL = [
@@ -115,60 +114,3 @@ def test_csv_log_has_the_validation_diagnostics(csv_run):
     for column in ("val/responsibility_entropy", "val/dead_components", "val/redundancy"):
         assert column in header, header
         assert any(row[column] not in ("", None) for row in rows), column
-
-
-# -- atomic checkpoints ----------------------------------------------------------------------------------
-
-
-def _crash_inside_save(monkeypatch):
-    """torch.save writes part of the file, then fails (a full disk, a killed process)."""
-
-    def crash(obj, f, *args, **kwargs):
-        f.write(b"PK\x03\x04 half a checkpoint")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", crash)
-
-
-def test_atomic_checkpoint_crash_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    io = AtomicCheckpointIO()
-    path = tmp_path / "checkpoints" / "last.ckpt"
-    io.save_checkpoint({"epoch": 0, "weight": torch.arange(5.0)}, path)
-    _crash_inside_save(monkeypatch)
-    with pytest.raises(OSError, match="No space left"):
-        io.save_checkpoint({"epoch": 1, "weight": torch.zeros(5)}, path)
-    monkeypatch.undo()
-    loaded = io.load_checkpoint(path)
-    assert loaded["epoch"] == 0 and torch.equal(loaded["weight"], torch.arange(5.0))
-    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no half-written file left behind
-
-
-def test_crash_while_checkpointing_a_run_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from implicit_em.cli import ImplicitEMCLI, find_last_checkpoint
-    from implicit_em.module import ImplicitEM
-
-    real_save, saves = torch.save, []
-
-    def save_then_crash(obj, f, *args, **kwargs):
-        saves.append(1)
-        if len(saves) == 2:  # the end of epoch 1
-            f.write(b"half")
-            raise OSError(28, "No space left on device")
-        return real_save(obj, f, *args, **kwargs)
-
-    cli = ImplicitEMCLI(
-        ["--trainer.default_root_dir", str(tmp_path), *SMALL, "--trainer.max_epochs", "3", "--model.n_components", "8"]
-    )
-    monkeypatch.setattr(torch, "save", save_then_crash)
-    with pytest.raises(OSError, match="No space left"):
-        cli.fit()
-    monkeypatch.undo()
-    ckpt = find_last_checkpoint(tmp_path)
-    assert ckpt is not None
-    last = ckpt.parent / "last.ckpt"
-    for path in (ckpt, last):  # the newest checkpoint, and last.ckpt, are epoch 0's, whole and loadable
-        state = torch.load(path, weights_only=False)
-        assert state["epoch"] == 0 and state["global_step"] == 11
-        restored = ImplicitEM.load_from_checkpoint(path)
-        assert restored.model.component_weights().shape == (1, 8, 64)
-    assert not [p for p in ckpt.parent.iterdir() if p.name.endswith(".tmp")]  # no half-written file left

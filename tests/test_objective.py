@@ -100,7 +100,7 @@ def test_decorrelation_loss_by_hand():
     d = torch.tensor(D, dtype=torch.float64)
     corr = correlation_matrix(d)
     assert corr[0, 1].item() == pytest.approx(-0.5 / math.sqrt(7 / 3), abs=1e-8)  # -0.327327
-    assert corr[0, 0].item() == pytest.approx(1.0, abs=1e-8)
+    assert corr[0, 0].item() == pytest.approx(1 / (1 + 1e-8), abs=1e-12)  # Var / (Var + c), c = 1e-8
     assert decorrelation_loss(d).item() == pytest.approx(TC, abs=1e-8)
     assert decorrelation_loss(d).item() == pytest.approx(0.2142857, abs=1e-7)
     # perfectly (anti-)correlated copies: every off-diagonal |Corr| = 1, loss K (K - 1)
@@ -247,3 +247,190 @@ def test_leading_ensemble_dims_equal_per_member_calls():
     sae = sae_objective(x, x_hat, codes, l1=torch.tensor([0.0, 0.1, 1.0], dtype=torch.float64))
     for s, l1 in enumerate((0.0, 0.1, 1.0)):
         assert sae["loss"][s].item() == pytest.approx(sae_objective(x[s], x_hat[s], codes[s], l1)["loss"].item())
+
+
+# -- the exact terms without K x K matrices ---------------------------------------------------------------
+
+
+def _reference_tc(d: torch.Tensor) -> torch.Tensor:
+    """The K x K textbook formula: Corr = z^T z / (N - 1), z = c / sqrt(Var + 1e-8), off-diagonal squares."""
+    n = d.shape[0]
+    c = d - d.mean(0, keepdim=True)
+    z = c / torch.sqrt(c.pow(2).sum(0) / (n - 1) + 1e-8)
+    corr = z.T @ z / (n - 1)
+    return corr.pow(2).sum() - corr.diagonal().pow(2).sum()
+
+
+def _reference_wr(w: torch.Tensor) -> torch.Tensor:
+    """The K x K textbook formula ||W_n W_n^T - I||_F^2, diagonal included."""
+    wn = w / w.norm(dim=1, keepdim=True)
+    return (wn @ wn.T - torch.eye(w.shape[0], dtype=w.dtype)).pow(2).sum()
+
+
+def _relative_errors(ours, reference, leaf):
+    (ga,) = torch.autograd.grad(ours, leaf, retain_graph=True)
+    (gb,) = torch.autograd.grad(reference, leaf, retain_graph=True)
+    return float((ours - reference).abs() / reference.abs()), float((ga - gb).abs().max() / gb.abs().max())
+
+
+@pytest.mark.parametrize(
+    "n, k, dim",
+    [
+        (20, 60, 30),  # N < K: the N x N Gram; D < K: the D x D Gram
+        (60, 20, 30),  # N > K: the K x K Gram; D > K: the K x K Gram
+        (40, 41, 41),  # one component more than samples: N x N; D = K: the K x K weight Gram
+        (41, 41, 40),  # N = K: K x K; D = K - 1: D x D
+    ],
+)
+def test_terms_equal_the_k_by_k_formulas_on_both_sides_of_the_switch(n, k, dim):
+    g = torch.Generator().manual_seed(n * k + dim)
+    w = torch.randn(k, dim, generator=g, dtype=torch.float64).requires_grad_(True)
+    x = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    d = torch.relu(x @ w.T + 0.1)
+    d = torch.cat([d[:, :-1], torch.zeros(n, 1, dtype=torch.float64)], dim=1)  # a dead component
+    out = implicit_em_objective(d, w, lambda_lse=0.0, lambda_var=0.0, lambda_tc=1.0, lambda_wr=1.0)
+    for ours, reference in ((out["tc"], _reference_tc(d)), (out["wr"], _reference_wr(w))):
+        value, grad = _relative_errors(ours, reference, w)
+        assert value <= 1e-12 and grad <= 1e-10, (value, grad)
+    # the gradient with respect to the distances too (what DDP gathers)
+    dd = d.detach().requires_grad_(True)
+    value, grad = _relative_errors(decorrelation_loss(dd), _reference_tc(dd), dd)
+    assert value <= 1e-12 and grad <= 1e-10, (value, grad)
+
+
+def test_exact_terms_in_float32_stay_close_to_float64():
+    g = torch.Generator().manual_seed(7)
+    for n, k in ((128, 2048), (2048, 128)):
+        d = torch.relu(torch.randn(n, k, generator=g) + 0.2)
+        assert decorrelation_loss(d).item() == pytest.approx(_reference_tc(d.double()).item(), rel=1e-4)
+    w = torch.randn(2048, 64, generator=g)
+    assert weight_orthogonality_loss(w).item() == pytest.approx(_reference_wr(w.double()).item(), rel=1e-4)
+
+
+def test_weight_term_with_a_zero_row_matches_on_both_sides():
+    # a zero row has W_n's row 0: the diagonal entry (0 - 1)^2 = 1 counts, on both paths, gradient 0 there
+    w = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    w[2] = 0.0
+    w.requires_grad_(True)
+    wide = torch.cat([w, torch.zeros(6, 5, dtype=torch.float64)], dim=1)  # D = 8 > K = 6: the K x K path
+    narrow, reference = weight_orthogonality_loss(w), weight_orthogonality_loss(wide)
+    assert narrow.item() == pytest.approx(reference.item(), abs=1e-12)
+    (g_narrow,) = torch.autograd.grad(narrow, w)
+    (g_reference,) = torch.autograd.grad(reference, w)
+    assert torch.allclose(g_narrow, g_reference, atol=1e-12) and (g_narrow[2] == 0).all()
+    # the written-out backward of the D x D form against finite differences
+    assert torch.autograd.gradcheck(
+        weight_orthogonality_loss, (torch.randn(7, 3, dtype=torch.float64).requires_grad_(),)
+    )
+
+
+def test_no_k_by_k_matrix_at_large_k():
+    # K = 20,000 at N = 32, D = 16: a K x K float64 matrix alone would be 3.2 GB; the terms need only
+    # N x N and D x D ones
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(20000, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    d = torch.relu(torch.randn(32, 16, generator=g, dtype=torch.float64) @ w.T)
+    out = implicit_em_objective(d, w, lambda_wr=1.0)
+    out["loss"].backward()
+    assert torch.isfinite(w.grad).all()
+    # K(K - 1)/N is the noise floor of random correlations; the value sits near it
+    assert 0.5 < out["tc"].item() / (20000 * 19999 / 32) < 2
+    assert 0.5 < out["wr"].item() / (20000 * 19999 / 16) < 2
+
+
+# -- the unbiased subset estimate of the decorrelation term ----------------------------------------------
+
+
+def _correlated_distances(n=50, k=12, seed=0):
+    """Distances with a few strongly correlated pairs, so the estimate's variance is far from zero."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, k, generator=g, dtype=torch.float64)
+    base[:, 1] = base[:, 0] + 0.3 * base[:, 1]
+    base[:, 5] = -base[:, 4] + 0.5 * base[:, 5]
+    return torch.relu(base + 0.5)
+
+
+def test_subset_estimate_over_all_subsets_is_exactly_unbiased_with_the_stated_variance():
+    from itertools import combinations
+
+    from implicit_em.objective import centred_and_variance, correlation_matrix, subset_estimate_variance
+
+    d = _correlated_distances()
+    k, m = d.shape[1], 4
+    exact = decorrelation_loss(d).item()
+    corr_sq = correlation_matrix(d).pow(2)
+    scale = k * (k - 1) / (m * (m - 1))
+    values = torch.tensor(
+        [decorrelation_loss(d[:, list(s)]).item() * scale for s in combinations(range(k), m)], dtype=torch.float64
+    )
+    assert values.mean().item() == pytest.approx(exact, rel=1e-12)  # unbiased, exactly
+    population_var = values.var(unbiased=False).item()
+    assert population_var > 0.1 * exact**2  # a case where the variance matters
+    assert subset_estimate_variance(corr_sq, m).item() == pytest.approx(population_var, rel=1e-10)
+    # m = K: the estimate is the exact value, variance 0
+    assert subset_estimate_variance(corr_sq, k).item() == pytest.approx(0.0, abs=1e-10 * exact**2)
+    centred, var = centred_and_variance(d)
+    from implicit_em.objective import decorrelation_subset_estimate
+
+    assert decorrelation_subset_estimate(centred, var, k).item() == pytest.approx(exact, rel=1e-12)
+
+
+def test_subset_variance_estimate_from_the_subset_is_unbiased():
+    from itertools import combinations
+
+    from implicit_em.objective import correlation_matrix, subset_estimate_variance, subset_estimate_variance_from_subset
+
+    d = _correlated_distances(seed=1)
+    k, m = d.shape[1], 5
+    corr_sq = correlation_matrix(d).pow(2)
+    plug_in = torch.stack(
+        [subset_estimate_variance_from_subset(corr_sq[list(s)][:, list(s)], k) for s in combinations(range(k), m)]
+    )
+    assert plug_in.mean().item() == pytest.approx(subset_estimate_variance(corr_sq, m).item(), rel=1e-9)
+
+
+def test_objective_estimate_through_implicit_em_objective_is_unbiased_and_gradients_flow():
+    from implicit_em.objective import correlation_matrix, subset_estimate_variance
+
+    d = _correlated_distances(n=80, k=40, seed=2)
+    m, draws = 8, 4000
+    exact = decorrelation_loss(d).item()
+    g = torch.Generator().manual_seed(0)
+    values = torch.tensor(
+        [implicit_em_objective(d, tc_components=m, generator=g)["tc"].item() for _ in range(draws)],
+        dtype=torch.float64,
+    )
+    sd = subset_estimate_variance(correlation_matrix(d).pow(2), m).sqrt().item()
+    assert abs(values.mean().item() - exact) <= 4 * sd / math.sqrt(draws)
+    # the empirical spread matches the formula (the sample sd of 4000 draws is within ~5% of the truth)
+    assert values.std().item() == pytest.approx(sd, rel=0.1)
+    # the same generator state gives the same subset; the gradient reaches only the m drawn components
+    dd = d.clone().requires_grad_(True)
+    a = implicit_em_objective(
+        dd, lambda_lse=0, lambda_var=0, tc_components=m, generator=torch.Generator().manual_seed(5)
+    )
+    b = implicit_em_objective(
+        d, lambda_lse=0, lambda_var=0, tc_components=m, generator=torch.Generator().manual_seed(5)
+    )
+    assert a["tc"].item() == b["tc"].item()
+    (grad,) = torch.autograd.grad(a["loss"], dd)
+    assert int((grad.abs().sum(0) > 0).sum()) == m
+    # off by default; m >= K is the exact term; m < 2 is refused
+    assert implicit_em_objective(d)["tc"].item() == pytest.approx(exact, rel=1e-12)
+    assert implicit_em_objective(d, tc_components=40)["tc"].item() == pytest.approx(exact, rel=1e-12)
+    with pytest.raises(ValueError, match="at least 2"):
+        implicit_em_objective(d, tc_components=1)
+
+
+@pytest.mark.parametrize("n, k", [(5, 7), (7, 5)])
+def test_decorrelation_backward_is_the_true_gradient_in_its_two_inputs(n, k):
+    """The written-out backward against finite differences, with the centred batch and the variances as
+    independent inputs (autograd chains their dependence on d), on both sides of the N < K switch."""
+    from implicit_em.objective import decorrelation_from_statistics
+
+    g = torch.Generator().manual_seed(n)
+    centred = torch.randn(n, k, generator=g, dtype=torch.float64, requires_grad=True)
+    var = (torch.rand(k, generator=g, dtype=torch.float64) + 0.1).requires_grad_(True)
+    tiny = torch.full((k,), 1e-9, dtype=torch.float64, requires_grad=True)  # near-constant components
+    assert torch.autograd.gradcheck(decorrelation_from_statistics, (centred, var))
+    assert torch.autograd.gradcheck(decorrelation_from_statistics, (centred * 1e-5, tiny), eps=1e-12, atol=1e-4)

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from implicit_em.cli import find_last_checkpoint
+from implicit_em.checkpoints import find_last_checkpoint
 from tests.conftest import REPO, TRAIN, run_script
 
 EPOCHS = 40

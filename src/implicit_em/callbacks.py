@@ -7,11 +7,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
 from implicit_em.figures import save_feature_grid
-from implicit_em.objective import lse_loss_autograd, responsibilities
+from implicit_em.objective import autograd_lse_gradient, responsibilities
 from implicit_em.probe import torch_probe
 
 
@@ -34,16 +34,18 @@ class EpochTimer(L.Callback):
 
     def __init__(self):
         self.epoch_seconds: list[float] = []
-        self._start = 0.0
+        self._start = self._last = 0.0
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         _sync(pl_module.device)
-        self._start = time.perf_counter()
+        self._start = self._last = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if batch_idx + 1 == trainer.num_training_batches:
-            _sync(pl_module.device)
-            self.epoch_seconds.append(time.perf_counter() - self._start)
+        _sync(pl_module.device)
+        self._last = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.epoch_seconds.append(self._last - self._start)
 
     def state_dict(self) -> dict:
         return {"epoch_seconds": list(self.epoch_seconds)}
@@ -52,11 +54,20 @@ class EpochTimer(L.Callback):
         self.epoch_seconds = list(state_dict["epoch_seconds"])
 
 
+class Checkpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (every argument is its own) that tells the training loaders its step
+    interval, so that chunks of optimiser steps never jump over a step it saves on."""
+
+    def __init__(self, *args, every_n_train_steps: int | None = None, **kwargs):
+        super().__init__(*args, every_n_train_steps=every_n_train_steps, **kwargs)
+        self.every_n_train_steps = every_n_train_steps or 0
+
+
 class FeatureImages(L.Callback):
     """The rows of W as images in the data's shape (the paper's Figure 4), every N epochs and at the end.
 
     Saved as ``features/epoch_XXXX.png`` and ``features.png`` in the run directory and sent to the
-    loggers that take images (W&B, TensorBoard). Member 0 of an ensemble.
+    loggers that take images (W&B, TensorBoard).
 
     Args:
         every_n_epochs: how often during training (0: only at the end).
@@ -78,7 +89,7 @@ class FeatureImages(L.Callback):
         shape = getattr(trainer.datamodule, "image_shape", None)
         if not shape:
             return
-        weights = pl_module.model.component_weights()[0]
+        weights = pl_module.model.component_weights()
         save_feature_grid(weights, shape, path, title=f"{type(pl_module).__name__} components, epoch {epoch}")
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
@@ -108,9 +119,7 @@ class ProbeDuringTraining(L.Callback):
         train, val = dm.device_split("train"), dm.device_split("val")
         with torch.no_grad():
             f_train, f_val = pl_module(train.x), pl_module(val.x)
-        accs = torch.tensor([torch_probe(f_train[s], train.y, f_val[s], val.y) for s in range(pl_module.n_members)])
-        for key, value in pl_module.member_values("val/probe_accuracy", accs).items():
-            pl_module.log(key, value, prog_bar=True, sync_dist=True)
+        pl_module.log("val/probe_accuracy", torch_probe(f_train, train.y, f_val, val.y), prog_bar=True)
 
 
 class IdentityCheck(L.Callback):
@@ -126,15 +135,13 @@ class IdentityCheck(L.Callback):
             return
         x = trainer.datamodule.device_split("val").x[: self.n_samples]
         with torch.no_grad():
-            d = pl_module(x)[0].double()
-        with torch.enable_grad(), torch.autocast(d.device.type, enabled=False):
-            d.requires_grad_(True)
-            (grad,) = torch.autograd.grad(lse_loss_autograd(d), d)
-        pl_module.log("val/identity_max_error", (grad - responsibilities(d)).abs().max().float(), sync_dist=True)
+            d = pl_module(x).double()
+        error = (autograd_lse_gradient(d) - responsibilities(d)).abs().max()
+        pl_module.log("val/identity_max_error", error.float(), sync_dist=True)
 
 
 class UsageHistogram(L.Callback):
-    """Mean responsibility of each component over the validation split (member 0), sent every validation
+    """Mean responsibility of each component over the validation split, sent every validation
     epoch to the loggers that draw histograms: W&B as a bar chart of usage by component, TensorBoard as a
     histogram. A flat histogram is a mixture that uses all its components; a spike is collapse."""
 
@@ -143,7 +150,7 @@ class UsageHistogram(L.Callback):
         usage = getattr(pl_module, "last_usage", None)
         if usage is None or trainer.sanity_checking:
             return
-        u = usage[0].detach().float().cpu()
+        u = usage.detach().float().cpu()
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(logger, "log_image"):  # W&B

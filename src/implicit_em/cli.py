@@ -12,28 +12,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger as _CSVLogger
 from lightning.pytorch.loggers import TensorBoardLogger as _TensorBoardLogger
 
 from implicit_em.callbacks import (
+    Checkpoint,
     EpochTimer,
     FeatureImages,
     IdentityCheck,
     ProbeDuringTraining,
-    ProgressBar,
     UsageHistogram,
 )
-from implicit_em.data.memory import InMemoryDataModule
-from implicit_em.errors import ConfigError, report_user_error
-from implicit_em.loggers import AtomicCheckpointIO, WandbLogger
-from implicit_em.module import ComponentModule
-from implicit_em.report import ReportConfig, evaluate, write_metrics
-
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
+from implicit_em.checkpoints import find_last_checkpoint, load_checkpoint
+from implicit_em.data.memory import ComponentDataModule
+from implicit_em.errors import ConfigError, exit_with_argument_error, report_user_error
+from implicit_em.loggers import WandbLogger
+from implicit_em.report import ReportConfig, evaluate_run, write_metrics
+from implicit_em.runtime import training_process
 
 
 class CSVLogger(_CSVLogger):
@@ -84,9 +82,7 @@ class OneLineParser(LightningArgumentParser):
     """Argument errors as a single line on stderr, exit code 2 (no usage dump, no traceback)."""
 
     def error(self, message: str, ex: Exception | None = None):
-        text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
-        sys.stderr.write(f"error: {text} (see --help)\n")
-        sys.exit(2)
+        exit_with_argument_error(message)
 
 
 def _loggers(trainer_cfg: Namespace) -> list[Namespace]:
@@ -96,38 +92,31 @@ def _loggers(trainer_cfg: Namespace) -> list[Namespace]:
     return [lg for lg in logger if isinstance(lg, Namespace)] if isinstance(logger, list) else []
 
 
-def find_last_checkpoint(root: str | Path) -> Path | None:
-    """The newest checkpoint below ``root`` (the run to resume), or None: ``last.ckpt`` links to it; a
-    run killed between writing a checkpoint and relinking ``last.ckpt`` is still found."""
-    found = [p for p in Path(root).glob("**/checkpoints/*.ckpt") if p.is_file()]
-    if not found:
-        return None
-    newest = max(found, key=lambda p: (p.stat().st_mtime, p.name.startswith("last")))
-    last = newest.parent / "last.ckpt"
-    return last if last.is_file() and last.resolve() == newest.resolve() else newest
-
-
 class ImplicitEMCLI(LightningCLI):
     """LightningCLI with the project's defaults, sections and guarantees (see the module docstring)."""
 
     def __init__(self, args: Sequence[str] | None = None, default_config_files: Sequence[str | Path] | None = None):
-        files = [str(p) for p in (default_config_files if default_config_files is not None else [DEFAULT_CONFIG])]
+        files = [str(p) for p in default_config_files or []]
         super().__init__(
-            model_class=ComponentModule,
+            model_class=L.LightningModule,
             subclass_mode_model=True,
-            datamodule_class=InMemoryDataModule,
+            datamodule_class=ComponentDataModule,
             subclass_mode_data=True,
             parser_class=OneLineParser,
             parser_kwargs={
                 "default_config_files": files,
                 "description": (
                     "Train a decoder-free implicit-EM model. The options of each model or data class: "
-                    "--model.help ImplicitEM | SparseAutoencoderModule; --data.help DigitsDataModule | "
+                    "--model.help ImplicitEM | SparseAutoencoderModule | Ensemble; --data.help DigitsDataModule | "
                     "MNISTDataModule | FashionMNISTDataModule | CIFAR10DataModule | SyntheticMixtureDataModule."
                 ),
             },
             save_config_callback=SaveAndLogConfig,
             save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "callbacks": [EpochTimer(), UsageHistogram()],
+                "plugins": {"class_path": "implicit_em.checkpoints.SafeCheckpointIO"},
+            },
             auto_configure_optimizers=False,
             run=False,
             args=args,
@@ -138,7 +127,7 @@ class ImplicitEMCLI(LightningCLI):
             "--ckpt_path", type=str | None, default=None,
             help="Resume from this checkpoint; 'last' resumes the newest run under --trainer.default_root_dir.",
         )  # fmt: skip
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults(
             {"checkpoint.save_last": "link", "checkpoint.save_top_k": 1, "checkpoint.every_n_epochs": 1}
         )
@@ -147,6 +136,8 @@ class ImplicitEMCLI(LightningCLI):
         parser.add_lightning_class_args(IdentityCheck, "identity")
         parser.add_class_arguments(ReportConfig, "report")
         parser.link_arguments("data.dims", "model.init_args.in_features", apply_on="instantiate")
+        parser.link_arguments("seed_everything", "model.init_args.seed", compute_fn=_seed)
+        parser.link_arguments("seed_everything", "data.init_args.shuffle_seed", compute_fn=_seed)
 
     # -- before anything is built ---------------------------------------------------------------------
     def before_instantiate_classes(self) -> None:
@@ -155,6 +146,12 @@ class ImplicitEMCLI(LightningCLI):
         self._check_devices(cfg)
         if cfg.ckpt_path == "last":
             self._resume_last(cfg, root)
+        if cfg.trainer.enable_progress_bar is not False:
+            callbacks = cfg.trainer.callbacks or []
+            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+            if not any("ProgressBar" in getattr(c, "class_path", "") for c in callbacks):
+                cfg.trainer.callbacks = [*callbacks, Namespace(class_path="implicit_em.callbacks.ProgressBar",
+                                                                init_args=Namespace(refresh_rate=10))]  # fmt: skip
         for lg in _loggers(cfg.trainer):
             if "save_dir" in lg.init_args and lg.init_args.save_dir in (None, "."):
                 lg.init_args.save_dir = str(root)
@@ -206,32 +203,15 @@ class ImplicitEMCLI(LightningCLI):
             elif lg.class_path.endswith("WandbLogger") and (run / "wandb_id").is_file():
                 args.id, args.resume = (run / "wandb_id").read_text().strip(), "allow"
 
-    # -- the trainer ---------------------------------------------------------------------------------
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
-        callbacks = [*callbacks, EpochTimer(), UsageHistogram()]
-        if config.get("enable_progress_bar", True) is not False and not any(
-            isinstance(c, ProgressBar) for c in config.get("callbacks") or []
-        ):
-            callbacks.append(ProgressBar(refresh_rate=10))
-        plugins = config.get("plugins") or []
-        plugins = plugins if isinstance(plugins, list) else [plugins]
-        if not any(hasattr(p, "save_checkpoint") for p in plugins):
-            config["plugins"] = [*plugins, AtomicCheckpointIO()]
-        loggers = config.get("logger")
-        for lg in loggers if isinstance(loggers, list) else [loggers]:
-            if isinstance(lg, WandbLogger) and lg.save_dir in (None, "."):
-                lg.set_save_dir(str(config.get("default_root_dir") or "."))
-        return super()._instantiate_trainer(config, callbacks)
-
     # -- the job -------------------------------------------------------------------------------------
     def fit(self) -> Path | None:
         """Train, then evaluate on frozen features; returns metrics.json's path on rank 0 (else None)."""
         trainer, module, dm = self.trainer, self.model, self.datamodule
-        trainer.fit(module, datamodule=dm, ckpt_path=self.config.ckpt_path)
+        trainer.fit(module, datamodule=dm, ckpt_path=self.config.ckpt_path, weights_only=True)
         run = Path(trainer.log_dir or trainer.default_root_dir)  # every rank: log_dir may broadcast
         if trainer.interrupted or not trainer.is_global_zero:
             return None
-        metrics = evaluate(module, dm, ReportConfig(**self.config.report))
+        metrics = evaluate_run(module, dm, ReportConfig(**self.config.report), trainer.callback_metrics)
         timer = next(c for c in trainer.callbacks if isinstance(c, EpochTimer))
         metrics.update(
             epoch_seconds=timer.epoch_seconds,
@@ -257,14 +237,14 @@ class ImplicitEMCLI(LightningCLI):
 def fit_run(args: Sequence[str], default_config_files: Sequence[str | Path] | None = None) -> Path:
     """Train and evaluate one run in this process, as ``scripts/train.py ARGS`` would; returns its metrics.json.
 
-    For library callers (experiments, notebooks); errors propagate as exceptions.
+    For library callers (experiments, notebooks): errors propagate as exceptions; the process's environment
+    and float settings are restored afterwards.
     """
     import warnings
 
-    with warnings.catch_warnings():  # the args are ours, not sys.argv's
+    with training_process(), warnings.catch_warnings():  # the args are ours, not sys.argv's
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = ImplicitEMCLI(list(args), default_config_files)
-    path = cli.fit()
+        path = ImplicitEMCLI(list(args), default_config_files).fit()
     if path is None:
         raise RuntimeError(f"the run {list(args)} was interrupted or ran on a worker rank")
     return path
@@ -274,27 +254,18 @@ def evaluate_checkpoint(
     checkpoint: str | Path, config: str | Path | None = None, overrides: Sequence[str] = ()
 ) -> dict:
     """The metrics.json numbers of a saved model: rebuilt from its run's config.yaml (or ``config``),
-    loaded from ``checkpoint``, evaluated on frozen features. ``overrides`` are CLI arguments
-    such as ``--report.probe_method torch``."""
-    import torch
-
+    loaded from ``checkpoint`` (tensors and plain data only: a file carrying code is refused), evaluated on
+    frozen features. ``overrides`` are CLI arguments such as ``--report.probe_method torch``."""
     checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise ConfigError(f"checkpoint {checkpoint} does not exist; pass the path of a .ckpt file")
+    state = load_checkpoint(checkpoint)
     config = Path(config) if config else checkpoint.resolve().parent.parent / "config.yaml"
     if not config.is_file():
         raise ConfigError(f"no config.yaml beside the run of {checkpoint}; pass the run's config with --config")
-    cli = ImplicitEMCLI(["--config", str(config), "--ckpt_path", "null", "--trainer.logger", "false", *overrides], [])
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ConfigError(
-            f"{checkpoint} is not a readable checkpoint ({e.__class__.__name__}); pass another file"
-        ) from None
+    cli = ImplicitEMCLI(["--config", str(config), "--ckpt_path", "null", "--trainer.logger", "false", *overrides])
     cli.model.load_state_dict(state["state_dict"])
     cli.model.on_load_checkpoint(state)
     cli.datamodule.setup("test")
-    metrics = evaluate(cli.model, cli.datamodule, ReportConfig(**cli.config.report))
+    metrics = evaluate_run(cli.model, cli.datamodule, ReportConfig(**cli.config.report), {})
     return {**metrics, "checkpoint": str(checkpoint.resolve()), "global_step": state.get("global_step")}
 
 
@@ -318,8 +289,14 @@ def device_name(device) -> str:
 #: Lightning warnings that say nothing about a run of this project
 QUIET = (
     r".*isinstance\(treespec, LeafSpec\)",  # Lightning's internal use of a deprecated torch API
-    r"The number of training batches .* is smaller than the logging interval",  # chunks of 8 steps
+    r"The number of training batches .* is smaller than the logging interval",  # chunks count steps, not batches
+    r"Your `IterableDataset` has `__len__` defined",  # not ours; chunked loaders have no length
 )
+
+
+def _seed(seed_everything) -> int:
+    """The model's seed and the data order from ``--seed_everything`` (an integer, or true/false: 0)."""
+    return 0 if isinstance(seed_everything, bool) or seed_everything is None else int(seed_everything)
 
 
 def main(args: Sequence[str] | None = None, default_config_files: Sequence[str | Path] | None = None) -> int:
@@ -329,8 +306,8 @@ def main(args: Sequence[str] | None = None, default_config_files: Sequence[str |
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
     try:
-        cli = ImplicitEMCLI(args, default_config_files)
-        path = cli.fit()
+        with training_process():
+            path = ImplicitEMCLI(args, default_config_files).fit()
     except Exception as e:  # settings or data a user can fix: one line and its exit code
         return report_user_error(e)
     if path is not None:

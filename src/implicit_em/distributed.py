@@ -12,31 +12,42 @@ def world_size() -> int:
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather forward; backward sums the incoming gradients over ranks and returns this rank's slice.
+    """all_gather of (n_r, K) shards of unequal n_r, concatenated in rank order; the backward sums the
+    incoming gradients over ranks and returns this rank's rows.
 
-    Every rank evaluates the same global objective on the gathered tensor, so the summed gradient is
-    R times the true one for each shard; DDP's averaging of parameter gradients divides by R again.
+    Every rank evaluates the same global objective on the gathered tensor, so the summed gradient is R times
+    the true one for each shard; DDP's averaging of parameter gradients divides by R again.
     """
 
     @staticmethod
     def forward(ctx, shard: Tensor) -> Tensor:
         shard = shard.contiguous()
-        parts = [torch.empty_like(shard) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, shard)
-        return torch.stack(parts)
+        sizes = torch.tensor([shard.shape[0]], device=shard.device)
+        all_sizes = [torch.empty_like(sizes) for _ in range(dist.get_world_size())]
+        dist.all_gather(all_sizes, sizes)
+        counts = [int(s) for s in all_sizes]
+        longest = max(counts)
+        padded = shard.new_zeros(longest, *shard.shape[1:])
+        padded[: shard.shape[0]] = shard
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded)
+        ctx.counts, ctx.rank = counts, dist.get_rank()
+        return torch.cat([p[:n] for p, n in zip(parts, counts)])
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         grad = grad.contiguous()
         dist.all_reduce(grad)
-        return grad[dist.get_rank()]
+        start = sum(ctx.counts[: ctx.rank])
+        return grad[start : start + ctx.counts[ctx.rank]]
 
 
 def gather_samples(shard: Tensor) -> Tensor:
-    """Concatenate every rank's (..., n, K) shard along the sample dimension -2, rank order, with gradients.
+    """Concatenate every rank's (n_r, K) shard along the rows, in rank order, with gradients.
 
-    With one process this is the identity. The shards must have equal shapes (the loader guarantees it).
+    With one process this is the identity. Shards may differ in their number of rows (the last, partial
+    batch of an epoch splits unevenly).
     """
     if world_size() == 1:
         return shard
-    return torch.cat(_GatherWithGrad.apply(shard).unbind(0), dim=-2)
+    return _GatherWithGrad.apply(shard)

@@ -46,6 +46,13 @@ def user_error_behind(e: BaseException | None) -> UserError | None:
     return None
 
 
+def exit_with_argument_error(message: str) -> None:
+    """What every entry point does with a bad command-line argument: the message on one stderr line, exit 2."""
+    text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    sys.stderr.write(f"error: {text} (see --help)\n")
+    sys.exit(2)
+
+
 def report_user_error(e: BaseException) -> int:
     """For an entry point's ``except``: print the one-line message of the UserError behind ``e`` and
     return its exit code; anything else is a bug and is raised again with its traceback."""

@@ -1,4 +1,4 @@
-"""Loggers that never hang or fail a run, and atomic checkpoint writing."""
+"""Loggers that never hang or fail a run."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import torch
-from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.loggers import WandbLogger as _WandbLogger
 
 WANDB_HOST = ("api.wandb.ai", 443)
@@ -75,22 +73,3 @@ class WandbLogger(_WandbLogger):
         self._save_dir = save_dir
         self._wandb_init["dir"] = save_dir
         Path(save_dir).mkdir(parents=True, exist_ok=True)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file in the same folder, then renames it over the target:
-    a crash mid-write leaves the previous checkpoint intact, never a truncated one."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # no half-written file left beside the checkpoints
-            raise

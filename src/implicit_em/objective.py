@@ -1,9 +1,9 @@
 """The implicit-EM objective: pure functions on tensors.
 
-Shapes: distances ``d`` are ``(..., N, K)`` -- N samples (the batch) by K components, with any number of
-leading dimensions (an ensemble of S models is ``(S, N, K)``). Every loss reduces over the last two
-dimensions and keeps the leading ones, so one call evaluates a whole ensemble, each member on its own
-batch. Terms are computed in at least float32, also under bf16 autocast.
+Shapes: distances ``d`` are ``N x K`` -- N samples (the batch) by K components (leading dimensions, e.g.
+an ensemble's ``S x N x K``, are carried along: every loss reduces over the last two). Terms are computed
+in at least float32, also under bf16 autocast. No term holds a K x K matrix when a smaller one gives the
+same value, so dictionaries of 65,536 components cost about what their encoder costs.
 """
 
 from __future__ import annotations
@@ -65,6 +65,15 @@ def lse_loss_autograd(d: Tensor) -> Tensor:
     return -torch.logsumexp(-_wide(d), dim=-1).sum(dim=-1)
 
 
+def autograd_lse_gradient(d: Tensor) -> Tensor:
+    """dL_LSE/dd by autograd of the textbook formula :func:`lse_loss_autograd`, in float64 and outside any
+    autocast: what the identity checks compare with the responsibilities r = softmax(-d)."""
+    d = d.detach().double().requires_grad_(True)
+    with torch.enable_grad(), torch.autocast(d.device.type, enabled=False):
+        (grad,) = torch.autograd.grad(lse_loss_autograd(d), d)
+    return grad
+
+
 def centred_and_variance(d: Tensor) -> tuple[Tensor, Tensor]:
     """The batch statistics both InfoMax terms use: c_ij = d_ij - mean_i d_ij and the unbiased
     Var(d_j) = sum_i c_ij^2 / (N - 1)."""
@@ -88,14 +97,22 @@ def variance_loss(d: Tensor, eps: float = 1e-6) -> Tensor:
     return log_variance_barrier(batch_variance(d), eps)
 
 
+def _standardized(centred: Tensor, var: Tensor) -> Tensor:
+    """z_ij = c_ij / sqrt((N - 1)(Var_j + c)), c = 1e-8: the batch scaled so that Corr = z^T z."""
+    return centred * torch.rsqrt((var + CORRELATION_EPS) * (centred.shape[-2] - 1)).unsqueeze(-2)
+
+
 def standardized_correlation(centred: Tensor, var: Tensor) -> Tensor:
-    """Corr = z^T z / (N - 1) with z_ij = c_ij / sqrt(Var_j + c), c = 1e-8 (from the batch statistics)."""
-    z = centred * torch.rsqrt(var + CORRELATION_EPS).unsqueeze(-2)
-    return _matmul(z.transpose(-1, -2), z) / (centred.shape[-2] - 1)
+    """Corr = z^T z with z_ij = c_ij / sqrt((N - 1)(Var_j + c)), c = 1e-8 (from the batch statistics)."""
+    z = _standardized(centred, var)
+    return _matmul(z.transpose(-1, -2), z)
 
 
 def correlation_matrix(d: Tensor) -> Tensor:
-    """Batch correlation Corr(d)_jk = Cov(d_j, d_k) / sqrt((Var d_j + c)(Var d_k + c)), c = 1e-8."""
+    """Batch correlation Corr(d)_jk = Cov(d_j, d_k) / sqrt((Var d_j + c)(Var d_k + c)), c = 1e-8.
+
+    K x K: for the decorrelation term at large K use :func:`decorrelation_loss`, which never builds it.
+    """
     return standardized_correlation(*centred_and_variance(d))
 
 
@@ -110,17 +127,184 @@ def off_diagonal_sq_norm(m: Tensor) -> Tensor:
     return m.pow(2).sum(dim=(-2, -1)) - torch.diagonal(m, dim1=-2, dim2=-1).pow(2).sum(dim=-1)
 
 
+class _Decorrelation(torch.autograd.Function):
+    """L_tc(c, Var) through the smaller Gram matrix, with its gradient written out (one matmul back).
+
+    Forward, with r_j = ((N - 1)(Var_j + c_eps))^-1/2 and z = c r (so Corr = z^T z):
+    N < K: L = ||z z^T||_F^2 - sum_j q_j^2, q_j = Corr_jj = Var_j / (Var_j + c_eps); else
+    L = ||O||_F^2, O = z^T z without its diagonal. Backward, B = 4 (z z^T) z or 4 z O (dL/dz at fixed q):
+    dL/dc = B r and dL/dVar_j = -(sum_i B_ij z_ij) / (2 (Var_j + c_eps)) [- 2 q_j c_eps / (Var_j + c_eps)^2
+    for the N < K form]. Autograd carries Var's and c's own dependence on d.
+    """
+
+    @staticmethod
+    def forward(ctx, centred: Tensor, var: Tensor) -> Tensor:
+        n, k = centred.shape[-2:]
+        shifted = var + CORRELATION_EPS
+        r = torch.rsqrt(shifted * (n - 1))
+        z = centred * r.unsqueeze(-2)
+        if n < k:
+            gram = _matmul(z, z.transpose(-1, -2))  # N x N
+            q = var / shifted
+            value = gram.pow(2).sum(dim=(-2, -1)) - q.pow(2).sum(dim=-1)
+        else:
+            gram = _matmul(z.transpose(-1, -2), z)  # K x K
+            gram.diagonal(dim1=-2, dim2=-1).zero_()
+            q = None
+            value = gram.pow(2).sum(dim=(-2, -1))
+        ctx.save_for_backward(z, gram, r, shifted, q)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        z, gram, r, shifted, q = ctx.saved_tensors
+        g = (4 * grad).unsqueeze(-1).unsqueeze(-1)
+        b = _matmul(gram * g, z) if q is not None else _matmul(z, gram * g)  # dL/dz
+        grad_var = -torch.linalg.vecdot(b, z, dim=-2) / (2 * shifted)
+        if q is not None:
+            grad_var = grad_var - 2 * grad.unsqueeze(-1) * q * CORRELATION_EPS / shifted.pow(2)
+        return b.mul_(r.unsqueeze(-2)), grad_var
+
+
+def decorrelation_from_statistics(centred: Tensor, var: Tensor) -> Tensor:
+    """L_tc = sum_{j != k} Corr_jk^2 from the batch statistics, through the smaller Gram matrix.
+
+    With z as in :func:`standardized_correlation` (Corr = z^T z) and ||z^T z||_F = ||z z^T||_F (both are
+    the sum of z's fourth-power singular values):
+
+        L_tc = ||z z^T||_F^2 - sum_j Corr_jj^2,   Corr_jj = Var_j / (Var_j + c),
+
+    through the N x N matrix z z^T when N < K (cost N^2 K, memory N^2), else through the K x K matrix
+    z^T z with its diagonal left out (cost N K^2). Both are the same function of d, so values and
+    gradients agree to rounding. The subtraction loses no digits that matter: after it, L_tc is at
+    least about K(K - 1)/N (the sampling noise of N-sample correlations), against sum_j Corr_jj^2 <= K.
+    """
+    return _Decorrelation.apply(centred, var)
+
+
 def decorrelation_loss(d: Tensor) -> Tensor:
-    """Redundancy term L_tc = ||Corr(d) - I||_F^2 over the off-diagonal entries only."""
-    return off_diagonal_sq_norm(correlation_matrix(d))
+    """Redundancy term L_tc = ||Corr(d) - I||_F^2 over the off-diagonal entries only (exact, any K;
+    see :func:`decorrelation_from_statistics` for how it avoids the K x K matrix when N < K)."""
+    return decorrelation_from_statistics(*centred_and_variance(d))
+
+
+def subset_inclusion_probabilities(k: int, m: int) -> tuple[float, float, float]:
+    """p_r = m (m - 1) ... (m - r + 1) / (K (K - 1) ... (K - r + 1)): the chance that r given distinct
+    components all lie in a uniformly random m-subset of the K, for r = 2, 3, 4."""
+    p = [1.0]
+    for r in range(4):
+        p.append(p[-1] * max(m - r, 0) / (k - r) if k > r else 0.0)
+    return p[2], p[3], p[4]
+
+
+def decorrelation_subset_estimate(
+    centred: Tensor, var: Tensor, m: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """Unbiased estimate of L_tc from a uniformly random subset M of m of the K components:
+
+        L_tc_hat = K (K - 1) / (m (m - 1)) * sum_{j != k in M} Corr_jk^2.
+
+    Each ordered pair j != k lies in M with probability p_2 = m (m - 1) / (K (K - 1)), so
+    E[L_tc_hat] = L_tc; the gradient is the gradient of an unbiased estimate, so unbiased as well.
+    Cost: the correlations of m columns only (N m min(N, m)) instead of N K min(N, K).
+    Its variance over the draw of M (the batch fixed) is :func:`subset_estimate_variance`: zero when all
+    pairs are equally correlated, large when a few pairs carry the redundancy. The subset comes from
+    ``generator`` (its device; None: torch's global generator); every rank of a DDP run must draw the same
+    subset for the ranks to agree on the loss (seed the generator identically on all ranks).
+    """
+    k = centred.shape[-1]
+    if m < 2:
+        raise ValueError(f"the decorrelation estimate needs at least 2 components, got m = {m}")
+    if m >= k:
+        return decorrelation_from_statistics(centred, var)
+    device = generator.device if generator is not None else torch.device("cpu")
+    idx = torch.randperm(k, generator=generator, device=device)[:m].to(centred.device)
+    sub = decorrelation_from_statistics(centred.index_select(-1, idx), var.index_select(-1, idx))
+    return sub * (k * (k - 1) / (m * (m - 1)))
+
+
+def _pair_moments(a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For symmetric a with zero diagonal: T = sum_{j!=k} a_jk, A2 = sum_{j!=k} a_jk^2,
+    P3 = sum over distinct j, k, l of a_jk a_jl, Q4 = sum over distinct j, k, l, q of a_jk a_lq
+    (so T^2 = 2 A2 + 4 P3 + Q4)."""
+    t = a.sum(dim=(-2, -1))
+    a2 = a.pow(2).sum(dim=(-2, -1))
+    p3 = a.sum(dim=-1).pow(2).sum(dim=-1) - a2
+    return t, a2, p3, t.pow(2) - 2 * a2 - 4 * p3
+
+
+def subset_estimate_variance(corr_sq: Tensor, m: int) -> Tensor:
+    """Var(L_tc_hat) over the random m-subset, given a = the K x K squared correlations (any diagonal):
+
+        Var = 2 A2 (1/p_2 - 1) + 4 P3 (p_3/p_2^2 - 1) + Q4 (p_4/p_2^2 - 1)
+
+    with A2, P3, Q4 the pair, path and disjoint-pair moments of the off-diagonal a (``_pair_moments``) and
+    p_r from :func:`subset_inclusion_probabilities`. It follows from E[S^2] = 2 A2 p_2 + 4 P3 p_3 + Q4 p_4
+    for the subset sum S (pairs of pairs share 2, 1 or 0 components) and T^2 = 2 A2 + 4 P3 + Q4.
+    """
+    k = corr_sq.shape[-1]
+    a = corr_sq - torch.diag_embed(torch.diagonal(corr_sq, dim1=-2, dim2=-1))
+    _, a2, p3, q4 = _pair_moments(a)
+    p2_, p3_, p4_ = subset_inclusion_probabilities(k, m)
+    return 2 * a2 * (1 / p2_ - 1) + 4 * p3 * (p3_ / p2_**2 - 1) + q4 * (p4_ / p2_**2 - 1)
+
+
+def subset_estimate_variance_from_subset(corr_sq_subset: Tensor, k: int) -> Tensor:
+    """Unbiased estimate of :func:`subset_estimate_variance` from the m x m squared correlations of the
+    drawn subset alone (m >= 4): A2, P3 and Q4 replaced by their subset sums divided by p_2, p_3, p_4.
+    It can come out slightly negative on a small subset; callers clamp it at 0."""
+    m = corr_sq_subset.shape[-1]
+    if m >= k:
+        return corr_sq_subset.new_zeros(corr_sq_subset.shape[:-2])
+    if m < 4:
+        raise ValueError(f"a variance estimate from the subset needs m >= 4, got m = {m}")
+    a = corr_sq_subset - torch.diag_embed(torch.diagonal(corr_sq_subset, dim1=-2, dim2=-1))
+    _, a2, p3, q4 = _pair_moments(a)
+    p2_, p3_, p4_ = subset_inclusion_probabilities(k, m)
+    a2, p3, q4 = a2 / p2_, p3 / p3_, q4 / p4_
+    return 2 * a2 * (1 / p2_ - 1) + 4 * p3 * (p3_ / p2_**2 - 1) + q4 * (p4_ / p2_**2 - 1)
+
+
+class _WeightOrthogonality(torch.autograd.Function):
+    """L_wr(W) through the D x D matrix M = W_n^T W_n (D < K), its gradient written out so that it holds one
+    K x D temporary besides W_n: with G = dL/dW_n = 4 W_n M, dL/dw_j = (g_j - w_n,j (w_n,j . g_j)) / ||w_j||
+    (the projection of the unit-norm map; the -2 sum_j ||w_n,j||^2 term has gradient 0)."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor) -> Tensor:
+        norm = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
+        scale = norm.clamp_min(1e-12)
+        wn = w / scale
+        m = _matmul(wn.transpose(-1, -2), wn)
+        unit = (norm / scale).squeeze(-1).pow(2)  # ||w_n,j||^2: 1, or 0 for a zero row
+        ctx.save_for_backward(wn, m, scale)
+        return m.pow(2).sum(dim=(-2, -1)) - 2 * unit.sum(dim=-1) + w.shape[-2]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        wn, m, scale = ctx.saved_tensors
+        g = _matmul(wn, m * (4 * grad).unsqueeze(-1).unsqueeze(-1))
+        along = torch.linalg.vecdot(wn, g, dim=-1).unsqueeze(-1)
+        return g.addcmul_(wn, along, value=-1).div_(scale)
 
 
 def weight_orthogonality_loss(weight: Tensor) -> Tensor:
-    """L_wr = ||W_n W_n^T - I||_F^2 with W_n the rows of W (K x D, or S x K x D) scaled to unit norm."""
+    """L_wr = ||W_n W_n^T - I||_F^2 with W_n the rows of W (K x D) scaled to unit norm.
+
+    When D < K it is computed through the D x D matrix W_n^T W_n (||A A^T||_F = ||A^T A||_F):
+
+        L_wr = ||W_n^T W_n||_F^2 - 2 sum_j ||w_n,j||^2 + K      (||w_n,j||^2 = 1, or 0 for a zero row)
+
+    cost K D^2 and memory D^2 (plus two K x D temporaries) instead of K^2 D and K^2; else through the
+    K x K Gram. Same function of W either way, so values and gradients agree to rounding.
+    """
     w = _wide(weight)
+    k, dim = w.shape[-2:]
+    if dim < k:
+        return _WeightOrthogonality.apply(w)
     w = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     gram = _matmul(w, w.transpose(-1, -2))
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
     return (gram - eye).pow(2).sum(dim=(-2, -1))
 
 
@@ -136,13 +320,20 @@ def implicit_em_objective(
     lambda_tc: float | Tensor = 1.0,
     lambda_wr: float | Tensor = 0.0,
     eps: float = 1e-6,
+    tc_components: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
     """L = l_lse L_LSE + l_var L_var + l_tc L_tc + l_wr L_wr, the paper's objective.
 
     Returns ``{"loss": L, "lse": L_LSE, "var": L_var, "tc": L_tc, "wr": L_wr}`` (terms unweighted), each
-    with the leading (ensemble) shape of ``d``; lambdas may be tensors of that shape. A term whose lambda
-    is the number 0 is not computed and reads 0, which keeps ablations and the default l_wr = 0 free.
-    The variance and decorrelation terms share one pass over the batch statistics.
+    with the leading shape of ``d`` (none for N x K); lambdas may be tensors of that shape. A term whose
+    lambda is the number 0 is not computed and reads 0, which keeps ablations and the default l_wr = 0
+    free. The variance and decorrelation terms share one pass over the batch statistics; neither L_tc nor
+    L_wr builds a K x K matrix when a smaller Gram matrix gives the same value (N < K, D < K).
+
+    ``tc_components = m`` (< K) replaces L_tc by the unbiased estimate from m random components drawn
+    from ``generator`` (:func:`decorrelation_subset_estimate`), for batches much larger than m; None
+    (the default) computes it exactly.
     """
     d = _wide(d)
     lambdas = {"lse": lambda_lse, "var": lambda_var, "tc": lambda_tc, "wr": lambda_wr}
@@ -155,7 +346,10 @@ def implicit_em_objective(
         if not _is_zero(lambda_var):
             terms["var"] = log_variance_barrier(var, eps)
         if not _is_zero(lambda_tc):
-            terms["tc"] = off_diagonal_sq_norm(standardized_correlation(centred, var))
+            if tc_components is None:
+                terms["tc"] = decorrelation_from_statistics(centred, var)
+            else:
+                terms["tc"] = decorrelation_subset_estimate(centred, var, tc_components, generator)
     if weight is not None and not _is_zero(lambda_wr):
         terms["wr"] = weight_orthogonality_loss(weight)
     weighted = [

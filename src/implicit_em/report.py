@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from implicit_em.errors import check_choice
+from implicit_em.files import atomic_write
 from implicit_em.metrics import component_diagnostics
 from implicit_em.probe import PROBE_METHODS, clustering_scores, kmeans_scores, linear_probe, responsibility_assignments
 
@@ -23,25 +24,29 @@ class ReportConfig:
         probe_method: ``sklearn`` (the paper's protocol) or ``torch`` (the fast full-batch solver).
         kmeans: also fit scikit-learn KMeans with the same K on the raw inputs, for comparison.
         reconstruction: also report reconstruction MSE (through W^T for the decoder-free model).
+        split: where the features are scored: ``test``, or ``val`` to choose settings without touching the
+            test split.
     """
 
     probe_method: str = "sklearn"
     kmeans: bool = True
     reconstruction: bool = False
+    split: str = "test"
 
     def __post_init__(self):
         check_choice(self.probe_method, "report.probe_method", PROBE_METHODS)
+        check_choice(self.split, "report.split", ("test", "val"))
 
 
 @torch.no_grad()
 def features(module, x: Tensor, fn=None, batch_size: int = 8192) -> Tensor:
-    """Frozen features S x N x K of ``x`` (or ``fn``'s outputs), computed in chunks on the module's device."""
+    """Frozen features N x K of ``x`` (or ``fn``'s outputs), computed in chunks on the module's device."""
     module.eval()
     fn = fn or module
-    return torch.cat([fn(chunk.to(module.device)) for chunk in x.split(batch_size)], dim=-2)
+    return torch.cat([fn(chunk.to(module.device)) for chunk in x.split(batch_size)])
 
 
-def reconstruction_errors(module, x: Tensor, f: Tensor) -> dict[str, list[float]]:
+def reconstruction_errors(module, x: Tensor, f: Tensor) -> dict[str, float]:
     """MSE of the reconstruction: the decoder's for an SAE, x_hat = d W for the decoder-free model; and
     the scale-normalised MSE after the best single scale a = <x, x_hat> / <x_hat, x_hat>."""
     x = x.to(f.device).double()
@@ -49,43 +54,66 @@ def reconstruction_errors(module, x: Tensor, f: Tensor) -> dict[str, list[float]
         x_hat = module.model.decode(f).double()
     else:
         x_hat = f.double() @ module.model.component_weights().double()
-    raw = (x_hat - x).pow(2).mean(dim=(-2, -1))
-    scale = (x_hat * x).sum(dim=(-2, -1)) / x_hat.pow(2).sum(dim=(-2, -1)).clamp_min(1e-300)
-    normalised = (scale[:, None, None] * x_hat - x).pow(2).mean(dim=(-2, -1))
-    return {"reconstruction_mse": raw.tolist(), "reconstruction_mse_scaled": normalised.tolist()}
+    scale = (x_hat * x).sum() / x_hat.pow(2).sum().clamp_min(1e-300)
+    return {
+        "reconstruction_mse": float((x_hat - x).pow(2).mean()),
+        "reconstruction_mse_scaled": float((scale * x_hat - x).pow(2).mean()),
+    }
 
 
 def evaluate(module, datamodule, config: ReportConfig | None = None) -> dict:
-    """Every number of metrics.json except timing: per member, then member 0's values at the top level.
+    """Every number of metrics.json for one model except timing and losses.
 
-    Diagnostics are over the test split; the probe is fit on train and scored on test; clustering assigns
-    each test input to its most responsible component.
+    Diagnostics are over the test split (``config.split``); the probe is fit on train and scored there;
+    clustering assigns each input to its most responsible component. KMeans is skipped, with a note, when K
+    exceeds the training samples.
     """
     config = config or ReportConfig()
-    train, test = datamodule.splits["train"], datamodule.splits["test"]
+    train, test = datamodule.splits["train"], datamodule.splits[config.split]
     f_train, f_test = features(module, train.x), features(module, test.x)
     z_test = features(module, test.x, module.model.pre_activation)
-    diag = component_diagnostics(f_test, module.model.component_weights())
-    recon = reconstruction_errors(module, test.x, f_test) if config.reconstruction else {}
     k = f_test.shape[-1]
-    shared = kmeans_scores(train.x, test.x, test.y, k) if config.kmeans else {}
-    members = []
-    for s in range(module.n_members):
-        row = {
-            "probe_accuracy": linear_probe(f_train[s].cpu(), train.y, f_test[s].cpu(), test.y, config.probe_method),
-            "probe_method": config.probe_method,
-            **clustering_scores(responsibility_assignments(f_test[s], z_test[s]).cpu(), test.y),
-            **{name: _number(v[s]) for name, v in diag.items() if name != "usage"},
-            "n_parameters": module.n_parameters(),
-            "n_components": k,
-            **{name: v[s] for name, v in recon.items()},
-            **shared,
-            **module.member_specs[s],
-        }
-        for term, values in module.epoch_means.items():
-            row["final_loss" if term == "loss" else f"final_{term}"] = values[s]
-        members.append(row)
-    return {**members[0], "members": members} if len(members) > 1 else members[0]
+    row = {
+        "probe_accuracy": linear_probe(f_train.cpu(), train.y, f_test.cpu(), test.y, config.probe_method),
+        "probe_method": config.probe_method,
+        "scored_on": config.split,
+        **clustering_scores(responsibility_assignments(f_test, z_test).cpu(), test.y),
+        **{name: _number(v) for name, v in component_diagnostics(f_test, module.model.component_weights()).items()
+           if name != "usage"},
+        "n_parameters": module.n_parameters(),
+        "n_components": k,
+        **(reconstruction_errors(module, test.x, f_test) if config.reconstruction else {}),
+        **{key: v for key, v in module.hparams.items() if isinstance(v, (int, float, str, bool)) or v is None},
+    }  # fmt: skip
+    if config.kmeans and k > len(train.x):
+        row["kmeans_skipped"] = f"K = {k} exceeds the {len(train.x)} training samples"
+    elif config.kmeans:
+        row.update(kmeans_scores(train.x, test.x, test.y, k))
+    return row
+
+
+def final_losses(callback_metrics: dict, suffix: str = "") -> dict[str, float]:
+    """``final_loss`` and ``final_<term>``: the last epoch's mean of each training term (``train/<term><suffix>``)."""
+    out = {}
+    for key, value in callback_metrics.items():
+        if key.startswith("train/") and key.endswith(suffix) and "loss_step" not in key:
+            term = key[len("train/") : len(key) - len(suffix)]
+            if "/" not in term:
+                out["final_loss" if term == "loss" else f"final_{term}"] = float(value)
+    return out
+
+
+def evaluate_run(module, datamodule, config: ReportConfig | None, callback_metrics: dict) -> dict:
+    """:func:`evaluate` and the final losses of a run's model; for an ensemble, of every member (``members``,
+    with when a member stopped), member 0's values at the top level."""
+    members = getattr(module, "members", None)
+    if members is None:
+        return {**evaluate(module, datamodule, config), **final_losses(callback_metrics)}
+    rows = [
+        {**evaluate(m, datamodule, config), **final_losses(callback_metrics, f"/m{s}"), **module.member_status(s)}
+        for s, m in enumerate(members)
+    ]
+    return {**rows[0], "members": rows}
 
 
 def _number(v: Tensor) -> float | int:
@@ -94,12 +122,8 @@ def _number(v: Tensor) -> float | int:
 
 def write_metrics(metrics: dict, path: str | Path) -> Path:
     """Write metrics.json atomically (never a half-written file); non-finite numbers become null."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_finite(metrics), indent=2) + "\n")
-    tmp.replace(path)
-    return path.resolve()
+    text = json.dumps(_finite(metrics), indent=2) + "\n"
+    return atomic_write(path, lambda f: f.write(text.encode())).resolve()
 
 
 def _finite(v):

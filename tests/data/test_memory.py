@@ -1,7 +1,5 @@
-"""The in-memory loader (order, sharding, chunking, ensembles, resume) and the DataModule base (splits,
-normalisation fitted on train only, finiteness, batch-size checks)."""
-
-from types import SimpleNamespace
+"""The in-memory loader (order, sharding, chunking, resume), the normalisations (fitted on the training split
+only, saved with the model) and the DataModule base (splits, finiteness, batch-size checks)."""
 
 import numpy as np
 import pytest
@@ -10,16 +8,20 @@ import torch
 from implicit_em.data.memory import (
     InMemoryDataModule,
     InMemoryLoader,
+    batches_per_epoch,
     epoch_permutation,
-    fit_normalization,
     stratified_split,
 )
-from implicit_em.errors import DataError
+from implicit_em.data.normalization import NORMALIZATIONS, Normalization
+from implicit_em.errors import ConfigError, DataError
 
 
-def make_loader(n=100, b=10, seeds=(0,), epoch=0, spc=1, rank=0, world=1):
+def make_loader(n=100, b=10, seed=0, epoch=0, chunk=1, rank=0, world=1, first_step=0, drop_last=False, max_steps=-1):
     x = torch.arange(n, dtype=torch.float32)[:, None]  # each sample holds its own index
-    return InMemoryLoader(x, b, list(seeds), epoch_fn=lambda: epoch, steps_per_call=spc, rank=rank, world_size=world)
+    return InMemoryLoader(
+        x, b, seed, epoch_fn=lambda: epoch, step_fn=lambda: first_step, chunk=chunk, max_steps=max_steps,
+        rank=rank, world_size=world, drop_last=drop_last,
+    )  # fmt: skip
 
 
 def batches(loader) -> list[torch.Tensor]:
@@ -28,68 +30,87 @@ def batches(loader) -> list[torch.Tensor]:
 
 
 def test_one_permutation_per_epoch_fixed_by_seed_and_epoch():
-    got = torch.cat(batches(make_loader(n=100, b=10, seeds=(3,), epoch=2)))
+    got = torch.cat(batches(make_loader(n=100, b=10, seed=3, epoch=2)))
     assert torch.equal(got, epoch_permutation(100, 3, 2))
     assert sorted(got.tolist()) == list(range(100))  # every sample once
     torch.manual_seed(123)  # the order ignores the global RNG
-    assert torch.equal(torch.cat(batches(make_loader(seeds=(3,), epoch=2))), got)
-    assert not torch.equal(torch.cat(batches(make_loader(seeds=(3,), epoch=3))), got)
-    assert not torch.equal(torch.cat(batches(make_loader(seeds=(4,), epoch=2))), got)
+    assert torch.equal(torch.cat(batches(make_loader(seed=3, epoch=2))), got)
+    assert not torch.equal(torch.cat(batches(make_loader(seed=3, epoch=3))), got)
+    assert not torch.equal(torch.cat(batches(make_loader(seed=4, epoch=2))), got)
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_rank_shards_concatenate_to_the_single_process_batch(world):
-    single = batches(make_loader(n=100, b=20, seeds=(1,)))
-    shards = [batches(make_loader(n=100, b=20, seeds=(1,), rank=r, world=world)) for r in range(world)]
+@pytest.mark.parametrize("n, b", [(100, 10), (95, 10), (1293, 128)])
+def test_every_sample_once_per_epoch_the_last_batch_partial(n, b):
+    got = batches(make_loader(n=n, b=b))
+    assert sorted(torch.cat(got).tolist()) == list(range(n))
+    assert [len(g) for g in got] == [b] * (n // b) + ([n % b] if n % b else [])
+
+
+@pytest.mark.parametrize("chunk", [2, 3, 8, 20])
+@pytest.mark.parametrize("first_step", [0, 7, 13])
+def test_chunks_do_not_change_the_sequence(chunk, first_step):
+    reference = batches(make_loader(n=95, b=10))
+    loader = make_loader(n=95, b=10, chunk=chunk, first_step=first_step)
+    chunks = list(loader)
+    assert all(1 <= len(c) <= chunk for c in chunks) and max(len(c) for c in chunks) > 1
+    # chunks end on the multiples of `chunk` of the global step
+    step = first_step
+    for c in chunks[:-1]:
+        step += len(c)
+        assert step % chunk == 0
+    got = batches(loader)
+    assert len(got) == len(reference) and all(torch.equal(a, b) for a, b in zip(got, reference))
+
+
+def test_a_chunk_ends_on_max_steps():
+    chunks = list(make_loader(n=95, b=10, chunk=8, first_step=3, max_steps=6))
+    assert [len(c) for c in chunks] == [3, 2, 5]  # steps 4-6 (max_steps) | 7-8 | 9-13 (the epoch's end)
+
+
+def test_a_chunked_loader_has_no_length_a_plain_one_its_steps():
+    assert len(make_loader(n=95, b=10)) == 10
+    with pytest.raises(TypeError, match="no fixed length"):
+        len(make_loader(n=95, b=10, chunk=4))
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("n, b", [(100, 20), (95, 20), (86, 12)])
+def test_rank_shards_concatenate_to_the_global_batch_also_the_uneven_last(world, n, b):
+    single = batches(make_loader(n=n, b=b, seed=1))
+    shards = [batches(make_loader(n=n, b=b, seed=1, rank=r, world=world, chunk=1)) for r in range(world)]
     assert all(len(s) == len(single) for s in shards)
     for i, full in enumerate(single):
-        assert all(len(s[i]) == 20 // world for s in shards)
+        sizes = [len(s[i]) for s in shards]
+        assert max(sizes) - min(sizes) <= 1, sizes  # as even as it gets
         assert torch.equal(torch.cat([s[i] for s in shards]), full)
-
-
-def test_steps_per_call_does_not_change_the_sequence():
-    reference = batches(make_loader(n=95, b=10, spc=1))
-    for spc in (2, 3, 8, 20):
-        loader = make_loader(n=95, b=10, spc=spc)
-        assert len(loader) == -(-len(reference) // spc)
-        assert all(len(chunk) <= spc for chunk in loader)
-        got = batches(loader)
-        assert len(got) == len(reference) and all(torch.equal(a, b) for a, b in zip(got, reference))
-
-
-def test_each_ensemble_member_has_its_own_order():
-    seeds = (5, 6, 7)
-    got = batches(make_loader(n=60, b=12, seeds=seeds, spc=2))
-    assert got[0].shape == (3, 12)
-    for s, seed in enumerate(seeds):
-        alone = batches(make_loader(n=60, b=12, seeds=(seed,)))
-        assert all(torch.equal(g[s], a) for g, a in zip(got, alone))
-    assert not torch.equal(got[0][0], got[0][1])
+    assert len(single[-1]) == (n % b or b)  # the last, partial batch is kept and shared out
 
 
 @pytest.mark.parametrize(
-    "n, b, world, sizes",
+    "n, b, drop_last, sizes",
     [
-        (41, 20, 1, [20, 20]),  # a last batch of 1 is dropped (no variance)
-        (42, 20, 1, [20, 20, 2]),  # a last batch of 2 is kept
-        (42, 20, 2, [10, 10]),  # 2 over 2 ranks is 1 per rank: dropped
-        (44, 20, 2, [10, 10, 2]),  # 4 over 2 ranks: kept, 2 per rank
-        (40, 20, 1, [20, 20]),
+        (41, 20, False, [20, 20]),  # a last batch of 1 is dropped (no variance)
+        (42, 20, False, [20, 20, 2]),  # a last batch of 2 is kept
+        (42, 20, True, [20, 20]),  # unless drop_last
+        (40, 20, False, [20, 20]),
     ],
 )
-def test_last_batch_smaller_than_two_per_rank_is_dropped(n, b, world, sizes):
-    got = batches(make_loader(n=n, b=b, world=world))
-    assert [len(g) for g in got] == sizes
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_the_same_global_batches_for_any_number_of_processes(n, b, drop_last, sizes, world):
+    assert batches_per_epoch(n, b, drop_last) == len(sizes)
+    shards = [batches(make_loader(n=n, b=b, world=world, rank=r, drop_last=drop_last)) for r in range(world)]
+    assert [sum(len(s[i]) for s in shards) for i in range(len(sizes))] == sizes
+    assert all(len(s) == len(sizes) for s in shards)
 
 
 def test_state_dict_resumes_mid_epoch():
-    full = list(make_loader(n=100, b=10, spc=2, epoch=1))
-    first = make_loader(n=100, b=10, spc=2, epoch=1)
+    full = list(make_loader(n=100, b=10, chunk=2, epoch=1))
+    first = make_loader(n=100, b=10, chunk=2, epoch=1)
     it = iter(first)
     seen = [next(it), next(it)]
     state = first.state_dict()
-    assert state == {"epoch": 1, "chunk": 2}
-    resumed = make_loader(n=100, b=10, spc=2, epoch=1)
+    assert state == {"epoch": 1, "batch": 4}  # 2 chunks of 2 batches
+    resumed = make_loader(n=100, b=10, chunk=2, epoch=1, first_step=4)
     resumed.load_state_dict(state)
     rest = list(resumed)
     assert len(seen) + len(rest) == len(full)
@@ -100,9 +121,70 @@ def test_state_dict_resumes_mid_epoch():
 
 
 def test_state_from_another_epoch_starts_the_epoch_over():
-    loader = make_loader(n=100, b=10, spc=2, epoch=3)
-    loader.load_state_dict({"epoch": 2, "chunk": 4})
+    loader = make_loader(n=100, b=10, chunk=2, epoch=3)
+    loader.load_state_dict({"epoch": 2, "batch": 4})
     assert len(list(loader)) == 5
+
+
+# -- normalisations -----------------------------------------------------------------------------------------
+
+
+def _train_x(n=300, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g) * torch.tensor([0.5, 2.0, 3.0, 1.0]) + torch.tensor([1.0, 5.0, -2.0, 0.0])
+    x[:, 2] += 6 * x[:, 0]  # correlated features, for ZCA
+    return x
+
+
+def test_none_is_the_identity():
+    x = _train_x()
+    assert torch.equal(Normalization.fit(x, "none")(x), x)
+
+
+def test_center_and_center_scale():
+    x, other = _train_x(), _train_x(seed=1)
+    mean = x.double().mean(0)
+    centred = Normalization.fit(x, "center")
+    assert torch.allclose(centred(other).double(), other.double() - mean, atol=1e-5)
+    scaled = Normalization.fit(x, "center+scale")
+    out = scaled(x).double()
+    assert out.norm(dim=1).mean() == pytest.approx(1.0, rel=1e-5)  # rows of norm ~1 on average
+    s = (x.double() - mean).norm(dim=1).mean()
+    assert torch.allclose(scaled(other).double(), (other.double() - mean) / s, atol=1e-5)
+
+
+def test_standardize_per_feature():
+    x = _train_x()
+    x[:, 3] = 7.0  # a constant feature is centred, not divided by 0
+    out = Normalization.fit(x, "standardize")(x).double()
+    assert torch.allclose(out.mean(0), torch.zeros(4, dtype=torch.double), atol=1e-5)
+    assert torch.allclose(out[:, :3].std(0, unbiased=False), torch.ones(3, dtype=torch.double), atol=1e-5)
+    assert torch.equal(out[:, 3], torch.zeros(len(x), dtype=torch.double))
+
+
+def test_zca_whitens_with_the_regularised_inverse_square_root():
+    x = _train_x().double()
+    out = Normalization.fit(x, "zca")(x).double()
+    c = np.cov(x.numpy(), rowvar=False)
+    evals, evecs = np.linalg.eigh(c)
+    # regularised ZCA: the covariance V diag(l) V^T becomes V diag(l / (l + eps)) V^T, eps = 0.1 mean(l)
+    expected = (evecs * (evals / (evals + 0.1 * evals.mean()))) @ evecs.T
+    np.testing.assert_allclose(np.cov(out.numpy(), rowvar=False), expected, atol=1e-4)
+    assert abs(np.corrcoef(x.numpy(), rowvar=False)[0, 2]) > 0.5 and abs(expected[0, 2]) < 0.1
+
+
+@pytest.mark.parametrize("kind", NORMALIZATIONS)
+def test_state_dict_round_trip(kind):
+    x, other = _train_x(), _train_x(seed=2)
+    fitted = Normalization.fit(x, kind)
+    state = fitted.state_dict()
+    assert all(v is None or isinstance(v, torch.Tensor) for v in state.values())  # loads with weights_only=True
+    assert torch.equal(Normalization.from_state_dict(state)(other), fitted(other))
+
+
+def test_unknown_normalization_is_a_config_error():
+    with pytest.raises(ConfigError, match="data.normalization"):
+        Normalization.fit(_train_x(), "whiten")
 
 
 class Toy(InMemoryDataModule):
@@ -166,21 +248,24 @@ def test_standardize_is_fitted_on_the_training_split_only():
     assert dm.splits["test"].x.mean(0).abs().min() > 0.5  # test data (mean 4) is not re-centred on itself
 
 
-def test_zca_is_fitted_on_the_training_split_only():
+@pytest.mark.parametrize("kind", ["center", "center+scale", "zca"])
+def test_every_normalization_is_fitted_on_the_training_split_only(kind):
+    dm = Toy(batch_size=8, normalization=kind)
+    dm.setup()
+    transform = Normalization.fit(torch.from_numpy(raw_train_split(dm)), kind)
+    expected = transform(torch.from_numpy(dm.raw["test"][0]))
+    np.testing.assert_allclose(dm.splits["test"].x.numpy(), expected.numpy(), atol=1e-5)
+    assert torch.allclose(dm.splits["train"].x.double().mean(0), torch.zeros(3, dtype=torch.double), atol=1e-5)
+    assert dm.splits["test"].x.double().mean(0).abs().max() > 0.1  # the test split is not re-centred on itself
+
+
+def test_the_datamodule_saves_and_restores_its_normalization():
     dm = Toy(batch_size=8, normalization="zca")
     dm.setup()
-    x_train = raw_train_split(dm).astype(np.float64)
-    transform = fit_normalization(x_train, "zca")
-    np.testing.assert_allclose(
-        dm.splits["test"].x.numpy(), transform(dm.raw["test"][0].astype(np.float64)), rtol=1e-4, atol=1e-4
-    )
-    white = dm.splits["train"].x.double()
-    assert torch.allclose(white.mean(0), torch.zeros(3, dtype=torch.double), atol=1e-5)
-    # regularised ZCA: the training covariance V diag(l) V^T becomes V diag(l / (l + eps)) V^T, eps = 0.1 mean(l)
-    evals, evecs = np.linalg.eigh(np.cov(x_train, rowvar=False))
-    expected = (evecs * (evals / (evals + 0.1 * evals.mean()))) @ evecs.T
-    np.testing.assert_allclose(np.cov(white.numpy(), rowvar=False), expected, atol=1e-4)
-    assert abs(np.corrcoef(x_train, rowvar=False)[0, 2]) > 0.5 and abs(expected[0, 2]) < 0.1
+    again = Toy(batch_size=8)  # another setting: the checkpoint's normalisation wins
+    again.load_state_dict(dm.state_dict())
+    x = torch.from_numpy(dm.raw["test"][0])
+    assert torch.equal(again.normalization(x), dm.normalization(x))
 
 
 @pytest.mark.parametrize("split, index", [("train", 7), ("train", 150), ("test", 3)])
@@ -198,20 +283,15 @@ def test_batch_larger_than_the_training_split_is_an_error():
         Toy(batch_size=1000).setup()
 
 
-def test_global_batch_must_divide_across_devices():
-    dm = Toy(batch_size=10)
-    dm.setup()
-    dm.trainer = SimpleNamespace(global_rank=0, world_size=3)
-    with pytest.raises(DataError, match="data.batch_size 10 must divide evenly across 3 devices"):
-        dm.train_dataloader()
-
-
 def test_train_dataloader_serves_the_global_batch_sharded():
-    dm = Toy(batch_size=12, steps_per_call=4)
+    dm = Toy(batch_size=12, steps_per_call=4, shuffle_seed=5)
     dm.setup()
     dm.trainer = None
-    single = [mb for chunk in dm.train_dataloader() for mb in chunk]
+    loader = dm.train_dataloader()
+    chunks = list(loader)
+    assert max(len(c) for c in chunks) == 4
+    single = [mb for chunk in chunks for mb in chunk]
     assert single[0].shape == (12, 3) and len(single) == 180 // 12
     x = dm.splits["train"].x
-    order = epoch_permutation(len(x), dm.seed, 0)
+    order = epoch_permutation(len(x), 5, 0)  # the data order follows shuffle_seed, the splits data.seed
     assert torch.equal(torch.cat(single), x[order[: len(single) * 12]])

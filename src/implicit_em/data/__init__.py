@@ -5,12 +5,13 @@ Select one with ``--config configs/data/<name>.yaml``: digits, mnist, fashion_mn
 
 from implicit_em.data.cifar10 import CIFAR10DataModule
 from implicit_em.data.digits import DigitsDataModule
-from implicit_em.data.memory import InMemoryDataModule, InMemoryLoader
+from implicit_em.data.memory import ComponentDataModule, InMemoryDataModule, InMemoryLoader
 from implicit_em.data.mnist import FashionMNISTDataModule, MNISTDataModule
 from implicit_em.data.synthetic import SyntheticMixtureDataModule
 
 __all__ = [
     "CIFAR10DataModule",
+    "ComponentDataModule",
     "DigitsDataModule",
     "FashionMNISTDataModule",
     "InMemoryDataModule",

@@ -21,6 +21,7 @@ import numpy as np
 from implicit_em.data.download import fetch
 from implicit_em.data.memory import InMemoryDataModule
 from implicit_em.errors import DataError
+from implicit_em.files import atomic_write
 
 #: the ten classes in torchvision's label order, which is also their sorted order
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -223,15 +224,10 @@ def _read_cache(path: Path, key: str, labels: dict[str, np.ndarray]) -> dict | N
 
 def _write_cache(path: Path, key: str, data: dict) -> None:
     arrays = {f"{k}_{split}": v for split, xy in data.items() for k, v in zip(("x", "y"), xy)}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.savez(f, key=np.array(key), **arrays)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: np.savez(f, key=np.array(key), **arrays))
     except OSError as e:  # a read-only or full disk only costs the next run the decoding time
         print(f"warning: could not write the cache {path} ({e}); continuing without it", file=sys.stderr)
-        tmp.unlink(missing_ok=True)
 
 
 class CIFAR10DataModule(InMemoryDataModule):

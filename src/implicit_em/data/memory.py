@@ -1,25 +1,25 @@
-"""The in-memory batch loader every dataset shares, and the DataModule base class around it.
+"""The DataModule base classes and the in-memory batch loader the in-memory sources share.
 
-Each split is one tensor on the training device; a batch is an index slice of one random permutation per
-epoch. No per-sample Python, no collate, no worker processes. ``batch_size`` is the *global* batch: with
-DDP each rank takes its own contiguous shard of every global batch, so the objective's batch statistics
-are those of the single-device run.
+Each in-memory split is one tensor on the training device; a batch is an index slice of one random
+permutation per epoch. No per-sample Python, no collate, no worker processes. ``batch_size`` is the *global*
+batch: with DDP each rank takes its own contiguous part of every global batch, so the objective's batch
+statistics are those of the single-device run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
 
+from implicit_em.data.chunks import chunk_lengths, chunk_steps
+from implicit_em.data.normalization import NORMALIZATIONS, Normalization
 from implicit_em.errors import DataError, check, check_choice
-from implicit_em.models import first_appearance
-
-NORMALIZATIONS = ("none", "standardize", "zca")
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
@@ -28,63 +28,77 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=g)
 
 
-class InMemoryLoader:
-    """Yields training chunks: lists of up to ``steps_per_call`` micro-batches, each one optimiser step.
+def batches_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
+    """Global batches per epoch: the last, partial one is kept unless ``drop_last`` or it has fewer than 2
+    samples (the batch variance needs 2). The same for any number of processes."""
+    last = n % batch_size
+    return n // batch_size + int(not drop_last and last >= 2)
 
-    Several exact optimiser steps per Lightning batch amortise Lightning's per-batch overhead; the
-    sequence of batches is the same whatever ``steps_per_call`` is. With U > 1 ``seeds`` there are U data
-    orders (an ensemble's members with different seeds) and a micro-batch is U x B x D. The last, partial batch is
-    kept unless ``drop_last``, or it has fewer than 2 samples per rank (variance undefined), or it does
-    not split evenly across ranks. Stateful, so a run resumed mid-epoch continues the epoch.
+
+def rank_rows(batch: Tensor, rank: int, world_size: int) -> Tensor:
+    """This rank's contiguous part of a global batch (parts differ by at most one row)."""
+    return batch.tensor_split(world_size)[rank] if world_size > 1 else batch
+
+
+@dataclass
+class Split:
+    x: Tensor  # N x D float32
+    y: Tensor  # N int64 (-1: no label)
+    groups: Tensor | None = None  # N int64: the document each row came from, where known
+
+
+class InMemoryLoader:
+    """Yields training chunks: lists of micro-batches of one in-memory tensor, one exact optimiser step each.
+
+    Each epoch is one permutation fixed by (seed, epoch); ``batch_size`` is the global batch and every rank
+    reads its contiguous part of it. Chunk lengths follow :func:`~implicit_em.data.chunks.chunk_lengths` from
+    the Trainer's global step when the epoch starts. Stateful, so a run resumed mid-epoch continues the epoch
+    exactly. Has a length only when every chunk is one step (then it is the number of steps).
     """
 
     def __init__(
         self,
         x: Tensor,
         batch_size: int,
-        seeds: Sequence[int],
+        seed: int,
         epoch_fn: Callable[[], int],
-        steps_per_call: int = 1,
+        step_fn: Callable[[], int] = lambda: 0,
+        chunk: int = 1,
+        max_steps: int = -1,
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
     ):
-        self.x, self.batch_size, self.seeds = x, batch_size, list(seeds)
-        self.epoch_fn, self.steps_per_call = epoch_fn, max(1, steps_per_call)
+        self.x, self.batch_size, self.seed = x, batch_size, seed
+        self.epoch_fn, self.step_fn, self.chunk, self.max_steps = epoch_fn, step_fn, chunk, max_steps
         self.rank, self.world_size = rank, world_size
-        n, b = len(x), batch_size
-        last = n % b
-        keep_last = not drop_last and last >= 2 * world_size and last % world_size == 0
-        self.n_batches = n // b + int(keep_last)
+        self.n_batches = batches_per_epoch(len(x), batch_size, drop_last)
         self._resume: dict | None = None
         self._position = (0, 0)
 
     def __len__(self) -> int:
-        return -(-self.n_batches // self.steps_per_call)
-
-    def _batch_indices(self, epoch: int) -> list[Tensor]:
-        perms = torch.stack([epoch_permutation(len(self.x), s, epoch) for s in self.seeds])
-        perms = perms[:, : min(self.n_batches * self.batch_size, perms.shape[1])].to(self.x.device)
-        batches = perms.split(self.batch_size, dim=1)[: self.n_batches]
-        shards = [b.chunk(self.world_size, dim=1)[self.rank] for b in batches]
-        return [s[0] if len(self.seeds) == 1 else s for s in shards]
+        if self.chunk > 1:  # how many chunks an epoch has depends on the step it starts at
+            raise TypeError("a chunked loader has no fixed length")
+        return self.n_batches
 
     def __iter__(self) -> Iterator[list[Tensor]]:
         epoch = self.epoch_fn()
         start = 0
         if self._resume is not None and self._resume["epoch"] == epoch:
-            start = self._resume["chunk"]
+            start = self._resume["batch"]
         self._resume = None
-        batches = self._batch_indices(epoch)
-        for c in range(start, len(self)):
-            idx = batches[c * self.steps_per_call : (c + 1) * self.steps_per_call]
-            self._position = (epoch, c + 1)
-            sizes = [i.shape[-1] for i in idx]
-            gathered = self.x[torch.cat(idx, dim=-1)]  # one gather per chunk, then views
-            yield list(gathered.split(sizes, dim=-2))
+        perm = epoch_permutation(len(self.x), self.seed, epoch).to(self.x.device)
+        batches = perm.split(self.batch_size)[: self.n_batches]
+        position = start
+        for length in chunk_lengths(self.n_batches - start, self.step_fn(), self.chunk, self.max_steps):
+            idx = [rank_rows(b, self.rank, self.world_size) for b in batches[position : position + length]]
+            position += length
+            self._position = (epoch, position)
+            gathered = self.x[torch.cat(idx)]  # one gather per chunk, then views
+            yield list(gathered.split([len(i) for i in idx]))
 
     def state_dict(self) -> dict:
-        return {"epoch": self._position[0], "chunk": self._position[1]}
+        return {"epoch": self._position[0], "batch": self._position[1]}
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = dict(state)
@@ -104,12 +118,6 @@ class EvalLoader:
         yield from zip(self.x.split(self.batch_size), self.y.split(self.batch_size))
 
 
-@dataclass
-class Split:
-    x: Tensor  # N x D float32
-    y: Tensor  # N int64
-
-
 def stratified_split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int, key: str):
     """Split off ``fraction`` of the samples, stratified by label, reproducibly from ``seed``."""
     from sklearn.model_selection import train_test_split
@@ -122,25 +130,105 @@ def stratified_split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int, k
     return train_test_split(x, y, test_size=fraction, stratify=y, random_state=seed)
 
 
-class InMemoryDataModule(L.LightningDataModule):
-    """Base DataModule: subclasses implement :meth:`load`; this class splits, normalises and serves.
+class ComponentDataModule(L.LightningDataModule):
+    """What every DataModule offers the modules, the report and the callbacks.
+
+    ``splits`` holds in-memory (CPU) evaluation samples ``train``, ``val`` and ``test``; ``normalization``
+    is the transform fitted on training rows, saved in checkpoints (``state_dict``). Subclasses fill both in
+    ``setup`` and implement ``train_dataloader`` (chunks; see :mod:`implicit_em.data.chunks`).
 
     Args:
-        root: where the data files are (each dataset documents the layouts it accepts).
-        batch_size: the global batch size (divided across DDP ranks; must divide evenly).
-        val_fraction: fraction of the training split held out for validation (stratified).
-        test_fraction: fraction held out for testing when the source has no test split.
-        seed: fixes the splits, and the data order unless the model gives per-member seeds.
-        normalization: ``none`` (pixels in [0, 1]), ``standardize`` (per feature) or ``zca`` (whitening),
-            fitted on the training split.
+        batch_size: the global batch size (divided across DDP ranks).
+        seed: fixes the splits.
+        shuffle_seed: fixes the data order (linked from ``--seed_everything``).
         eval_batch_size: batch size of the validation pass (metrics are exact over the split regardless).
-        steps_per_call: optimiser steps per Lightning batch (speed only; forced to 1 under DDP).
+        steps_per_call: the most optimiser steps per Lightning batch (speed only; step settings stay exact).
         drop_last: drop each epoch's last, partial batch.
     """
 
-    #: the shape of one sample as an image, for feature images; subclasses set it
+    #: the shape of one sample as an image, for feature images; () when the rows are not images
     image_shape: tuple[int, ...] = ()
     name = "data"
+
+    def __init__(
+        self, batch_size: int, seed: int, eval_batch_size: int, steps_per_call: int, drop_last: bool, shuffle_seed: int
+    ):
+        super().__init__()
+        check(isinstance(batch_size, int) and batch_size >= 2, "data.batch_size",
+              "an integer >= 2 (the variance term needs 2 samples)", batch_size)  # fmt: skip
+        check(eval_batch_size >= 1, "data.eval_batch_size", ">= 1", eval_batch_size)
+        check(steps_per_call >= 1, "data.steps_per_call", ">= 1", steps_per_call)
+        self.batch_size, self.seed, self.shuffle_seed, self.eval_batch_size = (
+            batch_size,
+            seed,
+            shuffle_seed,
+            eval_batch_size,
+        )
+        self.steps_per_call, self.drop_last = steps_per_call, drop_last
+        self.splits: dict[str, Split] = {}
+        self.normalization = Normalization()
+        self._device_splits: dict[str, Split] = {}
+
+    @property
+    def dims(self) -> int:
+        """Input dimension D, known from the settings alone (no data loaded)."""
+        return int(np.prod(self.image_shape))
+
+    def device_split(self, name: str) -> Split:
+        """Split ``name`` (train, val, test) as tensors on the training device, moved once and cached."""
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        cached = self._device_splits.get(name)
+        if cached is None or cached.x.device != device:
+            s = self.splits[name]
+            cached = self._device_splits[name] = Split(s.x.to(device), s.y.to(device), s.groups)
+        return cached
+
+    def rank_world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def chunk_steps(self) -> int:
+        """The most optimiser steps one training chunk may carry under the Trainer's settings."""
+        return chunk_steps(self.trainer, self.steps_per_call)
+
+    def loop_clock(self) -> dict[str, Any]:
+        """What a training loader reads from the Trainer: epoch and global step (as functions), max_steps."""
+        t = self.trainer
+        if t is None:
+            return {"epoch_fn": lambda: 0, "step_fn": lambda: 0, "max_steps": -1}
+        # the epoch Lightning gives samplers (set_epoch): right also when a resumed fit reads its first batch,
+        # before current_epoch has moved past the epoch its checkpoint ended
+        return {
+            "epoch_fn": lambda: t.fit_loop.epoch_progress.current.processed,
+            "step_fn": lambda: t.global_step,
+            "max_steps": t.max_steps,
+        }
+
+    def val_dataloader(self) -> EvalLoader:
+        s = self.device_split("val")
+        return EvalLoader(s.x, s.y, self.eval_batch_size, *self.rank_world())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"normalization": self.normalization.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "normalization" in state:
+            self.normalization = Normalization.from_state_dict(state["normalization"])
+
+
+class InMemoryDataModule(ComponentDataModule):
+    """Base of the in-memory sources: subclasses implement :meth:`load`; this class splits, normalises and
+    serves every split as one tensor on the training device.
+
+    Args:
+        root: where the data files are (each dataset documents the layouts it accepts).
+        val_fraction: fraction of the training split held out for validation (stratified).
+        test_fraction: fraction held out for testing when the source has no test split.
+        normalization: none (pixels in [0, 1]), center, center+scale, standardize (per feature) or zca
+            (whitening), fitted on the training split.
+        (the other arguments: see :class:`ComponentDataModule`)
+    """
 
     def __init__(
         self,
@@ -151,26 +239,16 @@ class InMemoryDataModule(L.LightningDataModule):
         seed: int = 0,
         normalization: str = "none",
         eval_batch_size: int = 4096,
-        steps_per_call: int = 8,
+        steps_per_call: int = 50,
         drop_last: bool = False,
+        shuffle_seed: int = 0,
     ):
-        super().__init__()
-        check_data_args(batch_size, val_fraction, test_fraction, normalization, eval_batch_size, steps_per_call)
-        self.root, self.batch_size, self.val_fraction, self.test_fraction = (
-            root,
-            batch_size,
-            val_fraction,
-            test_fraction,
-        )
-        self.seed, self.normalization = seed, normalization
-        self.eval_batch_size, self.steps_per_call, self.drop_last = eval_batch_size, steps_per_call, drop_last
-        self.splits: dict[str, Split] = {}
-        self._device_splits: dict[str, Split] = {}
-
-    @property
-    def dims(self) -> int:
-        """Input dimension D, known from the settings alone (no data loaded)."""
-        return int(np.prod(self.image_shape))
+        super().__init__(batch_size, seed, eval_batch_size, steps_per_call, drop_last, shuffle_seed)
+        check(0 < val_fraction < 1, "data.val_fraction", "in (0, 1)", val_fraction)
+        check(0 < test_fraction < 1, "data.test_fraction", "in (0, 1)", test_fraction)
+        check_choice(normalization, "data.normalization", NORMALIZATIONS)
+        self.root, self.val_fraction, self.test_fraction = root, val_fraction, test_fraction
+        self.normalization_kind = normalization
 
     def load(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Return ``{"train": (x, y), "test": (x, y)}`` (test optional), x float32 N x D in [0, 1]."""
@@ -193,12 +271,11 @@ class InMemoryDataModule(L.LightningDataModule):
             x_train, y_train, self.val_fraction, self.seed, "data.val_fraction"
         )
         parts = {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
-        transform = fit_normalization(np.asarray(x_train, dtype=np.float64), self.normalization)
+        tensors = {k: torch.as_tensor(np.asarray(x, dtype=np.float32)) for k, (x, _) in parts.items()}
+        self.normalization = Normalization.fit(tensors["train"], self.normalization_kind)
         self.splits = {
-            name: Split(
-                torch.as_tensor(transform(np.asarray(x, dtype=np.float32))), torch.as_tensor(y, dtype=torch.long)
-            )
-            for name, (x, y) in parts.items()
+            k: Split(self.normalization(tensors[k]), torch.as_tensor(y, dtype=torch.long))
+            for k, (_, y) in parts.items()
         }
         if len(self.splits["train"].x) < self.batch_size:
             raise DataError(
@@ -206,56 +283,12 @@ class InMemoryDataModule(L.LightningDataModule):
                 f"{self.name}; lower --data.batch_size"
             )
 
-    def device_split(self, name: str) -> Split:
-        """Split ``name`` (train, val, test) as tensors on the training device, moved once and cached."""
-        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        cached = self._device_splits.get(name)
-        if cached is None or cached.x.device != device:
-            s = self.splits[name]
-            cached = self._device_splits[name] = Split(s.x.to(device), s.y.to(device))
-        return cached
-
-    def _rank_world(self) -> tuple[int, int]:
-        if self.trainer is None:
-            return 0, 1
-        return self.trainer.global_rank, self.trainer.world_size
-
     def train_dataloader(self) -> InMemoryLoader:
-        rank, world = self._rank_world()
-        if self.batch_size % world:
-            raise DataError(f"data.batch_size {self.batch_size} must divide evenly across {world} devices")
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        # one data order per distinct member seed, in order of first appearance (how the model reads them)
-        seeds = first_appearance(getattr(module, "member_seeds", None) or [self.seed])[0]
+        rank, world = self.rank_world()
         return InMemoryLoader(
-            self.device_split("train").x,
-            self.batch_size,
-            seeds,
-            epoch_fn=(lambda: self.trainer.current_epoch) if self.trainer is not None else (lambda: 0),
-            steps_per_call=self.steps_per_call if world == 1 else 1,
-            rank=rank,
-            world_size=world,
-            drop_last=self.drop_last,
-        )
-
-    def val_dataloader(self) -> EvalLoader:
-        s = self.device_split("val")
-        return EvalLoader(s.x, s.y, self.eval_batch_size, *self._rank_world())
-
-
-def check_data_args(batch_size, val_fraction, test_fraction, normalization, eval_batch_size, steps_per_call) -> None:
-    """Validate the DataModule settings (called by the CLI before anything is built)."""
-    check(
-        isinstance(batch_size, int) and batch_size >= 2,
-        "data.batch_size",
-        "an integer >= 2 (the variance term needs 2 samples)",
-        batch_size,
-    )
-    check(0 < val_fraction < 1, "data.val_fraction", "in (0, 1)", val_fraction)
-    check(0 < test_fraction < 1, "data.test_fraction", "in (0, 1)", test_fraction)
-    check_choice(normalization, "data.normalization", NORMALIZATIONS)
-    check(eval_batch_size >= 1, "data.eval_batch_size", ">= 1", eval_batch_size)
-    check(steps_per_call >= 1, "data.steps_per_call", ">= 1", steps_per_call)
+            self.device_split("train").x, self.batch_size, self.shuffle_seed, chunk=self.chunk_steps(),
+            rank=rank, world_size=world, drop_last=self.drop_last, **self.loop_clock(),
+        )  # fmt: skip
 
 
 def check_finite(x: np.ndarray, what: str) -> None:
@@ -263,18 +296,3 @@ def check_finite(x: np.ndarray, what: str) -> None:
     bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
     if bad.any():
         raise DataError(f"{what}: sample {int(np.argmax(bad))} has non-finite values (NaN or inf); fix the data files")
-
-
-def fit_normalization(x_train: np.ndarray, kind: str) -> Callable[[np.ndarray], np.ndarray]:
-    """A transform fitted on the training split: identity, per-feature standardisation, or ZCA whitening."""
-    if kind == "none":
-        return lambda x: x
-    mean = x_train.mean(axis=0)
-    if kind == "standardize":
-        std = x_train.std(axis=0)
-        std[std < 1e-8] = 1.0
-        return lambda x: ((x - mean) / std).astype(np.float32)
-    cov = np.cov(x_train - mean, rowvar=False)
-    evals, evecs = np.linalg.eigh(cov)
-    whiten = (evecs / np.sqrt(np.maximum(evals, 0) + 0.1 * evals.mean())) @ evecs.T
-    return lambda x: ((x - mean) @ whiten).astype(np.float32)

@@ -1,0 +1,45 @@
+"""The experiments behind ``scripts/reproduce.py``: one registry, one entry point.
+
+``paper`` holds the paper's experiments, ``runs`` launches their training runs (``configs/experiment/*.yaml``
+through the path of ``scripts/train.py``), ``tables`` and ``plots`` summarise and draw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from implicit_em.experiments import paper
+from implicit_em.experiments.runs import Runs, Settings
+
+#: experiment name -> runner; register a new experiment here
+EXPERIMENTS: dict[str, Callable[[Settings, Runs], Path]] = {
+    "theorem": paper.run_theorem,
+    "ablation": paper.run_ablation,
+    "benchmark": paper.run_benchmark,
+    "features": paper.run_features,
+    "dynamics": paper.run_dynamics,
+}
+#: the experiments ``all`` runs
+PAPER = ("theorem", "ablation", "benchmark", "features", "dynamics")
+DATASETS = ("mnist", "fashion_mnist", "digits", "cifar10", "synthetic")
+
+
+def expand_experiments(names: Sequence[str]) -> list[str]:
+    """The experiments to run, in the registry's order, ``all`` expanded to the paper's, duplicates dropped."""
+    wanted = set(PAPER) | (set(names) - {"all"}) if "all" in names else set(names)
+    return [e for e in EXPERIMENTS if e in wanted]
+
+
+def reproduce(s: Settings, experiments: Sequence[str], log: Callable[[str], None] = print) -> list[Path]:
+    """Run the named experiments (``all`` for the paper's); returns the JSON paths written."""
+    runs = Runs(s, log)
+    written = []
+    for name in expand_experiments(experiments):
+        path = EXPERIMENTS[name](s, runs)
+        log(f"[{name}] wrote {path}")
+        written.append(path)
+    return written
+
+
+__all__ = ["DATASETS", "EXPERIMENTS", "Runs", "Settings", "expand_experiments", "reproduce"]

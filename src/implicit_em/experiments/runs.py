@@ -1,0 +1,124 @@
+"""Launching the experiments' training runs: the flags ``scripts/train.py`` takes, trained in this process."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Settings:
+    """What every run of one ``reproduce.py`` call shares (the paper's protocol by default)."""
+
+    configs: Path  # the project's configs/ folder
+    data: str = "digits"
+    out: Path = Path("results")
+    epochs: int = 100
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    components: int = 64
+    batch_size: int = 128
+    probe_method: str = "sklearn"
+    data_root: str | None = None
+    command: str = ""
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.out) / self.data
+
+    def header(self) -> dict[str, Any]:
+        """The settings every results JSON records."""
+        return {
+            "data": self.data, "epochs": self.epochs, "seeds": list(self.seeds), "components": self.components,
+            "batch_size": self.batch_size, "probe_method": self.probe_method, "command": self.command,
+        }  # fmt: skip
+
+
+@dataclass
+class Run:
+    """A finished run: its metrics.json, and the per-member results."""
+
+    metrics: dict
+    path: Path
+
+    @property
+    def members(self) -> list[dict]:
+        """The per-member dicts of metrics.json (a lone run is its own single member)."""
+        return self.metrics.get("members", [self.metrics])
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path.parent
+
+
+def cli_args(s: Settings, name: str, experiment: str, *extra: str, kmeans=False, reconstruction=False) -> list[str]:
+    """The ``scripts/train.py`` arguments of one ensemble run: the data config, ``configs/experiment/<experiment>``,
+    every configuration once per seed (the same flags a user would type)."""
+    configs = [s.configs / "default.yaml", s.configs / "data" / f"{s.data}.yaml",
+               s.configs / "experiment" / f"{experiment}.yaml"]  # fmt: skip
+    args = [a for c in configs for a in ("--config", str(c))]
+    args += [
+        "--trainer.default_root_dir", str(s.folder / "runs" / name),
+        "--trainer.max_epochs", str(s.epochs),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--seed_everything", str(s.seeds[0]),  # the data order
+        "--model.init_args.seeds", json.dumps(list(s.seeds)),
+        "--model.n_components", str(s.components),
+        "--data.batch_size", str(s.batch_size),
+        "--report.probe_method", s.probe_method,
+        "--report.kmeans", str(kmeans).lower(),
+        "--report.reconstruction", str(reconstruction).lower(),
+        "--probe.every_n_epochs", "0",
+        "--features.every_n_epochs", "0",
+        *extra,
+    ]  # fmt: skip
+    if s.data_root:
+        args += ["--data.root", s.data_root]
+    return args
+
+
+class Runs:
+    """Trains each named run once per process, so experiments that share a run (benchmark, features)
+    train it once."""
+
+    def __init__(self, settings: Settings, log: Callable[[str], None] = print):
+        self.settings, self.log, self._done = settings, log, {}
+
+    def get(self, name: str, experiment: str, *extra: str, **kwargs) -> Run:
+        if name not in self._done:
+            from implicit_em.cli import fit_run
+
+            s = self.settings
+            self.log(f"[{name}] configs/experiment/{experiment}.yaml x seeds {s.seeds}, {s.epochs} epochs on {s.data}")
+            path = fit_run(cli_args(s, name, experiment, *extra, **kwargs))
+            self._done[name] = Run(json.loads(Path(path).read_text()), Path(path))
+        return self._done[name]
+
+    def model(self, kind: str, start: str = "data") -> Run:
+        """The model (``implicit_em``) or the SAE (``sae``) once per seed, from the data-aware start (``data``)
+        or nn.Linear's (``paper``); both with reconstruction errors, the model with KMeans too."""
+        extra = ["--model.init_args.member_class", kind]
+        if start == "paper":
+            extra += ["--model.init_args.defaults", json.dumps({"data_init": False})]
+        name = kind if start == "data" else f"{kind}_paper_start"
+        return self.get(name, "seeds", *extra, kmeans=kind == "implicit_em", reconstruction=True)
+
+
+def loss_curves(metrics_csv: str | Path, n_members: int, key: str = "train/loss") -> list[list[float]]:
+    """Per-member training loss per epoch from an ensemble run's metrics.csv (``key/m<s>``)."""
+    keys = [f"{key}/m{s}" for s in range(n_members)]
+    by_epoch: dict[int, list[float]] = {}
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get(keys[0]) not in (None, ""):
+                by_epoch[int(float(row["epoch"]))] = [float(row[k]) for k in keys]
+    return [[by_epoch[e][s] for e in sorted(by_epoch)] for s in range(n_members)]
+
+
+def with_names(runs: Sequence[dict], key: str = "config") -> list[dict]:
+    """Each member's result with its configuration name under ``key``."""
+    return [{**r, key: r.get("name")} for r in runs]
