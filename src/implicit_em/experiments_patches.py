@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from implicit_em.checkpoints import load_checkpoint
 from implicit_em.coates import (
     MIXTURE_ENCODINGS,
     extract_features,
@@ -32,7 +33,6 @@ from implicit_em.errors import DataError
 from implicit_em.probe import torch_probe
 from implicit_em.report import write_metrics
 
-CONFIG = "configs/data/cifar10_patches.yaml"
 #: training epochs when the caller gives none (chosen on the validation split, see docs/results.md)
 EPOCHS = 3
 #: the model's settings on patches, chosen on a validation split of the training images (not the test images)
@@ -42,12 +42,15 @@ KMEANS_ITERATIONS = 10
 COLUMNS = ("model", "encoding", "components", "seed", "probe_accuracy", "dead_components", "seconds")
 
 
-def train_args(data_root: str, components: int, seed: int, epochs: int, runs: Path) -> list[str]:
-    """The ``scripts/train.py`` arguments of one run of the model on the patches."""
+def train_args(data_root: str, components: int, seed: int, epochs: int, runs: Path, configs: Path) -> list[str]:
+    """The ``scripts/train.py`` arguments of one run of the model on the patches (``configs``: the project's
+    configs/ folder)."""
     return [
-        "--config", CONFIG, "--data.root", str(data_root), "--data.seed", str(seed), "--seed_everything", str(seed),
+        "--config", str(configs / "default.yaml"), "--config", str(configs / "data" / "cifar10_patches.yaml"),
+        "--data.root", str(data_root), "--data.seed", str(seed), "--seed_everything", str(seed),
         "--model.n_components", str(components), "--trainer.max_epochs", str(epochs),
         "--trainer.default_root_dir", str(runs), "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
         "--report.probe_method", "torch", "--report.kmeans", "false",
         "--features.every_n_epochs", "0", "--probe.every_n_epochs", "0", *MODEL_ARGS,
     ]  # fmt: skip
@@ -55,11 +58,8 @@ def train_args(data_root: str, components: int, seed: int, epochs: int, runs: Pa
 
 def checkpoint_dictionary(path: str | Path) -> tuple[Tensor, Tensor, dict]:
     """W (K x D), b (K) and the whole checkpoint of a trained run."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    weights = {k: v for k, v in state["state_dict"].items() if k.startswith("model.linear.")}
-    weight = next(v for k, v in weights.items() if "weight" in k)
-    bias = next(v for k, v in weights.items() if "bias" in k)
-    return weight.reshape(-1, weight.shape[-1]).float(), bias.reshape(-1).float(), state
+    state = load_checkpoint(path)
+    return state["state_dict"]["model.linear.weight"].float(), state["state_dict"]["model.linear.bias"].float(), state
 
 
 def probe_splits(dm: CIFAR10PatchesDataModule, validation: bool) -> tuple[tuple, tuple]:
@@ -96,12 +96,14 @@ def run_patches(
     epochs: int | None = None,
     log: Callable[[str], None] = print,
     *,
+    configs: Path = Path("configs"),
     extra_args: Sequence[str] = (),
     validation: bool = False,
     probe_threads: int | None = None,
 ) -> Path:
     """Both dictionaries at K = ``components`` for each seed; returns the path of ``patches.json``.
 
+    ``configs`` is the project's configs/ folder (default.yaml, data/cifar10_patches.yaml).
     ``extra_args`` are appended to the training arguments (e.g. ``--data.n_patches 20000``); with
     ``validation`` the probe is scored on the held-out training images instead of the test images.
     """
@@ -113,14 +115,14 @@ def run_patches(
     for seed in seeds:
         log(f"patches: seed {seed}, K = {components}: training the implicit-EM model ({epochs} epochs)")
         start = time.perf_counter()
-        args = [*train_args(data_root, components, seed, epochs, folder / "runs"), *extra_args]
+        args = [*train_args(data_root, components, seed, epochs, folder / "runs", configs), *extra_args]
         metrics = json.loads(fit_run(args).read_text())
         train_seconds = time.perf_counter() - start
         weight, bias, state = checkpoint_dictionary(metrics["checkpoint"])
         dm = datamodule_of_run(Path(metrics["run_dir"]))
         dm.setup()
         normalization = patch_normalization_from_checkpoint(state)
-        if not torch.allclose(normalization.whiten, dm.patch_normalization.whiten):
+        if not torch.allclose(normalization.whiten, dm.normalization.whiten):
             raise DataError(f"the patches of {metrics['run_dir']} changed since it trained; run it again")
         train, test = probe_splits(dm, validation)
         activation = state["hyper_parameters"].get("activation", "relu")
@@ -151,7 +153,7 @@ def run_patches(
         "components": components,
         "seeds": list(seeds),
         "epochs": epochs,
-        "train_args": [*train_args(data_root, components, seeds[0], epochs, folder / "runs"), *extra_args],
+        "train_args": [*train_args(data_root, components, seeds[0], epochs, folder / "runs", configs), *extra_args],
         "kmeans_iterations": KMEANS_ITERATIONS,
         "probe": "torch_probe (L2 logistic regression, C = 1, standardised features)",
         "probe_split": "held-out training images" if validation else "test images",

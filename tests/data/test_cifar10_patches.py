@@ -99,9 +99,9 @@ def test_datamodule_serves_normalised_training_patches_and_keeps_the_images(cifa
     # the same seed gives the same patches; the normalisation is saved and restored
     other = CIFAR10PatchesDataModule(root=str(cifar_root), patch_size=5, n_patches=3000, n_eval=200, val_fraction=0.2)
     other.load_state_dict(dm.state_dict())
-    torch.testing.assert_close(other.patch_normalization.whiten, dm.patch_normalization.whiten)
+    torch.testing.assert_close(other.normalization.whiten, dm.normalization.whiten)
     ckpt = {"CIFAR10PatchesDataModule": dm.state_dict(), "state_dict": {}}
-    torch.testing.assert_close(patch_normalization_from_checkpoint(ckpt).mean, dm.patch_normalization.mean)
+    torch.testing.assert_close(patch_normalization_from_checkpoint(ckpt).mean, dm.normalization.mean)
 
 
 def test_patch_larger_than_the_image_is_a_one_line_error():

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from implicit_em.data.cifar10 import CIFAR10DataModule, read_image_folder, read_pickle_folder
-from implicit_em.data.memory import InMemoryDataModule, InMemoryLoader, Split, stratified_split
+from implicit_em.data.memory import ComponentDataModule, InMemoryLoader, Split, stratified_split
 from implicit_em.errors import DataError, check
 
 #: Coates' contrast constant, 10 on the 0..255 scale, here on the [0, 1] pixel scale
@@ -138,13 +138,15 @@ def read_cifar10_images(root: str | None, download: bool = False, cache: bool = 
     return {split: (torch.as_tensor(x), torch.as_tensor(y)) for split, (x, y) in raw.items()}
 
 
-class CIFAR10PatchesDataModule(InMemoryDataModule):
+class CIFAR10PatchesDataModule(ComponentDataModule):
     """Random p x p colour patches of CIFAR-10's training images, contrast-normalised and ZCA-whitened.
 
     The model trains on ``n_patches`` patches of the training images (those left after ``val_fraction`` of
     them, stratified, are held out). ``splits`` hold ``n_eval`` patches each of the training, held-out and test
-    images, labelled with their image's class, for the diagnostics and the end-of-run evaluation;
-    ``images`` holds the uint8 images of the three splits for :mod:`implicit_em.coates`.
+    images, labelled with their image's class (the training one is the first ``n_eval`` training patches), for
+    the diagnostics, the data-aware start and the end-of-run evaluation; ``images`` holds the uint8 images of
+    the three splits for :mod:`implicit_em.coates`. ``normalization`` is the fitted
+    :class:`PatchNormalization`, saved in checkpoints.
 
     Args:
         root: as :class:`CIFAR10DataModule` (torchvision's batches or train/<class>/ and test/<class>/ folders).
@@ -153,10 +155,10 @@ class CIFAR10PatchesDataModule(InMemoryDataModule):
         n_eval: patches in each evaluation split.
         contrast_eps: e in u = (x - mean) / sqrt(var + e), on the 0..255 pixel scale (Coates: 10).
         zca_eps: eps in P = U diag(1 / sqrt(lambda + eps)) U^T (Coates: 0.1).
+        val_fraction: fraction of the training images held out (stratified).
         download: fetch torchvision's batches when no layout is found.
         cache: keep decoded image folders in the user cache directory.
-        **kwargs: batch_size, val_fraction, seed, eval_batch_size, steps_per_call, drop_last of
-            :class:`InMemoryDataModule`.
+        (the other arguments: see :class:`ComponentDataModule`)
     """
 
     name = "cifar10_patches"
@@ -169,22 +171,30 @@ class CIFAR10PatchesDataModule(InMemoryDataModule):
         n_eval: int = 20_000,
         contrast_eps: float = 10.0,
         zca_eps: float = 0.1,
+        val_fraction: float = 0.1,
         download: bool = False,
         cache: bool = True,
-        **kwargs,
+        batch_size: int = 128,
+        seed: int = 0,
+        eval_batch_size: int = 4096,
+        steps_per_call: int = 50,
+        drop_last: bool = False,
+        shuffle_seed: int = 0,
     ):
+        super().__init__(batch_size, seed, eval_batch_size, steps_per_call, drop_last, shuffle_seed)
         check_patch_size(patch_size, 32)
-        check(n_patches >= 2, "data.n_patches", "an integer >= 2", n_patches)
-        check(n_eval >= 2, "data.n_eval", "an integer >= 2", n_eval)
+        check(isinstance(n_patches, int) and n_patches >= batch_size, "data.n_patches",
+              f"an integer >= data.batch_size {batch_size}", n_patches)  # fmt: skip
+        check(isinstance(n_eval, int) and n_eval >= 2, "data.n_eval", "an integer >= 2", n_eval)
         check(contrast_eps > 0, "data.contrast_eps", "> 0", contrast_eps)
         check(zca_eps >= 0, "data.zca_eps", ">= 0", zca_eps)
-        kwargs.pop("normalization", None)  # the patches have their own
-        super().__init__(root=root, normalization="none", **kwargs)
-        self.patch_size, self.n_patches, self.n_eval = patch_size, n_patches, n_eval
-        self.contrast_eps, self.zca_eps, self.download, self.cache = contrast_eps, zca_eps, download, cache
+        check(0 < val_fraction < 1, "data.val_fraction", "in (0, 1)", val_fraction)
+        self.root, self.patch_size, self.n_patches, self.n_eval = root, patch_size, n_patches, n_eval
+        self.contrast_eps, self.zca_eps, self.val_fraction = contrast_eps, zca_eps, val_fraction
+        self.download, self.cache = download, cache
         self.image_shape = (3, patch_size, patch_size)
         self.images: dict[str, tuple[Tensor, Tensor]] = {}
-        self.patch_normalization: PatchNormalization | None = None
+        self.normalization: PatchNormalization | None = None
         self.train_patches: Tensor | None = None
         self._device_train: Tensor | None = None
 
@@ -210,49 +220,34 @@ class CIFAR10PatchesDataModule(InMemoryDataModule):
         for split, n in (("train", self.n_patches), ("val", self.n_eval), ("test", self.n_eval)):
             images, y_images = self.images[split]
             patches[split], index = sample_patches(images, n, self.patch_size, g)
-            labels[split] = y_images[index]
-        self.patch_normalization = PatchNormalization.fit(
+            labels[split] = y_images[index].long()
+        self.normalization = PatchNormalization.fit(
             patches["train"].float() / 255, self.patch_size, 3, self.contrast_eps / 255**2, self.zca_eps
         )
         normalized = {s: self._normalize(p) for s, p in patches.items()}
         self.train_patches = normalized["train"]
-        self.splits = {
-            s: Split(normalized[s][: self.n_eval], labels[s][: self.n_eval].long()) for s in ("train", "val", "test")
-        }
-        if len(self.train_patches) < self.batch_size:
-            raise DataError(
-                f"data.batch_size {self.batch_size} exceeds the {len(self.train_patches)} training patches; "
-                "raise --data.n_patches or lower --data.batch_size"
-            )
+        self.splits = {s: Split(normalized[s][: self.n_eval], labels[s][: self.n_eval]) for s in normalized}
 
     def _normalize(self, patches: Tensor, chunk: int = 65536) -> Tensor:
-        return torch.cat([self.patch_normalization(p.float() / 255) for p in patches.split(chunk)])
+        return torch.cat([self.normalization(p.float() / 255) for p in patches.split(chunk)])
 
     def train_dataloader(self) -> InMemoryLoader:
         """All ``n_patches`` training patches (``splits["train"]`` is the evaluation sample of them)."""
-        rank, world = self._rank_world()
-        if self.batch_size % world:
-            raise DataError(f"data.batch_size {self.batch_size} must divide evenly across {world} devices")
-        if self._device_train is None or self._device_train.device != self.device_split("train").x.device:
-            self._device_train = self.train_patches.to(self.device_split("train").x.device)
+        device = self.device_split("train").x.device
+        if self._device_train is None or self._device_train.device != device:
+            self._device_train = self.train_patches.to(device)
+        rank, world = self.rank_world()
         return InMemoryLoader(
-            self._device_train,
-            self.batch_size,
-            [self.seed],
-            epoch_fn=(lambda: self.trainer.current_epoch) if self.trainer is not None else (lambda: 0),
-            steps_per_call=self.steps_per_call if world == 1 else 1,
-            rank=rank,
-            world_size=world,
-            drop_last=self.drop_last,
-        )
+            self._device_train, self.batch_size, self.shuffle_seed, chunk=self.chunk_steps(),
+            rank=rank, world_size=world, drop_last=self.drop_last, **self.loop_clock(),
+        )  # fmt: skip
 
     def state_dict(self) -> dict:
-        return {"normalization": self.patch_normalization.state_dict() if self.patch_normalization else None}
+        return {"normalization": self.normalization.state_dict() if self.normalization is not None else None}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        state = state_dict.get("normalization")
-        if state is not None:
-            self.patch_normalization = PatchNormalization.from_state_dict(state)
+        if state_dict.get("normalization") is not None:
+            self.normalization = PatchNormalization.from_state_dict(state_dict["normalization"])
 
 
 def patch_normalization_from_checkpoint(checkpoint: dict) -> PatchNormalization:
