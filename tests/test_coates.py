@@ -56,6 +56,8 @@ def test_folded_convolution_equals_patch_by_patch_encoding(images, normalization
     assert z.shape == (6, 8, 8, 5)
     torch.testing.assert_close(z, expected, atol=2e-4, rtol=1e-4)
     encoded = mixture_encoder(normalization, weight, bias)(images.float() / 255)
+    torch.testing.assert_close(encoded["signed_contrast"], (expected.mean(-1, keepdim=True) - expected).relu(),
+                               atol=2e-4, rtol=1e-4)  # fmt: skip
     d = expected.relu()
     torch.testing.assert_close(encoded["distance"], d, atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(encoded["contrast"], (d.mean(-1, keepdim=True) - d).relu(), atol=2e-4, rtol=1e-4)
@@ -85,16 +87,26 @@ def test_quadrant_pooling_sums_each_quadrant():
 def test_extraction_in_batches_equals_one_batch(images, normalization):
     weight, bias = torch.randn(4, D, generator=torch.Generator().manual_seed(4)), torch.zeros(4)
     encoder = mixture_encoder(normalization, weight, bias)
-    whole = extract_features(images, encoder, n_maps=12, batch_size=len(images))
-    batched = extract_features(images, encoder, n_maps=12, batch_size=4)
-    assert set(whole) == {"distance", "contrast"} and whole["distance"].shape == (6, 16)
+    whole = extract_features(images, encoder, n_maps=16, batch_size=len(images))
+    batched = extract_features(images, encoder, n_maps=16, batch_size=4)
+    assert set(whole) == {"distance", "contrast", "signed_contrast"} and whole["distance"].shape == (6, 16)
     for name in whole:
         torch.testing.assert_close(batched[name], whole[name])
 
 
-def test_mixture_encodings_reject_unknown_names():
-    with pytest.raises(ConfigError, match="unknown encoding 'soft'"):
-        mixture_encodings(torch.zeros(1, 2, 3, 3), ("soft",))
+def test_mixture_encodings_reject_unknown_names(normalization):
+    with pytest.raises(ConfigError, match="unknown encoding 'soft'; choose from distance, contrast, signed_contrast"):
+        mixture_encoder(normalization, torch.randn(3, D), torch.zeros(3), encodings=("distance", "soft"))
+
+
+def test_signed_contrast_is_the_triangle_code_of_squared_distances():
+    """With z_j = -2 c_j x + ||c_j||^2, relu(mean z - z) is relu(mean_k ||x - c_k||^2 - ||x - c_j||^2)."""
+    g = torch.Generator().manual_seed(5)
+    x, c = torch.randn(30, 8, generator=g, dtype=torch.float64), torch.randn(6, 8, generator=g, dtype=torch.float64)
+    sq = torch.cdist(x, c).pow(2)
+    z = -2 * x @ c.T + c.pow(2).sum(1)
+    got = mixture_encodings(z, encodings=("signed_contrast",))["signed_contrast"]
+    torch.testing.assert_close(got, (sq.mean(-1, keepdim=True) - sq).relu())
 
 
 def test_kmeans_converges_to_the_cluster_means():

@@ -17,7 +17,9 @@ def test_both_dictionaries_side_by_side(tmp_path, monkeypatch):
     )  # fmt: skip
     result = json.loads(path.read_text())
     rows = {(r["model"], r["encoding"]): r for r in result["rows"]}
-    assert set(rows) == {("implicit_em", "distance"), ("implicit_em", "contrast"), ("kmeans", "triangle")}
+    assert set(rows) == {("implicit_em", e) for e in ("distance", "contrast", "signed_contrast")} | {
+        ("kmeans", "triangle")
+    }
     for r in rows.values():
         assert r["components"] == 4 and r["seed"] == 3 and 0 <= r["probe_accuracy"] <= 1 and r["seconds"] > 0
         assert 0 <= r["dead_components"] <= 4

@@ -22,7 +22,7 @@ images at a time so their maps stay in the CPU's cache.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +34,11 @@ from implicit_em.data.cifar10_patches import PatchNormalization, check_patch_siz
 from implicit_em.errors import ConfigError, check
 from implicit_em.models import ACTIVATIONS
 
-#: encodings of the mixture model's distances d at a position: d itself, and relu(mean_j d - d), the
-#: triangle code's form (a component scores when it is closer than the average component)
-MIXTURE_ENCODINGS = ("distance", "contrast")
+#: encodings of the mixture model at a position (z = W x_w + b, d = phi(z)): ``distance`` d itself;
+#: ``contrast`` relu(mean_j d_j - d), the triangle code's form (a component scores when it is closer than the
+#: average one); ``signed_contrast`` relu(mean_j z_j - z), the same on the signed pre-activations, which for a
+#: ReLU are d outside a component's zero region and minus the depth inside it
+MIXTURE_ENCODINGS = ("distance", "contrast", "signed_contrast")
 #: bytes of feature maps one batch of images may hold during extraction (a few MB: they stay in cache)
 BATCH_BYTES = 8 * 2**20
 
@@ -95,16 +97,28 @@ def quadrant_pool(maps: Tensor) -> Tensor:
     return (quadrant_indicators(h, w).to(maps) @ maps.reshape(n, h * w, k)).reshape(n, 4 * k)
 
 
-def mixture_encodings(d: Tensor, encodings: tuple[str, ...] = MIXTURE_ENCODINGS) -> dict[str, Tensor]:
-    """Encodings of distances d (... x K): ``distance`` = d, ``contrast`` = relu(mean_j d_j - d)."""
+def mixture_encodings(
+    z: Tensor, activation: str = "relu", encodings: Sequence[str] = MIXTURE_ENCODINGS
+) -> dict[str, Tensor]:
+    """Encodings (see :data:`MIXTURE_ENCODINGS`) of pre-activations z (... x K), d = phi(z):
+    ``distance`` = d, ``contrast`` = relu(mean_j d_j - d), ``signed_contrast`` = relu(mean_j z_j - z).
+
+    ``signed_contrast`` is k-means' triangle code in the form it takes on squared distances: there
+    ||x - c_j||^2 = ||x||^2 + z_j with z_j = -2 c_j x + ||c_j||^2 affine, and the shared ||x||^2 cancels in
+    mean_k - (.)_j; here z_j = w_j x + b_j is the model's own affine map, whose positive part is d_j.
+    """
+    unknown = [e for e in encodings if e not in MIXTURE_ENCODINGS]
+    if unknown:
+        raise ConfigError(f"unknown encoding {unknown[0]!r}; choose from {', '.join(MIXTURE_ENCODINGS)}")
     out = {}
+    d = ACTIVATIONS[activation](z) if {"distance", "contrast"} & set(encodings) else None
     for name in encodings:
         if name == "distance":
             out[name] = d
         elif name == "contrast":
             out[name] = torch.sub(d.mean(dim=-1, keepdim=True), d).clamp_min_(0)
         else:
-            raise ConfigError(f"unknown encoding {name!r}; choose from {', '.join(MIXTURE_ENCODINGS)}")
+            out[name] = torch.sub(z.mean(dim=-1, keepdim=True), z).clamp_min_(0)
     return out
 
 
@@ -122,12 +136,13 @@ def mixture_encoder(
     weight: Tensor,
     bias: Tensor,
     activation: str = "relu",
-    encodings: tuple[str, ...] = MIXTURE_ENCODINGS,
+    encodings: Sequence[str] = MIXTURE_ENCODINGS,
 ) -> Encoder:
     """The implicit-EM dictionary d = phi(W x_w + b) at every position, encoded by ``encodings``."""
     check_dictionary(weight)
-    folded, phi = fold(normalization, weight, bias), ACTIVATIONS[activation]
-    return lambda images: mixture_encodings(phi(affine_maps(images, folded)), encodings)
+    mixture_encodings(torch.zeros(1, 2), activation, encodings)  # an unknown name fails here, not mid-extraction
+    folded = fold(normalization, weight, bias)
+    return lambda images: mixture_encodings(affine_maps(images, folded), activation, encodings)
 
 
 def kmeans_encoder(normalization: PatchNormalization, centroids: Tensor) -> Encoder:

@@ -80,11 +80,13 @@ def probe_encodings(
     f_test = extract_features(test[0], encoder, n_maps)
     extraction = time.perf_counter() - start
     accuracy, seconds = {}, {}
-    for name in f_train:
+    for name in list(f_train):
         start = time.perf_counter()
-        accuracy[name] = torch_probe(f_train[name], train[1], f_test[name], test[1], cpu_threads=probe_threads)
+        features = f_train.pop(name)  # freed after its probe: at K = 1600 each is 50,000 x 6,400 floats
+        accuracy[name] = torch_probe(features, train[1], f_test.pop(name), test[1], cpu_threads=probe_threads)
         seconds[name] = time.perf_counter() - start
-        log(f"  {name}: probe accuracy {accuracy[name]:.4f} ({f_train[name].shape[1]} features)")
+        log(f"  {name}: probe accuracy {accuracy[name]:.4f} ({features.shape[1]} features)")
+        del features
     return accuracy, seconds, extraction
 
 
@@ -97,13 +99,15 @@ def run_patches(
     log: Callable[[str], None] = print,
     *,
     configs: Path = Path("configs"),
+    encodings: Sequence[str] = MIXTURE_ENCODINGS,
     extra_args: Sequence[str] = (),
     validation: bool = False,
     probe_threads: int | None = None,
 ) -> Path:
     """Both dictionaries at K = ``components`` for each seed; returns the path of ``patches.json``.
 
-    ``configs`` is the project's configs/ folder (default.yaml, data/cifar10_patches.yaml).
+    ``configs`` is the project's configs/ folder (default.yaml, data/cifar10_patches.yaml); ``encodings`` are
+    the model's (:data:`~implicit_em.coates.MIXTURE_ENCODINGS`), one row each.
     ``extra_args`` are appended to the training arguments (e.g. ``--data.n_patches 20000``); with
     ``validation`` the probe is scored on the held-out training images instead of the test images.
     """
@@ -126,9 +130,9 @@ def run_patches(
             raise DataError(f"the patches of {metrics['run_dir']} changed since it trained; run it again")
         train, test = probe_splits(dm, validation)
         activation = state["hyper_parameters"].get("activation", "relu")
-        encoder = mixture_encoder(normalization, weight, bias, activation)
+        encoder = mixture_encoder(normalization, weight, bias, activation, encodings)
         accuracy, probe_seconds, extraction = probe_encodings(
-            encoder, len(MIXTURE_ENCODINGS) * components, train, test, log, probe_threads
+            encoder, (len(encodings) + 2) * components, train, test, log, probe_threads
         )
         for name in accuracy:
             rows.append(row("implicit_em", name, components, seed, accuracy[name], metrics["dead_components"],
