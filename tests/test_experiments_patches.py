@@ -1,0 +1,30 @@
+"""The patches experiment end to end on small pickled CIFAR-10 batches: both dictionaries, every encoding,
+the table and the filter picture."""
+
+import json
+
+from implicit_em.experiments_patches import run_patches
+from tests.data.conftest import write_cifar_batches
+
+
+def test_both_dictionaries_side_by_side(tmp_path, monkeypatch):
+    monkeypatch.setenv("IEM_CACHE_DIR", str(tmp_path / "cache"))
+    write_cifar_batches(tmp_path / "c" / "cifar-10-batches-py", n_per_batch=20)
+    messages = []
+    path = run_patches(
+        str(tmp_path / "c"), 4, [3], tmp_path / "out", epochs=1, log=messages.append,
+        extra_args=["--data.n_patches", "2000", "--data.n_eval", "200"],
+    )  # fmt: skip
+    result = json.loads(path.read_text())
+    rows = {(r["model"], r["encoding"]): r for r in result["rows"]}
+    assert set(rows) == {("implicit_em", e) for e in ("distance", "contrast", "signed_contrast")} | {
+        ("kmeans", "triangle")
+    }
+    for r in rows.values():
+        assert r["components"] == 4 and r["seed"] == 3 and 0 <= r["probe_accuracy"] <= 1 and r["seconds"] > 0
+        assert 0 <= r["dead_components"] <= 4
+    assert result["probe_split"] == "test images" and result["epochs"] == 1
+    folder = tmp_path / "out" / "cifar10"
+    assert "| kmeans | triangle | 4 | 3 |" in (folder / "patches.md").read_text()
+    assert (folder / "patches_filters.png").stat().st_size > 1000
+    assert any("k-means" in m for m in messages)
