@@ -207,3 +207,11 @@ def markdown(header: dict, rows: list[dict]) -> str:
         )
     lines += ["", "Training arguments: `" + " ".join(header["train_args"]) + "`", ""]
     return "\n".join(lines)
+
+
+def run_patches_experiment(s, runs=None) -> Path:
+    """The ``patches`` entry of :data:`implicit_em.experiments.EXPERIMENTS` (``--data cifar10``): :func:`run_patches`
+    with one ``reproduce.py`` call's settings; ``--epochs`` is used when given explicitly."""
+    epochs = s.epochs if s.command and "--epochs" in s.command else None
+    return run_patches(s.data_root, s.components, list(s.seeds), Path(s.out), epochs,
+                       log=runs.log if runs is not None else print, configs=s.configs)  # fmt: skip

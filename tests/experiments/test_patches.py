@@ -3,7 +3,7 @@ the table and the filter picture."""
 
 import json
 
-from implicit_em.experiments_patches import run_patches
+from implicit_em.experiments.patches import run_patches
 from tests.data.conftest import write_cifar_batches
 
 
