@@ -66,7 +66,7 @@ def normalization_inverse(norm: dict | None) -> Callable[[Tensor], Tensor] | Non
     None when there is nothing to invert. ``norm``: ``Normalization.state_dict()``."""
     if not norm or all(norm.get(k) is None for k in ("mean", "scale", "matrix")):
         return None
-    dims = matrix_rows(norm, next(len(v) for v in norm.values() if v is not None))
+    dims = matrix_rows(norm, next(len(v) for v in norm.values() if isinstance(v, torch.Tensor)))
     mean, scale, matrix = normalization_parts(norm, dims)
     inverse = _inverse(matrix)
 

@@ -181,7 +181,9 @@ class CIFAR10PatchesDataModule(ComponentDataModule):
         drop_last: bool = False,
         shuffle_seed: int = 0,
     ):
-        super().__init__(batch_size, seed, eval_batch_size, steps_per_call, drop_last, shuffle_seed)
+        super().__init__(root=root, batch_size=batch_size, val_fraction=val_fraction, seed=seed,
+                         eval_batch_size=eval_batch_size, steps_per_call=steps_per_call, drop_last=drop_last,
+                         shuffle_seed=shuffle_seed)  # fmt: skip
         check_patch_size(patch_size, 32)
         check(isinstance(n_patches, int) and n_patches >= batch_size, "data.n_patches",
               f"an integer >= data.batch_size {batch_size}", n_patches)  # fmt: skip

@@ -51,7 +51,7 @@ def train_args(data_root: str, components: int, seed: int, epochs: int, runs: Pa
         "--model.n_components", str(components), "--trainer.max_epochs", str(epochs),
         "--trainer.default_root_dir", str(runs), "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
-        "--report.probe_method", "torch", "--report.kmeans", "false",
+        "--report.probe_method", "torch", "--report.kmeans", "false", "--report.sae_metrics", "false",
         "--features.every_n_epochs", "0", "--probe.every_n_epochs", "0", *MODEL_ARGS,
     ]  # fmt: skip
 
