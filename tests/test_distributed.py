@@ -63,12 +63,8 @@ def _ddp_gradient_worker(rank: int, world: int, sizes: list[int], port: int, out
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize(
-    "sizes",
-    [[15, 9], [2, 1, 0]],  # uneven, and a rank with no rows (a last batch of 3 over 3 ranks)
-    ids=["15+9", "2+1+0"],
-)
-def test_ddp_value_and_gradient_equal_the_single_process_ones_with_uneven_shards(tmp_path, sizes):
+def test_ddp_value_and_gradient_equal_the_single_process_ones_with_uneven_shards(tmp_path):
+    sizes = [15, 9, 0]  # uneven, and a rank with no rows (as a last batch of 2 over 4 ranks leaves)
     world, out = len(sizes), str(tmp_path / "ddp")
     mp.spawn(_ddp_gradient_worker, args=(world, sizes, _free_port(), out), nprocs=world, join=True)
     single = _module()
@@ -82,12 +78,11 @@ def test_ddp_value_and_gradient_equal_the_single_process_ones_with_uneven_shards
             rel = (got["grads"][name] - p.grad).norm() / p.grad.norm()
             assert rel <= 1e-12, (rank, name, float(rel))
     # and the per-shard objective (what plain DDP would optimise) is measurably different
-    if min(sizes) >= 2:
-        naive = _module()
-        sum(naive.objective(s)["loss"] for s in _batch(sum(sizes)).split(sizes)).backward()
-        w = "model.linear.weight"
-        grad = dict(single.named_parameters())[w].grad
-        assert (dict(naive.named_parameters())[w].grad / world - grad).norm() > 1e-3 * grad.norm()
+    naive = _module()
+    sum(naive.objective(s)["loss"] for s in _batch(sum(sizes)).split(sizes) if len(s) >= 2).backward()
+    w = "model.linear.weight"
+    grad = dict(single.named_parameters())[w].grad
+    assert (dict(naive.named_parameters())[w].grad / 2 - grad).norm() > 1e-3 * grad.norm()
 
 
 # -- training: 2 processes, and 2 nodes, equal one process under default settings ----------------------------

@@ -140,12 +140,6 @@ def test_checkpoints_every_n_train_steps_land_exactly_on_those_steps(tmp_path):
         assert torch.equal(rec.saved_weights[12][name], value), name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: module.log_position logs 'step' and 'epoch' as metrics at epoch ends; ModelCheckpoint names "
-    "files from callback_metrics, so every step checkpoint after the first epoch end is named epoch=0-step=11 "
-    "and overwrites the previous one",
-)
 def test_every_step_checkpoint_is_kept_under_its_own_step(tmp_path):
     cli, _ = fit(tmp_path, *EVERY_4_STEPS)
     folder = cli.metrics_path.parent / "checkpoints"

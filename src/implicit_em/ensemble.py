@@ -23,7 +23,6 @@ import torch
 from torch import Tensor, nn
 
 from implicit_em.errors import NonFiniteLossError, check
-from implicit_em.module import log_position
 
 #: the member classes an ensemble can hold, by the names used in configs
 MEMBER_CLASSES = {
@@ -188,9 +187,6 @@ class Ensemble(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.stop_reasons = list(checkpoint.get("stop_reasons", self.stop_reasons))
 
-    def on_train_epoch_end(self) -> None:
-        log_position(self)
-
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         for m in self.members:
             m.diagnostics.update(m(batch[0]))
@@ -199,4 +195,3 @@ class Ensemble(L.LightningModule):
         for s, m in enumerate(self.members):
             for name, value in m.diagnostic_values().items():
                 self.log(f"val/{name}/m{s}", value.float())
-        log_position(self)

@@ -130,9 +130,6 @@ class ComponentModule(L.LightningModule):
             for logger in self.loggers:
                 logger.log_metrics({f"train/loss_step{suffix}": step_loss}, step=self.global_step)
 
-    def on_train_epoch_end(self) -> None:
-        log_position(self)
-
     # -- validation: diagnostics over the whole split ------------------------------------------------
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self.diagnostics.update(self(batch[0]))
@@ -150,7 +147,6 @@ class ComponentModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         for name, value in self.diagnostic_values().items():
             self.log(f"val/{name}", value.float(), prog_bar=name in ("dead_components", "responsibility_entropy"))
-        log_position(self)
 
 
 class ImplicitEM(ComponentModule):
@@ -267,13 +263,6 @@ class TopKSparseAutoencoderModule(SparseAutoencoderModule):
 
     def objective(self, x: Tensor) -> dict[str, Tensor]:
         return topk_sae_objective(x, self.model.decode(self.model(x)))
-
-
-def log_position(module: L.LightningModule) -> None:
-    """Log the epoch's metrics at the optimiser step they end on (Lightning takes a logged ``step`` as the step,
-    and then adds no ``epoch`` of its own)."""
-    module.log("step", float(module.global_step))
-    module.log("epoch", float(module.current_epoch))
 
 
 def check_finite(values: Tensor, names: list[str], first_step: int, epoch: int, suffix: str, trainer) -> None:

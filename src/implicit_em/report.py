@@ -141,10 +141,12 @@ def evaluate_run(
     members = getattr(module, "members", None)
     if members is None:
         return {**evaluate(module, datamodule, config, run_dir), **final_losses(callback_metrics)}
-    rows = [
-        {**evaluate(m, datamodule, config), **final_losses(callback_metrics, f"/m{s}"), **module.member_status(s)}
-        for s, m in enumerate(members)
-    ]
+    rows = []
+    for s, m in enumerate(members):
+        status = module.member_status(s)
+        # a stopped member's weights may have diverged before its loss did: its status, not its features
+        scores = {} if status["stopped_at_step"] else evaluate(m, datamodule, config)
+        rows.append({**scores, **final_losses(callback_metrics, f"/m{s}"), **status})
     return {**rows[0], "members": rows}
 
 
