@@ -8,15 +8,9 @@ import time
 
 import pytest
 
-from implicit_em.experiments import (
-    ABLATION_CONFIGS,
-    EXPERIMENTS,
-    expand_experiments,
-    identity_errors,
-    markdown_table,
-    random_distances,
-    summarize,
-)
+from implicit_em.experiments import PAPER, expand_experiments
+from implicit_em.experiments.paper import identity_errors, random_distances
+from implicit_em.experiments.tables import markdown_table, summarize
 from tests.conftest import REPO, run_script
 
 REPRODUCE = REPO / "scripts" / "reproduce.py"
@@ -69,7 +63,7 @@ def load(folder, experiment: str) -> dict:
     return json.loads((folder / f"{experiment}.json").read_text())
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("experiment", PAPER)
 def test_quick_run_writes_json_markdown_and_figures(quick, experiment):
     top, row_keys, figures = EXPECTED[experiment]
     result = load(quick, experiment)
@@ -94,14 +88,18 @@ def test_quick_numbers_follow_the_protocol(quick):
 
     ablation = load(quick, "ablation")
     rows = {r["config"]: r for r in ablation["rows"]}
-    assert list(rows) == list(ABLATION_CONFIGS)
+    assert list(rows) == ["lse", "lse+var", "lse+var+tc", "var+tc"]  # configs/experiment/ablation.yaml
     assert rows["lse"]["dead_components"] == K  # LSE alone collapses at once
     assert rows["lse+var"]["lambda_tc"] == 0 and rows["var+tc"]["lambda_lse"] == 0
     assert all(r["per_seed"]["probe_accuracy"] == [r["probe_accuracy"]] for r in rows.values())
 
-    bench = {r["model"]: r for r in load(quick, "benchmark")["rows"]}
-    assert list(bench) == ["implicit_em", "sae", "kmeans", "raw_pixels"]
-    assert 0.5 < bench["raw_pixels"]["probe_accuracy"] <= 1
+    rows = load(quick, "benchmark")["rows"]
+    assert [(r["model"], r["start"]) for r in rows] == [
+        ("implicit_em", "data"), ("sae", "data"), ("implicit_em", "paper"), ("sae", "paper"),
+        ("kmeans", ""), ("raw_inputs", ""),
+    ]  # fmt: skip
+    bench = {r["model"]: r for r in rows if r["start"] != "paper"}
+    assert 0.5 < bench["raw_inputs"]["probe_accuracy"] <= 1
     assert bench["implicit_em"]["n_parameters"] == K * D + K
     assert bench["sae"]["n_parameters"] == 2 * K * D + K + D  # matched K, plus the decoder
     for model in ("implicit_em", "sae"):
@@ -120,7 +118,9 @@ def test_quick_numbers_follow_the_protocol(quick):
 
     assert load(quick, "features")["image_shape"] == [8, 8]
     runs = quick / "runs"
-    assert {p.name for p in runs.iterdir()} == {"ablation", "implicit_em", "sae", "dynamics"}
+    assert {p.name for p in runs.iterdir()} == {
+        "ablation", "implicit_em", "sae", "implicit_em_paper_start", "sae_paper_start", "dynamics"
+    }  # fmt: skip
     assert all(any(p.glob("**/metrics.json")) for p in runs.iterdir())
 
 
@@ -197,7 +197,8 @@ def test_summarize_and_table():
     assert md[2] == "| a | 2 ± 1.414 |" and md[3] == "| b | 5 |"
     assert summarize([{"k": 0, "seed": 1, "x": None}], ["k"], ["x"])[0]["x"] is None
     assert expand_experiments(["dynamics", "theorem", "dynamics"]) == ["theorem", "dynamics"]
-    assert expand_experiments(["all"]) == list(EXPERIMENTS)
+    assert expand_experiments(["all"]) == list(PAPER)
+    assert expand_experiments(["all", "compare"]) == [*PAPER, "compare"]
 
 
 def test_identity_is_exact_in_float64():
