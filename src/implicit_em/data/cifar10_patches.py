@@ -165,34 +165,24 @@ class CIFAR10PatchesDataModule(ComponentDataModule):
 
     def __init__(
         self,
-        root: str | None = None,
         patch_size: int = 6,
         n_patches: int = 400_000,
         n_eval: int = 20_000,
         contrast_eps: float = 10.0,
         zca_eps: float = 0.1,
-        val_fraction: float = 0.1,
         download: bool = False,
         cache: bool = True,
-        batch_size: int = 128,
-        seed: int = 0,
-        eval_batch_size: int = 4096,
-        steps_per_call: int = 50,
-        drop_last: bool = False,
-        shuffle_seed: int = 0,
+        **kwargs,
     ):
-        super().__init__(root=root, batch_size=batch_size, val_fraction=val_fraction, seed=seed,
-                         eval_batch_size=eval_batch_size, steps_per_call=steps_per_call, drop_last=drop_last,
-                         shuffle_seed=shuffle_seed)  # fmt: skip
+        super().__init__(**kwargs)
         check_patch_size(patch_size, 32)
-        check(isinstance(n_patches, int) and n_patches >= batch_size, "data.n_patches",
-              f"an integer >= data.batch_size {batch_size}", n_patches)  # fmt: skip
+        check(isinstance(n_patches, int) and n_patches >= self.batch_size, "data.n_patches",
+              f"an integer >= data.batch_size {self.batch_size}", n_patches)  # fmt: skip
         check(isinstance(n_eval, int) and n_eval >= 2, "data.n_eval", "an integer >= 2", n_eval)
         check(contrast_eps > 0, "data.contrast_eps", "> 0", contrast_eps)
         check(zca_eps >= 0, "data.zca_eps", ">= 0", zca_eps)
-        check(0 < val_fraction < 1, "data.val_fraction", "in (0, 1)", val_fraction)
-        self.root, self.patch_size, self.n_patches, self.n_eval = root, patch_size, n_patches, n_eval
-        self.contrast_eps, self.zca_eps, self.val_fraction = contrast_eps, zca_eps, val_fraction
+        self.patch_size, self.n_patches, self.n_eval = patch_size, n_patches, n_eval
+        self.contrast_eps, self.zca_eps = contrast_eps, zca_eps
         self.download, self.cache = download, cache
         self.image_shape = (3, patch_size, patch_size)
         self.images: dict[str, tuple[Tensor, Tensor]] = {}
