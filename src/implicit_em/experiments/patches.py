@@ -33,26 +33,22 @@ from implicit_em.errors import DataError
 from implicit_em.probe import torch_probe
 from implicit_em.report import write_metrics
 
-#: training epochs when the caller gives none (chosen on the validation split, see docs/results.md)
-EPOCHS = 3
-#: the model's settings on patches, chosen on a validation split of the training images (not the test images)
-MODEL_ARGS: tuple[str, ...] = ()
 #: k-means iterations (Coates, Lee & Ng use 10)
 KMEANS_ITERATIONS = 10
 COLUMNS = ("model", "encoding", "components", "seed", "probe_accuracy", "dead_components", "seconds")
 
 
-def train_args(data_root: str, components: int, seed: int, epochs: int, runs: Path, configs: Path) -> list[str]:
-    """The ``scripts/train.py`` arguments of one run of the model on the patches (``configs``: the project's
-    configs/ folder)."""
+def train_args(data_root: str, components: int, seed: int, epochs: int | None, runs: Path, configs: Path) -> list[str]:
+    """The ``scripts/train.py`` arguments of one run of the model on the patches. The settings are
+    configs/experiment/patches.yaml's (``configs``: the project's configs/ folder); ``epochs`` None keeps its
+    epochs."""
     return [
         "--config", str(configs / "default.yaml"), "--config", str(configs / "data" / "cifar10_patches.yaml"),
+        "--config", str(configs / "experiment" / "patches.yaml"),
         "--data.root", str(data_root), "--data.seed", str(seed), "--seed_everything", str(seed),
-        "--model.n_components", str(components), "--trainer.max_epochs", str(epochs),
+        "--model.n_components", str(components), *(["--trainer.max_epochs", str(epochs)] if epochs else []),
         "--trainer.default_root_dir", str(runs), "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
-        "--report.probe_method", "torch", "--report.kmeans", "false", "--report.sae_metrics", "false",
-        "--features.every_n_epochs", "0", "--probe.every_n_epochs", "0", *MODEL_ARGS,
     ]  # fmt: skip
 
 
@@ -106,21 +102,22 @@ def run_patches(
 ) -> Path:
     """Both dictionaries at K = ``components`` for each seed; returns the path of ``patches.json``.
 
-    ``configs`` is the project's configs/ folder (default.yaml, data/cifar10_patches.yaml); ``encodings`` are
+    ``configs`` is the project's configs/ folder (default.yaml, data/cifar10_patches.yaml,
+    experiment/patches.yaml: the model's settings and epochs, unless ``epochs`` is given); ``encodings`` are
     the model's (:data:`~implicit_em.coates.MIXTURE_ENCODINGS`), one row each.
     ``extra_args`` are appended to the training arguments (e.g. ``--data.n_patches 20000``); with
     ``validation`` the probe is scored on the held-out training images instead of the test images.
     """
     from implicit_em.cli import fit_run
 
-    epochs = EPOCHS if epochs is None else epochs
     folder = Path(out) / "cifar10"
     rows, pictures = [], {}
     for seed in seeds:
-        log(f"patches: seed {seed}, K = {components}: training the implicit-EM model ({epochs} epochs)")
+        log(f"patches: seed {seed}, K = {components}: training the implicit-EM model")
         start = time.perf_counter()
         args = [*train_args(data_root, components, seed, epochs, folder / "runs", configs), *extra_args]
         metrics = json.loads(fit_run(args).read_text())
+        epochs_run = metrics["epochs"]
         train_seconds = time.perf_counter() - start
         weight, bias, state = checkpoint_dictionary(metrics["checkpoint"])
         dm = datamodule_of_run(Path(metrics["run_dir"]))
@@ -156,7 +153,7 @@ def run_patches(
         "data_root": str(data_root),
         "components": components,
         "seeds": list(seeds),
-        "epochs": epochs,
+        "epochs": epochs_run,
         "train_args": [*train_args(data_root, components, seeds[0], epochs, folder / "runs", configs), *extra_args],
         "kmeans_iterations": KMEANS_ITERATIONS,
         "probe": "torch_probe (L2 logistic regression, C = 1, standardised features)",
