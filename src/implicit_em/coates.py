@@ -178,15 +178,18 @@ def extract_features(
     n, _, h, w = images.shape
     if batch_size is None:
         batch_size = max(1, BATCH_BYTES // (4 * n_maps * h * w))
-    out: dict[str, list[Tensor]] = {}
+    out: dict[str, Tensor] = {}  # written in place: many small kept tensors fragment the heap (GBs at 50k images)
     step = max(batch_size, n // 10)
     for lo in range(0, n, batch_size):
         batch = images[lo : lo + batch_size].float().div_(255)
         for name, maps in encoder(batch).items():
-            out.setdefault(name, []).append(quadrant_pool(maps))
+            pooled = quadrant_pool(maps)
+            if name not in out:
+                out[name] = torch.empty(n, pooled.shape[1])
+            out[name][lo : lo + len(batch)] = pooled
         if log is not None and (lo + batch_size) // step > lo // step:
             log(f"  features: {min(lo + batch_size, n)} / {n} images")
-    return {name: torch.cat(parts) for name, parts in out.items()}
+    return out
 
 
 @torch.no_grad()
