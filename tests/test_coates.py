@@ -61,6 +61,7 @@ def test_folded_convolution_equals_patch_by_patch_encoding(images, normalization
     d = expected.relu()
     torch.testing.assert_close(encoded["distance"], d, atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(encoded["contrast"], (d.mean(-1, keepdim=True) - d).relu(), atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(encoded["depth"], (-expected).relu(), atol=2e-4, rtol=1e-4)
 
 
 def test_kmeans_triangle_code_equals_patch_by_patch(images, normalization):
@@ -89,13 +90,15 @@ def test_extraction_in_batches_equals_one_batch(images, normalization):
     encoder = mixture_encoder(normalization, weight, bias)
     whole = extract_features(images, encoder, n_maps=16, batch_size=len(images))
     batched = extract_features(images, encoder, n_maps=16, batch_size=4)
-    assert set(whole) == {"distance", "contrast", "signed_contrast"} and whole["distance"].shape == (6, 16)
+    assert set(whole) == {"distance", "contrast", "signed_contrast", "depth"} and whole["distance"].shape == (6, 16)
     for name in whole:
         torch.testing.assert_close(batched[name], whole[name])
 
 
 def test_mixture_encodings_reject_unknown_names(normalization):
-    with pytest.raises(ConfigError, match="unknown encoding 'soft'; choose from distance, contrast, signed_contrast"):
+    with pytest.raises(
+        ConfigError, match="unknown encoding 'soft'; choose from distance, contrast, signed_contrast, depth"
+    ):
         mixture_encoder(normalization, torch.randn(3, D), torch.zeros(3), encodings=("distance", "soft"))
 
 

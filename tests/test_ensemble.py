@@ -23,10 +23,11 @@ from tests.conftest import DEFAULT_CONFIG, QUIET, fit_in_process, model_weights
 
 K = "16"
 COMMON = ["--trainer.max_epochs", "2"]
-#: different seeds, learning rates and loss weights, so that a member taking another's data or settings shows
+#: different seeds, learning rates and loss weights (and a subset estimate of L_tc, whose subsets follow the
+#: optimiser step), so that a member taking another's data or settings shows
 MEMBERS = [
     {"seed": 0, "lr": 0.002},
-    {"seed": 3, "lr": 0.005, "lambda_tc": 0.5, "lambda_var": 2.0},
+    {"seed": 3, "lr": 0.005, "lambda_tc": 0.5, "lambda_var": 2.0, "tc_components": 8},
     {"seed": 5, "lr": 0.002, "lambda_lse": 0.5, "lambda_wr": 0.1},
 ]
 OPTIMIZERS = {"adam": {}, "sgd": {"optimizer": "sgd", "momentum": 0.9}}

@@ -37,8 +37,10 @@ from implicit_em.models import ACTIVATIONS
 #: encodings of the mixture model at a position (z = W x_w + b, d = phi(z)): ``distance`` d itself;
 #: ``contrast`` relu(mean_j d_j - d), the triangle code's form (a component scores when it is closer than the
 #: average one); ``signed_contrast`` relu(mean_j z_j - z), the same on the signed pre-activations, which for a
-#: ReLU are d outside a component's zero region and minus the depth inside it
-MIXTURE_ENCODINGS = ("distance", "contrast", "signed_contrast")
+#: ReLU are d outside a component's zero region and minus the depth inside it; ``depth`` relu(-z), how deep
+#: the position lies inside each component's zero-distance region (for a ReLU, where d_j = 0: the region the
+#: component claims), 0 outside it
+MIXTURE_ENCODINGS = ("distance", "contrast", "signed_contrast", "depth")
 #: bytes of feature maps one batch of images may hold during extraction (a few MB: they stay in cache)
 BATCH_BYTES = 8 * 2**20
 
@@ -101,7 +103,8 @@ def mixture_encodings(
     z: Tensor, activation: str = "relu", encodings: Sequence[str] = MIXTURE_ENCODINGS
 ) -> dict[str, Tensor]:
     """Encodings (see :data:`MIXTURE_ENCODINGS`) of pre-activations z (... x K), d = phi(z):
-    ``distance`` = d, ``contrast`` = relu(mean_j d_j - d), ``signed_contrast`` = relu(mean_j z_j - z).
+    ``distance`` = d, ``contrast`` = relu(mean_j d_j - d), ``signed_contrast`` = relu(mean_j z_j - z),
+    ``depth`` = relu(-z).
 
     ``signed_contrast`` is k-means' triangle code in the form it takes on squared distances: there
     ||x - c_j||^2 = ||x||^2 + z_j with z_j = -2 c_j x + ||c_j||^2 affine, and the shared ||x||^2 cancels in
@@ -117,6 +120,8 @@ def mixture_encodings(
             out[name] = d
         elif name == "contrast":
             out[name] = torch.sub(d.mean(dim=-1, keepdim=True), d).clamp_min_(0)
+        elif name == "depth":
+            out[name] = torch.neg(z).clamp_min_(0)
         else:
             out[name] = torch.sub(z.mean(dim=-1, keepdim=True), z).clamp_min_(0)
     return out

@@ -152,7 +152,7 @@ class Ensemble(L.LightningModule):
             alive = self.alive()
             if not alive:
                 break
-            terms = {s: self.members[s].objective(x) for s in alive}
+            terms = {s: self.members[s].objective(x, self.global_step) for s in alive}
             finite = torch.isfinite(torch.stack([terms[s]["loss"] for s in alive])).tolist()
             for s, ok in zip(alive, finite):
                 if not ok:

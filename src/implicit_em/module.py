@@ -80,8 +80,9 @@ class ComponentModule(L.LightningModule):
         """Features (N x K): distances d for the implicit-EM model, codes a for the SAE."""
         return self.model(x)
 
-    def objective(self, x: Tensor) -> dict[str, Tensor]:
-        """``{"loss": L, <term>: ...}``, scalars, on one (global) batch."""
+    def objective(self, x: Tensor, step: int | None = None) -> dict[str, Tensor]:
+        """``{"loss": L, <term>: ...}``, scalars, on one (global) batch; ``step`` is the optimiser step that
+        this batch makes (default: the trainer's ``global_step``; an ensemble passes its own to its members)."""
         raise NotImplementedError
 
     def first_layer(self) -> torch.nn.Linear:
@@ -201,11 +202,12 @@ class ImplicitEM(ComponentModule):
     def first_layer(self) -> torch.nn.Linear:
         return self.model.linear
 
-    def objective(self, x: Tensor) -> dict[str, Tensor]:
+    def objective(self, x: Tensor, step: int | None = None) -> dict[str, Tensor]:
         d = gather_samples(self.model(x))  # the global batch under DDP
         weight = self.model.component_weights() if self.lambdas["lambda_wr"] else None
         m = self.hparams.tc_components
-        subsets = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step) if m else None
+        step = self.global_step if step is None else step
+        subsets = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + step) if m else None
         return implicit_em_objective(
             d, weight, eps=self.hparams.eps, tc_components=m, generator=subsets, **self.lambdas
         )
@@ -240,7 +242,7 @@ class SparseAutoencoderModule(ComponentModule):
     def first_layer(self) -> torch.nn.Linear:
         return self.model.encoder
 
-    def objective(self, x: Tensor) -> dict[str, Tensor]:
+    def objective(self, x: Tensor, step: int | None = None) -> dict[str, Tensor]:
         codes = self.model(x)
         return sae_objective(x, self.model.decode(codes), codes, self.hparams.l1)
 
@@ -261,7 +263,7 @@ class TopKSparseAutoencoderModule(SparseAutoencoderModule):
         self.save_hyperparameters()
         self.model = TopKSparseAutoencoder(self.hparams.in_features, n_components, k, self.hparams.seed)
 
-    def objective(self, x: Tensor) -> dict[str, Tensor]:
+    def objective(self, x: Tensor, step: int | None = None) -> dict[str, Tensor]:
         return topk_sae_objective(x, self.model.decode(self.model(x)))
 
 

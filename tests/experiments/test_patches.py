@@ -17,7 +17,7 @@ def test_both_dictionaries_side_by_side(tmp_path, monkeypatch):
     )  # fmt: skip
     result = json.loads(path.read_text())
     rows = {(r["model"], r["encoding"]): r for r in result["rows"]}
-    assert set(rows) == {("implicit_em", e) for e in ("distance", "contrast", "signed_contrast")} | {
+    assert set(rows) == {("implicit_em", e) for e in ("distance", "contrast", "signed_contrast", "depth")} | {
         ("kmeans", "triangle")
     }
     for r in rows.values():

@@ -182,7 +182,7 @@ def row(model, encoding, components, seed, accuracy, dead, seconds) -> dict:
         "seed": seed,
         "probe_accuracy": accuracy,
         "dead_components": int(dead),
-        "seconds": round(seconds, 1),
+        "seconds": round(seconds, 3),
     }
 
 
