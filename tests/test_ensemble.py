@@ -137,8 +137,8 @@ def _poison(member, term: str, at_call: int) -> None:
     """Make ``member``'s objective return a NaN ``term`` (and total) on its ``at_call``-th call."""
     real, calls = member.objective, []
 
-    def objective(x):
-        out = real(x)
+    def objective(x, step=None):
+        out = real(x, step)
         calls.append(1)
         if len(calls) == at_call:
             out[term] = out[term] * float("nan")
