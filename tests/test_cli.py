@@ -116,3 +116,23 @@ def test_more_components_than_training_samples_skips_kmeans_with_a_note(train):
     assert m["kmeans_skipped"] == f"K = 200 exceeds the {m['n_train']} training samples"
     assert "kmeans_nmi" not in m and "kmeans_cluster_accuracy" not in m
     assert 0 <= m["probe_accuracy"] <= 1 and "nmi" in m  # the rest of the evaluation is there
+
+
+def test_a_ddp_worker_leaves_without_the_interpreters_shutdown(monkeypatch):
+    """A worker rank ends through os._exit(0) once its fit returns (gloo's threads abort a normal shutdown at
+    random while rank 0 still evaluates); rank 0 returns normally and prints metrics.json's path."""
+    from types import SimpleNamespace
+
+    from implicit_em import cli
+
+    exits = []
+
+    def fake_cli(global_zero):
+        trainer = SimpleNamespace(is_global_zero=global_zero)
+        return lambda *a: SimpleNamespace(trainer=trainer, fit=lambda: Path("m.json") if global_zero else None)
+
+    monkeypatch.setattr(cli.os, "_exit", lambda code: exits.append(code))
+    monkeypatch.setattr(cli, "ImplicitEMCLI", fake_cli(False))
+    assert cli.main([]) == 0 and exits == [0]
+    monkeypatch.setattr(cli, "ImplicitEMCLI", fake_cli(True))
+    assert cli.main([]) == 0 and exits == [0]

@@ -51,3 +51,15 @@ def gather_samples(shard: Tensor) -> Tensor:
     if world_size() == 1:
         return shard
     return _GatherWithGrad.apply(shard)
+
+
+def close_process_group() -> None:
+    """End the run's process group on every rank together (a barrier, then destroy), if one is open.
+
+    A DDP worker that leaves the interpreter with gloo's threads still running can abort at exit ("terminate
+    called without an active exception"), and the launcher then kills rank 0 in the middle of its evaluation.
+    Called by every rank after ``trainer.fit``; what runs afterwards on rank 0 alone needs no group.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
