@@ -1,9 +1,10 @@
 """The patches experiment end to end on small pickled CIFAR-10 batches: both dictionaries, every encoding,
-the table and the filter picture."""
+the probe's C chosen on the held-out images, the table and the filter picture."""
 
 import json
 
-from implicit_em.experiments.patches import run_patches
+from implicit_em.coates import MIXTURE_ENCODINGS
+from implicit_em.experiments.patches import PROBE_C, decorrelation_weight, run_patches
 from tests.data.conftest import write_cifar_batches
 
 
@@ -13,18 +14,24 @@ def test_both_dictionaries_side_by_side(tmp_path, monkeypatch):
     messages = []
     path = run_patches(
         str(tmp_path / "c"), 4, [3], tmp_path / "out", epochs=1, log=messages.append,
-        extra_args=["--data.n_patches", "2000", "--data.n_eval", "200"],
+        encodings=MIXTURE_ENCODINGS, extra_args=["--data.n_patches", "2000", "--data.n_eval", "200"],
     )  # fmt: skip
     result = json.loads(path.read_text())
     rows = {(r["model"], r["encoding"]): r for r in result["rows"]}
-    assert set(rows) == {("implicit_em", e) for e in ("distance", "contrast", "signed_contrast", "depth")} | {
-        ("kmeans", "triangle")
-    }
+    assert set(rows) == {("implicit_em", e) for e in MIXTURE_ENCODINGS} | {("kmeans", "triangle")}
     for r in rows.values():
         assert r["components"] == 4 and r["seed"] == 3 and 0 <= r["probe_accuracy"] <= 1 and r["seconds"] > 0
         assert 0 <= r["dead_components"] <= 4
+        held_out = r["validation_accuracy"]
+        assert set(held_out) == {str(c) for c in PROBE_C} and held_out[str(r["probe_c"])] == max(held_out.values())
     assert result["probe_split"] == "test images" and result["epochs"] == 1
     folder = tmp_path / "out" / "cifar10"
     assert "| kmeans | triangle | 4 | 3 |" in (folder / "patches.md").read_text()
     assert (folder / "patches_filters.png").stat().st_size > 1000
     assert any("k-means" in m for m in messages)
+    assert result["train_args"][result["train_args"].index("--model.lambda_tc") + 1] == "1.0"
+
+
+def test_the_decorrelation_weight_keeps_its_pull_per_component_above_400():
+    assert decorrelation_weight(64) == decorrelation_weight(400) == 1.0
+    assert decorrelation_weight(1600) == 0.25

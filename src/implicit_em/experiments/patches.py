@@ -4,8 +4,10 @@
 Per seed: the model trains on the whitened 6 x 6 patches of :class:`CIFAR10PatchesDataModule` through the
 ordinary training path (:func:`implicit_em.cli.fit_run`); k-means (:func:`implicit_em.coates.kmeans`) runs on
 the same patches; both are applied at every position of every image, encoded, quadrant-pooled and judged
-by the fast linear probe (:func:`implicit_em.probe.torch_probe`), fit on the 50,000 training images and
-scored on the 10,000 test images. Writes ``<out>/cifar10/patches.json``, ``patches.md`` and
+by the fast linear probe (:func:`implicit_em.probe.torch_probe`): its C is chosen from :data:`PROBE_C` on the
+5,000 held-out training images (fit on the other 45,000), then it is fit on all 50,000 training images and
+scored on the 10,000 test images, for each dictionary and encoding alike (Coates, Lee & Ng cross-validate
+their SVM's C the same way). Writes ``<out>/cifar10/patches.json``, ``patches.md`` and
 ``patches_filters.png``; the training runs go to ``<out>/cifar10/runs``.
 """
 
@@ -21,7 +23,6 @@ from torch import Tensor
 
 from implicit_em.checkpoints import load_checkpoint
 from implicit_em.coates import (
-    MIXTURE_ENCODINGS,
     extract_features,
     kmeans,
     kmeans_encoder,
@@ -35,18 +36,34 @@ from implicit_em.report import write_metrics
 
 #: k-means iterations (Coates, Lee & Ng use 10)
 KMEANS_ITERATIONS = 10
-COLUMNS = ("model", "encoding", "components", "seed", "probe_accuracy", "dead_components", "seconds")
+#: the model's encodings here: the two best on the held-out training images at K = 400 (the settings tried
+#: are listed in configs/experiment/patches.yaml; :data:`~implicit_em.coates.MIXTURE_ENCODINGS` has them all)
+ENCODINGS = ("depth", "signed_contrast")
+#: the probe's inverse regularisation strengths; 4K features want more regularisation as K grows (held-out
+#: accuracy at K = 1600: C = 1 0.694, 0.1 0.720 for this model; 0.689, 0.720, 0.03: 0.726 for k-means)
+PROBE_C = (0.03, 0.1, 0.3, 1.0)
+#: lambda_tc at K <= 400, scaled by 400 / K above: the decorrelation term sums K^2 pairs whose sample
+#: correlations never vanish, so its pull on each component grows with K; at K = 1600 lambda_tc 1 left 1319 of
+#: 1600 components dead, 0.25 left 8 (seed 1, 3 epochs)
+LAMBDA_TC_AT_400 = 1.0
+COLUMNS = ("model", "encoding", "components", "seed", "probe_accuracy", "probe_c", "dead_components", "seconds")
+
+
+def decorrelation_weight(components: int) -> float:
+    """lambda_tc for K components: :data:`LAMBDA_TC_AT_400` x min(1, 400 / K)."""
+    return LAMBDA_TC_AT_400 * min(1.0, 400 / components)
 
 
 def train_args(data_root: str, components: int, seed: int, epochs: int | None, runs: Path, configs: Path) -> list[str]:
     """The ``scripts/train.py`` arguments of one run of the model on the patches. The settings are
-    configs/experiment/patches.yaml's (``configs``: the project's configs/ folder); ``epochs`` None keeps its
-    epochs."""
+    configs/experiment/patches.yaml's (``configs``: the project's configs/ folder) with lambda_tc from
+    :func:`decorrelation_weight`; ``epochs`` None keeps its epochs."""
     return [
         "--config", str(configs / "default.yaml"), "--config", str(configs / "data" / "cifar10_patches.yaml"),
         "--config", str(configs / "experiment" / "patches.yaml"),
         "--data.root", str(data_root), "--data.seed", str(seed), "--seed_everything", str(seed),
-        "--model.n_components", str(components), *(["--trainer.max_epochs", str(epochs)] if epochs else []),
+        "--model.n_components", str(components), "--model.lambda_tc", str(decorrelation_weight(components)),
+        *(["--trainer.max_epochs", str(epochs)] if epochs else []),
         "--trainer.default_root_dir", str(runs), "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
     ]  # fmt: skip
@@ -58,32 +75,35 @@ def checkpoint_dictionary(path: str | Path) -> tuple[Tensor, Tensor, dict]:
     return state["state_dict"]["model.linear.weight"].float(), state["state_dict"]["model.linear.bias"].float(), state
 
 
-def probe_splits(dm: CIFAR10PatchesDataModule, validation: bool) -> tuple[tuple, tuple]:
-    """(train images, labels), (test images, labels): all training images and the test images; with
-    ``validation``, the training images but the held-out ones, and the held-out ones (for choosing settings)."""
-    if validation:
-        return dm.images["train"], dm.images["val"]
-    (x, y), (x_val, y_val) = dm.images["train"], dm.images["val"]
-    return (torch.cat([x, x_val]), torch.cat([y, y_val])), dm.images["test"]
-
-
 def probe_encodings(
-    encoder, n_maps: int, train: tuple, test: tuple, log: Callable[[str], None], probe_threads: int | None
-) -> tuple[dict[str, float], dict[str, float], float]:
-    """Probe accuracy and probe seconds of each encoding, and the extraction seconds they share."""
+    encoder, n_maps: int, images: dict[str, tuple], validation: bool, log: Callable[[str], None], probe_threads
+) -> tuple[dict[str, dict], float]:
+    """Each encoding's probe (see the module docstring): ``{encoding: {"accuracy", "probe_c", "validation",
+    "seconds"}}`` (``validation``: the held-out accuracy at each C) and the seconds of the feature extraction
+    they share. ``images`` maps "train", "val", "test" to (uint8 images, labels); with ``validation`` the
+    result is the best held-out accuracy and the test images are not touched."""
     start = time.perf_counter()
-    f_train = extract_features(train[0], encoder, n_maps, log=log)
-    f_test = extract_features(test[0], encoder, n_maps)
+    parts = ("train", "val") if validation else ("train", "val", "test")
+    features = {p: extract_features(images[p][0], encoder, n_maps, log=log if p == "train" else None) for p in parts}
     extraction = time.perf_counter() - start
-    accuracy, seconds = {}, {}
-    for name in list(f_train):
+    (_, y_train), (_, y_val), (_, y_test) = images["train"], images["val"], images["test"]
+    results = {}
+    for name in list(features["train"]):
         start = time.perf_counter()
-        features = f_train.pop(name)  # freed after its probe: at K = 1600 each is 50,000 x 6,400 floats
-        accuracy[name] = torch_probe(features, train[1], f_test.pop(name), test[1], cpu_threads=probe_threads)
-        seconds[name] = time.perf_counter() - start
-        log(f"  {name}: probe accuracy {accuracy[name]:.4f} ({features.shape[1]} features)")
-        del features
-    return accuracy, seconds, extraction
+        f_train, f_val = features["train"].pop(name), features["val"].pop(name)  # freed after their probes
+        scores = {c: torch_probe(f_train, y_train, f_val, y_val, c=c, cpu_threads=probe_threads) for c in PROBE_C}
+        best = max(scores, key=scores.get)
+        accuracy = scores[best]
+        if not validation:
+            f_all, y_all = torch.cat([f_train, f_val]), torch.cat([y_train, y_val])
+            del f_train, f_val
+            accuracy = torch_probe(f_all, y_all, features["test"].pop(name), y_test, c=best, cpu_threads=probe_threads)
+            del f_all
+        results[name] = {"accuracy": accuracy, "probe_c": best, "validation": scores,
+                         "seconds": time.perf_counter() - start}  # fmt: skip
+        held_out = ", ".join(f"C={c}: {a:.4f}" for c, a in scores.items())
+        log(f"  {name}: probe accuracy {accuracy:.4f} at C = {best} (held-out images: {held_out})")
+    return results, extraction
 
 
 def run_patches(
@@ -95,7 +115,7 @@ def run_patches(
     log: Callable[[str], None] = print,
     *,
     configs: Path = Path("configs"),
-    encodings: Sequence[str] = MIXTURE_ENCODINGS,
+    encodings: Sequence[str] = ENCODINGS,
     extra_args: Sequence[str] = (),
     validation: bool = False,
     probe_threads: int | None = None,
@@ -104,9 +124,9 @@ def run_patches(
 
     ``configs`` is the project's configs/ folder (default.yaml, data/cifar10_patches.yaml,
     experiment/patches.yaml: the model's settings and epochs, unless ``epochs`` is given); ``encodings`` are
-    the model's (:data:`~implicit_em.coates.MIXTURE_ENCODINGS`), one row each.
+    the model's (any of :data:`~implicit_em.coates.MIXTURE_ENCODINGS`; default :data:`ENCODINGS`), one row each.
     ``extra_args`` are appended to the training arguments (e.g. ``--data.n_patches 20000``); with
-    ``validation`` the probe is scored on the held-out training images instead of the test images.
+    ``validation`` the test images are not touched: each row is the best held-out accuracy over :data:`PROBE_C`.
     """
     from implicit_em.cli import fit_run
 
@@ -125,25 +145,25 @@ def run_patches(
         normalization = patch_normalization_from_checkpoint(state)
         if not torch.allclose(normalization.whiten, dm.normalization.whiten):
             raise DataError(f"the patches of {metrics['run_dir']} changed since it trained; run it again")
-        train, test = probe_splits(dm, validation)
         activation = state["hyper_parameters"].get("activation", "relu")
         encoder = mixture_encoder(normalization, weight, bias, activation, encodings)
-        accuracy, probe_seconds, extraction = probe_encodings(
-            encoder, (len(encodings) + 2) * components, train, test, log, probe_threads
+        probes, extraction = probe_encodings(
+            encoder, (len(encodings) + 2) * components, dm.images, validation, log, probe_threads
         )
-        for name in accuracy:
-            rows.append(row("implicit_em", name, components, seed, accuracy[name], metrics["dead_components"],
-                            train_seconds + extraction + probe_seconds[name]))  # fmt: skip
+        for name, p in probes.items():
+            rows.append(row("implicit_em", name, components, seed, p, metrics["dead_components"],
+                            train_seconds + extraction))  # fmt: skip
 
         log(f"patches: seed {seed}: k-means on the same {len(dm.train_patches)} patches")
         start = time.perf_counter()
         centroids, counts = kmeans(dm.train_patches, components, KMEANS_ITERATIONS, seed=seed)
         kmeans_seconds = time.perf_counter() - start
-        accuracy, probe_seconds, extraction = probe_encodings(
-            kmeans_encoder(normalization, centroids), 2 * components + weight.shape[1], train, test, log, probe_threads
-        )
-        rows.append(row("kmeans", "triangle", components, seed, accuracy["triangle"], int((counts == 0).sum()),
-                        kmeans_seconds + extraction + probe_seconds["triangle"]))  # fmt: skip
+        probes, extraction = probe_encodings(
+            kmeans_encoder(normalization, centroids), 2 * components + weight.shape[1], dm.images, validation, log,
+            probe_threads,
+        )  # fmt: skip
+        rows.append(row("kmeans", "triangle", components, seed, probes["triangle"], int((counts == 0).sum()),
+                        kmeans_seconds + extraction))  # fmt: skip
         if not pictures:
             pictures = {"implicit-EM (ours)": weight, "k-means": centroids[counts.argsort(descending=True)]}
             patch_size = normalization.patch_size
@@ -156,7 +176,8 @@ def run_patches(
         "epochs": epochs_run,
         "train_args": [*train_args(data_root, components, seeds[0], epochs, folder / "runs", configs), *extra_args],
         "kmeans_iterations": KMEANS_ITERATIONS,
-        "probe": "torch_probe (L2 logistic regression, C = 1, standardised features)",
+        "probe": "torch_probe (L2 logistic regression on standardised features, C from "
+        f"{', '.join(map(str, PROBE_C))} chosen on the held-out training images)",
         "probe_split": "held-out training images" if validation else "test images",
         "columns": list(COLUMNS),
     }
@@ -174,15 +195,19 @@ def datamodule_of_run(run_dir: Path) -> CIFAR10PatchesDataModule:
     return CIFAR10PatchesDataModule(**config["data"]["init_args"])
 
 
-def row(model, encoding, components, seed, accuracy, dead, seconds) -> dict:
+def row(model, encoding, components, seed, probe: dict, dead, seconds) -> dict:
+    """One table row; ``probe`` is one encoding's result from :func:`probe_encodings`, ``seconds`` the
+    training (or k-means) and extraction seconds, to which its probe's are added."""
     return {
         "model": model,
         "encoding": encoding,
         "components": components,
         "seed": seed,
-        "probe_accuracy": accuracy,
+        "probe_accuracy": probe["accuracy"],
+        "probe_c": probe["probe_c"],
+        "validation_accuracy": {str(c): a for c, a in probe["validation"].items()},
         "dead_components": int(dead),
-        "seconds": round(seconds, 3),
+        "seconds": round(seconds + probe["seconds"], 3),
     }
 
 
@@ -194,13 +219,13 @@ def markdown(header: dict, rows: list[dict]) -> str:
         f"Probe: {header['probe']}, scored on the {header['probe_split']}. Seconds: training (or k-means), "
         "feature extraction of all images, and that encoding's probe.",
         "",
-        "| model | encoding | K | seed | probe accuracy | dead components | seconds |",
-        "|---|---|---|---|---|---|---|",
+        "| model | encoding | K | seed | probe accuracy | probe C | dead components | seconds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['encoding']} | {r['components']} | {r['seed']} | {r['probe_accuracy']:.4f} "
-            f"| {r['dead_components']} | {r['seconds']:.0f} |"
+            f"| {r['probe_c']} | {r['dead_components']} | {r['seconds']:.0f} |"
         )
     lines += ["", "Training arguments: `" + " ".join(header["train_args"]) + "`", ""]
     return "\n".join(lines)
