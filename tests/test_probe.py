@@ -14,6 +14,7 @@ from implicit_em.probe import (
     responsibility_assignments,
     sklearn_probe,
     torch_probe,
+    torch_probe_path,
 )
 
 
@@ -247,3 +248,13 @@ def test_kmeans_is_skipped_with_a_reason_when_k_is_too_large():
     out = kmeans_scores(x, x, y, n_clusters=20, max_clusters=10)
     assert set(out) == {"kmeans_skipped"} and "max_clusters = 10" in out["kmeans_skipped"]
     assert set(kmeans_scores(x, x, y, n_clusters=50)) == {"kmeans_cluster_accuracy", "kmeans_nmi"}  # K = n fits
+
+
+def test_the_probe_path_gives_each_cs_own_probe(digits_split):
+    """One whitening, warm-started solves in increasing C: each accuracy is the lone probe's at that C."""
+    x_tr, y_tr, x_te, y_te = (torch.as_tensor(a) for a in digits_split)
+    path = torch_probe_path(x_tr, y_tr, x_te, y_te, (1.0, 1e-4, 0.01))
+    assert list(path) == [1e-4, 0.01, 1.0]
+    for c, accuracy in path.items():
+        assert abs(accuracy - torch_probe(x_tr, y_tr, x_te, y_te, c=c)) <= 0.004, c
+    assert path[1e-4] < path[1.0] - 0.05

@@ -31,7 +31,7 @@ from implicit_em.coates import (
 )
 from implicit_em.data.cifar10_patches import CIFAR10PatchesDataModule, patch_normalization_from_checkpoint
 from implicit_em.errors import DataError
-from implicit_em.probe import torch_probe
+from implicit_em.probe import torch_probe, torch_probe_path
 from implicit_em.report import write_metrics
 
 #: k-means iterations (Coates, Lee & Ng use 10)
@@ -41,7 +41,7 @@ KMEANS_ITERATIONS = 10
 ENCODINGS = ("depth", "signed_contrast")
 #: the probe's inverse regularisation strengths; 4K features want more regularisation as K grows (held-out
 #: accuracy at K = 1600: C = 1 0.694, 0.1 0.720 for this model; 0.689, 0.720, 0.03: 0.726 for k-means)
-PROBE_C = (0.03, 0.1, 0.3, 1.0)
+PROBE_C = (0.01, 0.03, 0.1, 0.3, 1.0)
 #: lambda_tc at K <= 400, scaled by 400 / K above: the decorrelation term sums K^2 pairs whose sample
 #: correlations never vanish, so its pull on each component grows with K; at K = 1600 lambda_tc 1 left 1319 of
 #: 1600 components dead, 0.25 left 8 (seed 1, 3 epochs)
@@ -91,7 +91,7 @@ def probe_encodings(
     for name in list(features["train"]):
         start = time.perf_counter()
         f_train, f_val = features["train"].pop(name), features["val"].pop(name)  # freed after their probes
-        scores = {c: torch_probe(f_train, y_train, f_val, y_val, c=c, cpu_threads=probe_threads) for c in PROBE_C}
+        scores = torch_probe_path(f_train, y_train, f_val, y_val, PROBE_C, cpu_threads=probe_threads)
         best = max(scores, key=scores.get)
         accuracy = scores[best]
         if not validation:
