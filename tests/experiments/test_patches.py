@@ -22,6 +22,7 @@ def test_both_dictionaries_side_by_side(tmp_path, monkeypatch):
     for r in rows.values():
         assert r["components"] == 4 and r["seed"] == 3 and 0 <= r["probe_accuracy"] <= 1 and r["seconds"] > 0
         assert 0 <= r["dead_components"] <= 4
+        assert 0 <= r["probe_accuracy_tuned"] <= 1
         held_out = r["validation_accuracy"]
         assert set(held_out) == {str(c) for c in PROBE_C} and held_out[str(r["probe_c"])] == max(held_out.values())
     assert result["probe_split"] == "test images" and result["epochs"] == 1
