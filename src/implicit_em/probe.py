@@ -126,10 +126,11 @@ def torch_probe_path(
     tol = tol if tol is not None else 3e-4 if large else 1e-4
     # warm start: the same problem on a random eighth of the samples costs an eighth per iteration and
     # lands close to the full optimum, so the full solve needs far fewer (expensive) iterations
+    # (the first C only: each later C starts from the previous one's full solution)
     sub = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: n // 8].to(x.device) if large else None
     accuracy = {}
     for c in sorted(cs):
-        if sub is not None:
+        if sub is not None and not accuracy:
             _lbfgs(params, x[sub], onehot[sub], gram, c, max_iter, tol, dtype)
         _lbfgs(params, x, onehot, gram, c, max_iter, tol, dtype)
         with torch.no_grad():
