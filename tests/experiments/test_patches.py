@@ -3,6 +3,8 @@ the probe's C chosen on the held-out images, the table and the filter picture.""
 
 import json
 
+import yaml
+
 from implicit_em.coates import MIXTURE_ENCODINGS
 from implicit_em.experiments.patches import PROBE_C, decorrelation_weight, run_patches
 from tests.data.conftest import write_cifar_batches
@@ -31,6 +33,8 @@ def test_both_dictionaries_side_by_side(tmp_path, monkeypatch):
     assert (folder / "patches_filters.png").stat().st_size > 1000
     assert any("k-means" in m for m in messages)
     assert result["train_args"][result["train_args"].index("--model.lambda_tc") + 1] == "1.0"
+    saved = yaml.safe_load(next((folder / "runs").rglob("config.yaml")).read_text())  # the README's settings
+    assert saved["data"]["init_args"]["batch_size"] == 64 and saved["model"]["init_args"]["lambda_lse"] == 4.0
 
 
 def test_the_decorrelation_weight_keeps_its_pull_per_component_above_400():
