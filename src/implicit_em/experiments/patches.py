@@ -47,8 +47,8 @@ PROBE_C = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 #: the paper's probe C, reported as ``probe_accuracy``
 PAPER_C = 1.0
 #: lambda_tc at K <= 400, scaled by 400 / K above: the decorrelation term sums K^2 pairs whose sample
-#: correlations never vanish, so its pull on each component grows with K; at K = 1600 lambda_tc 1 left 1319 of
-#: 1600 components dead, 0.25 left 8 (seed 1, 3 epochs)
+#: correlations never vanish, so its pull on each component grows with K; at K = 1600 (seed 1, 3 epochs, batch
+#: 128, lambda_lse 1) lambda_tc 1 left 1319 of 1600 components dead, 0.25 left 8 (12 at batch 64, lambda_lse 4)
 LAMBDA_TC_AT_400 = 1.0
 COLUMNS = ("model", "encoding", "components", "seed", "probe_accuracy", "probe_accuracy_tuned", "probe_c",
            "dead_components", "seconds")  # fmt: skip
