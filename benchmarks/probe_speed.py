@@ -2,8 +2,8 @@
 """The linear probe's two solvers on the same frozen features: accuracy and time.
 
 Trains the default model through the project's training path (``ImplicitEMCLI``, what scripts/train.py
-runs), then fits the paper's probe (:func:`implicit_em.probe.sklearn_probe`: StandardScaler +
-LogisticRegression lbfgs) and the fast one (:func:`implicit_em.probe.torch_probe`) on train features,
+runs), then fits the paper's probe (:func:`implicit_em.eval.probe.sklearn_probe`: StandardScaler +
+LogisticRegression lbfgs) and the fast one (:func:`implicit_em.eval.probe.torch_probe`) on train features,
 both scored on the test features. Targets: accuracies within 0.3 points, torch at least 10x faster.
 
     python benchmarks/probe_speed.py                        # Fashion-MNIST, 10 epochs
@@ -79,8 +79,8 @@ def main(argv=None) -> int:
         limits = threadpool_limits(args.threads)
     import torch
 
-    from implicit_em.probe import sklearn_probe, torch_probe
-    from implicit_em.report import features
+    from implicit_em.eval.probe import sklearn_probe, torch_probe
+    from implicit_em.eval.report import features
 
     if args.threads:
         torch.set_num_threads(args.threads)

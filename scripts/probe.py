@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from implicit_em.cli import evaluate_checkpoint
+from implicit_em.app import evaluate_checkpoint
 from implicit_em.errors import report_user_error
 
 

@@ -63,6 +63,7 @@ def fit_in_process(root, *args: str, callbacks=(), fit: bool = True):
     :func:`~implicit_em.runtime.training_process`). Returns the CLI (``.model``, ``.trainer``, ``.datamodule``)."""
     import warnings
 
+    from implicit_em.app import fit
     from implicit_em.cli import ImplicitEMCLI
     from implicit_em.runtime import training_process
 
@@ -72,7 +73,7 @@ def fit_in_process(root, *args: str, callbacks=(), fit: bool = True):
     cli.trainer.callbacks.extend(callbacks)
     if fit:
         with training_process():
-            cli.metrics_path = cli.fit()
+            cli.metrics_path = fit(cli)
     return cli
 
 

@@ -100,8 +100,8 @@ def test_an_unreadable_or_missing_file_is_a_user_error(tmp_path):
     "model",
     [
         [],
-        ["--model.class_path", "implicit_em.module.SparseAutoencoderModule"],
-        ["--model.class_path", "implicit_em.ensemble.Ensemble", "--model.init_args.members",
+        ["--model.class_path", "implicit_em.training.module.SparseAutoencoderModule"],
+        ["--model.class_path", "implicit_em.training.ensemble.Ensemble", "--model.init_args.members",
          '[{"seed": 1}, {"seed": 2, "optimizer": "sgd", "lr": 0.01}]'],
     ],
     ids=["implicit_em", "sae", "ensemble"],
@@ -169,7 +169,7 @@ def test_atomic_write_leaves_the_target_untouched_on_any_failure(tmp_path):
 
 
 def test_a_crash_while_checkpointing_a_run_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from implicit_em.module import ImplicitEM
+    from implicit_em.training.module import ImplicitEM
 
     real_save, saves = torch.save, []
 

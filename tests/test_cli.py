@@ -71,7 +71,7 @@ def test_help_documents_options():
         (["--model.no_such_key", "3"], "no_such_key"),
         (["--trainer.devices", "3", "--trainer.accelerator", "cpu"], "data.batch_size"),
         (["--report.probe_method", "svm"], "report.probe_method"),
-        (["--model.members", '[{"seed": 1}]'], "members"),  # members belong to implicit_em.ensemble.Ensemble
+        (["--model.members", '[{"seed": 1}]'], "members"),  # members belong to implicit_em.training.ensemble.Ensemble
     ],
 )
 def test_invalid_settings_fail_fast_with_one_line(train, args, key):

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from implicit_em.checkpoints import load_checkpoint
-from implicit_em.module import ImplicitEM
+from implicit_em.training.module import ImplicitEM
 from tests.conftest import REPO, TRAIN, Run, run_script
 
 D, K = 10, 6

@@ -52,13 +52,13 @@ def _run(tmp_path: Path, kind: str = "implicit_em", activation: str = "relu", re
     w, b = torch.randn(K, D, generator=g), torch.randn(K, generator=g) * 0.5
     if kind == "implicit_em":
         state = {"model.linear.weight": w, "model.linear.bias": b}
-        hparams = {"_class_path": "implicit_em.module.ImplicitEM", "activation": activation, "n_components": K}
+        hparams = {"_class_path": "implicit_em.training.module.ImplicitEM", "activation": activation, "n_components": K}
     else:
         state = {
             "model.encoder.weight": w, "model.encoder.bias": b,
             "model.decoder.weight": torch.randn(D, K, generator=g), "model.decoder.bias": torch.randn(D, generator=g),
         }  # fmt: skip
-        hparams = {"_class_path": "implicit_em.module.SparseAutoencoderModule", "n_components": K}
+        hparams = {"_class_path": "implicit_em.training.module.SparseAutoencoderModule", "n_components": K}
         if k:
             hparams["k"] = k
     norm = _normalization()
@@ -212,9 +212,9 @@ def test_a_corrupt_readout_is_one_line(tmp_path):
 def test_a_trained_run_exports_the_fvu_it_was_judged_by(tmp_path):
     """The acceptance check in small: train on digits with ZCA whitening, judge the features, save the
     readout, export; the FVU recomputed from the exported files on raw inputs equals the evaluation's."""
-    from implicit_em.cli import fit_run
+    from implicit_em.app import fit_run
     from implicit_em.experiments.compare import load_data, module_features, rebuild
-    from implicit_em.sae_metrics import readout_scores, sae_evaluation
+    from implicit_em.eval.sae_metrics import readout_scores, sae_evaluation
 
     metrics_path = fit_run([
         "--config", str(REPO / "configs" / "default.yaml"), "--data.normalization", "zca",

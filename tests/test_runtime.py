@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from implicit_em import module as module_lib
-from implicit_em.cli import fit_run, main
+from implicit_em.app import fit_run, main
 from implicit_em.runtime import flushes_denormals, training_process
 from tests.conftest import DEFAULT_CONFIG, QUIET
 
@@ -90,7 +90,7 @@ def test_training_process_applies_its_settings_and_undoes_them(process_state, mo
     environ = dict(os.environ)
     with pytest.raises(KeyError), training_process():
         assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "0" and flushes_denormals()
-        os.environ["IMPLICIT_EM_RUN_VERSION"] = "version_7"  # what a run sets for its DDP workers
+        os.environ["IEM_RUN_VERSION"] = "version_7"  # what a run sets for its DDP workers
         del os.environ["PATH"]
         raise KeyError("interrupted")
     assert dict(os.environ) == environ and flushes_denormals() == process_state["denormals"]

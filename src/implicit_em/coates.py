@@ -32,7 +32,7 @@ from torch import Tensor
 
 from implicit_em.data.cifar10_patches import PatchNormalization, check_patch_size, contrast_normalize
 from implicit_em.errors import ConfigError, check
-from implicit_em.models import ACTIVATIONS
+from implicit_em.models.base import ACTIVATIONS
 
 #: encodings of the mixture model at a position (z = W x_w + b, d = phi(z)): ``distance`` d itself;
 #: ``contrast`` relu(mean_j d_j - d), the triangle code's form (a component scores when it is closer than the

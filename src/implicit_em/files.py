@@ -25,3 +25,16 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], fsync: boo
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def read_safetensors(path: str | Path) -> dict:
+    """The tensors of a safetensors file; an unreadable one is refused with one line (never code: no pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from implicit_em.errors import DataError
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DataError(f"{path} is not a readable safetensors file ({e.__class__.__name__}); re-create it") from None

@@ -1,4 +1,5 @@
-"""Loggers that never hang or fail a run."""
+"""The run's loggers: Lightning's CSV and TensorBoard loggers writing into the run directory, and W&B that never
+hangs or fails a run."""
 
 from __future__ import annotations
 
@@ -9,9 +10,29 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.loggers import CSVLogger as _CSVLogger
+from lightning.pytorch.loggers import TensorBoardLogger as _TensorBoardLogger
 from lightning.pytorch.loggers import WandbLogger as _WandbLogger
 
 WANDB_HOST = ("api.wandb.ai", 443)
+
+
+class CSVLogger(_CSVLogger):
+    """Lightning's CSV logger (per-epoch ``metrics.csv``); ``save_dir`` defaults to the root directory."""
+
+    def __init__(
+        self, save_dir: str | None = None, name: str = "implicit_em", version: int | str | None = None, **kwargs: Any
+    ):
+        super().__init__(save_dir or ".", name=name, version=version, **kwargs)
+
+
+class TensorBoardLogger(_TensorBoardLogger):
+    """Lightning's TensorBoard logger; ``save_dir`` defaults to the root directory."""
+
+    def __init__(
+        self, save_dir: str | None = None, name: str = "implicit_em", version: int | str | None = None, **kwargs: Any
+    ):
+        super().__init__(save_dir or ".", name=name, version=version, **kwargs)
 
 
 def wandb_api_key_available() -> bool:

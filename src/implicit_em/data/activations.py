@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from implicit_em.data.chunks import ChunkedEpochs
 from implicit_em.data.memory import ComponentDataModule, Split, batches_per_epoch
 from implicit_em.data.normalization import Normalization
 from implicit_em.data.shards import RowVector, ShardSet
 from implicit_em.errors import ConfigError, DataError, check
+from implicit_em.training.steps import ChunkedEpochs
 
 #: evaluation samples are drawn as runs of this many consecutive rows (few reads, many places)
 EVAL_RUN_ROWS = 64
@@ -171,7 +171,7 @@ class ActivationLoader(ChunkedEpochs):
 
     See the module docstring for the order. Each micro-batch is this rank's contiguous part of one global batch
     of ``batch_size`` rows (parts differ by at most one row), as float32 on ``device`` after ``transform``. Chunk
-    lengths and the last, partial batch follow the in-memory loader (:mod:`implicit_em.data.chunks`,
+    lengths and the last, partial batch follow the in-memory loader (:mod:`implicit_em.training.steps`,
     :func:`~implicit_em.data.memory.batches_per_epoch`). Stateful: ``state_dict`` / ``load_state_dict``
     continue an epoch exactly where it stopped.
     """
@@ -182,7 +182,6 @@ class ActivationLoader(ChunkedEpochs):
         rows: RowRuns,
         batch_size: int,
         seed: int,
-        epoch_fn: Callable[[], int],
         step_fn: Callable[[], int] | None = None,
         chunk: int = 1,
         max_steps: int = -1,
@@ -196,7 +195,7 @@ class ActivationLoader(ChunkedEpochs):
         prefetch: bool = True,
     ):
         self.shards, self.rows, self.batch_size, self.seed = shards, rows, batch_size, seed
-        super().__init__(batches_per_epoch(rows.n, batch_size, drop_last), epoch_fn, step_fn, chunk, max_steps)
+        super().__init__(batches_per_epoch(rows.n, batch_size, drop_last), step_fn, chunk, max_steps)
         self.transform, self.rank, self.world_size = transform, rank, world_size
         self.device, self.prefetch, self.block_rows = device, prefetch, block_rows
         self.blocks_per_window = max(1, buffer_rows // block_rows)
@@ -443,11 +442,10 @@ class ActivationsDataModule(ComponentDataModule):
         rank, world = self.rank_world()
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         norm = Normalization(*(None if v is None else v.to(device) for v in self.normalization.state_dict().values()))
-        clock = self.loop_clock()
+        clock = self.step_clock()
         if self.trainer is None:  # no step clock: the state counts the chunks handed out
             clock["step_fn"] = None
         return ActivationLoader(
-            self.shards, self.rows["train"], self.batch_size, self.shuffle_seed, chunk=self.chunk_steps(),
-            transform=norm, rank=rank, world_size=world, drop_last=self.drop_last, block_rows=self.block_rows,
+            self.shards, self.rows["train"], self.batch_size, self.shuffle_seed, transform=norm, rank=rank, world_size=world, drop_last=self.drop_last, block_rows=self.block_rows,
             buffer_rows=self.buffer_rows, device=device, prefetch=self.prefetch, **clock,
         )  # fmt: skip

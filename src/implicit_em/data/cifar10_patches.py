@@ -230,8 +230,8 @@ class CIFAR10PatchesDataModule(ComponentDataModule):
             self._device_train = self.train_patches.to(device)
         rank, world = self.rank_world()
         return InMemoryLoader(
-            self._device_train, self.batch_size, self.shuffle_seed, chunk=self.chunk_steps(),
-            rank=rank, world_size=world, drop_last=self.drop_last, **self.loop_clock(),
+            self._device_train, self.batch_size, self.shuffle_seed, rank=rank,
+            world_size=world, drop_last=self.drop_last, **self.step_clock(),
         )  # fmt: skip
 
     def state_dict(self) -> dict:

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from implicit_em.data.chunks import ChunkedEpochs, chunk_steps
 from implicit_em.data.normalization import NORMALIZATIONS, Normalization
 from implicit_em.errors import DataError, check, check_choice
+from implicit_em.training.steps import ChunkedEpochs, step_clock
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
@@ -51,7 +51,7 @@ class InMemoryLoader(ChunkedEpochs):
     """Yields training chunks: lists of micro-batches of one in-memory tensor, one exact optimiser step each.
 
     Each epoch is one permutation fixed by (seed, epoch); ``batch_size`` is the global batch and every rank
-    reads its contiguous part of it. Chunk lengths follow :func:`~implicit_em.data.chunks.chunk_lengths` from
+    reads its contiguous part of it. Chunk lengths follow :func:`~implicit_em.training.steps.chunk_lengths` from
     the Trainer's global step when the epoch starts. Stateful, so a run resumed mid-epoch continues the epoch
     exactly. Has a length only when every chunk is one step (then it is the number of steps).
     """
@@ -61,7 +61,6 @@ class InMemoryLoader(ChunkedEpochs):
         x: Tensor,
         batch_size: int,
         seed: int,
-        epoch_fn: Callable[[], int],
         step_fn: Callable[[], int] = lambda: 0,
         chunk: int = 1,
         max_steps: int = -1,
@@ -69,7 +68,7 @@ class InMemoryLoader(ChunkedEpochs):
         world_size: int = 1,
         drop_last: bool = False,
     ):
-        super().__init__(batches_per_epoch(len(x), batch_size, drop_last), epoch_fn, step_fn, chunk, max_steps)
+        super().__init__(batches_per_epoch(len(x), batch_size, drop_last), step_fn, chunk, max_steps)
         self.x, self.batch_size, self.seed = x, batch_size, seed
         self.rank, self.world_size = rank, world_size
 
@@ -116,7 +115,7 @@ class ComponentDataModule(L.LightningDataModule):
 
     ``splits`` holds in-memory (CPU) evaluation samples ``train``, ``val`` and ``test``; ``normalization``
     is the transform fitted on training rows, saved in checkpoints (``state_dict``). Subclasses fill both in
-    ``setup`` and implement ``train_dataloader`` (chunks; see :mod:`implicit_em.data.chunks`).
+    ``setup`` and implement ``train_dataloader`` (chunks; see :mod:`implicit_em.training.steps`).
 
     Args:
         root: where the data files are (each dataset documents the layouts it accepts).
@@ -189,22 +188,9 @@ class ComponentDataModule(L.LightningDataModule):
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
 
-    def chunk_steps(self) -> int:
-        """The most optimiser steps one training chunk may carry under the Trainer's settings."""
-        return chunk_steps(self.trainer, self.steps_per_call)
-
-    def loop_clock(self) -> dict[str, Any]:
-        """What a training loader reads from the Trainer: epoch and global step (as functions), max_steps."""
-        t = self.trainer
-        if t is None:
-            return {"epoch_fn": lambda: 0, "step_fn": lambda: 0, "max_steps": -1}
-        # the epoch Lightning gives samplers (set_epoch): right also when a resumed fit reads its first batch,
-        # before current_epoch has moved past the epoch its checkpoint ended
-        return {
-            "epoch_fn": lambda: t.fit_loop.epoch_progress.current.processed,
-            "step_fn": lambda: t.global_step,
-            "max_steps": t.max_steps,
-        }
+    def step_clock(self) -> dict[str, Any]:
+        """What a training loader reads from the Trainer (see :func:`implicit_em.training.steps.step_clock`)."""
+        return step_clock(self.trainer, self.steps_per_call)
 
     def val_dataloader(self) -> EvalLoader:
         s = self.device_split("val")
@@ -262,8 +248,8 @@ class InMemoryDataModule(ComponentDataModule):
     def train_dataloader(self) -> InMemoryLoader:
         rank, world = self.rank_world()
         return InMemoryLoader(
-            self.device_split("train").x, self.batch_size, self.shuffle_seed, chunk=self.chunk_steps(),
-            rank=rank, world_size=world, drop_last=self.drop_last, **self.loop_clock(),
+            self.device_split("train").x, self.batch_size, self.shuffle_seed, rank=rank, world_size=world,
+            drop_last=self.drop_last, **self.step_clock(),
         )  # fmt: skip
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,3 +62,52 @@ class Normalization:
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor | None]) -> Normalization:
         return cls(state.get("mean"), state.get("scale"), state.get("matrix"))
+
+    # -- the affine map in float64: its inverse, and folding it into linear maps (export) ---------------------
+    def parts(self, dims: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(mean D, scale D, matrix D x D') in float64, each missing part the identity; D = the matrix's rows when
+        there is one, else ``dims``."""
+        d = int(self.matrix.shape[0]) if self.matrix is not None else dims
+        mean = torch.zeros(d, dtype=torch.float64) if self.mean is None else self.mean.double().cpu().reshape(d)
+        scale = torch.ones(d, dtype=torch.float64) if self.scale is None else self.scale.double().cpu().expand(d)
+        matrix = torch.eye(d, dtype=torch.float64) if self.matrix is None else self.matrix.double().cpu()
+        return mean, scale, matrix
+
+    @property
+    def is_identity(self) -> bool:
+        return self.mean is None and self.scale is None and self.matrix is None
+
+    def inverse(self) -> Callable[[Tensor], Tensor] | None:
+        """x' -> x: (x' M^-1) / s + m (M^-1 the pseudo-inverse when M is not square); None for the identity."""
+        if self.is_identity:
+            return None
+        dims = next(len(v) for v in (self.mean, self.scale) if v is not None) if self.matrix is None else 0
+        mean, scale, matrix = self.parts(dims)
+        inverse = _inverse(matrix)
+
+        def to_raw(x: Tensor) -> Tensor:
+            return ((x.double() @ inverse.to(x.device)) / scale.to(x.device) + mean.to(x.device)).to(x.dtype)
+
+        return to_raw
+
+    def fold_encoder(self, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+        """W_enc (D x K), b_enc (K) with x W_enc + b_enc = x' W^T + b for x' the normalised x.
+
+        x' W^T = ((x - m) * s) M W^T, so W_enc = diag(s) M W^T and b_enc = b - (m * s) M W^T.
+        """
+        mean, scale, matrix = self.parts(weight.shape[1])
+        mw = matrix @ weight.double().T
+        return scale.unsqueeze(1) * mw, bias.double() - (mean * scale) @ mw
+
+    def unfold_decoder(self, r: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """W_dec (K x D), b_dec (D) with f W_dec + b_dec = unnormalise(f R + c), a decoder in raw units.
+
+        x = (x' M^-1) / s + m, so W_dec = (R M^-1) / s and b_dec = (c M^-1) / s + m.
+        """
+        mean, scale, matrix = self.parts(r.shape[1])
+        inverse = _inverse(matrix)
+        return (r.double() @ inverse) / scale, (c.double() @ inverse) / scale + mean
+
+
+def _inverse(matrix: Tensor) -> Tensor:
+    return torch.linalg.inv(matrix) if matrix.shape[0] == matrix.shape[1] else torch.linalg.pinv(matrix)

@@ -1,7 +1,7 @@
 """The comparison SAE users expect: this model and the usual baselines, judged the same way on the same data.
 
 ``reproduce.py --experiment compare`` writes ``<out>/<data>/compare.json`` (``rows``: one per model, each with
-``model``, ``components``, every metric of :func:`implicit_em.sae_metrics.sae_evaluation`, the full linear
+``model``, ``components``, every metric of :func:`implicit_em.eval.sae_metrics.sae_evaluation`, the full linear
 probe ``probe_accuracy`` and ``seconds``), ``compare.md`` and ``compare.png``. Rows:
 
 - ``implicit_em``: this model (``configs/model/implicit_em.yaml``);
@@ -14,7 +14,7 @@ probe ``probe_accuracy`` and ``seconds``), ``compare.md`` and ``compare.png``. R
 - ``random_encoder``: this model's architecture at its start (seeded init and data-aware start), untrained;
 - ``raw``: the (normalised) inputs as features, for the probes only.
 
-The trained models go through :func:`implicit_em.cli.fit_run` (the path of ``scripts/train.py``) and are
+The trained models go through :func:`implicit_em.app.fit_run` (the path of ``scripts/train.py``) and are
 reloaded from their checkpoints; every row's features then meet one evaluation: the ridge readout (fit on
 train, strength on val, scored on test in raw activation units), L0 and dead fraction over all evaluation
 rows, k-sparse probing (per document where the data has document ids) and the full linear probe.
@@ -26,7 +26,6 @@ import json
 import math
 import statistics
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from implicit_em.sae_metrics import SPARSE_PROBE_KS, sae_evaluation
+from implicit_em.eval.sae_metrics import SPARSE_PROBE_KS, sae_evaluation
+from implicit_em.rundir import RunDir
 
 ROWS = ("implicit_em", "sae", "topk_sae_l0", "topk_sae_32", "kmeans", "pca", "random_encoder", "raw")
 TOPK_FIXED = 32
@@ -90,35 +90,15 @@ def train_args(
     return args
 
 
-def rebuild(run_dir: Path, trained: bool = True):
-    """(module, datamodule) of a finished run, rebuilt from its config.yaml: the module with the weights of
-    its last checkpoint (``trained``) or as it was built, before any training."""
-    from implicit_em.checkpoints import load_checkpoint
-    from implicit_em.cli import ImplicitEMCLI
-    from implicit_em.export import run_paths
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = ImplicitEMCLI([
-            "--config", str(run_dir / "config.yaml"), "--ckpt_path", "null", "--trainer.logger", "false",
-            "--trainer.enable_progress_bar", "false",
-        ])  # fmt: skip
-    if trained:
-        cli.model.load_state_dict(load_checkpoint(run_paths(run_dir)[1])["state_dict"])
-    return cli.model, cli.datamodule
-
-
 def load_data(datamodule) -> Data:
-    from implicit_em.export import normalization_inverse
-
     datamodule.setup("fit")
-    return Data(dict(datamodule.splits), normalization_inverse(datamodule.normalization.state_dict()))
+    return Data(dict(datamodule.splits), datamodule.normalization.inverse())
 
 
 @torch.no_grad()
 def module_features(module, data: Data) -> dict[str, Tensor]:
     """Each split's frozen features (CPU), computed on a GPU when there is one."""
-    from implicit_em.report import features
+    from implicit_em.eval.report import features
 
     module = module.to("cuda" if torch.cuda.is_available() else "cpu")
     return {name: features(module, s.x).cpu() for name, s in data.splits.items()}
@@ -155,13 +135,13 @@ def pca_features(data: Data, k: int) -> dict[str, Tensor]:
 # -- one evaluation for every row -------------------------------------------------------------------------
 def evaluate_features(feats: dict[str, Tensor], data: Data, probe_method: str, probes_only: bool = False) -> dict:
     """:func:`sae_evaluation` of one row's features on the shared splits, and the full linear probe."""
-    from implicit_em.probe import linear_probe
+    from implicit_em.eval.probe import linear_probe
 
     train, val, test = (data.splits[n] for n in ("train", "val", "test"))
     labelled = bool((train.y >= 0).any()) and bool((test.y >= 0).any())
     row: dict[str, Any] = {}
     if probes_only:
-        from implicit_em.sae_metrics import sparse_probe_accuracy
+        from implicit_em.eval.sae_metrics import sparse_probe_accuracy
 
         row.update({m: None for m in METRICS if m != "probe_accuracy"})
         if labelled:
@@ -193,14 +173,14 @@ def compare_seed(
     data_root: str | None, probe_method: str, log: Callable[[str], None] = print,
 ) -> list[dict]:  # fmt: skip
     """Every row of one seed: train what needs training, then evaluate each row's features."""
-    from implicit_em.cli import fit_run
+    from implicit_em.app import fit_run
 
     def fit_and_reload(name: str, model: str, *extra: str):
         log(f"[compare] {name}: training {epochs} epochs, K = {components}, seed {seed}")
         run_root = folder / "runs" / name / f"seed{seed}"
         args = train_args(configs, data, model, run_root, epochs, seed, components, batch_size, data_root, *extra)
         run_dir = fit_run(args).parent
-        return (*rebuild(run_dir), run_dir)
+        return (*RunDir(run_dir).rebuild(), run_dir)
 
     def row(name: str, n: int, feats: dict[str, Tensor], start: float, probes_only=False, **extra) -> dict:
         scores = evaluate_features(feats, shared, probe_method, probes_only)
@@ -232,7 +212,7 @@ def compare_seed(
     n_pca = min(components, shared.dims)
     rows.append(row("pca", n_pca, pca_features(shared, n_pca), start))
     start = time.perf_counter()
-    random_module, _ = rebuild(ours_dir, trained=False)
+    random_module, _ = RunDir(ours_dir).rebuild(trained=False)
     random_module.fit_to_data(shared.splits["train"].x)  # the data-aware start that training begins from
     rows.append(row("random_encoder", components, module_features(random_module, shared), start))
     start = time.perf_counter()
@@ -343,7 +323,7 @@ def run_compare(
 ) -> Path:
     """Train and judge every row on ``data`` once per seed; write compare.json, compare.md and compare.png
     into ``<out>/<data>/`` and return compare.json's path."""
-    from implicit_em.report import write_metrics
+    from implicit_em.eval.report import write_metrics
 
     folder = Path(out) / data
     per_seed = [

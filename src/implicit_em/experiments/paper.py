@@ -158,7 +158,7 @@ def datamodule(s: Settings):
 
 def raw_input_probe(s: Settings) -> dict:
     """The same linear probe on the raw inputs: what a feature must beat to be worth having."""
-    from implicit_em.probe import linear_probe
+    from implicit_em.eval.probe import linear_probe
 
     dm = datamodule(s)
     train, test = dm.splits["train"], dm.splits["test"]

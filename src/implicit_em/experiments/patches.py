@@ -2,9 +2,9 @@
 (2011) pipeline on CIFAR-10, side by side, differing only in the dictionary.
 
 Per seed: the model trains on the whitened 6 x 6 patches of :class:`CIFAR10PatchesDataModule` through the
-ordinary training path (:func:`implicit_em.cli.fit_run`); k-means (:func:`implicit_em.coates.kmeans`) runs on
+ordinary training path (:func:`implicit_em.app.fit_run`); k-means (:func:`implicit_em.coates.kmeans`) runs on
 the same patches; both are applied at every position of every image, encoded, quadrant-pooled and judged
-by the fast linear probe (:func:`implicit_em.probe.torch_probe`), fit on all 50,000 training images and scored on
+by the fast linear probe (:func:`implicit_em.eval.probe.torch_probe`), fit on all 50,000 training images and scored on
 the 10,000 test images, twice: at C = 1 (``probe_accuracy``: the paper's protocol, what the name means in every
 result of this project) and at the C chosen from :data:`PROBE_C` on the 5,000 held-out training images (fit on
 the other 45,000) for each dictionary and encoding alike (``probe_accuracy_tuned``; Coates, Lee & Ng
@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from implicit_em.checkpoints import load_checkpoint
 from implicit_em.coates import (
@@ -30,10 +29,11 @@ from implicit_em.coates import (
     mixture_encoder,
     plot_dictionaries,
 )
-from implicit_em.data.cifar10_patches import CIFAR10PatchesDataModule, patch_normalization_from_checkpoint
+from implicit_em.data.cifar10_patches import patch_normalization_from_checkpoint
 from implicit_em.errors import DataError
-from implicit_em.probe import torch_probe_path
-from implicit_em.report import write_metrics
+from implicit_em.eval.probe import torch_probe_path
+from implicit_em.eval.report import write_metrics
+from implicit_em.rundir import RunDir
 
 #: k-means iterations (Coates, Lee & Ng use 10)
 KMEANS_ITERATIONS = 10
@@ -67,17 +67,11 @@ def train_args(data_root: str, components: int, seed: int, epochs: int | None, r
         "--config", str(configs / "default.yaml"), "--config", str(configs / "data" / "cifar10_patches.yaml"),
         "--config", str(configs / "experiment" / "patches.yaml"),
         "--data.root", str(data_root), "--data.seed", str(seed), "--seed_everything", str(seed),
-        "--model.n_components", str(components), "--model.lambda_tc", str(decorrelation_weight(components)),
+        "--model.n_components", str(components), "--model.net.lambda_tc", str(decorrelation_weight(components)),
         *(["--trainer.max_epochs", str(epochs)] if epochs else []),
         "--trainer.default_root_dir", str(runs), "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
     ]  # fmt: skip
-
-
-def checkpoint_dictionary(path: str | Path) -> tuple[Tensor, Tensor, dict]:
-    """W (K x D), b (K) and the whole checkpoint of a trained run."""
-    state = load_checkpoint(path)
-    return state["state_dict"]["model.linear.weight"].float(), state["state_dict"]["model.linear.bias"].float(), state
 
 
 def probe_encodings(
@@ -136,7 +130,7 @@ def run_patches(
     ``extra_args`` are appended to the training arguments (e.g. ``--data.n_patches 20000``); with
     ``validation`` the test images are not touched: the rows hold held-out accuracies.
     """
-    from implicit_em.cli import fit_run
+    from implicit_em.app import fit_run
 
     folder = Path(out) / "cifar10"
     rows, pictures = [], {}
@@ -147,14 +141,15 @@ def run_patches(
         metrics = json.loads(fit_run(args).read_text())
         epochs_run = metrics["epochs"]
         train_seconds = time.perf_counter() - start
-        weight, bias, state = checkpoint_dictionary(metrics["checkpoint"])
-        dm = datamodule_of_run(Path(metrics["run_dir"]))
+        run = RunDir(metrics["run_dir"])
+        module, dm = run.rebuild()
         dm.setup()
-        normalization = patch_normalization_from_checkpoint(state)
+        normalization = patch_normalization_from_checkpoint(load_checkpoint(run.last_checkpoint()))
         if not torch.allclose(normalization.whiten, dm.normalization.whiten):
             raise DataError(f"the patches of {metrics['run_dir']} changed since it trained; run it again")
-        activation = state["hyper_parameters"].get("activation", "relu")
-        encoder = mixture_encoder(normalization, weight, bias, activation, encodings)
+        net = module.model
+        weight, bias = net.first_layer().weight.detach().float(), net.first_layer().bias.detach().float()
+        encoder = mixture_encoder(normalization, weight, bias, net.activation, encodings)
         probes, extraction = probe_encodings(
             encoder, (len(encodings) + 2) * components, dm.images, validation, log, probe_threads
         )
@@ -193,14 +188,6 @@ def run_patches(
     (folder / "patches.md").write_text(markdown(header, rows))
     plot_dictionaries(pictures, patch_size, folder / "patches_filters.png")
     return path
-
-
-def datamodule_of_run(run_dir: Path) -> CIFAR10PatchesDataModule:
-    """The run's DataModule, rebuilt from its saved config.yaml: the same patches, images and splits."""
-    import yaml
-
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    return CIFAR10PatchesDataModule(**config["data"]["init_args"])
 
 
 def row(model, encoding, components, seed, probe: dict, dead, seconds) -> dict:

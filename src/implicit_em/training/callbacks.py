@@ -7,17 +7,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
+from implicit_em.eval.probe import torch_probe
 from implicit_em.figures import save_feature_grid
 from implicit_em.objective import autograd_lse_gradient, responsibilities
-from implicit_em.probe import torch_probe
-
-
-def run_dir(trainer: L.Trainer) -> Path:
-    """The run's log directory (where metrics.csv, metrics.json and the feature images go)."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
+from implicit_em.rundir import FEATURES_DIR, FEATURES_PNG, RunDir
 
 
 def _sync(device: torch.device) -> None:
@@ -54,15 +50,6 @@ class EpochTimer(L.Callback):
         self.epoch_seconds = list(state_dict["epoch_seconds"])
 
 
-class Checkpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint (every argument is its own) that tells the training loaders its step
-    interval, so that chunks of optimiser steps never jump over a step it saves on."""
-
-    def __init__(self, *args, every_n_train_steps: int | None = None, **kwargs):
-        super().__init__(*args, every_n_train_steps=every_n_train_steps, **kwargs)
-        self.every_n_train_steps = every_n_train_steps or 0
-
-
 class FeatureImages(L.Callback):
     """The rows of W as images in the data's shape (the paper's Figure 4), every N epochs and at the end.
 
@@ -79,10 +66,10 @@ class FeatureImages(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch + 1
         if self.every_n_epochs and epoch % self.every_n_epochs == 0:
-            self._draw(trainer, pl_module, run_dir(trainer) / "features" / f"epoch_{epoch:04d}.png", epoch)
+            self._draw(trainer, pl_module, RunDir.of_trainer(trainer) / FEATURES_DIR / f"epoch_{epoch:04d}.png", epoch)
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        self._draw(trainer, pl_module, run_dir(trainer) / "features.png", trainer.current_epoch)
+        self._draw(trainer, pl_module, RunDir.of_trainer(trainer) / FEATURES_PNG, trainer.current_epoch)
 
     @rank_zero_only
     def _draw(self, trainer, pl_module, path: Path, epoch: int) -> None:
@@ -91,7 +78,7 @@ class FeatureImages(L.Callback):
             return
         weights = pl_module.model.component_weights().detach()
         usage = getattr(pl_module, "last_usage", None)  # the most used components first, when K is large
-        title = f"{type(pl_module).__name__} components, epoch {epoch}"
+        title = f"{getattr(pl_module.model, 'name', type(pl_module).__name__)} components, epoch {epoch}"
         save_feature_grid(weights, shape, path, title=title, usage=usage)
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from implicit_em.data.chunks import chunk_lengths, chunk_steps
+from implicit_em.training.steps import chunk_lengths, chunk_steps
 
 
 def ends(first_step: int, lengths: list[int]) -> list[int]:

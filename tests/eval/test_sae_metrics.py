@@ -8,7 +8,7 @@ import matplotlib
 import pytest
 import torch
 
-from implicit_em.sae_metrics import (
+from implicit_em.eval.sae_metrics import (
     RIDGE_GRID,
     dead_fraction,
     firing_frequency,

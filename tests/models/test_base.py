@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from implicit_em.models import ACTIVATIONS, Encoder, SparseAutoencoder, fit_to_data, seeded_linear
+from implicit_em.models.base import ACTIVATIONS, Encoder, SparseAutoencoder, fit_to_data, seeded_linear
 
 D, K, N = 12, 7, 9
 

@@ -1,6 +1,6 @@
 """Several models trained side by side in one run, each exactly as it would train alone.
 
-``Ensemble`` holds S member modules (``ImplicitEM`` or an SAE), built from shared settings plus each member's
+``Ensemble`` holds S :class:`~implicit_em.training.module.ComponentModule` members of one registered model, built from shared settings plus each member's
 own overrides. **What is exact:** member s computes, in the same order, the same float operations as a lone
 run of its class with its settings on the same batches (``--seed_everything`` = its seed, same data settings):
 its own seeded initial weights, its own data-aware start, its own forward, objective, backward and optimiser
@@ -15,7 +15,8 @@ has stopped. The ensemble shows member 0 to callbacks (``ensemble(x)``, ``ensemb
 from __future__ import annotations
 
 import contextvars
-import importlib
+import functools
+import inspect
 from typing import Any
 
 import lightning as L
@@ -24,20 +25,32 @@ from torch import Tensor, nn
 
 from implicit_em.errors import NonFiniteLossError, check
 
-#: the member classes an ensemble can hold, by the names used in configs
-MEMBER_CLASSES = {
-    "implicit_em": "implicit_em.module.ImplicitEM",
-    "sae": "implicit_em.module.SparseAutoencoderModule",
-}
 
+def member_module(member_class: str, in_features: int, n_components: int, settings: dict[str, Any]):
+    """A :class:`ComponentModule` of the registered net ``member_class`` from one flat dict of settings: the
+    module's own (seed, k, lr, data_init, ...), ``optimizer`` (a ``torch.optim`` class name, e.g. ``SGD``) and
+    the net's (``lambda_tc``, ``l1``, ...)."""
+    from implicit_em.models import model_class
+    from implicit_em.training.module import ComponentModule
 
-def _member_class(name: str):
-    path = MEMBER_CLASSES.get(name, name)
-    module, _, cls = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), cls)
-    except (ImportError, AttributeError, ValueError):
-        check(False, "model.member_class", "one of " + ", ".join(MEMBER_CLASSES) + " or a class path", name)
+    cls = model_class(member_class)
+    settings = dict(settings)
+    shared = set(inspect.signature(ComponentModule).parameters) - {"net", "optimizer", "in_features", "n_components"}
+    module_args = {key: settings.pop(key) for key in list(settings) if key in shared}
+    optimizer = settings.pop("optimizer", None)
+    own = set(inspect.signature(cls).parameters) - {"in_features", "n_components", "k", "seed"}
+    unknown = sorted(set(settings) - own)
+    check(not unknown, "model.members", f"settings of ComponentModule or of the {cls.name} net ({', '.join(sorted(own | shared))})",
+          unknown)  # fmt: skip
+    if optimizer is not None:
+        optimizer_class = getattr(torch.optim, str(optimizer), None) or {
+            o.__name__.lower(): o for o in vars(torch.optim).values() if isinstance(o, type)
+        }.get(str(optimizer).lower())
+        check(isinstance(optimizer_class, type), "a member's optimizer", "a torch.optim class name (Adam, SGD, ...)",
+              optimizer)  # fmt: skip
+        module_args["optimizer"] = optimizer_class
+    return ComponentModule(net=functools.partial(cls, **settings), in_features=in_features, n_components=n_components,
+                           **module_args)  # fmt: skip
 
 
 class MemberOptimizers:
@@ -79,8 +92,9 @@ class Ensemble(L.LightningModule):
         members: one dict per member: the member's own settings (``seed``, ``lr``, ``lambda_tc``, ...),
             overriding ``defaults``; an optional ``name`` labels the member in results.
         seeds: when given, every member once per seed (member-major order).
-        member_class: ``implicit_em``, ``sae``, or a class path of a ComponentModule.
-        defaults: settings every member shares (any argument of the member class).
+        member_class: the registered model of every member (``implicit_em``, ``sae``, ``topk_sae``, ...; see
+            ``implicit_em.models``).
+        defaults: settings every member shares (see :func:`member_module`).
         in_features: input dimension D (linked from the data).
         n_components: K of every member.
         seed: the seed of members that name none (linked from ``--seed_everything``).
@@ -102,13 +116,10 @@ class Ensemble(L.LightningModule):
         self.automatic_optimization = False
         specs = [{"seed": s, **m} for m in members for s in seeds] if seeds else [{"seed": seed, **m} for m in members]
         self.names = [str(m.pop("name", f"m{i}")) for i, m in enumerate(specs)]
-        cls = _member_class(member_class)
         # each member in a fresh context: LightningCLI's context would hand every member the ensemble's
         # hyperparameters when the member saves its own
         self.members = nn.ModuleList(
-            contextvars.Context().run(
-                cls, in_features=in_features, n_components=n_components, **{**(defaults or {}), **m}
-            )
+            contextvars.Context().run(member_module, member_class, in_features, n_components, {**(defaults or {}), **m})
             for m in specs
         )
         self.register_buffer("stopped_at", torch.zeros(len(specs), dtype=torch.long))  # 0: still training

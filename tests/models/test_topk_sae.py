@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from implicit_em.experiments.compare import matched_k
-from implicit_em.models import TopKSparseAutoencoder, keep_top_k
+from implicit_em.models.base import TopKSparseAutoencoder, keep_top_k
 from implicit_em.objective import topk_sae_objective
 
 
@@ -71,7 +71,7 @@ def test_matched_k():
 
 def test_the_module_checks_k_and_trains_on_the_mse():
     from implicit_em.errors import ConfigError
-    from implicit_em.module import TopKSparseAutoencoderModule
+    from implicit_em.training.module import TopKSparseAutoencoderModule
 
     with pytest.raises(ConfigError, match="model.k"):
         TopKSparseAutoencoderModule(in_features=8, n_components=16, k=17)

@@ -1,6 +1,6 @@
-"""How many exact optimiser steps one Lightning batch (a *chunk*) carries, so step settings stay exact.
+"""Several exact optimiser steps per Lightning batch (a *chunk*): everything that machinery needs, in one place.
 
-Several steps per Lightning batch remove Lightning's per-batch overhead from the step. Every step setting of
+Several steps per Lightning batch remove Lightning's per-batch overhead from the step (``data.steps_per_call``). Every step setting of
 the Trainer still counts optimiser steps because no chunk crosses a step the Trainer acts on: chunk lengths
 divide ``log_every_n_steps`` and every checkpoint's ``every_n_train_steps``, chunks end on multiples of that
 length and on ``max_steps``. Settings that Lightning counts in batches (``limit_train_batches``, an
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 def chunk_steps(trainer, steps_per_call: int) -> int:
@@ -42,24 +44,50 @@ def chunk_lengths(n_steps: int, first_step: int, c: int, max_steps: int = -1) ->
     return lengths
 
 
+class Checkpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (every argument is its own) that tells the training loaders its step
+    interval, so that chunks of optimiser steps never jump over a step it saves on."""
+
+    def __init__(self, *args, every_n_train_steps: int | None = None, **kwargs):
+        super().__init__(*args, every_n_train_steps=every_n_train_steps, **kwargs)
+        self.every_n_train_steps = every_n_train_steps or 0
+
+
+def step_clock(trainer, steps_per_call: int) -> dict:
+    """What a training loader reads from the Trainer (all public): the global step (a function), ``max_steps``
+    and the chunk length c (:func:`chunk_steps`)."""
+    if trainer is None:
+        return {"step_fn": lambda: 0, "max_steps": -1, "chunk": max(1, steps_per_call)}
+    return {"step_fn": lambda: trainer.global_step, "max_steps": trainer.max_steps,
+            "chunk": chunk_steps(trainer, steps_per_call)}  # fmt: skip
+
+
 class ChunkedEpochs:
     """What every training loader shares: the position in the epoch (to resume mid-epoch exactly) and the
     chunk lengths of an epoch's iteration.
 
-    ``epoch_fn`` and ``step_fn`` read the Trainer's epoch and global step. The saved position counts the
+    The epoch comes through the sampler protocol: Lightning calls ``loader.sampler.set_epoch(e)`` before every
+    training epoch (the epoch it gives samplers, right also when a resumed fit reads its first batch);
+    ``step_fn`` reads the Trainer's global step. The saved position counts the
     batches trained on: with a step clock, the optimiser steps taken since the epoch began (Lightning fetches a
     chunk ahead of the one it trains on, so the chunks handed out are one more); without one, every chunk
     handed out counts. A loader has a length only when every chunk is one step.
     """
 
-    def __init__(
-        self, n_batches: int, epoch_fn: Callable[[], int], step_fn: Callable[[], int] | None, chunk: int, max_steps: int
-    ):
-        self.n_batches, self.epoch_fn, self.step_fn = n_batches, epoch_fn, step_fn
+    def __init__(self, n_batches: int, step_fn: Callable[[], int] | None, chunk: int, max_steps: int):
+        self.n_batches, self.step_fn, self.epoch = n_batches, step_fn, 0
         self.chunk, self.max_steps = max(1, chunk), max_steps
         self._resume: dict | None = None
         self._position = (0, 0)
         self._epoch_start: tuple[int, int, int] | None = None
+
+    @property
+    def sampler(self) -> ChunkedEpochs:
+        """The object Lightning calls ``set_epoch`` on (this loader)."""
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         if self.chunk > 1:  # how many chunks an epoch has depends on the step it starts at
@@ -68,7 +96,7 @@ class ChunkedEpochs:
 
     def start_epoch(self) -> tuple[int, int, list[int]]:
         """(epoch, first batch, chunk lengths) of the iteration that begins now, from a loaded position if any."""
-        epoch, start = self.epoch_fn(), 0
+        epoch, start = self.epoch, 0
         if self._resume is not None and self._resume["epoch"] == epoch:
             start = self._resume["batch"]
         self._resume = None

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from implicit_em.metrics import (
+from implicit_em.eval.diagnostics import (
     REDUNDANCY_EXACT_MAX,
     REDUNDANCY_SUBSET,
     ComponentDiagnostics,
@@ -160,7 +160,7 @@ def _assert_same(a, b, atol=1e-10):
 
 
 def test_accumulating_over_batches_equals_whole_tensor(monkeypatch):
-    import implicit_em.metrics as metrics
+    import implicit_em.eval.diagnostics as metrics
 
     d = _random_distances(103, 6, seed=0)
     whole, batched = _metrics(6), _metrics(6)

@@ -7,15 +7,21 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from implicit_em.errors import check_choice
+from implicit_em.eval.diagnostics import component_diagnostics
+from implicit_em.eval.probe import (
+    PROBE_METHODS,
+    clustering_scores,
+    kmeans_scores,
+    linear_probe,
+    responsibility_assignments,
+)
+from implicit_em.eval.sae_metrics import log10_density, sae_evaluation, write_density_histogram
 from implicit_em.files import atomic_write
-from implicit_em.metrics import component_diagnostics
-from implicit_em.probe import PROBE_METHODS, clustering_scores, kmeans_scores, linear_probe, responsibility_assignments
-from implicit_em.sae_metrics import log10_density, sae_evaluation, write_density_histogram
+from implicit_em.rundir import DENSITY_PNG, RunDir
 
 
 @dataclass
@@ -88,7 +94,7 @@ def evaluate(module, datamodule, config: ReportConfig | None = None, run_dir: Pa
         "n_parameters": module.n_parameters(),
         "n_components": k,
         **(reconstruction_errors(module, test.x, f_test) if config.reconstruction else {}),
-        **{key: v for key, v in module.hparams.items() if isinstance(v, (int, float, str, bool)) or v is None},
+        **module.settings(),
     }  # fmt: skip
     if config.sae_metrics:
         row.update(sae_numbers(module, datamodule, f_train, f_test, config.split, run_dir))
@@ -100,11 +106,9 @@ def evaluate(module, datamodule, config: ReportConfig | None = None, run_dir: Pa
 
 
 def sae_numbers(module, datamodule, f_train: Tensor, f_scored: Tensor, split: str, run_dir: Path | None) -> dict:
-    """The SAE users' numbers (:func:`implicit_em.sae_metrics.sae_evaluation`) in raw activation units; with
+    """The SAE users' numbers (:func:`implicit_em.eval.sae_metrics.sae_evaluation`) in raw activation units; with
     ``run_dir``, also its ``readout.safetensors`` (for export) and ``feature_density.png``. Scored on test, the
     readout's ridge is chosen on val; scored on val, on the last tenth of the training rows."""
-    from implicit_em.export import normalization_inverse, save_readout
-
     train, val, scored = (datamodule.splits[n] for n in ("train", "val", split))
     f_val = f_scored if split == "val" else features(module, val.x)
     labelled = bool((train.y >= 0).any()) and bool((scored.y >= 0).any())
@@ -112,14 +116,14 @@ def sae_numbers(module, datamodule, f_train: Tensor, f_scored: Tensor, split: st
     numbers, readout = sae_evaluation(
         f_train.cpu(), train.x, *choose, f_scored.cpu(), scored.x,
         train.y if labelled else None, scored.y if labelled else None, train.groups, scored.groups,
-        to_raw=normalization_inverse(datamodule.normalization.state_dict()),
+        to_raw=datamodule.normalization.inverse(),
     )  # fmt: skip
+    density = log10_density([f_train, f_val] + ([f_scored] if split == "test" else []))
     if run_dir is not None:
-        save_readout(readout.state_dict(), run_dir)
-        density = log10_density([f_train, f_val] + ([f_scored] if split == "test" else []))
-        write_density_histogram(density, Path(run_dir) / "feature_density.png", title=type(module).__name__)
-        atomic_write(Path(run_dir) / "log10_density.npy", lambda f: np.save(f, density.cpu().numpy()))
-    return numbers
+        run = RunDir(run_dir)
+        run.save_readout(readout.state_dict())
+        write_density_histogram(density, run / DENSITY_PNG, title=module.model.name)
+    return {**numbers, "log10_density": density.cpu()}
 
 
 def final_losses(callback_metrics: dict, suffix: str = "") -> dict[str, float]:
@@ -146,6 +150,7 @@ def evaluate_run(
         status = module.member_status(s)
         # a stopped member's weights may have diverged before its loss did: its status, not its features
         scores = {} if status["stopped_at_step"] else evaluate(m, datamodule, config)
+        scores.pop("log10_density", None)
         rows.append({**scores, **final_losses(callback_metrics, f"/m{s}"), **status})
     return {**rows[0], "members": rows}
 

@@ -12,8 +12,8 @@ import torch
 
 from implicit_em import module as module_lib
 from implicit_em.checkpoints import load_checkpoint
-from implicit_em.cli import main
-from implicit_em.models import Encoder, SparseAutoencoder
+from implicit_em.app import main
+from implicit_em.models.base import Encoder, SparseAutoencoder
 from tests.conftest import DEFAULT_CONFIG, QUIET, fit_in_process, model_weights
 
 STEPS_PER_EPOCH = 11  # digits: 1,293 training samples in batches of 128, the last (13) kept
@@ -186,7 +186,7 @@ def test_chunked_run_equals_one_step_per_lightning_batch_bitwise(tmp_path, optim
 
 def test_data_aware_start_is_the_same_for_the_model_and_the_sae(tmp_path):
     one_step = ["--trainer.max_steps", "1", "--trainer.max_epochs", "-1", "--seed_everything", "4"]
-    sae_args = ["--model.class_path", "implicit_em.module.SparseAutoencoderModule"]
+    sae_args = ["--model.class_path", "implicit_em.training.module.SparseAutoencoderModule"]
     em, rec_em = fit(tmp_path / "em", *one_step)
     sae, rec_sae = fit(tmp_path / "sae", *one_step, *sae_args)
     x = em.datamodule.splits["train"].x
@@ -203,7 +203,7 @@ def test_data_aware_start_is_the_same_for_the_model_and_the_sae(tmp_path):
     assert torch.equal(rec_sae.start["decoder.weight"], ref.decoder.weight)
 
 
-@pytest.mark.parametrize("model", ["implicit_em.module.ImplicitEM", "implicit_em.module.SparseAutoencoderModule"])
+@pytest.mark.parametrize("model", ["implicit_em.training.module.ImplicitEM", "implicit_em.training.module.SparseAutoencoderModule"])
 def test_data_init_false_keeps_the_seeded_nn_linear_start(tmp_path, model):
     cli, rec = fit(
         tmp_path, "--trainer.max_steps", "1", "--trainer.max_epochs", "-1", "--seed_everything", "4",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from implicit_em.probe import (
+from implicit_em.eval.probe import (
     cluster_accuracy,
     clustering_scores,
     kmeans_scores,
@@ -181,7 +181,7 @@ def _random_features(x: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
 def test_sample_and_feature_space_designs_pose_the_same_problem(digits_split):
     """For matching parameters both designs give the same training logits and the same penalty
     ||W||^2 on the standardised features; the sample-space one has r <= n columns instead of K."""
-    from implicit_em.probe import _feature_space_design, _mean_and_std, _sample_space_design
+    from implicit_em.eval.probe import _feature_space_design, _mean_and_std, _sample_space_design
 
     f = _random_features(digits_split[0][:300] / 16, 400).double()
     f[:, 3] = 2.0  # a constant feature
@@ -229,7 +229,7 @@ def test_torch_probe_at_16384_features_on_digits_in_bounded_memory(digits_split)
 
 
 def test_unwhitened_feature_space_probe_reaches_the_same_optimum(monkeypatch):
-    import implicit_em.probe as probe
+    import implicit_em.eval.probe as probe
 
     x_tr, y_tr = _mixture(3000, seed=1)
     x_te, y_te = _mixture(3000, seed=2)

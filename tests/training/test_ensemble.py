@@ -1,4 +1,4 @@
-"""Ensembles (implicit_em.ensemble.Ensemble): each member is bitwise the lone run of its class with its settings
+"""Ensembles (implicit_em.training.ensemble.Ensemble): each member is bitwise the lone run of its class with its settings
 (its seed, the same data settings and the ensemble's data order); a member whose loss goes non-finite stops
 alone; a run fails only when every member stopped; an ensemble resumes exactly from its checkpoint.
 
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from implicit_em.checkpoints import load_checkpoint
-from implicit_em.cli import main
-from implicit_em.ensemble import Ensemble
+from implicit_em.app import main
+from implicit_em.training.ensemble import Ensemble
 from implicit_em.runtime import training_process
 from tests.conftest import DEFAULT_CONFIG, QUIET, fit_in_process, model_weights
 
@@ -34,7 +34,7 @@ OPTIMIZERS = {"adam": {}, "sgd": {"optimizer": "sgd", "momentum": 0.9}}
 
 
 def ensemble_args(members: list[dict], defaults: dict | None = None) -> list[str]:
-    args = ["--model.class_path", "implicit_em.ensemble.Ensemble", "--model.init_args.members", json.dumps(members),
+    args = ["--model.class_path", "implicit_em.training.ensemble.Ensemble", "--model.init_args.members", json.dumps(members),
             "--model.init_args.n_components", K]  # fmt: skip
     return args + (["--model.init_args.defaults", json.dumps(defaults)] if defaults else [])
 

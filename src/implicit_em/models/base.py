@@ -1,0 +1,148 @@
+"""What every registered model shares: the ``Net`` interface and the layers and starts the models build on.
+
+A *net* is a plain ``nn.Module`` that maps inputs x (N x D, normalised) to codes (N x K, one column per
+*component*), knows its own training objective, and describes its inference form for export. The one
+LightningModule (:class:`implicit_em.training.module.ComponentModule`) wires any net to the Trainer, so a new
+model is one file in this package (a subclass of :class:`Net` under :func:`~implicit_em.models.registry.register`)
+plus one config in ``configs/model/``.
+
+Every net starts like ``nn.Linear`` (W and b uniform in +-1/sqrt(D)) from its own seeded generator, so a net
+built with ``seed=s`` is the same whatever else the process drew from torch's global generator.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu,
+    "softplus": F.softplus,
+    "abs": torch.abs,
+    "square": torch.square,
+    "exp": torch.exp,
+    "identity": lambda t: t,
+}
+
+
+def seeded_linear(in_features: int, out_features: int, generator: torch.Generator) -> nn.Linear:
+    """``nn.Linear(in, out)`` with nn.Linear's initial distribution, U(-1/sqrt(in), 1/sqrt(in)) for W and b,
+    drawn from ``generator`` (W first, then b)."""
+    linear = nn.Linear(in_features, out_features)
+    bound = 1.0 / math.sqrt(in_features)
+    with torch.no_grad():
+        linear.weight.copy_(torch.empty(out_features, in_features).uniform_(-bound, bound, generator=generator))
+        linear.bias.copy_(torch.empty(out_features).uniform_(-bound, bound, generator=generator))
+    return linear
+
+
+@torch.no_grad()
+def fit_to_data(linear: nn.Linear, x: Tensor, std: float | None = None) -> None:
+    """Data-aware start of an affine map z = W x + b: b <- b - W mean(x), so every hyperplane passes through
+    the data mean offset by its random initial bias; then, when ``std`` is given, each row of W and b scaled
+    so its pre-activation has that standard deviation over ``x`` (directions kept). x: N x in."""
+    w, b = linear.weight, linear.bias
+    x = x.to(w)
+    b -= w @ x.mean(0)
+    if std is not None:
+        scale = std / (x @ w.T).std(0).clamp_min(1e-12)
+        w.mul_(scale.unsqueeze(1))
+        b.mul_(scale)
+
+
+def keep_top_k(z: Tensor, k: int) -> Tensor:
+    """a = TopK(ReLU(z)): the k largest of ReLU(z_i) per row kept, every other entry 0 (at most k nonzero;
+    fewer when fewer than k pre-activations are positive)."""
+    values, idx = F.relu(z).topk(min(k, z.shape[-1]), dim=-1)
+    return torch.zeros_like(z).scatter(-1, idx, values)
+
+
+def jump_relu(z: Tensor, threshold: Tensor) -> Tensor:
+    """a = z * 1[z > theta] (theta >= 0 per component or one scalar): JumpReLU, the inference form of
+    thresholded codes."""
+    return z * (z > threshold)
+
+
+@dataclass
+class InferenceForm:
+    """A net as SAELens runs it, in the net's own (normalised) input space.
+
+    ``architecture``: ``standard`` (relu(x W_enc + b_enc)), ``topk`` (that, keeping the ``k`` largest) or
+    ``jumprelu`` (z * 1[z > threshold]). ``encoder``: the affine map (W K x D, b K); ``decoder``: (W_dec K x D,
+    b_dec D) when the net has one, None for the decoder-free model (export then uses the fitted readout).
+    """
+
+    architecture: str
+    weight: Tensor
+    bias: Tensor
+    decoder: tuple[Tensor, Tensor] | None = None
+    k: int | None = None
+    threshold: Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Net(nn.Module):
+    """The interface every registered model implements (see the module docstring).
+
+    Args of every net (the LightningModule passes them): in_features D, n_components K, k (codes kept per
+    input, for nets that take a target; None: the net's own sparsity), seed (its initial weights).
+    """
+
+    #: the registry name (set by :func:`~implicit_em.models.registry.register`)
+    name: ClassVar[str] = ""
+    #: whether the net takes ``k`` (codes kept per input)
+    takes_k: ClassVar[bool] = False
+
+    def __init__(self, in_features: int, n_components: int, k: int | None = None, seed: int = 0):
+        super().__init__()
+        from implicit_em.errors import ConfigError, check
+
+        check(in_features >= 1, "model.in_features", ">= 1", in_features)
+        check(n_components >= 2, "model.n_components", "an integer >= 2", n_components)
+        if k is not None and not self.takes_k:
+            raise ConfigError(f"model.k is not used by the {self.name} model (got {k}); drop --model.k")
+        if k is not None:
+            check(isinstance(k, int) and 1 <= k <= n_components, "model.k", f"an integer in 1..{n_components}", k)
+        self.in_features, self.n_components, self.k, self.seed = in_features, n_components, k, int(seed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The codes (N x K) users read: the features every evaluation, probe and export sees."""
+        raise NotImplementedError
+
+    def pre_activation(self, x: Tensor) -> Tensor:
+        """z = W x + b (N x K), before the activation."""
+        return self.first_layer()(x)
+
+    def first_layer(self) -> nn.Linear:
+        """The affine map whose rows are the components (what the data-aware start adjusts)."""
+        raise NotImplementedError
+
+    def component_weights(self) -> Tensor:
+        """K x D: the rows of the first layer, the components."""
+        return self.first_layer().weight
+
+    def objective(self, x: Tensor, step: int) -> dict[str, Tensor]:
+        """``{"loss": L, <term>: ...}``, scalars, on one (global) batch; ``step``: the optimiser step it makes."""
+        raise NotImplementedError
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """x_hat from codes, for nets with a decoder (the decoder-free model has none: AttributeError)."""
+        raise AttributeError(f"the {self.name} model has no decoder; its readout is fitted after training")
+
+    @property
+    def has_decoder(self) -> bool:
+        return type(self).decode is not Net.decode
+
+    def settings(self) -> dict[str, Any]:
+        """The net's own settings (its constructor's arguments beyond D, K, k and seed), for results."""
+        return {}
+
+    def inference_form(self) -> InferenceForm:
+        """How SAELens runs this net (see :class:`InferenceForm`)."""
+        raise NotImplementedError
