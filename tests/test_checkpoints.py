@@ -100,7 +100,7 @@ def test_an_unreadable_or_missing_file_is_a_user_error(tmp_path):
     "model",
     [
         [],
-        ["--model.class_path", "implicit_em.training.module.SparseAutoencoderModule"],
+        ["--model.net", "SparseAutoencoder"],
         ["--model.class_path", "implicit_em.training.ensemble.Ensemble", "--model.init_args.members",
          '[{"seed": 1}, {"seed": 2, "optimizer": "sgd", "lr": 0.01}]'],
     ],
@@ -169,7 +169,8 @@ def test_atomic_write_leaves_the_target_untouched_on_any_failure(tmp_path):
 
 
 def test_a_crash_while_checkpointing_a_run_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from implicit_em.training.module import ImplicitEM
+    from implicit_em.app import fit
+    from implicit_em.rundir import RunDir
 
     real_save, saves = torch.save, []
 
@@ -183,7 +184,7 @@ def test_a_crash_while_checkpointing_a_run_keeps_the_last_good_checkpoint(tmp_pa
     cli = fit_in_process(tmp_path, *SMALL, "--trainer.max_epochs", "3", fit=False)
     monkeypatch.setattr(torch, "save", save_then_crash)
     with pytest.raises(OSError, match="No space left"):
-        cli.fit()
+        fit(cli)
     monkeypatch.undo()
     ckpt = find_last_checkpoint(tmp_path)
     assert ckpt is not None
@@ -191,6 +192,6 @@ def test_a_crash_while_checkpointing_a_run_keeps_the_last_good_checkpoint(tmp_pa
     for path in (ckpt, last):  # the newest checkpoint, and last.ckpt, are epoch 0's, whole and loadable
         state = load_checkpoint(path)
         assert state["epoch"] == 0 and state["global_step"] == 11
-        restored = ImplicitEM.load_from_checkpoint(path, weights_only=True)
+        restored, _ = RunDir.of(path)[0].rebuild(checkpoint=path)
         assert restored.model.component_weights().shape == (8, 64)
     assert not [p for p in ckpt.parent.iterdir() if p.name.endswith(".tmp")]  # no half-written file left

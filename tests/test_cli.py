@@ -37,7 +37,7 @@ def test_overrides_and_composed_configs_reach_the_model(train):
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     m = run.metrics
-    assert m["model"] == "SparseAutoencoderModule" and m["n_components"] == 16 and m["seed"] == 7
+    assert m["model"] == "sae" and m["n_components"] == 16 and m["seed"] == 7
     assert m["n_parameters"] == 64 * 16 + 16 + 16 * 64 + 64
     assert len(m["epoch_seconds"]) == 2 and "final_mse" in m and "kmeans_nmi" not in m
 
@@ -63,9 +63,9 @@ def test_help_documents_options():
     [
         (["--data.batch_size", "1"], "data.batch_size"),
         (["--model.n_components", "1"], "model.n_components"),
-        (["--model.lambda_var", "-1"], "model.lambda_var"),
-        (["--model.eps", "0"], "model.eps"),
-        (["--model.activation", "tanhh"], "model.activation"),
+        (["--model.net.lambda_var", "-1"], "model.net.lambda_var"),
+        (["--model.net.eps", "0"], "model.net.eps"),
+        (["--model.net.activation", "tanhh"], "model.net.activation"),
         (["--model.optimizer", "adagradx"], "model.optimizer"),
         (["--data.val_fraction", "1.5"], "data.val_fraction"),
         (["--model.no_such_key", "3"], "no_such_key"),
@@ -123,16 +123,17 @@ def test_a_ddp_worker_leaves_without_the_interpreters_shutdown(monkeypatch):
     random while rank 0 still evaluates); rank 0 returns normally and prints metrics.json's path."""
     from types import SimpleNamespace
 
-    from implicit_em import cli
+    from implicit_em import app
 
     exits = []
 
     def fake_cli(global_zero):
         trainer = SimpleNamespace(is_global_zero=global_zero)
-        return lambda *a: SimpleNamespace(trainer=trainer, fit=lambda: Path("m.json") if global_zero else None)
+        return lambda *a: SimpleNamespace(trainer=trainer, global_zero=global_zero)
 
-    monkeypatch.setattr(cli.os, "_exit", lambda code: exits.append(code))
-    monkeypatch.setattr(cli, "ImplicitEMCLI", fake_cli(False))
-    assert cli.main([]) == 0 and exits == [0]
-    monkeypatch.setattr(cli, "ImplicitEMCLI", fake_cli(True))
-    assert cli.main([]) == 0 and exits == [0]
+    monkeypatch.setattr(app.os, "_exit", lambda code: exits.append(code))
+    monkeypatch.setattr(app, "fit", lambda cli: Path("m.json") if cli.global_zero else None)
+    monkeypatch.setattr(app, "ImplicitEMCLI", fake_cli(False))
+    assert app.main([]) == 0 and exits == [0]
+    monkeypatch.setattr(app, "ImplicitEMCLI", fake_cli(True))
+    assert app.main([]) == 0 and exits == [0]

@@ -8,6 +8,7 @@ configs/trainer/ddp_cpu.yaml (2 processes) and as 2 nodes of one process each (M
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
@@ -19,7 +20,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from implicit_em.checkpoints import load_checkpoint
-from implicit_em.training.module import ImplicitEM
+from implicit_em.models.implicit_em import ImplicitEM
+from implicit_em.training.module import ComponentModule
 from tests.conftest import REPO, TRAIN, Run, run_script
 
 D, K = 10, 6
@@ -31,11 +33,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _module() -> ImplicitEM:
+def _module() -> ComponentModule:
     # every term on, the weight term included, so each one's scaling under DDP is checked
-    return ImplicitEM(
-        in_features=D, n_components=K, lambda_var=0.7, lambda_tc=1.3, lambda_wr=0.5, seed=3, data_init=False
-    ).double()
+    net = functools.partial(ImplicitEM, lambda_var=0.7, lambda_tc=1.3, lambda_wr=0.5)
+    return ComponentModule(net, in_features=D, n_components=K, seed=3, data_init=False).double()
 
 
 def _batch(n: int) -> torch.Tensor:

@@ -11,17 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from implicit_em.data.normalization import Normalization
 from implicit_em.errors import ConfigError, DataError
-from implicit_em.export import (
-    export_run,
-    find_normalization,
-    fold_encoder,
-    load,
-    normalization_inverse,
-    save_readout,
-    unfold_readout,
-)
+from implicit_em.export import export_run, find_normalization, load
+from implicit_em.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 D, K = 6, 10
@@ -50,17 +42,17 @@ def _run(tmp_path: Path, kind: str = "implicit_em", activation: str = "relu", re
     """A run directory as scripts/train.py leaves it, with random weights."""
     g = torch.Generator().manual_seed(1)
     w, b = torch.randn(K, D, generator=g), torch.randn(K, generator=g) * 0.5
+    hparams = {"_class_path": "implicit_em.training.module.ComponentModule", "in_features": D, "n_components": K,
+               "k": k, "seed": 0}  # fmt: skip
     if kind == "implicit_em":
         state = {"model.linear.weight": w, "model.linear.bias": b}
-        hparams = {"_class_path": "implicit_em.training.module.ImplicitEM", "activation": activation, "n_components": K}
+        net = f"implicit_em.models.implicit_em.ImplicitEM\n      init_args:\n        activation: {activation}"
     else:
         state = {
             "model.encoder.weight": w, "model.encoder.bias": b,
             "model.decoder.weight": torch.randn(D, K, generator=g), "model.decoder.bias": torch.randn(D, generator=g),
         }  # fmt: skip
-        hparams = {"_class_path": "implicit_em.training.module.SparseAutoencoderModule", "n_components": K}
-        if k:
-            hparams["k"] = k
+        net = "implicit_em.models.topk_sae.TopKSAE" if k else "implicit_em.models.sae.SparseAutoencoder"
     norm = _normalization()
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -74,10 +66,11 @@ def _run(tmp_path: Path, kind: str = "implicit_em", activation: str = "relu", re
     (run / "checkpoints" / "last.ckpt").symlink_to("epoch=0-step=7.ckpt")
     (run / "config.yaml").write_text(
         "data:\n  class_path: implicit_em.data.DigitsDataModule\n  init_args:\n    batch_size: 8\n"
+        f"model:\n  class_path: implicit_em.training.module.ComponentModule\n  init_args:\n    net:\n      class_path: {net}\n"
     )
     r, c = torch.randn(K, D, generator=g), torch.randn(D, generator=g)
     if readout:
-        save_readout({"R": r, "c": c}, run)
+        RunDir(run).save_readout({"R": r, "c": c})
     return {"run": run, "w": w, "b": b, "R": r, "c": c, "norm": norm, "state": state}
 
 
@@ -129,31 +122,26 @@ def test_the_files_have_the_sae_lens_names_shapes_and_formula(tmp_path):
     torch.testing.assert_close(x_hat.double(), _reference(run, x)[1], atol=1e-5, rtol=1e-5)
 
 
-def test_fold_and_unfold_by_hand():
-    """No normalisation: W_enc = W^T, b_enc = b; R, c unchanged. Scale only: W_enc = diag(s) W^T."""
-    w, b = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), torch.tensor([1.0, 0.0, -1.0])
-    w_enc, b_enc = fold_encoder(w, b, None)
-    assert torch.equal(w_enc, w.double().T) and torch.equal(b_enc, b.double())
-    w_enc, b_enc = fold_encoder(w, b, {"mean": torch.tensor([1.0, 1.0]), "scale": torch.tensor([2.0, 0.5])})
-    assert w_enc.tolist() == [[2.0, 6.0, 10.0], [1.0, 2.0, 3.0]]
-    assert b_enc.tolist() == [1 - 3.0, 0 - 8.0, -1 - 13.0]  # b - (m * s) W^T: (m * s) = (2, 0.5)
-    r, c = torch.tensor([[2.0, 2.0]]), torch.tensor([4.0, 1.0])
-    w_dec, b_dec = unfold_readout(r, c, {"mean": torch.tensor([1.0, 1.0]), "scale": torch.tensor([2.0, 0.5])})
-    assert w_dec.tolist() == [[1.0, 4.0]] and b_dec.tolist() == [3.0, 3.0]
-
-
-@pytest.mark.parametrize("kind", ["center", "center+scale", "standardize", "zca"])
-def test_normalization_inverse_undoes_each_normalisation(kind):
-    x = torch.randn(200, D, generator=torch.Generator().manual_seed(0)) * 3 + 2
-    norm = Normalization.fit(x, kind)
-    torch.testing.assert_close(normalization_inverse(norm.state_dict())(norm(x)), x, atol=1e-4, rtol=1e-4)
-    assert normalization_inverse(Normalization().state_dict()) is None
-
-
 def test_find_normalization_in_a_checkpoint():
     norm = {"mean": torch.zeros(2), "scale": None, "matrix": None}
-    assert find_normalization({"state_dict": {}, "ActivationsDataModule": {"normalization": norm}}) is norm
-    assert find_normalization({"state_dict": {}, "loops": {}}) is None
+    found = find_normalization({"state_dict": {}, "ActivationsDataModule": {"normalization": norm}})
+    assert torch.equal(found.mean, norm["mean"]) and found.scale is None
+    assert find_normalization({"state_dict": {}, "loops": {}}).is_identity
+
+
+def test_an_unregistered_model_is_refused_in_one_line(tmp_path):
+    run = _run(tmp_path)
+    config = (run["run"] / "config.yaml").read_text().replace("implicit_em.models.implicit_em.ImplicitEM", "my.Model")
+    (run["run"] / "config.yaml").write_text(config)
+    with pytest.raises(ConfigError, match="unknown model 'my.Model'; registered models: .*batchtopk_sae") as e:
+        export_run(run["run"], tmp_path / "export")
+    assert "\n" not in str(e.value)
+
+
+def test_the_repr_names_the_architecture_and_the_sizes(tmp_path):
+    run = _run(tmp_path, kind="sae", k=3)
+    text = repr(load(run["run"]))
+    assert "architecture=topk" in text and f"d_in={D}" in text and f"d_sae={K}" in text and "k=3" in text
 
 
 def test_other_activations_are_refused(tmp_path):
@@ -213,8 +201,8 @@ def test_a_trained_run_exports_the_fvu_it_was_judged_by(tmp_path):
     """The acceptance check in small: train on digits with ZCA whitening, judge the features, save the
     readout, export; the FVU recomputed from the exported files on raw inputs equals the evaluation's."""
     from implicit_em.app import fit_run
-    from implicit_em.experiments.compare import load_data, module_features, rebuild
     from implicit_em.eval.sae_metrics import readout_scores, sae_evaluation
+    from implicit_em.experiments.compare import load_data, module_features
 
     metrics_path = fit_run([
         "--config", str(REPO / "configs" / "default.yaml"), "--data.normalization", "zca",
@@ -223,14 +211,14 @@ def test_a_trained_run_exports_the_fvu_it_was_judged_by(tmp_path):
         "--report.kmeans", "false", "--report.probe_method", "torch",
     ])  # fmt: skip
     run_dir = metrics_path.parent
-    module, datamodule = rebuild(run_dir)
+    module, datamodule = RunDir(run_dir).rebuild()
     data = load_data(datamodule)
     f = module_features(module, data)
     s = data.splits
     metrics, readout = sae_evaluation(
         f["train"], s["train"].x, f["val"], s["val"].x, f["test"], s["test"].x, None, None, to_raw=data.to_raw
     )
-    save_readout(readout.state_dict(), run_dir)
+    RunDir(run_dir).save_readout(readout.state_dict())
     out = export_run(run_dir, tmp_path / "export")
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["implicit_em"]["normalization_folded"] == {"mean": True, "scale": False, "matrix": True}

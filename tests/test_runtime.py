@@ -10,14 +10,14 @@ import matplotlib
 import pytest
 import torch
 
-from implicit_em import module as module_lib
 from implicit_em.app import fit_run, main
+from implicit_em.models import implicit_em as module_lib
 from implicit_em.runtime import flushes_denormals, training_process
 from tests.conftest import DEFAULT_CONFIG, QUIET
 
 ONE_EPOCH = [*QUIET, "--trainer.max_epochs", "1", "--model.n_components", "8"]
 #: phi = z^2 with lr 1e30: the second step's distances overflow, the run stops on a non-finite loss
-DIVERGES = ["--model.lr", "1e30", "--model.activation", "square"]
+DIVERGES = ["--model.lr", "1e30", "--model.net.activation", "square"]
 
 
 @pytest.fixture(params=[False, True], ids=["denormals-kept", "denormals-flushed"])

@@ -33,7 +33,7 @@ def fit(cli: ImplicitEMCLI) -> Path | None:
     metrics.update(
         epoch_seconds=timer.epoch_seconds,
         epochs=trainer.current_epoch,
-        model=getattr(getattr(module, "model", None), "name", type(module).__name__),
+        model=type(module).__name__ if hasattr(module, "members") else module.model.name,
         data=getattr(dm, "name", type(dm).__name__),
         n_train=len(dm.splits["train"].x),
         peak_memory_mb=peak_memory_mb(module.device),

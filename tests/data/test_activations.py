@@ -60,11 +60,12 @@ def loader(dm: ActivationsDataModule, epoch: int = 0, **kwargs) -> ActivationLoa
         rows=dm.rows["train"],
         batch_size=dm.batch_size,
         seed=dm.seed,
-        epoch_fn=lambda: epoch,
         block_rows=dm.block_rows,
         buffer_rows=dm.buffer_rows,
     )
-    return ActivationLoader(**{**args, **kwargs})
+    made = ActivationLoader(**{**args, **kwargs})
+    made.sampler.set_epoch(epoch)  # what Lightning calls at every epoch start
+    return made
 
 
 def ids(chunks) -> list[np.ndarray]:

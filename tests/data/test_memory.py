@@ -18,10 +18,12 @@ from implicit_em.errors import ConfigError, DataError
 
 def make_loader(n=100, b=10, seed=0, epoch=0, chunk=1, rank=0, world=1, first_step=0, drop_last=False, max_steps=-1):
     x = torch.arange(n, dtype=torch.float32)[:, None]  # each sample holds its own index
-    return InMemoryLoader(
-        x, b, seed, epoch_fn=lambda: epoch, step_fn=lambda: first_step, chunk=chunk, max_steps=max_steps,
-        rank=rank, world_size=world, drop_last=drop_last,
+    loader = InMemoryLoader(
+        x, b, seed, step_fn=lambda: first_step, chunk=chunk, max_steps=max_steps, rank=rank, world_size=world,
+        drop_last=drop_last,
     )  # fmt: skip
+    loader.sampler.set_epoch(epoch)  # what Lightning calls at every epoch start
+    return loader
 
 
 def batches(loader) -> list[torch.Tensor]:

@@ -32,7 +32,7 @@ def test_both_dictionaries_side_by_side(tmp_path, monkeypatch):
     assert "| kmeans | triangle | 4 | 3 |" in (folder / "patches.md").read_text()
     assert (folder / "patches_filters.png").stat().st_size > 1000
     assert any("k-means" in m for m in messages)
-    assert result["train_args"][result["train_args"].index("--model.lambda_tc") + 1] == "1.0"
+    assert result["train_args"][result["train_args"].index("--model.net.lambda_tc") + 1] == "1.0"
     saved = yaml.safe_load(next((folder / "runs").rglob("config.yaml")).read_text())  # the README's settings
     assert saved["data"]["init_args"]["batch_size"] == 64 and saved["model"]["init_args"]["lambda_lse"] == 4.0
 

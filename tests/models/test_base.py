@@ -4,7 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from implicit_em.models.base import ACTIVATIONS, Encoder, SparseAutoencoder, fit_to_data, seeded_linear
+from implicit_em.errors import ConfigError
+from implicit_em.models.base import ACTIVATIONS, fit_to_data, seeded_linear
+from implicit_em.models.implicit_em import ImplicitEM as Encoder
+from implicit_em.models.sae import SparseAutoencoder
 
 D, K, N = 12, 7, 9
 
@@ -59,7 +62,7 @@ def test_each_activation(activation):
 
 
 def test_unknown_activation_raises():
-    with pytest.raises(KeyError):
+    with pytest.raises(ConfigError, match="model.net.activation"):
         Encoder(D, K, activation="tanhh")
 
 

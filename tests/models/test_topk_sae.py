@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from implicit_em.experiments.compare import matched_k
-from implicit_em.models.base import TopKSparseAutoencoder, keep_top_k
+from implicit_em.models.base import keep_top_k
+from implicit_em.models.topk_sae import TopKSAE
 from implicit_em.objective import topk_sae_objective
 
 
@@ -18,7 +19,7 @@ def test_keep_top_k_by_hand():
 
 def test_the_model_keeps_exactly_k_codes():
     torch.manual_seed(0)
-    model = TopKSparseAutoencoder(16, 64, k=5, seed=1)
+    model = TopKSAE(16, 64, k=5, seed=1)
     with torch.no_grad():
         model.encoder.bias.fill_(100.0)  # every pre-activation positive: exactly k survive
     codes = model(torch.randn(32, 16))
@@ -30,16 +31,16 @@ def test_the_model_keeps_exactly_k_codes():
 
 
 def test_seeded_initialisation_ties_encoder_to_decoder():
-    a, b = TopKSparseAutoencoder(8, 12, 3, seed=7), TopKSparseAutoencoder(8, 12, 3, seed=7)
+    a, b = TopKSAE(8, 12, 3, seed=7), TopKSAE(8, 12, 3, seed=7)
     assert torch.equal(a.decoder.weight, b.decoder.weight)
     assert torch.allclose(a.decoder.weight.norm(dim=0), torch.ones(12))
     assert torch.equal(a.encoder.weight, a.decoder.weight.T)
-    assert not torch.equal(a.decoder.weight, TopKSparseAutoencoder(8, 12, 3, seed=8).decoder.weight)
+    assert not torch.equal(a.decoder.weight, TopKSAE(8, 12, 3, seed=8).decoder.weight)
 
 
 def test_k_out_of_range_is_refused():
     with pytest.raises(ValueError, match="k must be"):
-        TopKSparseAutoencoder(4, 8, k=9)
+        TopKSAE(4, 8, k=9)
 
 
 def test_objective_by_hand():
@@ -52,7 +53,7 @@ def test_objective_by_hand():
 def test_training_lowers_the_loss():
     torch.manual_seed(0)
     x = torch.randn(256, 2) @ torch.randn(2, 10)  # rank-2 data: k = 2 can reconstruct it
-    model = TopKSparseAutoencoder(10, 16, k=2, seed=0)
+    model = TopKSAE(10, 16, k=2, seed=0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     first = None
     for _ in range(300):
@@ -71,11 +72,11 @@ def test_matched_k():
 
 def test_the_module_checks_k_and_trains_on_the_mse():
     from implicit_em.errors import ConfigError
-    from implicit_em.training.module import TopKSparseAutoencoderModule
+    from implicit_em.training.module import ComponentModule
 
     with pytest.raises(ConfigError, match="model.k"):
-        TopKSparseAutoencoderModule(in_features=8, n_components=16, k=17)
-    module = TopKSparseAutoencoderModule(in_features=8, n_components=16, k=3, seed=1)
+        ComponentModule(TopKSAE, in_features=8, n_components=16, k=17)
+    module = ComponentModule(TopKSAE, in_features=8, n_components=16, k=3, seed=1)
     x = torch.randn(32, 8)
     terms = module.objective(x)
     assert set(terms) == {"loss", "mse", "fvu"} and terms["loss"].requires_grad

@@ -15,10 +15,10 @@ import json
 import pytest
 import torch
 
+from implicit_em.app import fit, main
 from implicit_em.checkpoints import load_checkpoint
-from implicit_em.app import main
-from implicit_em.training.ensemble import Ensemble
 from implicit_em.runtime import training_process
+from implicit_em.training.ensemble import Ensemble
 from tests.conftest import DEFAULT_CONFIG, QUIET, fit_in_process, model_weights
 
 K = "16"
@@ -30,7 +30,7 @@ MEMBERS = [
     {"seed": 3, "lr": 0.005, "lambda_tc": 0.5, "lambda_var": 2.0, "tc_components": 8},
     {"seed": 5, "lr": 0.002, "lambda_lse": 0.5, "lambda_wr": 0.1},
 ]
-OPTIMIZERS = {"adam": {}, "sgd": {"optimizer": "sgd", "momentum": 0.9}}
+OPTIMIZERS = {"adam": {}, "sgd": {"optimizer": "SGD", "momentum": 0.9}}
 
 
 def ensemble_args(members: list[dict], defaults: dict | None = None) -> list[str]:
@@ -40,10 +40,16 @@ def ensemble_args(members: list[dict], defaults: dict | None = None) -> list[str
 
 
 def lone_args(member: dict, defaults: dict) -> list[str]:
-    """The plain run of one member: its seed as --seed_everything, its settings as --model.<key>."""
+    """The plain run of one member: its seed as --seed_everything, its settings as --model.<key> (the module's),
+    --model.optimizer <class> and --model.optimizer.<key>, --model.net.<key> (the net's)."""
     settings = {**defaults, **member}
     args = ["--seed_everything", str(settings.pop("seed")), "--model.n_components", K]
-    return args + [a for key, value in settings.items() for a in (f"--model.{key}", str(value))]
+    if "optimizer" in settings:
+        args += ["--model.optimizer", settings.pop("optimizer")]
+    for key, value in settings.items():
+        section = "model" if key == "lr" else "model.optimizer" if key == "momentum" else "model.net"
+        args += [f"--{section}.{key}", str(value)]
+    return args
 
 
 def lone_run(root, member: dict, defaults: dict, *args: str, data_order: int = 0):
@@ -53,7 +59,7 @@ def lone_run(root, member: dict, defaults: dict, *args: str, data_order: int = 0
     assert cli.datamodule.shuffle_seed == member["seed"]  # linked to --seed_everything
     cli.datamodule.shuffle_seed = data_order
     with training_process():
-        cli.metrics_path = cli.fit()
+        cli.metrics_path = fit(cli)
     return cli
 
 
@@ -85,7 +91,7 @@ def test_each_member_is_bitwise_its_lone_run(ensemble_and_lone_runs):
     members = ensemble.model.members
     assert isinstance(ensemble.model, Ensemble) and len(members) == len(MEMBERS)
     for s, alone in enumerate(lone):
-        assert alone.model.hparams.optimizer == optimizer == members[s].hparams.optimizer
+        assert alone.model.optimizer_name == optimizer == members[s].optimizer_name
         assert alone.trainer.global_step == ensemble.trainer.global_step == 22
         a, b = model_weights(members[s]), model_weights(alone.model)
         assert a.keys() == b.keys() == {"linear.weight", "linear.bias"}
@@ -153,7 +159,7 @@ def fit_poisoned(root, *args: str, member: int = 1, term: str = "tc", at_call: i
     cli = fit_in_process(root, *args, fit=False)
     _poison(cli.model.members[member], term, at_call)
     with training_process():
-        cli.metrics_path = cli.fit()
+        cli.metrics_path = fit(cli)
     return cli
 
 

@@ -10,10 +10,11 @@ import lightning as L
 import pytest
 import torch
 
-from implicit_em import module as module_lib
-from implicit_em.checkpoints import load_checkpoint
 from implicit_em.app import main
-from implicit_em.models.base import Encoder, SparseAutoencoder
+from implicit_em.checkpoints import load_checkpoint
+from implicit_em.models import implicit_em as module_lib
+from implicit_em.models.implicit_em import ImplicitEM as Encoder
+from implicit_em.models.sae import SparseAutoencoder
 from tests.conftest import DEFAULT_CONFIG, QUIET, fit_in_process, model_weights
 
 STEPS_PER_EPOCH = 11  # digits: 1,293 training samples in batches of 128, the last (13) kept
@@ -76,7 +77,7 @@ COLLAPSE = ["--trainer.max_epochs", "8", "--model.lr", "0.01", "--report.kmeans"
 
 
 def test_lse_only_collapses_every_component_full_objective_none(train):
-    lse_only = train(*COLLAPSE, "--model.lambda_var", "0", "--model.lambda_tc", "0")
+    lse_only = train(*COLLAPSE, "--model.net.lambda_var", "0", "--model.net.lambda_tc", "0")
     assert lse_only.returncode == 0, lse_only.stderr[-2000:]
     full = train(*COLLAPSE)
     assert full.returncode == 0, full.stderr[-2000:]
@@ -165,9 +166,9 @@ def test_val_check_interval_counts_optimiser_steps(tmp_path):
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_chunked_run_equals_one_step_per_lightning_batch_bitwise(tmp_path, optimizer):
-    args = ["--trainer.max_epochs", "2", "--model.n_components", "16", "--model.optimizer", optimizer]
+    args = ["--trainer.max_epochs", "2", "--model.n_components", "16", "--model.optimizer", {"adam": "Adam", "sgd": "SGD"}[optimizer]]
     if optimizer == "sgd":
-        args += ["--model.lr", "0.01", "--model.momentum", "0.9"]
+        args += ["--model.lr", "0.01", "--model.optimizer.momentum", "0.9"]
     chunked, rec_chunked = fit(tmp_path / "chunked", *args)
     single, rec_single = fit(tmp_path / "single", *args, "--data.steps_per_call", "1")
     assert max(rec_chunked.chunks) > 1 and set(rec_single.chunks) == {1}
@@ -186,7 +187,7 @@ def test_chunked_run_equals_one_step_per_lightning_batch_bitwise(tmp_path, optim
 
 def test_data_aware_start_is_the_same_for_the_model_and_the_sae(tmp_path):
     one_step = ["--trainer.max_steps", "1", "--trainer.max_epochs", "-1", "--seed_everything", "4"]
-    sae_args = ["--model.class_path", "implicit_em.training.module.SparseAutoencoderModule"]
+    sae_args = ["--model.net", "SparseAutoencoder"]
     em, rec_em = fit(tmp_path / "em", *one_step)
     sae, rec_sae = fit(tmp_path / "sae", *one_step, *sae_args)
     x = em.datamodule.splits["train"].x
@@ -203,11 +204,11 @@ def test_data_aware_start_is_the_same_for_the_model_and_the_sae(tmp_path):
     assert torch.equal(rec_sae.start["decoder.weight"], ref.decoder.weight)
 
 
-@pytest.mark.parametrize("model", ["implicit_em.training.module.ImplicitEM", "implicit_em.training.module.SparseAutoencoderModule"])
+@pytest.mark.parametrize("model", ["ImplicitEM", "SparseAutoencoder"])
 def test_data_init_false_keeps_the_seeded_nn_linear_start(tmp_path, model):
     cli, rec = fit(
         tmp_path, "--trainer.max_steps", "1", "--trainer.max_epochs", "-1", "--seed_everything", "4",
-        "--model.class_path", model, "--model.init_args.data_init", "false",
+        "--model.net", model, "--model.data_init", "false",
     )  # fmt: skip
     ref = Encoder(64, 64, seed=4).linear if model.endswith("ImplicitEM") else SparseAutoencoder(64, 64, seed=4).encoder
     first = "linear" if model.endswith("ImplicitEM") else "encoder"
@@ -236,7 +237,7 @@ def _assert_clean_stop(code: int, stderr: str, root, term: str | None = None, st
 
 
 def test_diverging_run_stops_with_one_line(train, tmp_path):
-    run = train("--model.activation", "exp", "--model.lr", "100", "--trainer.max_epochs", "3", timeout=300)
+    run = train("--model.net.activation", "exp", "--model.lr", "100", "--trainer.max_epochs", "3", timeout=300)
     _assert_clean_stop(run.returncode, run.stderr, tmp_path)
     assert "metrics.json" not in run.stdout
 

@@ -27,9 +27,10 @@ from implicit_em.errors import NonFiniteLossError, check
 
 
 def member_module(member_class: str, in_features: int, n_components: int, settings: dict[str, Any]):
-    """A :class:`ComponentModule` of the registered net ``member_class`` from one flat dict of settings: the
-    module's own (seed, k, lr, data_init, ...), ``optimizer`` (a ``torch.optim`` class name, e.g. ``SGD``) and
-    the net's (``lambda_tc``, ``l1``, ...)."""
+    """A :class:`ComponentModule` of the registered net ``member_class`` from one flat dict of settings, as
+    ``scripts/train.py`` would build it: the module's own (seed, k, lr, data_init, ...), then the net's
+    (``lambda_tc``, ``l1``, ...), then ``optimizer`` (a ``torch.optim`` class name, e.g. ``SGD``) and its
+    arguments (``momentum``, ``weight_decay``, ...)."""
     from implicit_em.models import model_class
     from implicit_em.training.module import ComponentModule
 
@@ -37,20 +38,26 @@ def member_module(member_class: str, in_features: int, n_components: int, settin
     settings = dict(settings)
     shared = set(inspect.signature(ComponentModule).parameters) - {"net", "optimizer", "in_features", "n_components"}
     module_args = {key: settings.pop(key) for key in list(settings) if key in shared}
-    optimizer = settings.pop("optimizer", None)
     own = set(inspect.signature(cls).parameters) - {"in_features", "n_components", "k", "seed"}
-    unknown = sorted(set(settings) - own)
-    check(not unknown, "model.members", f"settings of ComponentModule or of the {cls.name} net ({', '.join(sorted(own | shared))})",
-          unknown)  # fmt: skip
-    if optimizer is not None:
-        optimizer_class = getattr(torch.optim, str(optimizer), None) or {
-            o.__name__.lower(): o for o in vars(torch.optim).values() if isinstance(o, type)
-        }.get(str(optimizer).lower())
-        check(isinstance(optimizer_class, type), "a member's optimizer", "a torch.optim class name (Adam, SGD, ...)",
-              optimizer)  # fmt: skip
-        module_args["optimizer"] = optimizer_class
-    return ComponentModule(net=functools.partial(cls, **settings), in_features=in_features, n_components=n_components,
+    net_args = {key: settings.pop(key) for key in list(settings) if key in own}
+    optimizer = settings.pop("optimizer", None)
+    if optimizer is not None or settings:
+        optimizer_class = optimizer_named(optimizer or "Adam")
+        accepted = set(inspect.signature(optimizer_class).parameters) - {"params"}
+        unknown = sorted(set(settings) - accepted)
+        check(not unknown, "model.members", f"settings of ComponentModule, the {cls.name} net or the optimiser "
+              f"({', '.join(sorted(shared | own | accepted))})", unknown)  # fmt: skip
+        module_args["optimizer"] = functools.partial(optimizer_class, **settings)
+    return ComponentModule(net=functools.partial(cls, **net_args), in_features=in_features, n_components=n_components,
                            **module_args)  # fmt: skip
+
+
+def optimizer_named(name: str) -> type:
+    """The ``torch.optim`` class called ``name`` (any case: ``SGD``, ``sgd``, ``AdamW``)."""
+    classes = {o.__name__.lower(): o for o in vars(torch.optim).values() if isinstance(o, type)}
+    found = classes.get(str(name).lower())
+    check(found is not None, "a member's optimizer", "a torch.optim class name (Adam, AdamW, SGD, ...)", name)
+    return found
 
 
 class MemberOptimizers:

@@ -88,10 +88,15 @@ class ComponentModule(L.LightningModule):
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    @property
+    def optimizer_name(self) -> str:
+        """The injected optimiser's class name, lower case (``adam``, ``sgd``, ...)."""
+        return type(self.make_optimizer([torch.nn.Parameter(torch.zeros(1))])).__name__.lower()
+
     def settings(self) -> dict[str, Any]:
-        """The model's settings for results: its registry name, the shared ones and the net's own."""
+        """The model's settings for results: its registry name, the shared ones, the optimiser, the net's own."""
         shared = {key: v for key, v in self.hparams.items() if isinstance(v, (int, float, str, bool)) or v is None}
-        return {"model_name": self.model.name, **shared, **self.model.settings()}
+        return {"model_name": self.model.name, **shared, "optimizer": self.optimizer_name, **self.model.settings()}
 
     def fit_to_data(self, x: Tensor) -> None:
         """The data-aware start on training inputs ``x``, once (a resumed run keeps its trained weights)."""
