@@ -8,19 +8,14 @@ Errors print one line and exit with code 2.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        sys.stderr.write(f"error: {message} (see --help)\n")
-        sys.exit(2)
+from implicit_em.errors import OneLineArgumentParser
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = OneLineParser(description=__doc__.split("\n\n")[0])
+    p = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path, help="a run directory (scripts/train.py's) or one of its checkpoints")
     p.add_argument("--out", type=Path, required=True, help="the export directory (created)")
     p.add_argument(

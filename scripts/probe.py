@@ -5,16 +5,15 @@ Rebuilds the model and data from the run's saved config.yaml, loads the weights,
 numbers as the run's metrics.json (linear probe, clustering vs KMeans, diagnostics) as JSON.
 """
 
-import argparse
 import json
 import sys
 
 from implicit_em.app import evaluate_checkpoint
-from implicit_em.errors import report_user_error
+from implicit_em.errors import OneLineArgumentParser, report_user_error
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="a .ckpt file written by scripts/train.py")
     p.add_argument("--config", help="the run's config.yaml (default: the one beside the checkpoint's run)")
     p.add_argument("--probe-method", choices=["sklearn", "torch"], default="sklearn")

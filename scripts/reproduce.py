@@ -15,22 +15,17 @@ import shlex
 import sys
 from pathlib import Path
 
+from implicit_em.errors import OneLineArgumentParser
+
 REPO = Path(__file__).resolve().parents[1]
 QUICK = {"data": "digits", "epochs": 5, "seeds": [1]}
 DEFAULTS = {"data": "digits", "epochs": 100, "seeds": [1, 2, 3]}
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        from implicit_em.errors import exit_with_argument_error
-
-        exit_with_argument_error(message)
-
-
 def parser() -> argparse.ArgumentParser:
     from implicit_em.experiments import DATASETS, EXPERIMENTS
 
-    p = OneLineParser(description=__doc__.split("\n\n")[0])
+    p = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--experiment",
         nargs="+",

@@ -29,6 +29,8 @@ def fit(cli: ImplicitEMCLI) -> Path | None:
         return None
     metrics = evaluate_run(module, dm, ReportConfig(**cli.config.report), trainer.callback_metrics, run.path)
     density = metrics.pop("log10_density", None)
+    if "probes_skipped" in metrics:
+        print(f"note: {metrics['probes_skipped']}", file=sys.stderr)
     timer = next(c for c in trainer.callbacks if isinstance(c, EpochTimer))
     metrics.update(
         epoch_seconds=timer.epoch_seconds,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 
@@ -61,3 +62,10 @@ def report_user_error(e: BaseException) -> int:
         raise e
     sys.stderr.write(f"error: {cause}\n")
     return cause.exit_code
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse for every script: a bad argument is one stderr line and exit code 2 (no usage dump)."""
+
+    def error(self, message: str):
+        exit_with_argument_error(message)

@@ -72,58 +72,94 @@ def reconstruction_errors(module, x: Tensor, f: Tensor) -> dict[str, float]:
     }
 
 
-def evaluate(module, datamodule, config: ReportConfig | None = None, run_dir: Path | None = None) -> dict:
-    """Every number of metrics.json for one model except timing and losses.
+def has_labels(*splits) -> bool:
+    """Whether every split has labelled rows (labels -1 mean none: unlabelled activation shards)."""
+    return all(bool((s.y >= 0).any()) for s in splits)
 
-    Diagnostics are over the test split (``config.split``); the probe is fit on train and scored there;
-    clustering assigns each input to its most responsible component. KMeans is skipped, with a note, when K
-    exceeds the training samples.
+
+#: what metrics.json says when the data has no labels
+NO_LABELS = "no labels in the data (labels.npy): the linear, sparse and clustering probes were skipped"
+
+
+@dataclass
+class Codes:
+    """One model's (or baseline's) codes on the evaluation splits; ``name`` labels the density figure."""
+
+    train: Tensor
+    val: Tensor
+    test: Tensor
+    name: str = ""
+
+    def scored(self, split: str) -> Tensor:
+        return getattr(self, split)
+
+
+def evaluate_codes(codes: Codes, splits: dict, config: ReportConfig, to_raw=None, run_dir: Path | None = None):
+    """The evaluation every model and every baseline meets, on its codes: the SAE users' numbers
+    (:func:`implicit_em.eval.sae_metrics.sae_evaluation`, in raw units through ``to_raw``) and the full linear
+    probe, scored on ``config.split``. Returns (row, readout or None); the row holds ``log10_density`` (a
+    tensor, for the loggers). With ``run_dir``, the readout and ``feature_density.png`` are saved there.
+    Scored on test, the readout's ridge is chosen on val; scored on val, on the last tenth of the training rows.
     """
+    train, val, scored = splits["train"], splits["val"], splits[config.split]
+    f_train, f_scored = codes.train.cpu(), codes.scored(config.split).cpu()
+    labelled = has_labels(train, scored)
+    row: dict = {"probe_method": config.probe_method, "scored_on": config.split}
+    readout = None
+    if config.sae_metrics:
+        choose = (codes.val.cpu(), val.x) if config.split == "test" else (None, None)
+        numbers, readout = sae_evaluation(
+            f_train, train.x, *choose, f_scored, scored.x, train.y if labelled else None,
+            scored.y if labelled else None, train.groups, scored.groups, to_raw=to_raw,
+        )  # fmt: skip
+        density = log10_density([codes.train, codes.val] + ([codes.test] if config.split == "test" else []))
+        row.update(numbers, log10_density=density.cpu())
+        if run_dir is not None:
+            RunDir(run_dir).save_readout(readout.state_dict())
+            write_density_histogram(density, RunDir(run_dir) / DENSITY_PNG, title=codes.name)
+    if labelled:
+        keep_train, keep_test = train.y >= 0, scored.y >= 0
+        row["probe_accuracy"] = linear_probe(
+            f_train[keep_train], train.y[keep_train], f_scored[keep_test], scored.y[keep_test], config.probe_method
+        )
+    else:
+        row["probes_skipped"] = NO_LABELS
+    return row, readout
+
+
+def module_codes(module, splits: dict) -> Codes:
+    """A module's frozen codes on the train, val and test splits."""
+    return Codes(*(features(module, splits[n].x) for n in ("train", "val", "test")), name=module.model.name)
+
+
+def evaluate(module, datamodule, config: ReportConfig | None = None, run_dir: Path | None = None) -> dict:
+    """Every number of metrics.json for one model except timing and losses: :func:`evaluate_codes` on its codes,
+    and what only a model has: clustering by its most responsible component, the diagnostics (over the scored
+    split), parameters, settings, reconstruction errors and KMeans (skipped, with a note, when K exceeds the
+    training samples). Unlabelled data skips every probe and says so in ``probes_skipped``."""
     config = config or ReportConfig()
-    train, test = datamodule.splits["train"], datamodule.splits[config.split]
-    f_train, f_test = features(module, train.x), features(module, test.x)
-    z_test = features(module, test.x, module.model.pre_activation)
+    splits = datamodule.splits
+    train, test = splits["train"], splits[config.split]
+    codes = module_codes(module, splits)
+    row, _ = evaluate_codes(codes, splits, config, datamodule.normalization.inverse(), run_dir)
+    f_test = codes.scored(config.split)
     k = f_test.shape[-1]
-    row = {
-        "probe_accuracy": linear_probe(f_train.cpu(), train.y, f_test.cpu(), test.y, config.probe_method),
-        "probe_method": config.probe_method,
-        "scored_on": config.split,
-        **clustering_scores(responsibility_assignments(f_test, z_test).cpu(), test.y),
-        **{name: _number(v) for name, v in component_diagnostics(f_test, module.model.component_weights()).items()
-           if name != "usage"},
+    weights = module.model.component_weights()
+    row.update({
+        **{name: _number(v) for name, v in component_diagnostics(f_test, weights).items() if name != "usage"},
         "n_parameters": module.n_parameters(),
-        "n_components": k,
         **(reconstruction_errors(module, test.x, f_test) if config.reconstruction else {}),
         **module.settings(),
-    }  # fmt: skip
-    if config.sae_metrics:
-        row.update(sae_numbers(module, datamodule, f_train, f_test, config.split, run_dir))
-    if config.kmeans and k > len(train.x):
-        row["kmeans_skipped"] = f"K = {k} exceeds the {len(train.x)} training samples"
-    elif config.kmeans:
-        row.update(kmeans_scores(train.x, test.x, test.y, k))
+        "n_components": k,
+    })  # fmt: skip
+    if has_labels(train, test):
+        z_test = features(module, test.x, module.model.pre_activation)
+        row.update(clustering_scores(responsibility_assignments(f_test, z_test).cpu(), test.y))
+        if config.kmeans and k > len(train.x):
+            row["kmeans_skipped"] = f"K = {k} exceeds the {len(train.x)} training samples"
+        elif config.kmeans:
+            row.update(kmeans_scores(train.x, test.x, test.y, k))
     return row
-
-
-def sae_numbers(module, datamodule, f_train: Tensor, f_scored: Tensor, split: str, run_dir: Path | None) -> dict:
-    """The SAE users' numbers (:func:`implicit_em.eval.sae_metrics.sae_evaluation`) in raw activation units; with
-    ``run_dir``, also its ``readout.safetensors`` (for export) and ``feature_density.png``. Scored on test, the
-    readout's ridge is chosen on val; scored on val, on the last tenth of the training rows."""
-    train, val, scored = (datamodule.splits[n] for n in ("train", "val", split))
-    f_val = f_scored if split == "val" else features(module, val.x)
-    labelled = bool((train.y >= 0).any()) and bool((scored.y >= 0).any())
-    choose = (f_val.cpu(), val.x) if split == "test" else (None, None)
-    numbers, readout = sae_evaluation(
-        f_train.cpu(), train.x, *choose, f_scored.cpu(), scored.x,
-        train.y if labelled else None, scored.y if labelled else None, train.groups, scored.groups,
-        to_raw=datamodule.normalization.inverse(),
-    )  # fmt: skip
-    density = log10_density([f_train, f_val] + ([f_scored] if split == "test" else []))
-    if run_dir is not None:
-        run = RunDir(run_dir)
-        run.save_readout(readout.state_dict())
-        write_density_histogram(density, run / DENSITY_PNG, title=module.model.name)
-    return {**numbers, "log10_density": density.cpu()}
 
 
 def final_losses(callback_metrics: dict, suffix: str = "") -> dict[str, float]:
@@ -150,7 +186,7 @@ def evaluate_run(
         status = module.member_status(s)
         # a stopped member's weights may have diverged before its loss did: its status, not its features
         scores = {} if status["stopped_at_step"] else evaluate(m, datamodule, config)
-        scores.pop("log10_density", None)
+        scores.pop("log10_density", None)  # the loggers show member 0's
         rows.append({**scores, **final_losses(callback_metrics, f"/m{s}"), **status})
     return {**rows[0], "members": rows}
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from implicit_em.eval.sae_metrics import SPARSE_PROBE_KS, sae_evaluation
+from implicit_em.eval.sae_metrics import SPARSE_PROBE_KS
 from implicit_em.rundir import RunDir
 
 ROWS = ("implicit_em", "sae", "topk_sae_l0", "topk_sae_32", "kmeans", "pca", "random_encoder", "raw")
@@ -134,32 +134,22 @@ def pca_features(data: Data, k: int) -> dict[str, Tensor]:
 
 # -- one evaluation for every row -------------------------------------------------------------------------
 def evaluate_features(feats: dict[str, Tensor], data: Data, probe_method: str, probes_only: bool = False) -> dict:
-    """:func:`sae_evaluation` of one row's features on the shared splits, and the full linear probe."""
-    from implicit_em.eval.probe import linear_probe
+    """One row's features through the evaluation every run meets (:func:`implicit_em.eval.report.evaluate_codes`);
+    ``probes_only`` (the raw inputs): the probes alone, the reconstruction numbers left empty."""
+    from implicit_em.eval.report import Codes, ReportConfig, evaluate_codes, has_labels
 
-    train, val, test = (data.splits[n] for n in ("train", "val", "test"))
-    labelled = bool((train.y >= 0).any()) and bool((test.y >= 0).any())
-    row: dict[str, Any] = {}
+    train, test = data.splits["train"], data.splits["test"]
+    config = ReportConfig(probe_method=probe_method, kmeans=False, sae_metrics=not probes_only)
+    row, _ = evaluate_codes(Codes(feats["train"], feats["val"], feats["test"]), data.splits, config, data.to_raw)
+    row = {key: v for key, v in row.items() if key not in ("log10_density", "probe_method", "scored_on")}
     if probes_only:
         from implicit_em.eval.sae_metrics import sparse_probe_accuracy
 
         row.update({m: None for m in METRICS if m != "probe_accuracy"})
-        if labelled:
+        if has_labels(train, test):
             row["sparse_probe_accuracy"] = sparse_probe_accuracy(
                 feats["train"], train.y, feats["test"], test.y, SPARSE_PROBE_KS, train.groups, test.groups
             )
-    else:
-        metrics, _ = sae_evaluation(
-            feats["train"], train.x, feats["val"], val.x, feats["test"], test.x,
-            train.y if labelled else None, test.y if labelled else None, train.groups, test.groups,
-            to_raw=data.to_raw,
-        )  # fmt: skip
-        row.update(metrics)
-    if labelled:
-        keep_train, keep_test = train.y >= 0, test.y >= 0
-        row["probe_accuracy"] = linear_probe(
-            feats["train"][keep_train], train.y[keep_train], feats["test"][keep_test], test.y[keep_test], probe_method
-        )
     return row
 
 

@@ -106,6 +106,8 @@ class ProbeDuringTraining(L.Callback):
             return
         dm = trainer.datamodule
         train, val = dm.device_split("train"), dm.device_split("val")
+        if not bool((train.y >= 0).any()) or not bool((val.y >= 0).any()):  # unlabelled data: nothing to probe
+            return
         with torch.no_grad():
             f_train, f_val = pl_module(train.x), pl_module(val.x)
         pl_module.log("val/probe_accuracy", torch_probe(f_train, train.y, f_val, val.y), prog_bar=True)
