@@ -82,12 +82,49 @@ def model_weights(module) -> dict:
     return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
 
 
+def main_in_process(*args: str) -> Run:
+    """``scripts/train.py ARGS`` as its ``main`` runs them, in this process (from the project root, offline):
+    its exit code, stdout and stderr (an argument error's ``sys.exit`` and a bug's traceback included). What
+    needs a real process (kill -9, DDP, the interpreter's exit) uses :func:`run_script`."""
+    import contextlib
+    import io
+    import traceback
+
+    from implicit_em.app import main
+
+    out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
+    saved = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_API_KEY")}
+    os.environ["WANDB_MODE"] = "offline"
+    os.environ.pop("WANDB_API_KEY", None)
+    try:
+        os.chdir(REPO)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(map(str, args)), [DEFAULT_CONFIG])
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except Exception:
+                traceback.print_exc(file=err)
+                code = 1
+    finally:
+        os.chdir(cwd)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return Run(code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture
 def train(tmp_path):
-    """``train(*args)`` runs scripts/train.py with its run directory under tmp_path and no progress bar."""
+    """``train(*args)`` runs scripts/train.py with its run directory under tmp_path and no progress bar: in this
+    process (:func:`main_in_process`), or as a real process with ``real=True`` or an ``env``."""
 
-    def _train(*args: str, timeout: float = 600, env: dict | None = None) -> Run:
+    def _train(*args: str, timeout: float = 600, env: dict | None = None, real: bool = False) -> Run:
         base = ["--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false"]
-        return run_script(TRAIN, *base, *args, timeout=timeout, env=env)
+        if real or env:
+            return run_script(TRAIN, *base, *args, timeout=timeout, env=env)
+        return main_in_process(*base, *args)
 
     return _train

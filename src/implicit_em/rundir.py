@@ -34,6 +34,10 @@ FEATURES_DIR = "features"
 WANDB_ID = "wandb_id"
 
 
+def _in_run(name: str) -> property:
+    return property(lambda run: run.path / name, doc=f"``{name}`` in the run directory")
+
+
 @dataclass(frozen=True)
 class RunDir:
     """A run directory (see the module docstring); ``path`` need not exist yet while a run is being set up."""
@@ -64,21 +68,10 @@ class RunDir:
     def __truediv__(self, name: str) -> Path:
         return self.path / name
 
-    @property
-    def config_path(self) -> Path:
-        return self.path / CONFIG
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.path / METRICS_JSON
-
-    @property
-    def readout_path(self) -> Path:
-        return self.path / READOUT
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.path / CHECKPOINTS
+    config_path = _in_run(CONFIG)
+    metrics_path = _in_run(METRICS_JSON)
+    readout_path = _in_run(READOUT)
+    checkpoint_dir = _in_run(CHECKPOINTS)
 
     def last_checkpoint(self) -> Path:
         """``checkpoints/last.ckpt``, else the newest checkpoint; a run without one is refused with one line."""
