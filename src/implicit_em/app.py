@@ -21,6 +21,8 @@ from implicit_em.training.callbacks import EpochTimer
 def fit(cli: ImplicitEMCLI) -> Path | None:
     """Train, then evaluate on frozen features; returns metrics.json's path on rank 0 (else None)."""
     trainer, module, dm = cli.trainer, cli.model, cli.datamodule
+    if getattr(cli, "resume_state", None) is not None:
+        check_resumable(module, cli.resume_state, cli.config.ckpt_path)
     trainer.fit(module, datamodule=dm, ckpt_path=cli.config.ckpt_path, weights_only=True)
     run = RunDir.of_trainer(trainer)  # every rank: log_dir may broadcast
     if not trainer.interrupted:
@@ -46,6 +48,23 @@ def fit(cli: ImplicitEMCLI) -> Path | None:
     )
     log_final(trainer, metrics, density)
     return write_metrics(metrics, run.metrics_path)
+
+
+def check_resumable(module, state: dict, checkpoint: str) -> None:
+    """Refuse, before any file of the run is written, a checkpoint whose weights do not fit the model built from
+    this command's settings (another K, other data, another model), naming the first mismatch and the fix."""
+    ours = module.state_dict()
+    theirs = state.get("state_dict") or {}
+    for key in sorted(set(ours) | set(theirs)):
+        a, b = theirs.get(key), ours.get(key)
+        if a is None or b is None or tuple(a.shape) != tuple(b.shape):
+            what = lambda t: "absent" if t is None else list(t.shape)  # noqa: E731
+            raise ConfigError(
+                f"the checkpoint {checkpoint} does not fit these settings ({key}: {what(a)} in the checkpoint, "
+                f"{what(b)} here); resume with the run's own settings: drop the --model/--data options that differ "
+                "(its saved config.yaml is used by itself)"
+            )
+
 
 def log_final(trainer, metrics: dict, log10_density=None) -> None:
     """The end-of-run numbers to every logger under ``final/`` (the k-sparse probes as ``..._k<k>``), and the

@@ -22,6 +22,7 @@ from implicit_em.errors import ConfigError, exit_with_argument_error
 from implicit_em.eval.report import ReportConfig
 from implicit_em.loggers import CSVLogger, WandbLogger
 from implicit_em.models import MODELS
+from implicit_em.rundir import WANDB_ID, RunDir
 from implicit_em.training.callbacks import EpochTimer, FeatureImages, IdentityCheck, ProbeDuringTraining, UsageHistogram
 from implicit_em.training.steps import Checkpoint
 
@@ -38,7 +39,7 @@ class SaveAndLogConfig(SaveConfigCallback):
             if not isinstance(logger, CSVLogger):
                 logger.log_hyperparams(flat)
             if isinstance(logger, WandbLogger):  # --ckpt_path last continues this W&B run
-                (Path(trainer.log_dir) / "wandb_id").write_text(str(logger.version))
+                (RunDir.of_trainer(trainer) / WANDB_ID).write_text(str(logger.version))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -66,11 +67,51 @@ def _loggers(trainer_cfg: Namespace) -> list[Namespace]:
     return [lg for lg in logger if isinstance(lg, Namespace)] if isinstance(logger, list) else []
 
 
+def _is_file_logger(logger: Namespace) -> bool:
+    """A logger whose files make the run directory (CSV, TensorBoard): its name and version are the run's."""
+    return logger.class_path.endswith(("CSVLogger", "TensorBoardLogger"))
+
+
+def _option(args: list[str], name: str) -> str | None:
+    """The last value of ``--name VALUE`` or ``--name=VALUE`` among raw command-line ``args``."""
+    found = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            found = args[i + 1]
+        elif arg.startswith(name + "="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
+def with_the_runs_config(args: list[str], default_config_files: list[str]) -> list[str]:
+    """A resume (``--ckpt_path last`` or a checkpoint's path) starts from the run's saved config.yaml, so the
+    run's model and data come back without retyping them; the command's own arguments still override it."""
+    import yaml
+
+    ckpt = _option(args, "--ckpt_path")
+    if ckpt in (None, "null", "None"):
+        return args
+    if ckpt == "last":
+        root = _option(args, "--trainer.default_root_dir")
+        configs = [*default_config_files, *(args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config")]
+        for config in configs if root is None else []:  # the last config that names a root directory wins
+            if Path(config).is_file():
+                trainer = (yaml.safe_load(Path(config).read_text()) or {}).get("trainer") or {}
+                root = trainer.get("default_root_dir", root)
+        found = find_last_checkpoint(root or ".")
+        if found is None:
+            return args
+        ckpt = str(found)
+    config = Path(ckpt).resolve().parent.parent / "config.yaml"
+    return ["--config", str(config), *args] if config.is_file() else args
+
+
 class ImplicitEMCLI(LightningCLI):
     """LightningCLI with the project's defaults, sections and guarantees (see the module docstring)."""
 
     def __init__(self, args: Sequence[str] | None = None, default_config_files: Sequence[str | Path] | None = None):
         files = [str(p) for p in default_config_files or []]
+        args = with_the_runs_config(list(sys.argv[1:] if args is None else args), files)
         super().__init__(
             model_class=L.LightningModule,
             subclass_mode_model=True,
@@ -120,8 +161,11 @@ class ImplicitEMCLI(LightningCLI):
         cfg = self.config
         root = cfg.trainer.default_root_dir or "."
         self._check_devices(cfg)
-        if cfg.ckpt_path == "last":
-            self._resume_last(cfg, root)
+        self.resume_state = None
+        if cfg.ckpt_path is not None:
+            self._resume(cfg, root)
+        if self.resume_state is None:
+            self._new_wandb_ids(cfg)
         if cfg.trainer.enable_progress_bar is not False:
             callbacks = cfg.trainer.callbacks or []
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
@@ -137,7 +181,7 @@ class ImplicitEMCLI(LightningCLI):
     def _share_version(cfg: Namespace) -> None:
         """Give the file loggers (CSV, TensorBoard) one run directory: the next free version_N under their
         name. DDP's worker processes inherit the choice through the environment instead of recounting."""
-        dir_loggers = [lg for lg in _loggers(cfg.trainer) if "version" in lg.init_args and "save_dir" in lg.init_args]
+        dir_loggers = [lg for lg in _loggers(cfg.trainer) if _is_file_logger(lg)]
         if not dir_loggers or any(lg.init_args.version is not None for lg in dir_loggers):
             return
         inherited = os.environ.get("LOCAL_RANK", "0") != "0"  # a worker launched by rank 0
@@ -163,26 +207,43 @@ class ImplicitEMCLI(LightningCLI):
                     f"data.batch_size {batch} must divide evenly across {world} devices (it is the global batch)"
                 )
 
-    @staticmethod
-    def _resume_last(cfg: Namespace, root: str) -> None:
-        ckpt = find_last_checkpoint(root)
+    def _resume(self, cfg: Namespace, root: str) -> None:
+        """Point the run at the checkpoint to resume (``last``: the newest under ``root``) and load it safely now,
+        before any file of the run is written: a checkpoint that carries code or does not read is refused here.
+        Its loggers continue the run's own files: the CSV and TensorBoard history before the checkpoint's step
+        is kept (later rows, from after the last checkpoint, are trained again), W&B continues its run id."""
+        from implicit_em.checkpoints import load_checkpoint
+
+        ckpt = find_last_checkpoint(root) if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
         if ckpt is None:
             print(f"--ckpt_path last: no last.ckpt under {Path(root).resolve()}; starting a new run", file=sys.stderr)
             cfg.ckpt_path = None
             return
+        self.resume_state = load_checkpoint(ckpt)
         cfg.ckpt_path = str(ckpt)
-        run = ckpt.parent.parent  # <root>/<name>/<version>/checkpoints/last.ckpt
+        step = int(self.resume_state.get("global_step") or 0)
+        run = RunDir.of(ckpt)[0]  # <root>/<name>/<version>/checkpoints/last.ckpt
         for lg in _loggers(cfg.trainer):
             args = lg.init_args
-            if "version" in args and "name" in args:
-                args.name, args.version = run.parent.name, run.name
-            elif lg.class_path.endswith("WandbLogger") and (run / "wandb_id").is_file():
-                args.id, args.resume = (run / "wandb_id").read_text().strip(), "allow"
+            if _is_file_logger(lg):
+                args.name, args.version = run.path.parent.name, run.path.name
+            if lg.class_path.endswith("CSVLogger"):
+                args.resume_step = step
+            elif lg.class_path.endswith("TensorBoardLogger"):
+                args.purge_step = step
+            elif lg.class_path.endswith("WandbLogger") and (run / WANDB_ID).is_file():
+                args.id, args.resume = (run / WANDB_ID).read_text().strip(), "allow"
 
+    @staticmethod
+    def _new_wandb_ids(cfg: Namespace) -> None:
+        """A new run's W&B loggers get an id of their own (never another run's), kept in the run folder."""
+        import secrets
+
+        for lg in _loggers(cfg.trainer):
+            if lg.class_path.endswith("WandbLogger") and not lg.init_args.get("id"):
+                lg.init_args.id = secrets.token_hex(6)
 
 
 def _seed(seed_everything) -> int:
     """The model's seed and the data order from ``--seed_everything`` (an integer, or true/false: 0)."""
     return 0 if isinstance(seed_everything, bool) or seed_everything is None else int(seed_everything)
-
-

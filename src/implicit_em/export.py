@@ -53,7 +53,9 @@ def trained_net(run: RunDir, checkpoint: dict):
     model = (run.config().get("model") or {}).get("init_args") or {}
     net_args = (model.get("net") or {}).get("init_args") or {} if isinstance(model.get("net"), dict) else {}
     shared = {key: hparams.get(key, model.get(key)) for key in ("in_features", "n_components", "k", "seed")}
-    net = cls(int(shared["in_features"]), int(shared["n_components"]), shared["k"], int(shared["seed"] or 0), **net_args)
+    net = cls(
+        int(shared["in_features"]), int(shared["n_components"]), shared["k"], int(shared["seed"] or 0), **net_args
+    )
     own = {key[len("model.") :]: v for key, v in state.items() if key.startswith("model.")}
     net.load_state_dict(own)
     return net
@@ -95,7 +97,9 @@ def export_tensors(path: str | Path, use_readout: bool | None = None) -> tuple[d
     return tensors, cfg
 
 
-def sae_lens_config(architecture: str, d_in: int, d_sae: int, k: int | None, run: RunDir, extra: dict) -> dict[str, Any]:
+def sae_lens_config(
+    architecture: str, d_in: int, d_sae: int, k: int | None, run: RunDir, extra: dict
+) -> dict[str, Any]:
     """cfg.json in SAELens's pre-6.0 flat layout, which SAELens 3-5 read as is and 6.x converts on load.
 
     ``hook_name`` is a string even when unknown (""): SAELens 6 tests ``"hook_z" in hook_name`` on pre-6.0

@@ -3,6 +3,7 @@ hangs or fails a run."""
 
 from __future__ import annotations
 
+import csv
 import os
 import socket
 import sys
@@ -13,17 +14,98 @@ from typing import Any
 from lightning.pytorch.loggers import CSVLogger as _CSVLogger
 from lightning.pytorch.loggers import TensorBoardLogger as _TensorBoardLogger
 from lightning.pytorch.loggers import WandbLogger as _WandbLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 WANDB_HOST = ("api.wandb.ai", 443)
 
 
+class RunMetricsCSV:
+    """metrics.csv of one run, written by appending: rows are never deleted, except once on a resume, those of
+    steps at or after the step it resumes from (logged after the last checkpoint, they are trained again), so a
+    resumed run keeps its whole history with each step once. Also hparams.yaml, as Lightning's writer."""
+
+    def __init__(self, log_dir: str | Path, resume_step: int | None = None):
+        self.path = Path(log_dir) / "metrics.csv"
+        self.log_dir = str(log_dir)
+        self.rows: list[dict] = []
+        self.keys: list[str] = []
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        if self.path.is_file():
+            with open(self.path, newline="") as f:
+                reader = csv.DictReader(f)
+                self.keys = list(reader.fieldnames or [])
+                kept = [r for r in reader if resume_step is None or _step(r) < resume_step]
+            self._write(kept, mode="w")
+
+    def log_metrics(self, metrics_dict: dict[str, float], step: int | None = None) -> None:
+        row = {k: float(v) if hasattr(v, "item") else v for k, v in metrics_dict.items()}
+        self.rows.append({**row, "step": step} if step is not None else row)
+
+    def log_hparams(self, params: dict[str, Any]) -> None:
+        import yaml
+
+        from implicit_em.files import atomic_write
+
+        text = yaml.safe_dump({k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+                               for k, v in params.items()})  # fmt: skip
+        atomic_write(Path(self.log_dir) / "hparams.yaml", lambda f: f.write(text.encode()))
+
+    def save(self) -> None:
+        if not self.rows:
+            return
+        new = sorted(set().union(*self.rows) - set(self.keys))
+        if new and self.path.is_file():  # a new column: the file is rewritten once with the wider header
+            with open(self.path, newline="") as f:
+                old = list(csv.DictReader(f))
+            self.keys = sorted({*self.keys, *new})
+            self._write(old, mode="w")
+        self.keys = sorted({*self.keys, *new})
+        self._write(self.rows, mode="a")
+        self.rows = []
+
+    def _write(self, rows: list[dict], mode: str) -> None:
+        fresh = mode == "w" or not self.path.is_file()
+        with open(self.path, "w" if fresh else "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.keys)
+            if fresh:
+                writer.writeheader()
+            writer.writerows(rows)
+
+
+def _step(row: dict) -> int:
+    try:
+        return int(float(row.get("step") or 0))
+    except ValueError:
+        return 0
+
+
 class CSVLogger(_CSVLogger):
-    """Lightning's CSV logger (per-epoch ``metrics.csv``); ``save_dir`` defaults to the root directory."""
+    """Lightning's CSV logger writing the run's ``metrics.csv`` through :class:`RunMetricsCSV` (a resumed run keeps
+    its history); ``save_dir`` defaults to the root directory.
+
+    Args:
+        resume_step: set by ``--ckpt_path``: the global step of the checkpoint the run resumes from.
+        (the others: Lightning's CSVLogger's)
+    """
 
     def __init__(
-        self, save_dir: str | None = None, name: str = "implicit_em", version: int | str | None = None, **kwargs: Any
+        self,
+        save_dir: str | None = None,
+        name: str = "implicit_em",
+        version: int | str | None = None,
+        resume_step: int | None = None,
+        **kwargs: Any,
     ):
         super().__init__(save_dir or ".", name=name, version=version, **kwargs)
+        self.resume_step = resume_step
+        self.writer: RunMetricsCSV | None = None
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> RunMetricsCSV:
+        if self.writer is None:
+            self.writer = RunMetricsCSV(self.log_dir, self.resume_step)
+        return self.writer
 
 
 class TensorBoardLogger(_TensorBoardLogger):

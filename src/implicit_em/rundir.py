@@ -76,7 +76,9 @@ class RunDir:
     def last_checkpoint(self) -> Path:
         """``checkpoints/last.ckpt``, else the newest checkpoint; a run without one is refused with one line."""
         last = self.checkpoint_dir / "last.ckpt"
-        found = [last] if last.is_file() else sorted(self.checkpoint_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        found = (
+            [last] if last.is_file() else sorted(self.checkpoint_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        )
         if not found:
             raise DataError(f"{self.path} holds no checkpoints/*.ckpt; pass the run directory scripts/train.py printed")
         return found[-1]

@@ -166,7 +166,14 @@ def test_val_check_interval_counts_optimiser_steps(tmp_path):
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_chunked_run_equals_one_step_per_lightning_batch_bitwise(tmp_path, optimizer):
-    args = ["--trainer.max_epochs", "2", "--model.n_components", "16", "--model.optimizer", {"adam": "Adam", "sgd": "SGD"}[optimizer]]
+    args = [
+        "--trainer.max_epochs",
+        "2",
+        "--model.n_components",
+        "16",
+        "--model.optimizer",
+        {"adam": "Adam", "sgd": "SGD"}[optimizer],
+    ]
     if optimizer == "sgd":
         args += ["--model.lr", "0.01", "--model.optimizer.momentum", "0.9"]
     chunked, rec_chunked = fit(tmp_path / "chunked", *args)

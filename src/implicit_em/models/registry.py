@@ -20,7 +20,9 @@ def register(name: str):
 
     def add(cls: type[Net]) -> type[Net]:
         if name in MODELS and MODELS[name] is not cls:
-            raise ValueError(f"model name {name!r} is registered twice ({MODELS[name].__qualname__}, {cls.__qualname__})")
+            raise ValueError(
+                f"model name {name!r} is registered twice ({MODELS[name].__qualname__}, {cls.__qualname__})"
+            )
         cls.name = name
         MODELS[name] = cls
         return cls
