@@ -21,12 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--use-readout", action="store_true", help="SAE baselines: export the fitted ridge readout, not their decoder"
     )
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in a folder that is not empty")
     a = p.parse_args(argv)
     from implicit_em.errors import report_user_error
     from implicit_em.export import export_run
 
     try:
-        out = export_run(a.run, a.out, use_readout=a.use_readout or None)
+        out = export_run(a.run, a.out, use_readout=a.use_readout or None, overwrite=a.overwrite)
     except Exception as e:  # settings or files a user can fix: one line, exit code 2
         return report_user_error(e)
     print(out.resolve(), flush=True)

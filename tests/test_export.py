@@ -227,3 +227,15 @@ def test_a_trained_run_exports_the_fvu_it_was_judged_by(tmp_path):
     x_hat = torch.relu(raw @ w["W_enc"] + w["b_enc"]) @ w["W_dec"] + w["b_dec"]
     assert readout_scores(raw, x_hat)["fvu"] == pytest.approx(metrics["fvu"], abs=1e-4)
     torch.testing.assert_close(load(out).encode(raw), f["test"], atol=1e-4, rtol=1e-4)
+
+
+def test_a_folder_that_is_not_empty_is_refused_unless_overwrite(tmp_path):
+    run = _run(tmp_path)
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="not empty; pass --overwrite"):
+        export_run(run["run"], out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]  # nothing written
+    export_run(run["run"], out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "cfg.json").is_file()

@@ -114,3 +114,13 @@ def test_csv_log_has_the_validation_diagnostics(csv_run):
     for column in ("val/responsibility_entropy", "val/dead_components", "val/redundancy"):
         assert column in header, header
         assert any(row[column] not in ("", None) for row in rows), column
+
+
+def test_two_runs_in_two_roots_get_their_own_wandb_ids(tmp_path):
+    env = no_wandb_env(tmp_path)
+    ids = []
+    for root in (tmp_path / "a", tmp_path / "b"):
+        run, _ = timed_train(root, "--config", "configs/logger/wandb.yaml", "--trainer.max_epochs", "1", env=env)
+        assert run.returncode == 0, run.stderr[-2000:]
+        ids.append((run.metrics_path.parent / "wandb_id").read_text().strip())
+    assert ids[0] != ids[1] and all(len(i) >= 8 for i in ids)

@@ -107,3 +107,94 @@ def test_stop_then_resume_in_process_is_bitwise_the_uninterrupted_run(tmp_path, 
     for k in b:
         assert torch.equal(a[k], b[k]), (k, float((a[k].float() - b[k].float()).abs().max()))
     assert float(resumed.trainer.callback_metrics["train/loss"]) == float(whole.trainer.callback_metrics["train/loss"])
+
+
+# -- a refused resume changes nothing; a resumed run keeps its history ---------------------------------------
+def _files(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+SHORT = ["--trainer.enable_progress_bar", "false", "--report.kmeans", "false", "--report.probe_method", "torch",
+         "--features.every_n_epochs", "0", "--probe.every_n_epochs", "0", "--model.n_components", "16"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 2-epoch run (K = 16), as scripts/train.py leaves it."""
+    from tests.conftest import main_in_process
+
+    root = tmp_path_factory.mktemp("finished")
+    run = main_in_process("--trainer.default_root_dir", str(root), "--trainer.max_epochs", "2", *SHORT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return root, run.metrics_path.parent
+
+
+def test_a_resume_whose_settings_do_not_fit_changes_no_file_and_says_so_in_one_line(finished_run):
+    from tests.conftest import main_in_process
+
+    root, _ = finished_run
+    before = _files(root)
+    run = main_in_process("--trainer.default_root_dir", str(root), "--trainer.max_epochs", "4",
+                          "--model.n_components", "32", "--ckpt_path", "last")  # fmt: skip
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert "does not fit these settings (model.linear.bias: [16] in the checkpoint, [32] here)" in last
+    assert _files(root) == before
+
+
+def test_a_resume_from_a_checkpoint_carrying_code_changes_no_file(finished_run, tmp_path):
+    from tests.conftest import main_in_process
+
+    root, run_dir = finished_run
+    evil = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(root, evil, symlinks=True)
+    ckpt = evil / run_dir.relative_to(root) / "checkpoints" / "last.ckpt"
+    target = ckpt.resolve()
+    torch.save({"state_dict": {}, "payload": os.system}, target)  # a global: loading it would need code
+    before = _files(evil)
+    run = main_in_process("--trainer.default_root_dir", str(evil), "--ckpt_path", "last", "--trainer.max_epochs", "4")
+    assert run.returncode == 2 and "refusing to load it" in run.stderr and "Traceback" not in run.stderr
+    assert _files(evil) == before
+
+
+def test_resuming_without_the_runs_settings_uses_its_saved_config_and_keeps_its_history(finished_run, tmp_path):
+    """The README's command: --ckpt_path last and nothing about the model; metrics.csv keeps epochs 0-1 and adds
+    2-3, each epoch's training loss once."""
+    import csv
+    import shutil
+
+    from tests.conftest import main_in_process
+
+    root, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy, symlinks=True)
+    run = main_in_process("--trainer.default_root_dir", str(copy), "--trainer.max_epochs", "4", "--ckpt_path", "last")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.metrics["n_components"] == 16  # from the run's config.yaml, not default.yaml's 64
+    rows = [r for r in csv.DictReader(open(run.metrics_path.parent / "metrics.csv")) if r.get("train/loss")]
+    assert sorted(int(float(r["epoch"])) for r in rows) == [0, 1, 2, 3]
+
+
+def test_rows_logged_after_the_last_checkpoint_are_dropped_once_on_resume(tmp_path):
+    from implicit_em.loggers import RunMetricsCSV
+
+    first = RunMetricsCSV(tmp_path)
+    for step in (10, 21, 32):
+        first.log_metrics({"train/loss": float(step)}, step)
+    first.save()
+    resumed = RunMetricsCSV(tmp_path, resume_step=22)  # the checkpoint was at step 22: step 32 is trained again
+    resumed.log_metrics({"train/loss": 1.0, "val/new": 2.0}, 32)
+    resumed.save()
+    text = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert text[0] == "step,train/loss,val/new" and [ln.split(",")[0] for ln in text[1:]] == ["10", "21", "32"]
+
+
+def test_a_new_run_that_fails_leaves_no_empty_folder(tmp_path):
+    from tests.conftest import main_in_process
+
+    run = main_in_process("--trainer.default_root_dir", str(tmp_path), "--config", "configs/data/fashion_mnist.yaml",
+                          "--data.root", str(tmp_path / "nowhere"))  # fmt: skip
+    assert run.returncode == 2 and "fashion_mnist" in run.stderr
+    assert not (tmp_path / "implicit_em").exists()

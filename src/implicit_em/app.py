@@ -11,7 +11,7 @@ from pathlib import Path
 from implicit_em.checkpoints import load_checkpoint
 from implicit_em.cli import ImplicitEMCLI
 from implicit_em.distributed import close_process_group
-from implicit_em.errors import ConfigError, report_user_error
+from implicit_em.errors import ConfigError, check, report_user_error
 from implicit_em.eval.report import ReportConfig, evaluate_run, write_metrics
 from implicit_em.rundir import RunDir
 from implicit_em.runtime import training_process
@@ -21,9 +21,19 @@ from implicit_em.training.callbacks import EpochTimer
 def fit(cli: ImplicitEMCLI) -> Path | None:
     """Train, then evaluate on frozen features; returns metrics.json's path on rank 0 (else None)."""
     trainer, module, dm = cli.trainer, cli.model, cli.datamodule
+    if cli.config.get("threads") is not None:
+        import torch
+
+        check(cli.config.threads >= 1, "threads", "an integer >= 1 or null", cli.config.threads)
+        torch.set_num_threads(int(cli.config.threads))
     if getattr(cli, "resume_state", None) is not None:
         check_resumable(module, cli.resume_state, cli.config.ckpt_path)
-    trainer.fit(module, datamodule=dm, ckpt_path=cli.config.ckpt_path, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=cli.config.ckpt_path, weights_only=True)
+    except BaseException:
+        if getattr(cli, "resume_state", None) is None:  # a new run that failed before writing: no empty folders
+            RunDir.of_trainer(trainer).remove_if_empty()
+        raise
     run = RunDir.of_trainer(trainer)  # every rank: log_dir may broadcast
     if not trainer.interrupted:
         close_process_group()
@@ -55,7 +65,7 @@ def check_resumable(module, state: dict, checkpoint: str) -> None:
     this command's settings (another K, other data, another model), naming the first mismatch and the fix."""
     ours = module.state_dict()
     theirs = state.get("state_dict") or {}
-    for key in sorted(set(ours) | set(theirs)):
+    for key in sorted(set(ours) | set(theirs), key=lambda k: (not k.startswith("model."), k)):  # weights first
         a, b = theirs.get(key), ours.get(key)
         if a is None or b is None or tuple(a.shape) != tuple(b.shape):
             what = lambda t: "absent" if t is None else list(t.shape)  # noqa: E731

@@ -144,6 +144,11 @@ class ImplicitEMCLI(LightningCLI):
             "--ckpt_path", type=str | None, default=None,
             help="Resume from this checkpoint; 'last' resumes the newest run under --trainer.default_root_dir.",
         )  # fmt: skip
+        parser.add_argument(
+            "--threads", type=int | None, default=None,
+            help="torch CPU threads for this run (null: torch's default, one per core). On a shared or busy machine "
+            "set it to the cores you may use: oversubscribed threads make each step many times slower.",
+        )  # fmt: skip
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults(
             {"checkpoint.save_last": "link", "checkpoint.save_top_k": 1, "checkpoint.every_n_epochs": 1}

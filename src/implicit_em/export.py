@@ -187,9 +187,17 @@ class ExportedSAE(nn.Module):
         return out
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, use_readout: bool | None = None) -> Path:
-    """Write the SAELens layout of a run (directory or checkpoint) into ``out_dir``; returns ``out_dir``."""
-    return ExportedSAE(*export_tensors(run_dir, use_readout)).save(out_dir)
+def export_run(
+    run_dir: str | Path, out_dir: str | Path, use_readout: bool | None = None, overwrite: bool = False
+) -> Path:
+    """Write the SAELens layout of a run (directory or checkpoint) into ``out_dir``; returns ``out_dir``. A
+    folder that already holds files is refused unless ``overwrite`` (then only the export's two files change)."""
+    out = Path(out_dir)
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise DataError(f"{out} is not empty; pass --overwrite to replace the export there, or another --out")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file; pass a folder as --out")
+    return ExportedSAE(*export_tensors(run_dir, use_readout)).save(out)
 
 
 def load(path: str | Path) -> ExportedSAE:

@@ -83,6 +83,17 @@ class RunDir:
             raise DataError(f"{self.path} holds no checkpoints/*.ckpt; pass the run directory scripts/train.py printed")
         return found[-1]
 
+    def remove_if_empty(self) -> None:
+        """Remove the run directory (and its name folder, if that is then empty) when it holds no file: what a
+        new run that failed before writing anything leaves behind."""
+        if not self.path.is_dir() or any(p.is_file() for p in self.path.rglob("*")):
+            return
+        import shutil
+
+        shutil.rmtree(self.path)
+        if self.path.parent.is_dir() and not any(self.path.parent.iterdir()):
+            self.path.parent.rmdir()
+
     # -- contents ------------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
         """The resolved config (config.yaml) as plain data."""

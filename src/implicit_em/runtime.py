@@ -24,16 +24,18 @@ def training_process() -> Iterator[None]:
       is missing: ~0.2 ms a step, a 30% slower epoch on a CPU. Our processes fork nothing during a fit.
     - Denormal floats flushed to zero: a dead component's Adam moments decay geometrically into denormals,
       which x86 CPUs compute ~100x slower; nothing above 1e-38 changes.
+    - The number of torch CPU threads a run sets (``--threads``) is restored.
     - Environment variables the run sets (the run version its DDP workers inherit, Lightning's seed and
       process-group variables) are removed again.
     """
     environ = dict(os.environ)
-    denormals = flushes_denormals()
+    denormals, threads = flushes_denormals(), torch.get_num_threads()
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
     torch.set_flush_denormal(True)
     try:
         yield
     finally:
         torch.set_flush_denormal(denormals)
+        torch.set_num_threads(threads)
         os.environ.clear()
         os.environ.update(environ)
