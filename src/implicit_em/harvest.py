@@ -353,7 +353,9 @@ def _prepare_out(out: Path, settings: dict, part: int = 0, parts: int = 1) -> di
             raise ConfigError(f"{out} is not empty and holds no {MANIFEST} of a harvest; pass a new or empty --out")
         return None
     mine = re.compile(r"^\.?shard-\d{4}-\d{5}")
-    if any(p.name != PARTS and not mine.match(p.name) for p in out.iterdir()):
+    assembled = {PARTS, "label_names.json", *ROW_FILES, *WINDOW_FILES}  # an interrupted assembly leaves these
+    if any(p.name not in assembled and not mine.match(p.name) and not (p.name.startswith(".") and p.name.endswith(
+            ".tmp")) for p in out.iterdir()):  # fmt: skip
         raise ConfigError(f"{out} holds files of something other than a harvest in parts; pass a new or empty --out")
     for other in sorted((out / PARTS).glob("part-*.json")) if (out / PARTS).is_dir() else []:
         _same_settings(_read_manifest(other), settings, out)
