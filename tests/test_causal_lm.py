@@ -157,7 +157,7 @@ def _heldout(out: Path) -> tuple[np.ndarray, np.ndarray]:
     dm = ActivationsDataModule(root=str(out), batch_size=16, eval_train_rows=10_000)
     dm.setup()
     heldout = np.unique(dm.splits["test"].groups.numpy())
-    return heldout, cl.select_windows(np.load(out / "window_doc_ids.npy"), heldout, 100)
+    return heldout, cl.heldout_windows(out, heldout, 100)
 
 
 def test_splicing_the_exact_harvested_activations_back_gives_ce_clean(tiny):
@@ -293,7 +293,7 @@ def test_smollm2_gguf_spliced_back_gives_ce_clean(tmp_path):
     assert m["architecture"] == "llama" and m["gguf_file"] == gguf.name and m["n_layers"] == 30
     assert m["hook_name"] == "blocks.6.hook_resid_post" and m["d_model"] == 576 and m["tokens"] == 1500
     heldout, _ = _heldout(out)
-    ids = cl.select_windows(np.load(out / "window_doc_ids.npy"), heldout, 12)
+    ids = cl.heldout_windows(out, heldout, 12)
     mean = torch.from_numpy(ShardSet(out).read(0, 1500)).mean(0)
     s = cl.lm_scores(out, heldout, {"stored": cl.stored_rows(out, ids), "zero": torch.zeros_like}, mean, n_windows=12)
     stored = s["stored"]

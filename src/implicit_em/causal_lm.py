@@ -394,6 +394,15 @@ def select_windows(window_docs: np.ndarray, heldout_doc_ids: np.ndarray, n_windo
     return ids
 
 
+def heldout_windows(root: str | Path, heldout_doc_ids: np.ndarray, n_windows: int = 100) -> np.ndarray:
+    """The windows :func:`lm_scores` splices, in its order: :func:`select_windows`, then by length (windows of
+    similar lengths share a batch, little padding), ties by id."""
+    tokens, window_docs = harvest_windows(Path(root))
+    ids = select_windows(window_docs, heldout_doc_ids, n_windows)
+    lengths = (np.asarray(tokens[ids]) >= 0).sum(axis=1) if len(ids) else np.zeros(0, dtype=np.int64)
+    return ids[np.lexsort((ids, lengths))]
+
+
 def window_rows(root: Path, window_ids: np.ndarray, chunk: int = 1 << 22) -> dict[int, np.ndarray]:
     """Window id -> the rows of the harvest that came from it (positions ascending)."""
     windows = np.load(root / "windows.npy", mmap_mode="r")
@@ -455,7 +464,7 @@ def lm_scores(
     batch_size: int = SPLICE_BATCH,
 ) -> dict | None:
     """The spliced scores (see :func:`splice_scores`) on up to ``n_windows`` whole windows of the held-out
-    documents of the harvest in ``data_root``.
+    documents of the harvest in ``data_root`` (:func:`heldout_windows`, in that order).
 
     Returns None when the harvest is not of a causal LM (no manifest, or an encoder's), ``{"lm_skipped": reason}``
     when the LM is not on this machine; else the scores (a dict of them per name when ``reconstruct`` is a dict),
@@ -471,8 +480,7 @@ def lm_scores(
     lm_path = locate_lm(manifest)
     if lm_path is None:
         return {"lm_skipped": install_hint(manifest)}
-    _, window_docs = harvest_windows(root)
-    ids = select_windows(window_docs, heldout_doc_ids, n_windows)
+    ids = heldout_windows(root, heldout_doc_ids, n_windows)
     if len(ids) == 0:
         raise DataError(f"{root}: none of the held-out documents has a window; harvest more documents")
     windows, masks = windows_and_masks(root, ids)
