@@ -15,7 +15,10 @@ output directory as the last stdout line.
 """
 
 import argparse
+import os
 import sys
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # no bar from transformers' GGUF de-quantisation (read at tqdm's import)
 
 from implicit_em.errors import exit_with_argument_error, report_user_error
 

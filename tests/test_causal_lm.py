@@ -282,9 +282,10 @@ def test_a_folder_that_is_not_a_model_and_text_shorter_than_a_window(tiny, tmp_p
 
 
 # -- the real GGUF file ----------------------------------------------------------------------------------------
-def test_smollm2_gguf_spliced_back_gives_ce_clean(tmp_path):
+def test_smollm2_gguf_spliced_back_gives_ce_clean(tmp_path, monkeypatch):
     """SmolLM2-135M (GGUF, de-quantised) block 6: harvest fortunes, splice the stored rows back: CE clean."""
     gguf = smollm2_gguf()
+    monkeypatch.setattr(cl, "_LOADED", {})  # loaded once for the harvest and the splice, released after the test
     fortunes = [Path("/usr/share/games/fortunes") / n for n in ("science", "food")]
     if not all(f.is_file() for f in fortunes):
         pytest.skip("Debian's fortunes are not in /usr/share/games/fortunes (apt-get install fortunes)")

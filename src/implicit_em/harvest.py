@@ -440,9 +440,9 @@ def harvest(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     causal = is_causal(model)
     if causal:
-        from implicit_em.causal_lm import hook_name, load_causal_lm
+        from implicit_em.causal_lm import cached_lm, hook_name
 
-        tokenizer, net, info = load_causal_lm(model, device)
+        tokenizer, net, info = cached_lm(Path(model), device)  # the spliced evaluation in this process reuses it
         n = info["n_layers"]
         if n is not None and not 0 <= layer < n:
             raise layer_error(layer, model, n, causal=True)
@@ -499,7 +499,7 @@ def harvest(
         """Write the first ``n_rows`` pending rows as the next shard (per-row and per-window files first)."""
         nonlocal n_pending, first_windows, full_windows
         name = f"{prefix}{len(manifest['shards']):05d}{suffix}"
-        cat = {k: (torch.cat(v) if k == "x" else np.concatenate(v)) for k, v in pending.items()}
+        cat = {k: v[0] if len(v) == 1 else torch.cat(v) if k == "x" else np.concatenate(v) for k, v in pending.items()}
         for k, v in cat.items():
             pending[k] = [v[n_rows:]] if n_pending > n_rows else []
         side = sidecars / name
@@ -594,7 +594,11 @@ def harvest(
 
 def _finish_parts(out: Path, parts: int, names: list[str], context: int, log) -> dict | None:
     """When every part is finished: the harvest's files and manifest (written by one part, under a lock)."""
-    with open(out / PARTS / "assemble.lock", "a+b") as lock:
+    try:
+        lock = open(out / PARTS / "assemble.lock", "a+b")
+    except FileNotFoundError:  # another part has just assembled the harvest and removed PARTS
+        return _read_manifest(out / MANIFEST) if (out / MANIFEST).is_file() else None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the process ends, even by kill -9
         if (out / MANIFEST).is_file():
             return _read_manifest(out / MANIFEST)
