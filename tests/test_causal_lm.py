@@ -294,10 +294,9 @@ def test_smollm2_gguf_spliced_back_gives_ce_clean(tmp_path, monkeypatch):
     assert m["architecture"] == "llama" and m["gguf_file"] == gguf.name and m["n_layers"] == 30
     assert m["hook_name"] == "blocks.6.hook_resid_post" and m["d_model"] == 576 and m["tokens"] == 1500
     heldout, _ = _heldout(out)
-    ids = cl.heldout_windows(out, heldout, 12)
+    ids = cl.heldout_windows(out, heldout, 6)  # 3 passes over 6 windows: seconds
     mean = torch.from_numpy(ShardSet(out).read(0, 1500)).mean(0)
-    s = cl.lm_scores(out, heldout, {"stored": cl.stored_rows(out, ids), "zero": torch.zeros_like}, mean, n_windows=12)
-    stored = s["stored"]
+    stored = cl.lm_scores(out, heldout, cl.stored_rows(out, ids), mean, n_windows=6)
     assert abs(stored["ce_loss_spliced"] - stored["ce_loss_clean"]) < 1e-4, stored
     assert stored["ce_loss_zero_ablation"] > stored["ce_loss_mean_ablation"] > stored["ce_loss_clean"] > 0
-    assert s["zero"]["ce_loss_recovered"] == pytest.approx(0, abs=1e-6) and stored["kl_div"] < 1e-5
+    assert stored["kl_div"] < 1e-5 and stored["kl_div_zero_ablation"] > 1 and stored["n_windows"] == 6
