@@ -14,7 +14,14 @@ and compares the next-token cross-entropy and the KL divergence to the clean nex
 outside the mask (the prepended BOS, which the harvest does not keep as a training row, and padding) keep their
 clean activations. Every next-token prediction of a window counts (position ``i`` predicts token ``i + 1``),
 including the one made at the BOS position, which no splice changes. :func:`lm_scores` does it for a harvest
-directory: held-out windows, the LM named by its manifest (cached per path in this process).
+directory: held-out windows, the LM named by its manifest (cached per path in this process)::
+
+    heldout = np.unique(datamodule.splits["test"].groups.numpy())  # the training run's held-out documents
+    scores = lm_scores(root, heldout, {"sae": raw_to_raw, "raw": lambda x: x}, train_mean_raw)
+
+``raw_to_raw`` maps raw activations (rows x d_model, float32, on the LM's device) to their reconstruction in raw
+units (normalise, encode, read out, undo the normalisation). Cost: one forward pass of the LM per reconstruction
+over the windows, plus a clean pass per call and, once per set of windows and mean, the two ablations.
 """
 
 from __future__ import annotations
