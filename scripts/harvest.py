@@ -2,15 +2,23 @@
 """Harvest one layer of a transformers model over text into activation shards for ``--config
 configs/data/activations.yaml --data.root OUT``.
 
-    python scripts/harvest.py --model PATH_OR_ID --layer L --text FILE [FILE ...] --out DIR [--separator LINE]
-        [--max_tokens N] [--context 128] [--batch_size 32] [--dtype float16]
+    python scripts/harvest.py --model PATH_OR_ID_OR_GGUF --layer L --text FILE [FILE ...] --out DIR
+        [--separator LINE] [--max_tokens N] [--context 128] [--batch_size 32] [--dtype float16]
+        [--shard_rows 100000] [--no-prepend_bos] [--part I --parts N]
 
-Needs the extra: pip install -e ".[activations]". Run again with the same arguments to resume an interrupted
-harvest. Prints the output directory as the last stdout line.
+Needs the extra: pip install -e ".[activations]" (a .gguf file also needs gguf). For a causal LM (a .gguf file,
+or a folder of a ...ForCausalLM) --layer L is the residual stream after block L, 0-based (SAELens'
+blocks.L.hook_resid_post); for an encoder, 0 is the embeddings' output and L the output of the L-th block.
+Run again with the same arguments to resume an interrupted harvest (kill -9 included). With --part I --parts N,
+N processes with the same --out harvest disjoint documents; the last to finish writes manifest.json. Prints the
+output directory as the last stdout line.
 """
 
 import argparse
+import os
 import sys
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # no bar from transformers' GGUF de-quantisation (read at tqdm's import)
 
 from implicit_em.errors import exit_with_argument_error, report_user_error
 
@@ -22,8 +30,11 @@ class OneLineParser(argparse.ArgumentParser):
 
 def main() -> int:
     p = OneLineParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="a transformers model directory or Hub id")
-    p.add_argument("--layer", required=True, type=int, help="0: the embeddings' output; L: the output of block L")
+    p.add_argument("--model", required=True, help="a transformers model directory, a .gguf file or a Hub id")
+    p.add_argument(
+        "--layer", required=True, type=int,
+        help="causal LM: the output of block L (0-based); encoder: 0 the embeddings' output, L the L-th block's",
+    )  # fmt: skip
     p.add_argument("--text", required=True, nargs="+", help="text files; each file's name is its documents' label")
     p.add_argument("--out", required=True, help="the output directory (new, empty, or an unfinished harvest)")
     p.add_argument("--separator", help="a line that separates documents in a file (e.g. %%); default: whole files")
@@ -33,6 +44,13 @@ def main() -> int:
     p.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"], help="of the shards")
     p.add_argument("--shard_rows", type=int, default=100_000, help="rows per shard (about)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument(
+        "--prepend_bos", action=argparse.BooleanOptionalAction, default=None,
+        help="causal LMs: put the BOS token first in every window (default: when the tokenizer has one); the BOS "
+        "position is never a row",
+    )  # fmt: skip
+    p.add_argument("--part", type=int, default=0, help="this process's part, 0 to --parts - 1")
+    p.add_argument("--parts", type=int, default=1, help="processes harvesting disjoint documents into one --out")
     args = p.parse_args()
     try:  # this process's choice: no per-weight loading bar from transformers (its absence is reported below)
         from transformers.utils import logging
@@ -46,13 +64,20 @@ def main() -> int:
         manifest = harvest(
             args.model, args.layer, args.text, args.out, separator=args.separator, max_tokens=args.max_tokens,
             context=args.context, batch_size=args.batch_size, dtype=args.dtype, shard_rows=args.shard_rows,
-            device=args.device,
+            device=args.device, prepend_bos=args.prepend_bos, part=args.part, parts=args.parts,
         )  # fmt: skip
     except Exception as e:  # settings or data a user can fix: one line, their exit code
         return report_user_error(e)
+    if manifest.get("all_parts") is False:
+        print(
+            f"part {args.part} of {args.parts}: {manifest['tokens']} tokens; waiting for the other parts",
+            file=sys.stderr,
+        )
+        print(args.out)
+        return 0
     print(
         f"harvested {manifest['tokens']} tokens of {manifest['documents']} documents into {len(manifest['shards'])} "
-        f"shard(s): layer {manifest['layer']}, d_model {manifest['d_model']}, {manifest['dtype']}, "
+        f"shard(s): layer {manifest['layer']} ({manifest.get('hook_name')}), d_model {manifest['d_model']}, {manifest['dtype']}, "
         f"{manifest['seconds']:.1f} s",
         file=sys.stderr,
     )

@@ -244,3 +244,137 @@ def test_a_context_longer_than_the_model_allows(tmp_path):
     model, files = minilm(), fortunes("science")
     with pytest.raises(ConfigError, match="--context 1000 must be > 2 and <= 512"):
         hv.harvest(model, 1, files, tmp_path / "o", context=1000)
+
+
+# -- token files, exact shards, kill -9, parts -------------------------------------------------------------
+def test_an_encoder_harvest_also_writes_tokens_windows_and_its_hook_name(harvested):
+    from transformers import AutoTokenizer
+
+    model, files, out, manifest = harvested
+    assert manifest["model_kind"] == "encoder" and manifest["hook_name"] == "blocks.2.hook_resid_post"
+    assert manifest["skip_special"] == "frame" and manifest["n_layers"] == 6 and manifest["gguf_file"] is None
+    assert [s["rows"] for s in manifest["shards"]] == [300] * 5  # exactly shard_rows per shard
+    tok = AutoTokenizer.from_pretrained(model)
+    tokens, windows, positions = (np.load(out / f) for f in ("tokens.npy", "windows.npy", "positions.npy"))
+    wtok, docs = np.load(out / "window_tokens.npy"), np.load(out / "doc_ids.npy")
+    assert len(tokens) == len(windows) == len(positions) == 1500 == ShardSet(out).n_rows
+    first = tok(next(hv.read_documents(files[0], "%"))[1], add_special_tokens=False)["input_ids"]
+    assert tokens[: len(first)].tolist() == first and (windows[: len(first)] == 0).all()
+    assert (wtok[:, 0] == tok.cls_token_id).all() and np.array_equal(wtok[windows, positions], tokens)
+    assert np.array_equal(np.load(out / "window_doc_ids.npy")[windows], docs)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    from tests.test_causal_lm import tiny_llama, word_corpus
+
+    base = tmp_path_factory.mktemp("llama")
+    return tiny_llama(base / "model"), word_corpus(base, n_docs=40)
+
+
+def _tiny(llama, out, **kwargs):
+    model, files = llama
+    settings = {"separator": "%", "context": 16, "shard_rows": 37, "batch_size": 4, "dtype": "float32", **kwargs}
+    return hv.harvest(model, 1, files, out, **settings)
+
+
+ROW_AND_WINDOW_FILES = ["labels.npy", "doc_ids.npy", "tokens.npy", "windows.npy", "positions.npy",
+                        "window_tokens.npy", "window_doc_ids.npy", "label_names.json"]  # fmt: skip
+
+
+def test_a_harvest_killed_with_sigkill_resumes_without_losing_or_repeating_a_window(llama, tmp_path):
+    """kill -9 right after the third shard reached the disk (the manifest does not list it yet), a half-written
+    temporary file beside it; the rerun equals an uninterrupted harvest row for row."""
+    model, files = llama
+    whole = _tiny(llama, tmp_path / "whole")
+    out = tmp_path / "out"
+    killer = (
+        "import os, signal, sys\n"
+        "from implicit_em import harvest as hv\n"
+        "write, n = hv._write_rows, [0]\n"
+        "def dying(path, rows):\n"
+        "    write(path, rows)\n"
+        "    n[0] += 1\n"
+        "    if n[0] == 3:\n"
+        "        (path.parent / '.shard-00003.npy.999.tmp').write_bytes(b'half')\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "hv._write_rows = dying\n"
+        "hv.harvest(sys.argv[1], 1, sys.argv[3:], sys.argv[2], separator='%', context=16, shard_rows=37, "
+        "batch_size=4, dtype='float32')\n"
+    )
+    script = tmp_path / "killer.py"
+    script.write_text(killer)
+    run = run_script(script, model, out, *files, env={"PYTHONPATH": str(REPO / "src")})
+    assert run.returncode == -9, run.stderr[-2000:]
+    partial = json.loads((out / "manifest.json").read_text())
+    assert len(partial["shards"]) == 2 and (out / "shard-00002.npy").exists() and not partial["complete"]
+    assert 0 < partial["windows"] < whole["windows"]
+    resumed = _tiny(llama, out)
+    drop = ("seconds",)
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "whole").iterdir())
+    for name in ROW_AND_WINDOW_FILES:
+        assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    a, b = ShardSet(out), ShardSet(tmp_path / "whole")
+    assert a.n_rows == b.n_rows == whole["tokens"]
+    assert np.allclose(a.read(0, a.n_rows), b.read(0, b.n_rows), atol=1e-5)
+
+
+def test_parts_harvest_disjoint_documents_into_one_folder(llama, tmp_path):
+    single = _tiny(llama, tmp_path / "one")
+    out = tmp_path / "parts"
+    first = _tiny(llama, out, part=1, parts=2)
+    assert first["complete"] and first["all_parts"] is False and not (out / "manifest.json").exists()
+    m = _tiny(llama, out, part=0, parts=2)
+    assert m["complete"] and "part" not in m and "all_parts" not in m and m["parts"] == 2
+    for key in ("tokens", "windows", "documents", "hook_name", "d_model"):
+        assert m[key] == single[key], key
+    names = [s["file"] for s in m["shards"]]
+    assert names == sorted(names) and names[0] == "shard-0000-00000.npy" and names[-1].startswith("shard-0001-")
+    assert [s.path.name for s in ShardSet(out).shards] == names and not (out / hv.PARTS).exists()
+    load = {name: (np.load(out / name), np.load(tmp_path / "one" / name)) for name in ROW_AND_WINDOW_FILES[:-1]}
+    for name in ("window_tokens.npy", "window_doc_ids.npy"):
+        assert np.array_equal(*load[name])
+    w_parts, w_one = load["windows.npy"]
+    order = np.argsort(w_parts, kind="stable")  # rows of the parts harvest in the single harvest's order
+    assert np.array_equal(w_parts[order], w_one)
+    for name in ("tokens.npy", "positions.npy", "doc_ids.npy", "labels.npy"):
+        assert np.array_equal(load[name][0][order], load[name][1]), name
+    x_parts, x_one = ShardSet(out), ShardSet(tmp_path / "one")
+    assert np.allclose(x_parts.read(0, x_parts.n_rows)[order], x_one.read(0, x_one.n_rows), atol=1e-5)
+    docs = load["doc_ids.npy"][0]
+    part0 = sum(s["rows"] for s in m["shards"] if s["file"].startswith("shard-0000-"))
+    assert (docs[:part0] % 2 == 0).all() and (docs[part0:] % 2 == 1).all()
+    assert (np.diff(docs) != 0).sum() + 1 == len(np.unique(docs))  # each document's rows stay together
+    assert _tiny(llama, out, part=1, parts=2) == m  # any part run again: the finished harvest
+    with pytest.raises(ConfigError, match="other settings.*parts"):
+        _tiny(llama, out, part=0, parts=3)
+    with pytest.raises(ConfigError, match="--part must be 0 to 1"):
+        _tiny(llama, tmp_path / "x", part=2, parts=2)
+    dm = ActivationsDataModule(root=str(out), batch_size=16, eval_train_rows=10_000)
+    dm.setup()
+    assert sum(len(s.x) for s in dm.splits.values()) == m["tokens"]
+
+
+def test_a_part_killed_mid_harvest_resumes_and_the_last_part_assembles(llama, tmp_path, monkeypatch):
+    single = _tiny(llama, tmp_path / "one")
+    out = tmp_path / "parts"
+    write_rows, calls = hv._write_rows, []
+
+    def interrupted(path, rows):
+        if len(calls) == 2:
+            write_rows(path, rows)  # on disk, never listed
+            raise KeyboardInterrupt
+        calls.append(path)
+        write_rows(path, rows)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(hv, "_write_rows", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            _tiny(llama, out, part=0, parts=2)
+    assert json.loads((out / hv.PARTS / "part-0000.json").read_text())["shards"][-1]["file"] == "shard-0000-00001.npy"
+    assert _tiny(llama, out, part=1, parts=2)["all_parts"] is False
+    m = _tiny(llama, out, part=0, parts=2)
+    assert m["tokens"] == single["tokens"] and np.array_equal(
+        np.sort(np.load(out / "windows.npy")), np.load(tmp_path / "one" / "windows.npy")
+    )  # fmt: skip

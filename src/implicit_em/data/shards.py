@@ -27,8 +27,9 @@ from torch import Tensor
 from implicit_em.errors import DataError
 
 SHARD_SUFFIXES = (".npy", ".safetensors")
-#: files beside the shards that are not shards
-SIDECARS = ("labels.npy", "doc_ids.npy")
+#: files beside the shards that are not shards (what scripts/harvest.py writes beside them)
+SIDECARS = ("labels.npy", "doc_ids.npy", "tokens.npy", "windows.npy", "positions.npy", "window_tokens.npy",
+            "window_doc_ids.npy")  # fmt: skip
 SAFETENSORS_DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "BF16": "<u2"}
 #: most file descriptors kept open at once (shards are reopened as needed)
 OPEN_FILES = 32
