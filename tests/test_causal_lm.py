@@ -300,3 +300,26 @@ def test_smollm2_gguf_spliced_back_gives_ce_clean(tmp_path, monkeypatch):
     assert abs(stored["ce_loss_spliced"] - stored["ce_loss_clean"]) < 1e-4, stored
     assert stored["ce_loss_zero_ablation"] > stored["ce_loss_mean_ablation"] > stored["ce_loss_clean"] > 0
     assert stored["kl_div"] < 1e-5 and stored["kl_div_zero_ablation"] > 1 and stored["n_windows"] == 6
+
+
+def test_a_run_on_a_causal_harvest_reports_the_spliced_numbers_and_compares_raw_exactly(tiny, tmp_path):
+    """The end-of-run evaluation splices the model's reconstruction into the LM (metrics.json has CE clean,
+    spliced, zero-ablated, recovered and KL), and compare's raw row, the exact activations, gives CE clean."""
+    from implicit_em.experiments.compare import Row, evaluate_row, load_data
+    from implicit_em.rundir import RunDir
+    from tests.conftest import main_in_process
+
+    out = tiny[2]
+    run = main_in_process(
+        "--config", "configs/data/activations.yaml", "--data.root", str(out), "--model.n_components", "16",
+        "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar",
+        "false", "--data.batch_size", "64", "--report.lm_windows", "4",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    m = run.metrics
+    assert m["ce_loss_zero_ablation"] > m["ce_loss_clean"] > 0 and m["lm_windows"] == 4
+    assert all(isinstance(m[k], float) for k in ("ce_loss_spliced", "ce_loss_recovered", "kl_div"))
+    _, datamodule = RunDir(run.metrics_path.parent).rebuild()
+    data = load_data(datamodule, lm_windows=4)
+    raw = evaluate_row(Row(lambda x: x, lambda x: x), data, "torch", probes_only=True, lm_windows=4)
+    assert abs(raw["ce_loss_spliced"] - raw["ce_loss_clean"]) <= 1e-4 and raw["ce_loss_clean"] == m["ce_loss_clean"]

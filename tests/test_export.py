@@ -202,7 +202,7 @@ def test_a_trained_run_exports_the_fvu_it_was_judged_by(tmp_path):
     readout, export; the FVU recomputed from the exported files on raw inputs equals the evaluation's."""
     from implicit_em.app import fit_run
     from implicit_em.eval.sae_metrics import readout_scores, sae_evaluation
-    from implicit_em.experiments.compare import load_data, module_features
+    from implicit_em.experiments.compare import load_data, module_features  # noqa: F401
 
     metrics_path = fit_run([
         "--config", str(REPO / "configs" / "default.yaml"), "--data.normalization", "zca",

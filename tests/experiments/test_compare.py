@@ -13,10 +13,11 @@ from implicit_em.data.memory import Split
 from implicit_em.experiments.compare import (
     ROWS,
     Data,
-    evaluate_features,
-    kmeans_features,
+    Row,
+    evaluate_row,
+    kmeans_row,
     markdown,
-    pca_features,
+    pca_row,
     run_compare,
     summarize,
 )
@@ -36,24 +37,25 @@ def _data(n: int = 300, d: int = 5) -> Data:
 
 def test_pca_features_are_centred_projections_in_order_of_variance():
     data = _data()
-    f = pca_features(data, 3)
+    f = pca_row(data, 3).features(data)
     assert f["train"].shape == (300, 3)
     assert f["train"].mean(0).abs().max() < 1e-4  # centred on the training mean
     var = f["train"].var(0)
     assert (var[:-1] >= var[1:]).all()
-    full = evaluate_features(pca_features(data, 5), data, "torch")  # all of D: a perfect readout
+    full = evaluate_row(pca_row(data, 5), data, "torch")  # all of D: a perfect readout
     assert full["fvu"] < 1e-8
 
 
 def test_kmeans_features_are_one_hot():
-    f = kmeans_features(_data(), 4, seed=0)
+    row = kmeans_row(_data(), 4, seed=0)
+    f = row.features(_data())
     assert f["test"].shape == (100, 4) and torch.equal(f["test"].sum(1), torch.ones(100))
-    assert evaluate_features(f, _data(), "torch")["l0"] == pytest.approx(1.0)
+    assert evaluate_row(row, _data(), "torch")["l0"] == pytest.approx(1.0)
 
 
 def test_raw_rows_have_probes_only():
     data = _data()
-    row = evaluate_features({n: s.x for n, s in data.splits.items()}, data, "torch", probes_only=True)
+    row = evaluate_row(Row(lambda x: x), data, "torch", probes_only=True)
     assert row["fvu"] is None and row["l0"] is None
     assert set(row["sparse_probe_accuracy"]) == {"1", "2", "5", "20"} and row["probe_accuracy"] > 0.5
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from implicit_em.errors import check_choice
+from implicit_em.errors import check, check_choice
 from implicit_em.eval.diagnostics import component_diagnostics
 from implicit_em.eval.probe import (
     PROBE_METHODS,
@@ -36,6 +37,8 @@ class ReportConfig:
             test split.
         sae_metrics: also the SAE users' numbers (L0, dead fraction, FVU and the rest through a fitted ridge
             readout, k-sparse probing; ``readout.safetensors`` and ``feature_density.png`` in the run dir).
+        lm_windows: where the data is a causal LM's harvest, the held-out windows the LM runs again with the
+            layer's output replaced by the reconstruction (CE loss recovered, KL; 0: off).
     """
 
     probe_method: str = "sklearn"
@@ -43,9 +46,11 @@ class ReportConfig:
     reconstruction: bool = False
     split: str = "test"
     sae_metrics: bool = True
+    lm_windows: int = 100
 
     def __post_init__(self):
         check_choice(self.probe_method, "report.probe_method", PROBE_METHODS)
+        check(self.lm_windows >= 0, "report.lm_windows", "an integer >= 0", self.lm_windows)
         check_choice(self.split, "report.split", ("test", "val"))
 
 
@@ -94,12 +99,55 @@ class Codes:
         return getattr(self, split)
 
 
-def evaluate_codes(codes: Codes, splits: dict, config: ReportConfig, to_raw=None, run_dir: Path | None = None):
+@dataclass
+class LanguageModelSplice:
+    """What the spliced evaluation needs from the data: the harvest's folder, the held-out documents, the
+    normalisation (raw -> model input) and its inverse, and the training mean in raw units (mean ablation)."""
+
+    root: Path
+    heldout_docs: Tensor
+    normalize: Callable[[Tensor], Tensor]
+    to_raw: Callable[[Tensor], Tensor]
+    train_mean: Tensor
+
+    @classmethod
+    def of(cls, datamodule, config: ReportConfig) -> LanguageModelSplice | None:
+        """The splice of a DataModule whose data is a causal LM's harvest (its manifest says so), else None."""
+        root = getattr(datamodule, "root", None)
+        test = datamodule.splits[config.split]
+        if not config.lm_windows or root is None or test.groups is None or not is_causal_harvest(root):
+            return None
+        to_raw = datamodule.normalization.inverse() or (lambda x: x)
+        train = datamodule.splits["train"].x
+        return cls(Path(root), test.groups.unique(), datamodule.normalization, to_raw, to_raw(train).double().mean(0))
+
+    def scores(self, reconstruct: Callable[[Tensor], Tensor], n_windows: int) -> dict:
+        """CE clean, spliced, zero- and mean-ablated, the recovered fractions and KL (see
+        :func:`implicit_em.causal_lm.splice_scores`) of ``reconstruct`` (normalised x -> normalised x_hat)."""
+        from implicit_em.causal_lm import lm_scores
+
+        def raw_to_raw(x_raw: Tensor) -> Tensor:
+            with torch.no_grad():
+                return self.to_raw(reconstruct(self.normalize(x_raw.float())).float()).to(x_raw.dtype)
+
+        found = lm_scores(self.root, self.heldout_docs.numpy(), raw_to_raw, self.train_mean.float(), n_windows)
+        return found or {}
+
+
+def is_causal_harvest(root) -> bool:
+    manifest = Path(root) / "manifest.json"
+    return manifest.is_file() and json.loads(manifest.read_text()).get("model_kind") == "causal_lm"
+
+
+def evaluate_codes(codes: Codes, splits: dict, config: ReportConfig, to_raw=None, run_dir: Path | None = None,
+                   splice: LanguageModelSplice | None = None, encode=None, decode=None):  # fmt: skip
     """The evaluation every model and every baseline meets, on its codes: the SAE users' numbers
     (:func:`implicit_em.eval.sae_metrics.sae_evaluation`, in raw units through ``to_raw``) and the full linear
     probe, scored on ``config.split``. Returns (row, readout or None); the row holds ``log10_density`` (a
     tensor, for the loggers). With ``run_dir``, the readout and ``feature_density.png`` are saved there.
     Scored on test, the readout's ridge is chosen on val; scored on val, on the last tenth of the training rows.
+    With ``splice`` (a causal LM's harvest) and ``encode`` (normalised x -> codes), the LM runs again with the
+    layer's output replaced by ``decode(encode(x))`` (the fitted readout when ``decode`` is None), in raw units.
     """
     train, val, scored = splits["train"], splits["val"], splits[config.split]
     f_train, f_scored = codes.train.cpu(), codes.scored(config.split).cpu()
@@ -124,6 +172,9 @@ def evaluate_codes(codes: Codes, splits: dict, config: ReportConfig, to_raw=None
         )
     else:
         row["probes_skipped"] = NO_LABELS
+    if splice is not None and encode is not None and (decode is not None or readout is not None):
+        decoder = decode or readout
+        row.update(splice.scores(lambda x: decoder(encode(x)), config.lm_windows))
     return row, readout
 
 
@@ -141,7 +192,12 @@ def evaluate(module, datamodule, config: ReportConfig | None = None, run_dir: Pa
     splits = datamodule.splits
     train, test = splits["train"], splits[config.split]
     codes = module_codes(module, splits)
-    row, _ = evaluate_codes(codes, splits, config, datamodule.normalization.inverse(), run_dir)
+    net = module.model
+    row, _ = evaluate_codes(
+        codes, splits, config, datamodule.normalization.inverse(), run_dir, LanguageModelSplice.of(datamodule, config),
+        encode=lambda x: net(x.to(module.device)).cpu(), decode=(lambda f: net.decode(f.to(module.device)).cpu())
+        if net.has_decoder else None,
+    )  # fmt: skip
     f_test = codes.scored(config.split)
     k = f_test.shape[-1]
     weights = module.model.component_weights()

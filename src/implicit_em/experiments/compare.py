@@ -37,27 +37,53 @@ from torch import Tensor
 from implicit_em.eval.sae_metrics import SPARSE_PROBE_KS
 from implicit_em.rundir import RunDir
 
-ROWS = ("implicit_em", "sae", "topk_sae_l0", "topk_sae_32", "kmeans", "pca", "random_encoder", "raw")
+ROWS = (
+    "implicit_em",
+    "sae",
+    "topk_sae_l0",
+    "topk_sae_32",
+    "batchtopk_sae_32",
+    "kmeans",
+    "pca",
+    "random_encoder",
+    "raw",
+)
 TOPK_FIXED = 32
 METRICS = ("l0", "dead_fraction", "fvu", "explained_variance", "cosine", "l2_ratio", "probe_accuracy")
 #: column header and number format of compare.md
 COLUMNS = {
     "components": ("K", "d"), "l0": ("L0", ".1f"), "dead_fraction": ("dead", ".3f"), "fvu": ("FVU", ".3f"),
     "explained_variance": ("expl. var.", ".3f"), "cosine": ("cosine", ".3f"), "l2_ratio": ("l2 ratio", ".3f"),
-    "probe_accuracy": ("probe", ".3f"), "seconds": ("seconds", ".0f"),
+    "probe_accuracy": ("probe", ".3f"), "ce_loss_recovered": ("CE rec.", ".3f"), "kl_div": ("KL", ".3f"),
+    "seconds": ("seconds", ".0f"),
 }  # fmt: skip
 
 
 @dataclass
 class Data:
-    """The evaluation splits every row shares, and the map back to raw activation units."""
+    """The evaluation splits every row shares, the map back to raw activation units, and the causal LM's splice
+    (None unless the data is a causal LM's harvest)."""
 
     splits: dict  # name -> Split(x, y, groups), normalised x
     to_raw: Callable[[Tensor], Tensor] | None
+    splice: Any = None
 
     @property
     def dims(self) -> int:
         return int(self.splits["train"].x.shape[1])
+
+
+@dataclass
+class Row:
+    """One row to judge: its codes from ``encode`` (normalised x -> codes), and ``decode`` (codes -> normalised
+    x) where the row has its own decoder (else the fitted readout reconstructs)."""
+
+    encode: Callable[[Tensor], Tensor]
+    decode: Callable[[Tensor], Tensor] | None = None
+
+    def features(self, data: Data) -> dict[str, Tensor]:
+        with torch.no_grad():
+            return {name: torch.cat([self.encode(x) for x in s.x.split(8192)]) for name, s in data.splits.items()}
 
 
 # -- training and reloading -------------------------------------------------------------------------------
@@ -90,22 +116,30 @@ def train_args(
     return args
 
 
-def load_data(datamodule) -> Data:
+def load_data(datamodule, lm_windows: int = 0) -> Data:
+    from implicit_em.eval.report import LanguageModelSplice, ReportConfig
+
     datamodule.setup("fit")
-    return Data(dict(datamodule.splits), datamodule.normalization.inverse())
+    splice = LanguageModelSplice.of(datamodule, ReportConfig(lm_windows=lm_windows)) if lm_windows else None
+    return Data(dict(datamodule.splits), datamodule.normalization.inverse(), splice)
+
+
+def module_row(module) -> Row:
+    """A trained (or untrained) module's row: its codes, and its decoder when its net has one."""
+    module = module.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    net = module.model
+    decode = (lambda f: net.decode(f.to(module.device)).cpu()) if net.has_decoder else None
+    return Row(lambda x: net(x.to(module.device)).cpu(), decode)
 
 
 @torch.no_grad()
 def module_features(module, data: Data) -> dict[str, Tensor]:
     """Each split's frozen features (CPU), computed on a GPU when there is one."""
-    from implicit_em.eval.report import features
-
-    module = module.to("cuda" if torch.cuda.is_available() else "cpu")
-    return {name: features(module, s.x).cpu() for name, s in data.splits.items()}
+    return module_row(module).features(data)
 
 
 # -- the baselines that need no training ------------------------------------------------------------------
-def kmeans_features(data: Data, k: int, seed: int) -> dict[str, Tensor]:
+def kmeans_row(data: Data, k: int, seed: int) -> Row:
     """One-hot assignments to the nearest of K MiniBatchKMeans centroids fit on the training rows.
 
     Started from random training rows (3 starts): k-means++ seeding costs minutes at K = 768 on a CPU
@@ -115,42 +149,47 @@ def kmeans_features(data: Data, k: int, seed: int) -> dict[str, Tensor]:
 
     km = MiniBatchKMeans(n_clusters=k, init="random", n_init=3, random_state=seed, batch_size=max(1024, 4 * k))
     km.fit(data.splits["train"].x.numpy())
-    out = {}
-    for name, s in data.splits.items():
-        idx = torch.as_tensor(km.predict(s.x.numpy()), dtype=torch.long)
-        out[name] = torch.nn.functional.one_hot(idx, k).float()
-    return out
+
+    def encode(x: Tensor) -> Tensor:
+        idx = torch.as_tensor(km.predict(x.double().numpy().astype(km.cluster_centers_.dtype)), dtype=torch.long)
+        return torch.nn.functional.one_hot(idx, k).float()
+
+    return Row(encode)
 
 
-def pca_features(data: Data, k: int) -> dict[str, Tensor]:
+def pca_row(data: Data, k: int) -> Row:
     """Projections (x - mean) V onto the top min(K, D) eigenvectors V of the training covariance (float64)."""
     x = data.splits["train"].x.double()
     mean = x.mean(0)
     centred = x - mean
     evals, evecs = torch.linalg.eigh(centred.T @ centred / max(len(x) - 1, 1))
     v = evecs[:, torch.argsort(evals, descending=True)[: min(k, x.shape[1])]]
-    return {name: ((s.x.double() - mean) @ v).float() for name, s in data.splits.items()}
+    return Row(lambda z: ((z.double() - mean) @ v).float())
 
 
 # -- one evaluation for every row -------------------------------------------------------------------------
-def evaluate_features(feats: dict[str, Tensor], data: Data, probe_method: str, probes_only: bool = False) -> dict:
-    """One row's features through the evaluation every run meets (:func:`implicit_em.eval.report.evaluate_codes`);
-    ``probes_only`` (the raw inputs): the probes alone, the reconstruction numbers left empty."""
+def evaluate_row(row: Row, data: Data, probe_method: str, probes_only: bool = False, lm_windows: int = 0) -> dict:
+    """One row through the evaluation every run meets (:func:`implicit_em.eval.report.evaluate_codes`), with the
+    causal LM's splice where the data has one; ``probes_only`` (the raw inputs): the probes and the splice (the
+    exact activations back: CE clean, the check that cannot be faked), the reconstruction numbers left empty."""
     from implicit_em.eval.report import Codes, ReportConfig, evaluate_codes, has_labels
 
+    feats = row.features(data)
     train, test = data.splits["train"], data.splits["test"]
-    config = ReportConfig(probe_method=probe_method, kmeans=False, sae_metrics=not probes_only)
-    row, _ = evaluate_codes(Codes(feats["train"], feats["val"], feats["test"]), data.splits, config, data.to_raw)
-    row = {key: v for key, v in row.items() if key not in ("log10_density", "probe_method", "scored_on")}
+    config = ReportConfig(probe_method=probe_method, kmeans=False, sae_metrics=not probes_only, lm_windows=lm_windows)
+    codes = Codes(feats["train"], feats["val"], feats["test"])
+    out, _ = evaluate_codes(codes, data.splits, config, data.to_raw, splice=data.splice, encode=row.encode,
+                            decode=row.decode)  # fmt: skip
+    out = {key: v for key, v in out.items() if key not in ("log10_density", "probe_method", "scored_on")}
     if probes_only:
         from implicit_em.eval.sae_metrics import sparse_probe_accuracy
 
-        row.update({m: None for m in METRICS if m != "probe_accuracy"})
+        out.update({m: None for m in METRICS if m != "probe_accuracy"})
         if has_labels(train, test):
-            row["sparse_probe_accuracy"] = sparse_probe_accuracy(
+            out["sparse_probe_accuracy"] = sparse_probe_accuracy(
                 feats["train"], train.y, feats["test"], test.y, SPARSE_PROBE_KS, train.groups, test.groups
             )
-    return row
+    return out
 
 
 def matched_k(l0: float, n_components: int) -> int:
@@ -160,9 +199,10 @@ def matched_k(l0: float, n_components: int) -> int:
 
 def compare_seed(
     configs: Path, data: str, folder: Path, components: int, epochs: int, seed: int, batch_size: int | None,
-    data_root: str | None, probe_method: str, log: Callable[[str], None] = print,
+    data_root: str | None, probe_method: str, log: Callable[[str], None] = print, lm_windows: int = 50,
 ) -> list[dict]:  # fmt: skip
-    """Every row of one seed: train what needs training, then evaluate each row's features."""
+    """Every row of one seed: train what needs training, then judge each row the same way (with the causal LM's
+    splice on ``lm_windows`` held-out windows where the data is a causal LM's harvest)."""
     from implicit_em.app import fit_run
 
     def fit_and_reload(name: str, model: str, *extra: str):
@@ -172,42 +212,46 @@ def compare_seed(
         run_dir = fit_run(args).parent
         return (*RunDir(run_dir).rebuild(), run_dir)
 
-    def row(name: str, n: int, feats: dict[str, Tensor], start: float, probes_only=False, **extra) -> dict:
-        scores = evaluate_features(feats, shared, probe_method, probes_only)
+    def judge(name: str, n: int, row: Row, start: float, probes_only=False, **extra) -> dict:
+        scores = evaluate_row(row, shared, probe_method, probes_only, lm_windows)
         return {"model": name, "components": n, **extra, **scores, "seconds": time.perf_counter() - start}
 
     # this model first: its run fixes the data (splits, normalisation) every other row is judged on
     start = time.perf_counter()
     module, datamodule, ours_dir = fit_and_reload("implicit_em", "implicit_em")
-    shared = load_data(datamodule)
-    ours = row("implicit_em", components, module_features(module, shared), start, run_dir=str(ours_dir))
+    shared = load_data(datamodule, lm_windows)
+    ours = judge("implicit_em", components, module_row(module), start, run_dir=str(ours_dir))
     rows = [ours]
     k_l0, k_fixed = matched_k(ours["l0"], components), min(TOPK_FIXED, components)
-    for name, model, extra, k in (("sae", "sae", (), None), ("topk_sae_l0", "topk_sae", ("--model.k", str(k_l0)), k_l0),
-                                  ("topk_sae_32", "topk_sae", ("--model.k", str(k_fixed)), k_fixed)):  # fmt: skip
+    trained = (
+        ("sae", "sae", (), None),
+        ("topk_sae_l0", "topk_sae", ("--model.k", str(k_l0)), k_l0),
+        ("topk_sae_32", "topk_sae", ("--model.k", str(k_fixed)), k_fixed),
+        ("batchtopk_sae_32", "batchtopk_sae", ("--model.k", str(k_fixed)), k_fixed),
+    )
+    for name, model, extra, k in trained:
         start = time.perf_counter()
         module, _, run_dir = fit_and_reload(name, model, *extra)
-        rows.append(row(name, components, module_features(module, shared), start, run_dir=str(run_dir),
-                        **({"k": k} if k else {})))  # fmt: skip
+        rows.append(judge(name, components, module_row(module), start, run_dir=str(run_dir), **({"k": k} if k else {})))
 
     log("[compare] kmeans, pca, random_encoder, raw")
     start = time.perf_counter()
     n_train = len(shared.splits["train"].x)
     if components <= n_train:
-        rows.append(row("kmeans", components, kmeans_features(shared, components, seed), start))
+        rows.append(judge("kmeans", components, kmeans_row(shared, components, seed), start))
     else:
         rows.append({"model": "kmeans", "components": components, **{m: None for m in METRICS}, "seconds": 0.0,
                      "note": f"K = {components} exceeds the {n_train} training rows"})  # fmt: skip
     start = time.perf_counter()
     n_pca = min(components, shared.dims)
-    rows.append(row("pca", n_pca, pca_features(shared, n_pca), start))
+    rows.append(judge("pca", n_pca, pca_row(shared, n_pca), start))
     start = time.perf_counter()
     random_module, _ = RunDir(ours_dir).rebuild(trained=False)
     random_module.fit_to_data(shared.splits["train"].x)  # the data-aware start that training begins from
-    rows.append(row("random_encoder", components, module_features(random_module, shared), start))
+    rows.append(judge("random_encoder", components, module_row(random_module), start))
     start = time.perf_counter()
-    raw = {name: s.x for name, s in shared.splits.items()}
-    rows.append(row("raw", shared.dims, raw, start, probes_only=True))
+    identity = Row(lambda x: x, lambda x: x)  # the exact activations, spliced back: CE clean
+    rows.append(judge("raw", shared.dims, identity, start, probes_only=True))
     return rows
 
 
