@@ -39,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def train(args) -> tuple:
     """Train through the project's CLI; return (module, datamodule) after fit."""
+    from implicit_em.app import fit
     from implicit_em.cli import ImplicitEMCLI
 
     cli = ImplicitEMCLI(
@@ -55,7 +56,7 @@ def train(args) -> tuple:
         ],
         [REPO / "configs" / "default.yaml"],
     )  # fmt: skip
-    cli.fit()
+    fit(cli)
     return cli.model, cli.datamodule
 
 
