@@ -28,7 +28,7 @@ from implicit_em.errors import DataError
 
 SHARD_SUFFIXES = (".npy", ".safetensors")
 #: files beside the shards that are not shards
-SIDECARS = ("labels.npy", "doc_ids.npy")
+SIDECARS = ("labels.npy", "doc_ids.npy", "tokens.npy", "windows.npy")
 SAFETENSORS_DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "BF16": "<u2"}
 #: most file descriptors kept open at once (shards are reopened as needed)
 OPEN_FILES = 32
@@ -134,7 +134,7 @@ def read_safetensors_shard(path: Path) -> Shard:
 
 
 def list_shards(root: str | Path) -> list[Path]:
-    """The shard files of ``root`` in sorted name order (``labels.npy`` and ``doc_ids.npy`` are not shards)."""
+    """The shard files of ``root`` in sorted name order (the sidecars, e.g. ``labels.npy``, are not shards)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such directory; pass --data.root DIR holding .npy or .safetensors shards")
