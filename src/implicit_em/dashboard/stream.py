@@ -1,0 +1,262 @@
+"""One streaming pass over codes, keeping per component what a dashboard shows, in memory bounded by K x N.
+
+Rows come in batches of whole *contexts* (the rows of one harvest window, or one image per row). For each of
+the K components the pass keeps:
+
+- the **top N contexts** by the component's largest value in them: a per-batch maximum per context merged
+  into a running N x K buffer with one ``topk`` over (buffer + batch contexts);
+- a **uniform sample** of R active rows (|value| > threshold), by random priority: every (row, component)
+  gets a uniform key and the R largest keys are kept, again one ``topk`` merge; sorted by value at the end
+  and cut into Q groups, it is a sample from each activation quantile;
+- an **activation histogram** of the active values with B linear bins over [0, 2^e], e growing as larger
+  values come (the counts of neighbouring bins are merged each time the range doubles: no second pass);
+- the **density** (fraction of rows active), the sum of values and the number of rows.
+
+Each kept context or sample holds a snippet: at most C consecutive values of its context around the row
+that chose it (3/4 of C before it), the first global row of the snippet and the snippet's length, so
+tokens or images can be looked up afterwards. Memory: (N + R) x K x C float16 values plus small integer
+buffers, independent of the number of rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from implicit_em.sae_metrics import ACTIVE_THRESHOLD
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """What the pass keeps per component."""
+
+    top: int = 20  # N: top-activating contexts
+    samples: int = 25  # R: uniform sample of active rows, cut into ``quantiles`` groups
+    quantiles: int = 5  # Q
+    bins: int = 32  # B: histogram bins (a power of two)
+    context: int = 48  # C: values kept per context (around the row that chose it)
+    threshold: float = ACTIVE_THRESHOLD  # a component is active on a row when |value| > threshold
+
+    def __post_init__(self):
+        if self.bins < 2 or self.bins & (self.bins - 1):
+            raise ValueError(f"bins must be a power of two >= 2 (got {self.bins})")
+        for name in ("top", "samples", "quantiles", "context"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+
+
+class _Slots:
+    """A K-column buffer of kept items (N per component): score, first row of the snippet, its length, the
+    chosen row's position in it, and the snippet's values."""
+
+    def __init__(self, n: int, k: int, c: int):
+        self.score = torch.full((n, k), -math.inf)
+        self.value = torch.zeros(n, k)
+        self.start = torch.full((n, k), -1, dtype=torch.int64)
+        self.length = torch.zeros(n, k, dtype=torch.int32)
+        self.pos = torch.zeros(n, k, dtype=torch.int32)
+        self.snip = torch.zeros(n, k, c, dtype=torch.float16)
+
+    def merge(self, score: Tensor, fill) -> None:
+        """Keep the N best of the buffer and the candidates ``score`` (M x K); ``fill(cand, comp)`` returns
+        (value, start, length, pos, snippet) of the chosen candidates (rows of ``score``) for components."""
+        n = self.score.shape[0]
+        best, idx = torch.cat([self.score, score]).topk(n, dim=0)
+        new = idx >= n
+        old = idx.clamp(max=n - 1)
+        merged = [t.gather(0, old) for t in (self.value, self.start, self.length, self.pos)]
+        snip = self.snip.gather(0, old.unsqueeze(-1).expand(-1, -1, self.snip.shape[2]))
+        slot, comp = new.nonzero(as_tuple=True)
+        if len(slot):
+            value, start, length, pos, values = fill(idx[slot, comp] - n, comp)
+            for t, v in zip(merged, (value, start, length, pos)):
+                t[slot, comp] = v.to(t.dtype)
+            snip[slot, comp] = values.to(snip.dtype)
+        self.score = best
+        self.value, self.start, self.length, self.pos = merged
+        self.snip = snip
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The buffers as numpy arrays (for :func:`_items`)."""
+        names = ("score", "value", "start", "length", "pos", "snip")
+        return {name: getattr(self, name).numpy() for name in names}
+
+
+def _items(a: dict[str, np.ndarray], j: int) -> list[dict]:
+    """Component j's kept items (finite score), best first, from :meth:`_Slots.arrays`."""
+    out = []
+    for i in np.flatnonzero(np.isfinite(a["score"][:, j])):
+        n = int(a["length"][i, j])
+        out.append({
+            "value": float(a["value"][i, j]), "start": int(a["start"][i, j]), "length": n,
+            "pos": int(a["pos"][i, j]), "values": a["snip"][i, j, :n].astype(np.float32),
+        })  # fmt: skip
+    return out
+
+
+@dataclass
+class ComponentStats:
+    """What the pass found, per component (numpy arrays over K, lists of items per component)."""
+
+    rows: int
+    active: np.ndarray  # K, rows with |value| > threshold
+    total: np.ndarray  # K, sum of values (float64)
+    maximum: np.ndarray  # K, the largest value seen (-inf when none)
+    hist_counts: np.ndarray  # K x B, active positive values in bins [i, i+1) * hist_top / B
+    hist_top: np.ndarray  # K, the histogram's upper edge (0 when no positive active value)
+    top: list[list[dict]] = field(default_factory=list)  # per component: items, best first
+    quantiles: list[list[dict]] = field(default_factory=list)  # per component: Q groups {lo, hi, items}
+
+    @property
+    def density(self) -> np.ndarray:
+        return self.active / max(self.rows, 1)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Mean value over all rows."""
+        return self.total / max(self.rows, 1)
+
+    @property
+    def k(self) -> int:
+        return len(self.active)
+
+
+class ComponentStream:
+    """The running state of the pass; feed :meth:`update` batches of codes, then call :meth:`finish`."""
+
+    def __init__(self, k: int, config: StreamConfig = StreamConfig(), seed: int = 0):
+        self.k, self.cfg = k, config
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rows = 0
+        self.active = torch.zeros(k, dtype=torch.int64)
+        self.total = torch.zeros(k, dtype=torch.float64)
+        self.maximum = torch.full((k,), -math.inf)
+        self.hist = torch.zeros(k, config.bins, dtype=torch.int64)
+        self.hist_exp = torch.full((k,), -(1 << 30), dtype=torch.int64)  # upper edge 2^exp; none yet
+        self.top = _Slots(config.top, k, config.context)
+        self.sample = _Slots(config.samples, k, config.context)
+
+    # -- the pass ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update(self, codes: Tensor, rows: Tensor, new_context: Tensor) -> None:
+        """One batch: ``codes`` (M x K) of rows with global indices ``rows`` (M, int64); ``new_context`` (M,
+        bool) marks the first row of each context (the first row of the batch always starts one). A context
+        must not continue into the next batch."""
+        codes = codes.detach().float().cpu()
+        m = codes.shape[0]
+        if m == 0:
+            return
+        rows = rows.to(torch.int64).cpu()
+        new_context = new_context.to(torch.bool).cpu().clone()
+        new_context[0] = True
+        thr = self.cfg.threshold
+        active = codes.abs() > thr
+        self.rows += m
+        self.active += active.sum(0)
+        self.total += codes.sum(0, dtype=torch.float64)
+        self.maximum = torch.maximum(self.maximum, codes.max(0).values)
+        self._histogram(codes, active)
+
+        seg = new_context.cumsum(0) - 1  # context of each row, 0..n_ctx-1
+        starts = new_context.nonzero().flatten()
+        lengths = torch.diff(torch.cat([starts, torch.tensor([m])]))
+        n_ctx = len(starts)
+        ctx_max = torch.full((n_ctx, self.k), -math.inf).scatter_reduce_(
+            0, seg.unsqueeze(1).expand(m, self.k), codes, "amax"
+        )
+        ctx_max[ctx_max <= thr] = -math.inf  # a context that never fires is never "top"
+        c = self.cfg.context
+        before = (3 * c) // 4
+
+        def snippet(local_row: Tensor, comp: Tensor) -> tuple:
+            """The snippet around batch rows ``local_row`` for components ``comp``."""
+            ctx = seg[local_row]
+            s0, ln = starts[ctx], lengths[ctx]
+            at = local_row - s0  # position of the chosen row in its context
+            first = torch.minimum((at - before).clamp(min=0), (ln - c).clamp(min=0))
+            length = torch.minimum(ln - first, torch.tensor(c))
+            offs = torch.arange(c)
+            local = (s0 + first).unsqueeze(1) + offs
+            valid = offs < length.unsqueeze(1)
+            values = codes[local.clamp(max=m - 1), comp.unsqueeze(1)] * valid
+            return codes[local_row, comp], rows[s0 + first], length, at - first, values
+
+        def fill_top(ctx: Tensor, comp: Tensor) -> tuple:
+            # the first row of the context where the component takes its maximum
+            out_rows = torch.empty_like(ctx)
+            for lo in range(0, len(ctx), 1 << 16):  # bounded: chunk x longest context
+                cx, cp = ctx[lo : lo + (1 << 16)], comp[lo : lo + (1 << 16)]
+                lmax = int(lengths[cx].max())
+                offs = torch.arange(lmax)
+                local = starts[cx].unsqueeze(1) + offs
+                vals = codes[local.clamp(max=m - 1), cp.unsqueeze(1)]
+                vals[offs >= lengths[cx].unsqueeze(1)] = -math.inf
+                out_rows[lo : lo + len(cx)] = starts[cx] + vals.argmax(1)
+            return snippet(out_rows, comp)
+
+        self.top.merge(ctx_max, fill_top)
+        keys = torch.rand(m, self.k, generator=self.generator)
+        keys[~active] = -math.inf
+        self.sample.merge(keys, snippet)
+
+    def _histogram(self, codes: Tensor, active: Tensor) -> None:
+        bins = self.cfg.bins
+        positive = active & (codes > 0)
+        batch_max = torch.where(positive, codes, torch.zeros(())).max(0).values
+        has = batch_max > 0
+        if not bool(has.any()):
+            return
+        need = torch.full_like(self.hist_exp, -(1 << 30))
+        need[has] = torch.ceil(torch.log2(batch_max[has].double())).to(torch.int64)
+        fresh = has & (self.hist_exp == -(1 << 30))
+        self.hist_exp[fresh] = need[fresh]
+        grow = has & (need > self.hist_exp)
+        if bool(grow.any()):
+            shift = (need - self.hist_exp).clamp(min=0)
+            for s in shift[grow].unique().tolist():
+                comps = (grow & (shift == s)).nonzero().flatten()
+                if s >= math.log2(bins):
+                    merged = torch.zeros(len(comps), bins, dtype=torch.int64)
+                    merged[:, 0] = self.hist[comps].sum(1)
+                else:
+                    f = 1 << s
+                    merged = torch.zeros(len(comps), bins, dtype=torch.int64)
+                    merged[:, : bins // f] = self.hist[comps].view(len(comps), bins // f, f).sum(-1)
+                self.hist[comps] = merged
+            self.hist_exp[grow] = need[grow]
+        top = torch.pow(2.0, self.hist_exp.clamp(min=-1000).to(torch.float32))
+        b = (codes / top * bins).floor().clamp(0, bins - 1).to(torch.int64)
+        flat = torch.arange(self.k) * bins + b
+        flat[~positive] = self.k * bins  # a dump bin
+        self.hist += torch.bincount(flat.flatten(), minlength=self.k * bins + 1)[:-1].view(self.k, bins)
+
+    # -- the result --------------------------------------------------------------------------------------
+    def finish(self) -> ComponentStats:
+        q = self.cfg.quantiles
+        has = self.hist_exp > -(1 << 30)
+        top_edge = torch.where(
+            has, torch.pow(2.0, self.hist_exp.clamp(min=-1000).double()), torch.zeros((), dtype=torch.float64)
+        )
+        stats = ComponentStats(
+            rows=self.rows,
+            active=self.active.numpy(),
+            total=self.total.numpy(),
+            maximum=self.maximum.numpy(),
+            hist_counts=self.hist.numpy(),
+            hist_top=top_edge.numpy(),
+        )
+        top, sample = self.top.arrays(), self.sample.arrays()
+        for j in range(self.k):
+            stats.top.append(_items(top, j))
+            samples = sorted(_items(sample, j), key=lambda it: it["value"])
+            groups = []
+            if samples:
+                for part in np.array_split(np.arange(len(samples)), min(q, len(samples))):
+                    items = [samples[i] for i in part]
+                    groups.append({"lo": items[0]["value"], "hi": items[-1]["value"], "items": items[::-1]})
+            stats.quantiles.append(groups[::-1])  # highest quantile first
+        return stats
