@@ -61,7 +61,7 @@ def test_density_mean_and_histogram_match_one_pass_over_everything():
     stats = _feed(codes, ctx, cfg).finish()
     active = codes.abs() > cfg.threshold
     np.testing.assert_array_equal(stats.active, active.sum(0).numpy())
-    np.testing.assert_allclose(stats.mean, codes.double().mean(0).numpy(), rtol=1e-9)
+    np.testing.assert_allclose(stats.mean, codes.double().mean(0).numpy(), rtol=1e-6)  # float32 batch sums
     assert stats.rows == len(codes)
     for j in range(codes.shape[1]):
         v = codes[active[:, j], j].double().numpy()

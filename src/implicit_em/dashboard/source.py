@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import resource
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torch import Tensor
 
 from implicit_em.dashboard.stream import ComponentStats, ComponentStream, StreamConfig
@@ -52,7 +54,15 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     run_dir, ckpt = run_paths(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise DataError(f"{run_dir} has no config.yaml; pass the run directory that scripts/train.py wrote")
-    module, datamodule = rebuild(run_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        # rebuild() turns the progress bar off, which Lightning refuses beside a ProgressBar callback in the
+        # saved config (configs/data/activations.yaml adds one): rebuild from a copy without the callbacks
+        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        (config.get("trainer") or {}).pop("callbacks", None)
+        (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(config))
+        (Path(tmp) / "checkpoints").mkdir()
+        (Path(tmp) / "checkpoints" / "last.ckpt").symlink_to(ckpt.resolve())
+        module, datamodule = rebuild(Path(tmp))
     norm = find_normalization(load_checkpoint(ckpt))
     readout = None
     if (run_dir / READOUT).is_file():

@@ -156,10 +156,11 @@ class ComponentStream:
         thr = self.cfg.threshold
         active = codes.abs() > thr
         self.rows += m
-        self.active += active.sum(0)
-        self.total += codes.sum(0, dtype=torch.float64)
-        self.maximum = torch.maximum(self.maximum, codes.max(0).values)
-        self._histogram(codes, active)
+        self.active += active.float().sum(0).to(torch.int64)  # exact: a batch has < 2^24 rows
+        self.total += codes.sum(0).double()
+        batch_max = codes.amax(0)
+        self.maximum = torch.maximum(self.maximum, batch_max)
+        self._histogram(codes, active, batch_max)
 
         seg = new_context.cumsum(0) - 1  # context of each row, 0..n_ctx-1
         starts = new_context.nonzero().flatten()
@@ -200,39 +201,36 @@ class ComponentStream:
 
         self.top.merge(ctx_max, fill_top)
         keys = torch.rand(m, self.k, generator=self.generator)
-        keys[~active] = -math.inf
+        keys.masked_fill_(~active, -math.inf)
         self.sample.merge(keys, snippet)
 
-    def _histogram(self, codes: Tensor, active: Tensor) -> None:
-        bins = self.cfg.bins
-        positive = active & (codes > 0)
-        batch_max = torch.where(positive, codes, torch.zeros(())).max(0).values
-        has = batch_max > 0
+    def _histogram(self, codes: Tensor, active: Tensor, batch_max: Tensor) -> None:
+        bins, none = self.cfg.bins, -(1 << 30)
+        has = batch_max > self.cfg.threshold  # some positive active value
         if not bool(has.any()):
             return
-        need = torch.full_like(self.hist_exp, -(1 << 30))
+        need = torch.full_like(self.hist_exp, none)
         need[has] = torch.ceil(torch.log2(batch_max[has].double())).to(torch.int64)
-        fresh = has & (self.hist_exp == -(1 << 30))
+        fresh = has & (self.hist_exp == none)
         self.hist_exp[fresh] = need[fresh]
         grow = has & (need > self.hist_exp)
         if bool(grow.any()):
-            shift = (need - self.hist_exp).clamp(min=0)
+            shift = need - self.hist_exp
             for s in shift[grow].unique().tolist():
                 comps = (grow & (shift == s)).nonzero().flatten()
+                merged = torch.zeros(len(comps), bins, dtype=torch.int64)
                 if s >= math.log2(bins):
-                    merged = torch.zeros(len(comps), bins, dtype=torch.int64)
                     merged[:, 0] = self.hist[comps].sum(1)
                 else:
                     f = 1 << s
-                    merged = torch.zeros(len(comps), bins, dtype=torch.int64)
                     merged[:, : bins // f] = self.hist[comps].view(len(comps), bins // f, f).sum(-1)
                 self.hist[comps] = merged
             self.hist_exp[grow] = need[grow]
-        top = torch.pow(2.0, self.hist_exp.clamp(min=-1000).to(torch.float32))
-        b = (codes / top * bins).floor().clamp(0, bins - 1).to(torch.int64)
-        flat = torch.arange(self.k) * bins + b
-        flat[~positive] = self.k * bins  # a dump bin
-        self.hist += torch.bincount(flat.flatten(), minlength=self.k * bins + 1)[:-1].view(self.k, bins)
+        scale = (bins / torch.pow(2.0, self.hist_exp.clamp(min=-1000).double())).float()  # bins per unit value
+        b = (codes * scale).to(torch.int32).clamp_(0, bins - 1)  # truncation is the floor for positive values
+        b += (torch.arange(self.k, dtype=torch.int32) * bins).unsqueeze(0)
+        b.masked_fill_(~(active & (codes > 0)), self.k * bins)  # a dump bin
+        self.hist += torch.bincount(b.flatten(), minlength=self.k * bins + 1)[:-1].view(self.k, bins)
 
     # -- the result --------------------------------------------------------------------------------------
     def finish(self) -> ComponentStats:
