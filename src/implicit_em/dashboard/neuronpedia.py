@@ -23,9 +23,10 @@ def _tokens(x: dict, vocab: dict) -> list[str]:
 
 def _activation(x: dict, vocab: dict, lo: float, hi: float, contains: float) -> dict:
     values = [a * x["s"] / 1000 for a in x["a"]]
+    top = max(range(len(values)), key=values.__getitem__) if values else 0
     return {
         "tokens": _tokens(x, vocab), "values": values, "qualifying_token_index": x["p"],
-        "maxValue": max(values) if values else 0.0, "maxValueTokenIndex": x["p"],
+        "maxValue": values[top] if values else 0.0, "maxValueTokenIndex": top,
         "bin_min": lo, "bin_max": hi, "bin_contains": contains,
     }  # fmt: skip
 
