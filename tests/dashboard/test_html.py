@@ -96,7 +96,9 @@ def test_an_index_of_16384_components_builds_in_the_page_fast(tmp_path):
     assert not console_errors(log)
     ms = int(re.search(r'data-render-ms="(\d+)"', index).group(1))
     ready = int(re.search(r'data-ready-ms="(\d+)"', index).group(1))
-    print(f"index of {k} components: table built in {ms} ms, page ready {ready} ms after navigation "
-          f"(chromium start to DOM dump {wall:.1f} s)")
+    print(
+        f"index of {k} components: table built in {ms} ms, page ready {ready} ms after navigation "
+        f"(chromium start to DOM dump {wall:.1f} s)"
+    )
     assert ms <= ready < 2000
     assert "&lt;sat&gt;" in index  # text is escaped
