@@ -275,9 +275,10 @@ def build(
 
 
 def _title(run: LoadedRun, manifest: dict) -> str:
-    name = "/".join(run.run_dir.resolve().parts[-2:])
+    name = "/".join(run.run_dir.resolve().parts[-3:])
     if manifest.get("model"):
-        return f"{name} · {Path(str(manifest['model'])).name} layer {manifest.get('layer')}"
+        model = "/".join(Path(str(manifest["model"])).parts[-2:])
+        return f"{name} · {model} layer {manifest.get('layer')}"
     return f"{name} · {type(run.datamodule).__name__}"
 
 

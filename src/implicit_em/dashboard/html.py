@@ -61,7 +61,7 @@ main { padding:12px 22px 40px; }
 .logits { display:grid; grid-template-columns: 1fr 1fr; gap:10px; font-size:12.5px; }
 .logits div.l { display:flex; justify-content:space-between; padding:1px 5px; border-radius:3px; margin:1px 0;
                 font-family: ui-monospace,Menlo,Consolas,monospace; white-space:pre; }
-.near a { display:inline-block; margin:2px 6px 2px 0; }
+.near .nb { display:inline-block; margin:2px 12px 2px 0; white-space:nowrap; }
 .nav { display:flex; gap:10px; align-items:center; font-size:13px; margin-top:6px; }
 .nav input { width:90px; padding:3px 6px; border:1px solid #c9ced8; border-radius:5px; }
 #tip { position:fixed; pointer-events:none; background:#1d2330; color:#fff; padding:3px 7px; border-radius:4px;
@@ -165,6 +165,7 @@ COMPONENT_JS = r"""
     s.onerror = () => { root.textContent = 'could not load ' + blockName(first) + ' (is the data folder beside this page?)'; };
     document.head.appendChild(s);
   }
+  function labelName(b, lab) { return b.labels && b.labels[lab] !== undefined ? b.labels[lab] : 'label ' + lab; }
   function link(j, text) { return M.standalone ? esc(text) : '<a href="#' + j + '">' + esc(text) + '</a>'; }
   function color(v, top) {
     if (!(top > 0) || v === 0) return '';
@@ -174,7 +175,7 @@ COMPONENT_JS = r"""
   function shownText(s) { return s.replace(/\n/g, '↵').replace(/\t/g, '⇥'); }
   function ctxHtml(c, b, top) {
     let h = '<div class="ctx"><span class="val" title="the component\'s largest value here">' + fmt(c.v) + '</span>';
-    if (c.lab !== undefined && c.lab >= 0 && b.labels) h += '<span class="lab">' + esc(b.labels[c.lab] || c.lab) + '</span>';
+    if (c.lab !== undefined && c.lab >= 0) h += '<span class="lab">' + esc(labelName(b, c.lab)) + '</span>';
     const vocab = b.vocab;
     for (let i = 0; i < c.t.length; i++) {
       const v = c.a[i] * c.s / 1000, s = vocab[c.t[i]];
@@ -233,7 +234,7 @@ COMPONENT_JS = r"""
     if (M.image) h += '<div class="panel"><h2>Its weights</h2><div id="wimg"></div><div class="note">red positive, blue negative</div></div>';
     if (c.logits) h += '<div class="panel"><h2>Logit effects</h2>' + logitsHtml(c.logits) + '<div class="note">' + esc(M.logit_note) + '</div></div>';
     else if (M.logit_note) h += '<div class="panel"><h2>Logit effects</h2><div class="note">' + esc(M.logit_note) + '</div></div>';
-    h += '<div class="panel near"><h2>Nearest components</h2>' + c.near.map(x => link(x[0], '#' + x[0]) + ' <span class="note">' + x[1].toFixed(2) + '</span>').join(' ') +
+    h += '<div class="panel near"><h2>Nearest components</h2>' + c.near.map(x => '<span class="nb">' + link(x[0], '#' + x[0]) + ' <span class="note">' + x[1].toFixed(2) + '</span></span>').join('') +
       '<div class="note">by the cosine of their weight rows</div></div>';
     h += '</div><div>';
     const top = c.max;
@@ -253,7 +254,7 @@ COMPONENT_JS = r"""
     if (M.image) {
       document.getElementById('wimg').appendChild(imgCanvas(c.wimg, 12, true));
       const fig = (x, where) => { const f = document.createElement('figure'); f.appendChild(imgCanvas(x.img, 6, false));
-        f.insertAdjacentHTML('beforeend', '<div>' + fmt(x.v) + (x.lab >= 0 && b.labels ? ' · ' + esc(b.labels[x.lab] || x.lab) : '') + '</div>'); where.appendChild(f); };
+        f.insertAdjacentHTML('beforeend', '<div>' + fmt(x.v) + (x.lab >= 0 ? ' · ' + esc(labelName(b, x.lab)) : '') + '</div>'); where.appendChild(f); };
       c.top.forEach(x => fig(x, document.getElementById('topimgs')));
       c.quant.forEach((g, gi) => g.items.forEach(x => fig(x, document.getElementById('q' + gi))));
     }

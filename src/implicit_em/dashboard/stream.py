@@ -63,22 +63,31 @@ class _Slots:
 
     def merge(self, score: Tensor, fill) -> None:
         """Keep the N best of the buffer and the candidates ``score`` (M x K); ``fill(cand, comp)`` returns
-        (value, start, length, pos, snippet) of the chosen candidates (rows of ``score``) for components."""
+        (value, start, length, pos, snippet) of the chosen candidates (rows of ``score``) for components.
+
+        The slots are unordered: a candidate that makes the top N takes the slot of an item it pushes out, in
+        place, so a batch costs one ``topk`` over (N + M) x K plus the work on the items that change."""
         n = self.score.shape[0]
-        best, idx = torch.cat([self.score, score]).topk(n, dim=0)
-        new = idx >= n
-        old = idx.clamp(max=n - 1)
-        merged = [t.gather(0, old) for t in (self.value, self.start, self.length, self.pos)]
-        snip = self.snip.gather(0, old.unsqueeze(-1).expand(-1, -1, self.snip.shape[2]))
-        slot, comp = new.nonzero(as_tuple=True)
-        if len(slot):
-            value, start, length, pos, values = fill(idx[slot, comp] - n, comp)
-            for t, v in zip(merged, (value, start, length, pos)):
-                t[slot, comp] = v.to(t.dtype)
-            snip[slot, comp] = values.to(snip.dtype)
-        self.score = best
-        self.value, self.start, self.length, self.pos = merged
-        self.snip = snip
+        _, idx = torch.cat([self.score, score]).topk(n, dim=0)
+        chosen = torch.zeros(n + len(score), score.shape[1], dtype=torch.bool).scatter_(0, idx, True)
+        incoming = chosen[n:] & torch.isfinite(score)
+        if not bool(incoming.any()):
+            return
+        # per component, as many items leave as finite candidates come in (an empty slot, -inf, leaves first)
+        comp_in, cand = incoming.T.nonzero(as_tuple=True)  # sorted by component
+        leaving = ~chosen[:n]
+        comp_out, slot = leaving.T.nonzero(as_tuple=True)
+        counts_in = torch.bincount(comp_in, minlength=score.shape[1])
+        counts_out = torch.bincount(comp_out, minlength=score.shape[1])
+        # the first counts_in[c] leaving slots of each component c take its candidates
+        rank_out = torch.arange(len(comp_out)) - (torch.cumsum(counts_out, 0) - counts_out)[comp_out]
+        take = rank_out < counts_in[comp_out]
+        slot, comp_out = slot[take], comp_out[take]
+        value, start, length, pos, values = fill(cand, comp_in)
+        self.score[slot, comp_out] = score[cand, comp_in]
+        for t, v in ((self.value, value), (self.start, start), (self.length, length), (self.pos, pos)):
+            t[slot, comp_out] = v.to(t.dtype)
+        self.snip[slot, comp_out] = values.to(self.snip.dtype)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The buffers as numpy arrays (for :func:`_items`)."""
@@ -89,7 +98,8 @@ class _Slots:
 def _items(a: dict[str, np.ndarray], j: int) -> list[dict]:
     """Component j's kept items (finite score), best first, from :meth:`_Slots.arrays`."""
     out = []
-    for i in np.flatnonzero(np.isfinite(a["score"][:, j])):
+    keep = np.flatnonzero(np.isfinite(a["score"][:, j]))
+    for i in keep[np.argsort(-a["score"][keep, j], kind="stable")]:
         n = int(a["length"][i, j])
         out.append({
             "value": float(a["value"][i, j]), "start": int(a["start"][i, j]), "length": n,
@@ -172,6 +182,11 @@ class ComponentStream:
         ctx_max[ctx_max <= thr] = -math.inf  # a context that never fires is never "top"
         c = self.cfg.context
         before = (3 * c) // 4
+        by_comp = codes.T.contiguous().view(-1)  # component-major: a snippet is one contiguous read
+
+        def at_rows(local: Tensor, comp: Tensor) -> Tensor:
+            """codes[local, comp] (``comp`` broadcast against ``local``), from the component-major copy."""
+            return by_comp[comp * m + local.clamp(max=m - 1)]
 
         def snippet(local_row: Tensor, comp: Tensor) -> tuple:
             """The snippet around batch rows ``local_row`` for components ``comp``."""
@@ -183,8 +198,8 @@ class ComponentStream:
             offs = torch.arange(c)
             local = (s0 + first).unsqueeze(1) + offs
             valid = offs < length.unsqueeze(1)
-            values = codes[local.clamp(max=m - 1), comp.unsqueeze(1)] * valid
-            return codes[local_row, comp], rows[s0 + first], length, at - first, values
+            values = at_rows(local, comp.unsqueeze(1)) * valid
+            return at_rows(local_row, comp), rows[s0 + first], length, at - first, values
 
         def fill_top(ctx: Tensor, comp: Tensor) -> tuple:
             # the first row of the context where the component takes its maximum
@@ -194,7 +209,7 @@ class ComponentStream:
                 lmax = int(lengths[cx].max())
                 offs = torch.arange(lmax)
                 local = starts[cx].unsqueeze(1) + offs
-                vals = codes[local.clamp(max=m - 1), cp.unsqueeze(1)]
+                vals = at_rows(local, cp.unsqueeze(1))
                 vals[offs >= lengths[cx].unsqueeze(1)] = -math.inf
                 out_rows[lo : lo + len(cx)] = starts[cx] + vals.argmax(1)
             return snippet(out_rows, comp)
