@@ -81,36 +81,47 @@ def sparkline(counts: np.ndarray, width: int = 16) -> str:
     return "".join(SPARK[int(round(x * (len(SPARK) - 1)))] if n else " " for x, n in zip(level, c))
 
 
-def _quantise(values: np.ndarray) -> tuple[list[int], float]:
-    """Values as integers in thousandths of their largest magnitude, and that magnitude."""
-    s = float(np.abs(values).max()) if len(values) else 0.0
-    if s == 0 or not math.isfinite(s):
-        return [0] * len(values), 0.0
-    return np.rint(values / s * 1000).astype(np.int64).tolist(), float(f"{s:.6g}")
-
-
 class _Contexts:
-    """Turns kept items into page records: token ids and labels (text) or pixels (images)."""
+    """Turns kept items into page records: token ids and labels (text) or pixels (images). :meth:`prefetch`
+    reads what a block's items need from the per-row files in one indexed read each."""
 
     def __init__(self, source):
         self.source = source
 
-    def label(self, row: int) -> int:
-        labels = self.source.labels
-        return int(labels[row]) if labels is not None else -1
+    def prefetch(self, items: list[dict]) -> None:
+        """Fill in ``_tokens``, ``_label``, ``_doc``, ``_a`` and ``_s`` of text items (one read per file)."""
+        if not items or self.source.kind != "text":
+            return
+        starts = np.array([it["start"] for it in items], dtype=np.int64)
+        lengths = np.array([it["length"] for it in items], dtype=np.int64)
+        rows = starts + np.array([it["pos"] for it in items], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        index = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        tokens = np.asarray(self.source.tokens[index], dtype=np.int64)
+        labels = self.source.labels[rows] if self.source.labels is not None else np.full(len(items), -1)
+        docs = self.source.doc_ids[rows] if self.source.doc_ids is not None else np.full(len(items), -1)
+        values = np.concatenate([it["values"] for it in items]).astype(np.float64)
+        scale = np.zeros(len(items))
+        nonempty = lengths > 0
+        scale[nonempty] = np.maximum.reduceat(np.abs(values), offsets[:-1][nonempty])
+        per_value = np.repeat(np.where(scale > 0, scale, 1.0), lengths)
+        quantised = np.rint(values / per_value * 1000).astype(np.int64)
+        for i, it in enumerate(items):
+            lo, hi = offsets[i], offsets[i + 1]
+            it["_tokens"], it["_a"] = tokens[lo:hi].tolist(), quantised[lo:hi].tolist()
+            it["_s"], it["_label"], it["_doc"] = float(f"{scale[i]:.6g}"), int(labels[i]), int(docs[i])
 
     def text(self, it: dict) -> dict:
-        a, s = _quantise(it["values"])
-        toks = np.asarray(self.source.tokens[it["start"] : it["start"] + it["length"]]).astype(np.int64).tolist()
-        row = it["start"] + it["pos"]
-        doc = int(self.source.doc_ids[row]) if self.source.doc_ids is not None else -1
-        return {"v": _num(it["value"]), "t": toks, "a": a, "s": s, "p": it["pos"], "lab": self.label(row), "doc": doc}
+        return {"v": _num(it["value"]), "t": it["_tokens"], "a": it["_a"], "s": it["_s"], "p": it["pos"],
+                "lab": it["_label"], "doc": it["_doc"]}  # fmt: skip
 
     def image(self, it: dict) -> dict:
         px = self.source.raw[it["start"]].double().numpy()
         lo, hi = px.min(), px.max()
         scaled = np.zeros_like(px) if hi <= lo else (px - lo) / (hi - lo) * 255
-        return {"v": _num(it["value"]), "img": np.rint(scaled).astype(int).tolist(), "lab": self.label(it["start"])}
+        labels = self.source.labels
+        lab = int(labels[it["start"]]) if labels is not None else -1
+        return {"v": _num(it["value"]), "img": np.rint(scaled).astype(int).tolist(), "lab": lab}
 
 
 def _image_meta(shape: tuple[int, ...]) -> dict:
@@ -133,7 +144,10 @@ def records(
     labels = getattr(source, "label_names", None)
     for first in range(0, stats.k, block):
         comps, ids = [], set()
-        for j in range(first, min(stats.k, first + block)):
+        end = min(stats.k, first + block)
+        ctx.prefetch([it for j in range(first, end) for it in stats.top[j] + [x for g in stats.quantiles[j]
+                                                                              for x in g["items"]]])  # fmt: skip
+        for j in range(first, end):
             active = int(stats.active[j])
             counts = stats.hist_counts[j]
             last = int(np.flatnonzero(counts)[-1]) + 1 if counts.any() else 0

@@ -31,7 +31,7 @@ main { padding:12px 22px 40px; }
 .controls { display:flex; gap:14px; align-items:center; flex-wrap:wrap; margin:4px 0 10px; font-size:13px; }
 .controls input[type=search] { width:260px; padding:5px 8px; border:1px solid #c9ced8; border-radius:5px; font-size:13px; }
 .controls input[type=number] { width:80px; padding:4px 6px; border:1px solid #c9ced8; border-radius:5px; }
-.grid { display:grid; grid-template-columns: 70px 170px 90px 90px 150px minmax(200px,1fr); align-items:center; gap:0 10px; }
+.grid { display:grid; grid-template-columns: 70px 170px 110px 80px 150px minmax(200px,1fr); align-items:center; gap:0 10px; }
 .head { position:sticky; top:0; background:#eef1f5; font-weight:600; font-size:12px; padding:6px 8px; border:1px solid var(--line); z-index:2; }
 .head span { cursor:pointer; user-select:none; } .head span.on { color:var(--accent); }
 .chunk { content-visibility:auto; }

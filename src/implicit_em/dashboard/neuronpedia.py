@@ -16,14 +16,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 
 def _tokens(x: dict, vocab: dict) -> list[str]:
-    return [vocab.get(str(t), str(t)) for t in x["t"]]
+    return [vocab[t] if t in vocab else str(t) for t in x["t"]]
 
 
 def _activation(x: dict, vocab: dict, lo: float, hi: float, contains: float) -> dict:
-    values = [a * x["s"] / 1000 for a in x["a"]]
-    top = max(range(len(values)), key=values.__getitem__) if values else 0
+    array = (np.asarray(x["a"], dtype=np.float64) * (x["s"] / 1000)).round(5)
+    values = array.tolist()
+    top = int(array.argmax()) if len(values) else 0
     return {
         "tokens": _tokens(x, vocab), "values": values, "qualifying_token_index": x["p"],
         "maxValue": values[top] if values else 0.0, "maxValueTokenIndex": top,
@@ -32,7 +35,8 @@ def _activation(x: dict, vocab: dict, lo: float, hi: float, contains: float) -> 
 
 
 def feature(c: dict, vocab: dict) -> dict:
-    """One component record (see :func:`implicit_em.dashboard.build.records`) as a Neuronpedia feature."""
+    """One component record (see :func:`implicit_em.dashboard.build.records`) as a Neuronpedia feature;
+    ``vocab``: token id (int) -> string."""
     acts = []
     if c["top"] and "t" in c["top"][0]:
         acts += [_activation(x, vocab, -1, -1, -1) for x in c["top"]]
@@ -75,7 +79,8 @@ class BatchWriter:
         self.n = 0
 
     def add(self, block: dict) -> None:
-        features = [feature(c, block["vocab"]) for c in block["components"]]
+        vocab = {int(i): t for i, t in block["vocab"].items()}
+        features = [feature(c, vocab) for c in block["components"]]
         path = self.out / f"batch-{self.n}.json"
         path.write_text(json.dumps({**self.head, "features": features}, separators=(",", ":"), allow_nan=False))
         self.n += 1

@@ -6,7 +6,8 @@ the K components the pass keeps:
 - the **top N contexts** by the component's largest value in them: a per-batch maximum per context merged
   into a running N x K buffer with one ``topk`` over (buffer + batch contexts);
 - a **uniform sample** of R active rows (|value| > threshold), by random priority: every (row, component)
-  gets a uniform key and the R largest keys are kept, again one ``topk`` merge; sorted by value at the end
+  gets a uniform key (plus 1 where active, so active rows come first) and the R largest keys of active rows
+  are kept, again one ``topk`` merge; sorted by value at the end
   and cut into Q groups, it is a sample from each activation quantile;
 - an **activation histogram** of the active values with B linear bins over [0, 2^e], e growing as larger
   values come (the counts of neighbouring bins are merged each time the range doubles: no second pass);
@@ -61,25 +62,32 @@ class _Slots:
         self.pos = torch.zeros(n, k, dtype=torch.int32)
         self.snip = torch.zeros(n, k, c, dtype=torch.float16)
 
-    def merge(self, score: Tensor, fill) -> None:
+    def merge(self, score: Tensor, fill, valid: Tensor | None = None) -> None:
         """Keep the N best of the buffer and the candidates ``score`` (M x K); ``fill(cand, comp)`` returns
-        (value, start, length, pos, snippet) of the chosen candidates (rows of ``score``) for components.
+        (value, start, length, pos, snippet) of the chosen candidates (rows of ``score``) for components;
+        ``valid`` (M x K, bool; default: finite scores) says which candidates are real.
 
         The slots are unordered: a candidate that makes the top N takes the slot of an item it pushes out, in
-        place, so a batch costs one ``topk`` over (N + M) x K plus the work on the items that change."""
+        place. A batch costs one ``topk`` over its M x K scores; the rest works on N x K and the items that
+        change."""
         n = self.score.shape[0]
-        _, idx = torch.cat([self.score, score]).topk(n, dim=0)
-        chosen = torch.zeros(n + len(score), score.shape[1], dtype=torch.bool).scatter_(0, idx, True)
-        incoming = chosen[n:] & torch.isfinite(score)
-        if not bool(incoming.any()):
+        k = score.shape[1]
+        batch_best, batch_idx = score.topk(min(n, len(score)), dim=0)
+        _, idx = torch.cat([self.score, batch_best]).topk(n, dim=0)
+        comp_in, rank = (idx >= n).T.nonzero(as_tuple=True)  # sorted by component
+        if not len(comp_in):
             return
-        # per component, as many items leave as finite candidates come in (an empty slot, -inf, leaves first)
-        comp_in, cand = incoming.T.nonzero(as_tuple=True)  # sorted by component
-        leaving = ~chosen[:n]
-        comp_out, slot = leaving.T.nonzero(as_tuple=True)
-        counts_in = torch.bincount(comp_in, minlength=score.shape[1])
-        counts_out = torch.bincount(comp_out, minlength=score.shape[1])
-        # the first counts_in[c] leaving slots of each component c take its candidates
+        cand = batch_idx[idx[rank, comp_in] - n, comp_in]
+        real = valid[cand, comp_in] if valid is not None else torch.isfinite(score[cand, comp_in])
+        comp_in, cand = comp_in[real], cand[real]
+        if not len(comp_in):
+            return
+        kept = torch.zeros(n + 1, k, dtype=torch.bool).scatter_(0, idx.clamp(max=n), True)[:n]
+        comp_out, slot = (~kept).T.nonzero(as_tuple=True)  # the items pushed out, sorted by component
+        counts_in = torch.bincount(comp_in, minlength=k)
+        counts_out = torch.bincount(comp_out, minlength=k)
+        # the first counts_in[c] pushed-out slots of component c take its candidates (an empty slot, -inf, is
+        # pushed out before any real item; the slots left over are empty ones)
         rank_out = torch.arange(len(comp_out)) - (torch.cumsum(counts_out, 0) - counts_out)[comp_out]
         take = rank_out < counts_in[comp_out]
         slot, comp_out = slot[take], comp_out[take]
@@ -215,9 +223,8 @@ class ComponentStream:
             return snippet(out_rows, comp)
 
         self.top.merge(ctx_max, fill_top)
-        keys = torch.rand(m, self.k, generator=self.generator)
-        keys.masked_fill_(~active, -math.inf)
-        self.sample.merge(keys, snippet)
+        keys = torch.rand(m, self.k, generator=self.generator).add_(active)  # active rows' keys in [1, 2)
+        self.sample.merge(keys, snippet, valid=active)
 
     def _histogram(self, codes: Tensor, active: Tensor, batch_max: Tensor) -> None:
         bins, none = self.cfg.bins, -(1 << 30)
