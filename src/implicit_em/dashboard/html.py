@@ -170,7 +170,8 @@ COMPONENT_JS = r"""
   function color(v, top) {
     if (!(top > 0) || v === 0) return '';
     const a = Math.min(1, Math.abs(v) / top);
-    return v > 0 ? 'background:rgba(255,110,20,' + (0.08 + 0.85 * a).toFixed(3) + ')' : 'background:rgba(40,110,230,' + (0.08 + 0.85 * a).toFixed(3) + ')';
+    const alpha = (0.04 + 0.86 * Math.pow(a, 1.3)).toFixed(3);
+    return v > 0 ? 'background:rgba(255,110,20,' + alpha + ')' : 'background:rgba(40,110,230,' + alpha + ')';
   }
   function shownText(s) { return s.replace(/\n/g, '↵').replace(/\t/g, '⇥'); }
   function ctxHtml(c, b, top) {

@@ -139,7 +139,7 @@ class TokenSource:
                         end = self._window_end(at, hi, batch_rows)
                 raw = self.shards.read(at, end)
                 x = self.normalization(self.shards.to_float32(raw))
-                w = torch.from_numpy(np.asarray(self.windows[at:end], dtype=np.int64))
+                w = torch.from_numpy(np.array(self.windows[at:end], dtype=np.int64))  # a copy: writable
                 new = torch.ones(end - at, dtype=torch.bool)
                 new[1:] = w[1:] != w[:-1]
                 yield Batch(x, torch.arange(at, end, dtype=torch.int64), new)
