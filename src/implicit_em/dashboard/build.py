@@ -1,13 +1,15 @@
 """A run's dashboard: the pass, the extras, one record per component, and the files (``scripts/dashboard.py``).
 
 Output folder: ``index.html``, ``component.html``, ``data/`` (index.js, meta.js, blocks/), ``neuronpedia/``
-(batch-*.json) and ``summary.json`` (settings, counts, the pass's speed and peak memory).
+(batch-*.json) and ``summary.json`` (settings, counts, the pass's speed and the peak memory after the pass,
+``pass.peak_rss_mb``, and at the end, ``peak_rss_mb_total``: the process's peak resident set).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -145,8 +147,9 @@ def records(
     for first in range(0, stats.k, block):
         comps, ids = [], set()
         end = min(stats.k, first + block)
-        ctx.prefetch([it for j in range(first, end) for it in stats.top[j] + [x for g in stats.quantiles[j]
-                                                                              for x in g["items"]]])  # fmt: skip
+        tops = {j: stats.top[j] for j in range(first, end)}  # made once per block, then dropped
+        quants = {j: stats.quantiles[j] for j in range(first, end)}
+        ctx.prefetch([it for j in tops for it in tops[j] + [x for g in quants[j] for x in g["items"]]])
         for j in range(first, end):
             active = int(stats.active[j])
             counts = stats.hist_counts[j]
@@ -156,9 +159,9 @@ def records(
                 "meanAct": _num(stats.total[j] / active) if active else None,
                 "max": _num(stats.maximum[j]) if active else None,
                 "hist": {"top": _num(stats.hist_top[j]), "bins": int(len(counts)), "counts": counts[:last].tolist()},
-                "top": [make(it) for it in stats.top[j]],
+                "top": [make(it) for it in tops[j]],
                 "quant": [{"lo": _num(g["lo"]), "hi": _num(g["hi"]), "items": [make(it) for it in g["items"]]}
-                          for g in stats.quantiles[j]],
+                          for g in quants[j]],
                 "near": [[int(i), _num(v)] for i, v in zip(near[0][j], near[1][j])],
                 "logits": None,
             }  # fmt: skip
@@ -284,6 +287,7 @@ def build(
     html.write_index(out, meta, rows)
     html.write_component_page(out, meta)
     summary["seconds"] = round(time.perf_counter() - started, 2)
+    summary["peak_rss_mb_total"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return Dashboard(out, meta, rows, summary)
 

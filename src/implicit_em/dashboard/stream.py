@@ -116,6 +116,21 @@ def _items(a: dict[str, np.ndarray], j: int) -> list[dict]:
     return out
 
 
+class _PerComponent:
+    """A read-only sequence over components whose entries are computed when read."""
+
+    def __init__(self, k: int, fn):
+        self.k, self.fn = k, fn
+
+    def __len__(self) -> int:
+        return self.k
+
+    def __getitem__(self, j: int):
+        if not -self.k <= j < self.k:
+            raise IndexError(j)
+        return self.fn(j % self.k)
+
+
 @dataclass
 class ComponentStats:
     """What the pass found, per component (numpy arrays over K, lists of items per component)."""
@@ -126,8 +141,29 @@ class ComponentStats:
     maximum: np.ndarray  # K, the largest value seen (-inf when none)
     hist_counts: np.ndarray  # K x B, active positive values in bins [i, i+1) * hist_top / B
     hist_top: np.ndarray  # K, the histogram's upper edge (0 when no positive active value)
-    top: list[list[dict]] = field(default_factory=list)  # per component: items, best first
-    quantiles: list[list[dict]] = field(default_factory=list)  # per component: Q groups {lo, hi, items}
+    top_arrays: dict = field(default_factory=dict)  # the top-context slots (numpy, N x K ...)
+    sample_arrays: dict = field(default_factory=dict)  # the sample slots (numpy, R x K ...)
+    n_quantiles: int = 5
+
+    @property
+    def top(self) -> _PerComponent:
+        """``top[j]``: component j's top contexts, best first (items made on demand: memory stays K x N)."""
+        return _PerComponent(self.k, lambda j: _items(self.top_arrays, j))
+
+    @property
+    def quantiles(self) -> _PerComponent:
+        """``quantiles[j]``: component j's sample sorted by value and cut into groups ``{lo, hi, items}``,
+        highest first, items highest first."""
+        return _PerComponent(self.k, self._groups)
+
+    def _groups(self, j: int) -> list[dict]:
+        samples = sorted(_items(self.sample_arrays, j), key=lambda it: it["value"])
+        groups = []
+        if samples:
+            for part in np.array_split(np.arange(len(samples)), min(self.n_quantiles, len(samples))):
+                items = [samples[i] for i in part]
+                groups.append({"lo": items[0]["value"], "hi": items[-1]["value"], "items": items[::-1]})
+        return groups[::-1]
 
     @property
     def density(self) -> np.ndarray:
@@ -256,7 +292,6 @@ class ComponentStream:
 
     # -- the result --------------------------------------------------------------------------------------
     def finish(self) -> ComponentStats:
-        q = self.cfg.quantiles
         has = self.hist_exp > -(1 << 30)
         top_edge = torch.where(
             has, torch.pow(2.0, self.hist_exp.clamp(min=-1000).double()), torch.zeros((), dtype=torch.float64)
@@ -268,15 +303,8 @@ class ComponentStream:
             maximum=self.maximum.numpy(),
             hist_counts=self.hist.numpy(),
             hist_top=top_edge.numpy(),
+            top_arrays=self.top.arrays(),
+            sample_arrays=self.sample.arrays(),
+            n_quantiles=self.cfg.quantiles,
         )
-        top, sample = self.top.arrays(), self.sample.arrays()
-        for j in range(self.k):
-            stats.top.append(_items(top, j))
-            samples = sorted(_items(sample, j), key=lambda it: it["value"])
-            groups = []
-            if samples:
-                for part in np.array_split(np.arange(len(samples)), min(q, len(samples))):
-                    items = [samples[i] for i in part]
-                    groups.append({"lo": items[0]["value"], "hi": items[-1]["value"], "items": items[::-1]})
-            stats.quantiles.append(groups[::-1])  # highest quantile first
         return stats
