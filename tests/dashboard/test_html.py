@@ -102,3 +102,36 @@ def test_an_index_of_16384_components_builds_in_the_page_fast(tmp_path):
     )
     assert ms <= ready < 2000
     assert "&lt;sat&gt;" in index  # text is escaped
+
+
+def test_the_index_sorts_and_filters_in_the_page(tmp_path):
+    from implicit_em.dashboard.html import write_index
+
+    meta = {"title": "t", "k": 6, "block": 64, "rows": 100, "unit": "tokens", "kind": "text", "threshold": 0.01,
+            "logit_note": "", "split": "all", "image": None, "standalone": False, "summary_html": ""}  # fmt: skip
+    rows = [[0, 0.5, 0.1, 1.0, "cat · dog", "▁▂", 0], [1, 0.0, 0.0, 0.0, "", "—", 1],
+            [2, 0.9, 0.2, 3.0, "bird", "▂▃", 0], [3, 0.1, 0.3, 2.0, "catalog", "▃", 0],
+            [4, 0.2, 0.4, 0.5, "fish", "▄", 0], [5, 0.05, 0.5, 4.0, "cat", "▅", 0]]  # fmt: skip
+    write_index(tmp_path, meta, rows)
+    # the user's actions, scripted after the page's own code: sort by max, then filter "cat", then hide the dead
+    actions = """<script>
+      const order = () => [...document.querySelectorAll('[data-component]')].map(e => e.dataset.component).join(',');
+      document.body.dataset.initial = order();
+      document.querySelector('.head span[data-key="3"]').click();
+      document.body.dataset.byMax = order();
+      document.getElementById('q').value = 'cat';
+      document.getElementById('q').dispatchEvent(new Event('input'));
+      setTimeout(() => { document.body.dataset.cat = order();
+        document.getElementById('q').value = ''; document.getElementById('hidedead').checked = true;
+        document.getElementById('hidedead').dispatchEvent(new Event('change'));
+        document.body.dataset.alive = order(); }, 500);
+    </script>"""
+    page = tmp_path / "index.html"
+    page.write_text(page.read_text().replace("</body>", actions + "</body>"))
+    index, log = dom(f"file://{page}")
+    assert not console_errors(log)
+    got = dict(re.findall(r'data-(initial|by-max|cat|alive)="([\d,]*)"', index))
+    assert got["initial"] == "2,0,4,3,5,1"  # density, highest first
+    assert got["by-max"] == "5,2,3,0,4,1"  # max, highest first
+    assert got["cat"] == "5,3,0"  # top tokens containing "cat", still by max
+    assert got["alive"] == "5,2,3,0,4"
