@@ -135,7 +135,7 @@ def read_safetensors_shard(path: Path) -> Shard:
 
 
 def list_shards(root: str | Path) -> list[Path]:
-    """The shard files of ``root`` in sorted name order (``labels.npy`` and ``doc_ids.npy`` are not shards)."""
+    """The shard files of ``root`` in sorted name order (the sidecars, e.g. ``labels.npy``, are not shards)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such directory; pass --data.root DIR holding .npy or .safetensors shards")
