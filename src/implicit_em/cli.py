@@ -171,12 +171,13 @@ class ImplicitEMCLI(LightningCLI):
             self._resume(cfg, root)
         if self.resume_state is None:
             self._new_wandb_ids(cfg)
-        if cfg.trainer.enable_progress_bar is not False:
-            callbacks = cfg.trainer.callbacks or []
-            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-            if not any("ProgressBar" in getattr(c, "class_path", "") for c in callbacks):
-                cfg.trainer.callbacks = [*callbacks, Namespace(class_path="implicit_em.training.callbacks.ProgressBar",
-                                                                init_args=Namespace(refresh_rate=10))]  # fmt: skip
+        callbacks = cfg.trainer.callbacks or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if cfg.trainer.enable_progress_bar is False:  # a saved config (a resume, a rebuild) may name one
+            cfg.trainer.callbacks = [c for c in callbacks if "ProgressBar" not in getattr(c, "class_path", "")]
+        elif not any("ProgressBar" in getattr(c, "class_path", "") for c in callbacks):
+            cfg.trainer.callbacks = [*callbacks, Namespace(class_path="implicit_em.training.callbacks.ProgressBar",
+                                                            init_args=Namespace(refresh_rate=10))]  # fmt: skip
         for lg in _loggers(cfg.trainer):
             if "save_dir" in lg.init_args and lg.init_args.save_dir in (None, "."):
                 lg.init_args.save_dir = str(root)

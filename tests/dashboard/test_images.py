@@ -15,7 +15,7 @@ from tests.conftest import DEFAULT_CONFIG, QUIET
 
 @pytest.fixture(scope="module")
 def digits_dashboard(tmp_path_factory):
-    from implicit_em.cli import fit_run
+    from implicit_em.app import fit_run
     from implicit_em.dashboard.build import Settings, build
     from implicit_em.dashboard.stream import StreamConfig
 

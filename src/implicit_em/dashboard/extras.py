@@ -70,15 +70,13 @@ class TokenStrings:
 
 def readout_directions(run) -> tuple[Tensor, str] | None:
     """(K x D directions in raw activation units, where they come from), or None when the run has none."""
-    from implicit_em.export import unfold_readout
-
     if run.readout is not None:
         r, c = run.readout
-        return unfold_readout(r, c, run.norm_state)[0].float(), "the ridge readout (readout.safetensors)"
+        return run.normalization.unfold_decoder(r, c)[0].float(), "the ridge readout (readout.safetensors)"
     decoder = getattr(run.module.model, "decoder", None)
     if decoder is not None:
         w = decoder.weight.detach().T
-        return unfold_readout(w, decoder.bias.detach(), run.norm_state)[0].float(), "the SAE's decoder"
+        return run.normalization.unfold_decoder(w, decoder.bias.detach())[0].float(), "the SAE's decoder"
     return None
 
 

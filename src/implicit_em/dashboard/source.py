@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import resource
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor
 
 from implicit_em.dashboard.stream import ComponentStats, ComponentStream, StreamConfig
+from implicit_em.data.normalization import Normalization
 from implicit_em.errors import ConfigError, DataError
 
 SPLITS = ("all", "train", "val", "test")
@@ -35,8 +34,7 @@ class LoadedRun:
     run_dir: Path
     module: torch.nn.Module
     datamodule: object
-    normalization: Callable[[Tensor], Tensor]
-    norm_state: dict | None
+    normalization: Normalization
     readout: tuple[Tensor, Tensor] | None
 
     @property
@@ -45,30 +43,21 @@ class LoadedRun:
 
 
 def load_run(run_dir: str | Path) -> LoadedRun:
-    """Rebuild a finished run (the one place that does; see the module docstring)."""
+    """Rebuild a finished run through :class:`implicit_em.rundir.RunDir` (the one place the dashboard does)."""
     from implicit_em.checkpoints import load_checkpoint
-    from implicit_em.data.normalization import Normalization
-    from implicit_em.experiments.compare import rebuild
-    from implicit_em.export import READOUT, _read_safetensors, find_normalization, run_paths
+    from implicit_em.export import find_normalization
+    from implicit_em.rundir import RunDir
 
-    run_dir, ckpt = run_paths(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise DataError(f"{run_dir} has no config.yaml; pass the run directory that scripts/train.py wrote")
-    with tempfile.TemporaryDirectory() as tmp:
-        # rebuild() turns the progress bar off, which Lightning refuses beside a ProgressBar callback in the
-        # saved config (configs/data/activations.yaml adds one): rebuild from a copy without the callbacks
-        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        (config.get("trainer") or {}).pop("callbacks", None)
-        (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(config))
-        (Path(tmp) / "checkpoints").mkdir()
-        (Path(tmp) / "checkpoints" / "last.ckpt").symlink_to(ckpt.resolve())
-        module, datamodule = rebuild(Path(tmp))
+    run, ckpt = RunDir.of(run_dir)
+    if not run.config_path.is_file():
+        raise DataError(f"{run.path} has no config.yaml; pass the run directory that scripts/train.py wrote")
+    module, datamodule = run.rebuild(checkpoint=ckpt)
     norm = find_normalization(load_checkpoint(ckpt))
     readout = None
-    if (run_dir / READOUT).is_file():
-        t = _read_safetensors(run_dir / READOUT)
-        readout = (t["R"], t["c"]) if "R" in t and "c" in t else None
-    return LoadedRun(run_dir, module.eval(), datamodule, Normalization.from_state_dict(norm or {}), norm, readout)
+    if run.readout_path.is_file():
+        saved = run.readout()
+        readout = (saved["R"], saved["c"])
+    return LoadedRun(run.path, module.eval(), datamodule, norm, readout)
 
 
 # -- the rows ------------------------------------------------------------------------------------------------
@@ -199,15 +188,13 @@ def make_source(run: LoadedRun, split: str):
             f"{type(dm).__name__} rows are neither tokens (a harvest folder) nor images; the dashboard shows one "
             "of those"
         )
-    from implicit_em.export import normalization_inverse
-
     dm.setup("fit")
-    dm.load_state_dict({"normalization": run.norm_state or {}})  # the checkpoint's, should setup refit it
+    dm.load_state_dict({"normalization": run.normalization.state_dict()})  # the checkpoint's, should setup refit it
     names = ("train", "val", "test") if split == "all" else (split,)
     parts = [dm.splits[n] for n in names if n in dm.splits]
     x = torch.cat([p.x for p in parts])
     y = torch.cat([p.y for p in parts])
-    to_raw = normalization_inverse(run.norm_state)
+    to_raw = run.normalization.inverse()
     raw = to_raw(x) if to_raw is not None else x
     return ImageSource(x, raw, shape, y, getattr(dm, "label_names", None)), [(0, len(x))]
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from implicit_em.sae_metrics import ACTIVE_THRESHOLD
+from implicit_em.eval.sae_metrics import ACTIVE_THRESHOLD
 
 
 @dataclass(frozen=True)
