@@ -63,7 +63,7 @@ def fit_in_process(root, *args: str, callbacks=(), fit: bool = True):
     :func:`~implicit_em.runtime.training_process`). Returns the CLI (``.model``, ``.trainer``, ``.datamodule``)."""
     import warnings
 
-    from implicit_em.app import fit
+    from implicit_em import app
     from implicit_em.cli import ImplicitEMCLI
     from implicit_em.runtime import training_process
 
@@ -73,7 +73,7 @@ def fit_in_process(root, *args: str, callbacks=(), fit: bool = True):
     cli.trainer.callbacks.extend(callbacks)
     if fit:
         with training_process():
-            cli.metrics_path = fit(cli)
+            cli.metrics_path = app.fit(cli)
     return cli
 
 

@@ -84,8 +84,11 @@ def _option(args: list[str], name: str) -> str | None:
 
 
 def with_the_runs_config(args: list[str], default_config_files: list[str]) -> list[str]:
-    """A resume (``--ckpt_path last`` or a checkpoint's path) starts from the run's saved config.yaml, so the
-    run's model and data come back without retyping them; the command's own arguments still override it."""
+    """A resume (``--ckpt_path last`` or a checkpoint's path) starts from the model, data and seed of the run's
+    saved config.yaml, so they come back without retyping them; the command's own arguments still override them.
+    How long to train (the trainer's settings) stays the command's."""
+    import json
+
     import yaml
 
     ckpt = _option(args, "--ckpt_path")
@@ -103,7 +106,12 @@ def with_the_runs_config(args: list[str], default_config_files: list[str]) -> li
             return args
         ckpt = str(found)
     config = Path(ckpt).resolve().parent.parent / "config.yaml"
-    return ["--config", str(config), *args] if config.is_file() else args
+    if not config.is_file():
+        return args
+    saved = yaml.safe_load(config.read_text()) or {}
+    prefix = [a for key in ("seed_everything", "model", "data") if key in saved
+              for a in (f"--{key}", json.dumps(saved[key]))]  # fmt: skip
+    return [*prefix, *args]
 
 
 class ImplicitEMCLI(LightningCLI):

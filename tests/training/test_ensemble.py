@@ -98,6 +98,7 @@ def test_each_member_is_bitwise_its_lone_run(ensemble_and_lone_runs):
         for name in a:
             assert torch.equal(a[name], b[name]), (s, name, float((a[name] - b[name]).abs().max()))
         member_loss = float(ensemble.trainer.callback_metrics[f"train/loss/m{s}"])
+        assert "train/loss" in alone.trainer.callback_metrics, sorted(alone.trainer.callback_metrics)
         assert member_loss == pytest.approx(float(alone.trainer.callback_metrics["train/loss"]), rel=1e-6)
     # the members differ from each other, so the comparison has teeth
     assert not torch.allclose(members[0].model.linear.weight, members[1].model.linear.weight, atol=1e-3)

@@ -445,7 +445,8 @@ class ActivationsDataModule(ComponentDataModule):
         clock = self.step_clock()
         if self.trainer is None:  # no step clock: the state counts the chunks handed out
             clock["step_fn"] = None
-        return ActivationLoader(
-            self.shards, self.rows["train"], self.batch_size, self.shuffle_seed, transform=norm, rank=rank, world_size=world, drop_last=self.drop_last, block_rows=self.block_rows,
-            buffer_rows=self.buffer_rows, device=device, prefetch=self.prefetch, **clock,
-        )  # fmt: skip
+        return self.position.track(ActivationLoader(
+            self.shards, self.rows["train"], self.batch_size, self.shuffle_seed, transform=norm, rank=rank,
+            world_size=world, drop_last=self.drop_last, block_rows=self.block_rows, buffer_rows=self.buffer_rows,
+            device=device, prefetch=self.prefetch, **clock,
+        ))  # fmt: skip

@@ -100,6 +100,11 @@ class PatchNormalization:
     def dims(self) -> int:
         return self.channels * self.patch_size**2
 
+    def inverse(self) -> None:
+        """None: each patch's own brightness and contrast are divided out, so no map leads back to raw pixels (the
+        SAE metrics are then in the whitened space)."""
+        return None
+
     def __call__(self, patches: Tensor) -> Tensor:
         """Normalised, whitened patches (float32) of raw patches n x D with pixels in [0, 1]."""
         u = contrast_normalize(patches.double(), self.contrast_eps)
@@ -229,17 +234,19 @@ class CIFAR10PatchesDataModule(ComponentDataModule):
         if self._device_train is None or self._device_train.device != device:
             self._device_train = self.train_patches.to(device)
         rank, world = self.rank_world()
-        return InMemoryLoader(
+        return self.position.track(InMemoryLoader(
             self._device_train, self.batch_size, self.shuffle_seed, rank=rank,
             world_size=world, drop_last=self.drop_last, **self.step_clock(),
-        )  # fmt: skip
+        ))  # fmt: skip
 
     def state_dict(self) -> dict:
-        return {"normalization": self.normalization.state_dict() if self.normalization is not None else None}
+        normalization = self.normalization.state_dict() if self.normalization is not None else None
+        return {"normalization": normalization, **self.position.state()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict.get("normalization") is not None:
             self.normalization = PatchNormalization.from_state_dict(state_dict["normalization"])
+        self.position.restore(state_dict)
 
 
 def patch_normalization_from_checkpoint(checkpoint: dict) -> PatchNormalization:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from implicit_em.data.normalization import NORMALIZATIONS, Normalization
 from implicit_em.errors import DataError, check, check_choice
-from implicit_em.training.steps import ChunkedEpochs, step_clock
+from implicit_em.training.steps import ChunkedEpochs, TrainPosition, step_clock
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
@@ -167,6 +167,7 @@ class ComponentDataModule(L.LightningDataModule):
         self.normalization_kind = normalization
         self.splits: dict[str, Split] = {}
         self.normalization = Normalization()
+        self.position = TrainPosition()
         self._device_splits: dict[str, Split] = {}
 
     @property
@@ -197,11 +198,12 @@ class ComponentDataModule(L.LightningDataModule):
         return EvalLoader(s.x, s.y, self.eval_batch_size, *self.rank_world())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"normalization": self.normalization.state_dict()}
+        return {"normalization": self.normalization.state_dict(), **self.position.state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "normalization" in state:
             self.normalization = Normalization.from_state_dict(state["normalization"])
+        self.position.restore(state)
 
 
 class InMemoryDataModule(ComponentDataModule):
@@ -247,10 +249,10 @@ class InMemoryDataModule(ComponentDataModule):
 
     def train_dataloader(self) -> InMemoryLoader:
         rank, world = self.rank_world()
-        return InMemoryLoader(
+        return self.position.track(InMemoryLoader(
             self.device_split("train").x, self.batch_size, self.shuffle_seed, rank=rank, world_size=world,
             drop_last=self.drop_last, **self.step_clock(),
-        )  # fmt: skip
+        ))  # fmt: skip
 
 
 def check_finite(x: np.ndarray, what: str) -> None:

@@ -66,7 +66,7 @@ def reconstruction_errors(module, x: Tensor, f: Tensor) -> dict[str, float]:
     """MSE of the reconstruction: the decoder's for an SAE, x_hat = d W for the decoder-free model; and
     the scale-normalised MSE after the best single scale a = <x, x_hat> / <x_hat, x_hat>."""
     x = x.to(f.device).double()
-    if hasattr(module.model, "decode"):
+    if module.model.has_decoder:
         x_hat = module.model.decode(f).double()
     else:
         x_hat = f.double() @ module.model.component_weights().double()

@@ -67,7 +67,8 @@ class ChunkedEpochs:
     chunk lengths of an epoch's iteration.
 
     The epoch comes through the sampler protocol: Lightning calls ``loader.sampler.set_epoch(e)`` before every
-    training epoch (the epoch it gives samplers, right also when a resumed fit reads its first batch);
+    training epoch. A resumed fit fetches its first batch before that call, so its first iteration starts from
+    the position the checkpoint saved (:meth:`load_state_dict`: the epoch, and the batch within it).
     ``step_fn`` reads the Trainer's global step. The saved position counts the
     batches trained on: with a step clock, the optimiser steps taken since the epoch began (Lightning fetches a
     chunk ahead of the one it trains on, so the chunks handed out are one more); without one, every chunk
@@ -97,8 +98,11 @@ class ChunkedEpochs:
     def start_epoch(self) -> tuple[int, int, list[int]]:
         """(epoch, first batch, chunk lengths) of the iteration that begins now, from a loaded position if any."""
         epoch, start = self.epoch, 0
-        if self._resume is not None and self._resume["epoch"] == epoch:
-            start = self._resume["batch"]
+        if self._resume is not None:  # a checkpoint's position: the first iteration of a resumed fit begins there
+            epoch, start = int(self._resume["epoch"]), int(self._resume["batch"])
+            if start >= self.n_batches:  # saved at the end of an epoch: the next one begins
+                epoch, start = epoch + 1, 0
+            self.epoch = epoch
         self._resume = None
         first_step = self.step_fn() if self.step_fn is not None else 0
         self._epoch_start, self._position = (epoch, start, first_step), (epoch, start)
@@ -116,3 +120,30 @@ class ChunkedEpochs:
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = dict(state)
+
+
+class TrainPosition:
+    """Where the training loader stands, kept in the DataModule's state (which every checkpoint saves and every
+    restore loads, end-of-epoch checkpoints included), so a resumed fit's first iteration starts where the
+    checkpoint left off. A DataModule holds one; its ``train_dataloader`` returns ``position.track(loader)``."""
+
+    KEY = "train_position"
+
+    def __init__(self):
+        self.loader: ChunkedEpochs | None = None
+        self.saved: dict | None = None
+
+    def track(self, loader: ChunkedEpochs) -> ChunkedEpochs:
+        """Remember ``loader`` (its position goes into checkpoints) and start it at a restored position, once."""
+        self.loader = loader
+        if self.saved is not None:
+            loader.load_state_dict(self.saved)
+            self.saved = None
+        return loader
+
+    def state(self) -> dict:
+        return {self.KEY: self.loader.state_dict()} if self.loader is not None else {}
+
+    def restore(self, state: dict) -> None:
+        if state.get(self.KEY) is not None:
+            self.saved = dict(state[self.KEY])
