@@ -12,6 +12,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one torch thread per worker (its processes too): no oversubscription
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
 TRAIN = REPO / "scripts" / "train.py"
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -155,12 +155,19 @@ def load_causal_lm(model: str | Path, device: str | torch.device = "cpu") -> tup
         folder, kwargs, arch = path, {}, None
     else:
         raise DataError(f"{path}: no such model folder or .gguf file; pass a transformers model folder or a .gguf file")
+    quiet = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # no de-quantisation progress bar in a run's log
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
         net = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise ConfigError(f"cannot load the causal LM {path} ({_one_line(e)}); pass a transformers causal LM "
                           "folder or a .gguf file") from None  # fmt: skip
+    finally:
+        if quiet is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = quiet
     net = net.to(device).eval()
     arch = arch or (net.config.architectures or [net.config.model_type])[0]
     info = {"model": str(path), "gguf_file": kwargs.get("gguf_file"), "architecture": arch,

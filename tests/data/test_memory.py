@@ -124,10 +124,14 @@ def test_state_dict_resumes_mid_epoch_at_the_step_trained_not_the_chunk_fetched(
     assert sum(len(c) for c in resumed) == 10
 
 
-def test_state_from_another_epoch_starts_the_epoch_over():
-    loader = make_loader(n=100, b=10, chunk=2, epoch=3)
+def test_a_loaded_position_is_where_the_next_iteration_begins():
+    """A resumed fit fetches its first batch before Lightning sets the epoch: the checkpoint's position decides;
+    a position at the end of an epoch begins the next one."""
+    loader = make_loader(n=100, b=10, chunk=2, epoch=0)
     loader.load_state_dict({"epoch": 2, "batch": 4})
-    assert len(list(loader)) == 5
+    assert len(list(loader)) == 3 and loader.epoch == 2  # batches 4-9 of epoch 2, in chunks of 2
+    loader.load_state_dict({"epoch": 2, "batch": 10})
+    assert len(list(loader)) == 5 and loader.epoch == 3
 
 
 # -- normalisations -----------------------------------------------------------------------------------------

@@ -34,7 +34,10 @@ def test_both_dictionaries_side_by_side(tmp_path, monkeypatch):
     assert any("k-means" in m for m in messages)
     assert result["train_args"][result["train_args"].index("--model.net.lambda_tc") + 1] == "1.0"
     saved = yaml.safe_load(next((folder / "runs").rglob("config.yaml")).read_text())  # the README's settings
-    assert saved["data"]["init_args"]["batch_size"] == 64 and saved["model"]["init_args"]["lambda_lse"] == 4.0
+    assert (
+        saved["data"]["init_args"]["batch_size"] == 64
+        and saved["model"]["init_args"]["net"]["init_args"]["lambda_lse"] == 4.0
+    )
 
 
 def test_the_decorrelation_weight_keeps_its_pull_per_component_above_400():
