@@ -9,9 +9,15 @@ from torch import Tensor, nn
 
 from implicit_em.distributed import gather_samples
 from implicit_em.errors import check, check_choice
-from implicit_em.models.base import ACTIVATIONS, InferenceForm, Net, seeded_linear
+from implicit_em.models.base import ACTIVATIONS, InferenceForm, Net, keep_top_k, seeded_linear
 from implicit_em.models.registry import register
-from implicit_em.objective import implicit_em_objective
+from implicit_em.objective import implicit_em_objective, truncated_lse_loss
+
+#: what a sparse net (``k`` set) reads as its code: the depths relu(-z) of its k nearest components, or the
+#: k largest distances relu(z)
+SPARSE_CODES = ("depth", "distance")
+#: which quantity the sparse net trains the implicit-EM objective on
+SPARSE_OBJECTIVES = ("truncated", "truncated_dense_var", "code", "dense")
 
 
 @register("implicit_em")
@@ -30,6 +36,8 @@ class ImplicitEM(Net):
             resumed runs draw the same); see ``objective.decorrelation_subset_estimate`` for its variance.
     """
 
+    takes_k = True
+
     def __init__(
         self,
         in_features: int,
@@ -43,8 +51,13 @@ class ImplicitEM(Net):
         lambda_wr: float = 0.0,
         eps: float = 1e-6,
         tc_components: int | None = None,
+        code: str = "depth",
+        sparse_objective: str = "truncated",
     ):
         super().__init__(in_features, n_components, k, seed)
+        check_choice(code, "model.net.code", SPARSE_CODES)
+        check_choice(sparse_objective, "model.net.sparse_objective", SPARSE_OBJECTIVES)
+        self.code, self.sparse_objective = code, sparse_objective
         check_choice(activation, "model.net.activation", ACTIVATIONS)
         check(tc_components is None or tc_components >= 2, "model.net.tc_components", "null or an integer >= 2",
               tc_components)  # fmt: skip
@@ -60,25 +73,73 @@ class ImplicitEM(Net):
         self.phi = ACTIVATIONS[activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        """Distances d (N x K)."""
-        return self.phi(self.linear(x))
+        """The codes (N x K): the distances d = phi(W x + b) when k is None (the paper's model); with k, the
+        sparse code of :meth:`sparse_code`."""
+        if self.k is None:
+            return self.phi(self.linear(x))
+        return self.sparse_code(self.linear(x))
+
+    @property
+    def code_sign(self) -> int:
+        """s in the sparse code TopK_k(relu(s z)): -1 for depths (nearest first), +1 for distances."""
+        return -1 if self.code == "depth" else 1
+
+    def sparse_code(self, z: Tensor) -> Tensor:
+        """a = TopK_k(relu(s z)): ``depth`` (s = -1) keeps the k components nearest to x (largest -z, the
+        depth inside their halfspace), ``distance`` (s = +1) the k largest distances; every other entry 0."""
+        return keep_top_k(self.code_sign * z, self.k)
 
     def first_layer(self) -> nn.Linear:
         return self.linear
 
     def objective(self, x: Tensor, step: int) -> dict[str, Tensor]:
+        if self.k is not None:
+            return self._sparse_objective(x, step)
         d = gather_samples(self(x))  # the global batch under DDP
         weight = self.component_weights() if self.lambdas["lambda_wr"] else None
         m = self.tc_components
         subsets = torch.Generator().manual_seed(self.seed * 1_000_003 + step) if m else None
         return implicit_em_objective(d, weight, eps=self.eps, tc_components=m, generator=subsets, **self.lambdas)
 
+    def _sparse_objective(self, x: Tensor, step: int) -> dict[str, Tensor]:
+        z = gather_samples(self.linear(x))
+        weight = self.component_weights() if self.lambdas["lambda_wr"] else None
+        m = self.tc_components
+        subsets = torch.Generator().manual_seed(self.seed * 1_000_003 + step) if m else None
+        a = self.sparse_code(z)
+        if self.sparse_objective == "dense":
+            return implicit_em_objective(self.phi(z), weight, eps=self.eps, tc_components=m, generator=subsets,
+                                         **self.lambdas)  # fmt: skip
+        if self.sparse_objective == "code":
+            return implicit_em_objective(a, weight, eps=self.eps, tc_components=m, generator=subsets, **self.lambdas)
+        # truncated: the E-step over the k selected components, the InfoMax terms on the code
+        lambdas = dict(self.lambdas, lambda_lse=0.0)
+        dense_var = self.sparse_objective == "truncated_dense_var"
+        if dense_var:
+            lambdas["lambda_var"] = 0.0
+        terms = implicit_em_objective(a, weight, eps=self.eps, tc_components=m, generator=subsets, **lambdas)
+        if dense_var:
+            from implicit_em.objective import variance_loss
+
+            var = variance_loss(torch.relu(self.code_sign * z), self.eps)
+            terms = {**terms, "var": var, "loss": terms["loss"] + self.lambdas["lambda_var"] * var}
+        index = (self.code_sign * z).topk(self.k, dim=-1).indices
+        lse = truncated_lse_loss(self.phi(z), index)
+        return {**terms, "loss": terms["loss"] + self.lambdas["lambda_lse"] * lse, "lse": lse}
+
     def settings(self) -> dict[str, Any]:
-        return {"activation": self.activation, **self.lambdas, "eps": self.eps, "tc_components": self.tc_components}
+        own = {"activation": self.activation, **self.lambdas, "eps": self.eps, "tc_components": self.tc_components}
+        if self.k is not None:
+            own.update(k=self.k, code=self.code, sparse_objective=self.sparse_objective)
+        return own
 
     def inference_form(self) -> InferenceForm:
         from implicit_em.errors import ConfigError
 
+        if self.k is not None:  # the sparse code is TopK_k(relu(s z)) whatever phi the objective uses
+            sign = self.code_sign
+            return InferenceForm("topk", sign * self.linear.weight, sign * self.linear.bias, k=self.k,
+                                 extra={"code": self.code})  # fmt: skip
         if self.activation != "relu":
             raise ConfigError(
                 f"activation {self.activation!r} cannot be exported: SAELens's standard architecture computes "
