@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from implicit_em.distributed import gather_samples
@@ -17,12 +18,13 @@ from implicit_em.objective import implicit_em_objective, truncated_lse_loss
 #: k largest distances relu(z)
 SPARSE_CODES = ("depth", "distance")
 #: which quantity the sparse net trains the implicit-EM objective on
-SPARSE_OBJECTIVES = ("truncated", "truncated_dense_var", "code", "dense")
+SPARSE_OBJECTIVES = ("truncated", "code", "dense")
 
 
 @register("implicit_em")
 class ImplicitEM(Net):
-    """d = phi(W x + b): K components (the rows of W), no decoder; the codes are the distances d.
+    """d = phi(W x + b): K components (the rows of W), no decoder; the codes are the distances d (with k, the
+    sparse code below).
 
     Args:
         activation: phi, one of relu, softplus, abs, square, exp, identity.
@@ -34,6 +36,19 @@ class ImplicitEM(Net):
         tc_components: null (default): the exact decorrelation term. m < K: its unbiased estimate from m
             components drawn afresh each step (the same on every rank, fixed by the seed and the step, so
             resumed runs draw the same); see ``objective.decorrelation_subset_estimate`` for its variance.
+
+    Sparse codes (``--model.k k``; null, the default, is the paper's model, unchanged to the bit): with
+    z = W x + b, the code users read (training, evaluation, readout, export: this forward) is
+    a = TopK_k(relu(s z)), SAELens's ``topk`` form of the affine map s (W x + b).
+
+        code: ``depth`` (s = -1, the default): the k components nearest to x, each valued by its depth
+            relu(-z) inside its halfspace (where the distance d = phi(z) is smallest); ``distance`` (s = +1):
+            the k largest distances.
+        sparse_objective: ``truncated`` (the default): the truncated E-step L_LSE^T over the k selected
+            components (``objective.truncated_lse_loss``), the decorrelation term on the code a and the
+            variance term on the dense depth relu(s z) (every component's, so none stays outside every
+            input's top k: no dead components); ``code``: the paper's objective on the code a; ``dense``: the
+            paper's objective on d = phi(z), only the code sparse.
     """
 
     takes_k = True
@@ -102,30 +117,26 @@ class ImplicitEM(Net):
         return implicit_em_objective(d, weight, eps=self.eps, tc_components=m, generator=subsets, **self.lambdas)
 
     def _sparse_objective(self, x: Tensor, step: int) -> dict[str, Tensor]:
-        z = gather_samples(self.linear(x))
+        """The objective of the sparse net (k set), by ``sparse_objective`` (see the class docstring)."""
+        z = gather_samples(self.linear(x))  # the global batch under DDP
         weight = self.component_weights() if self.lambdas["lambda_wr"] else None
         m = self.tc_components
         subsets = torch.Generator().manual_seed(self.seed * 1_000_003 + step) if m else None
-        a = self.sparse_code(z)
         if self.sparse_objective == "dense":
             return implicit_em_objective(self.phi(z), weight, eps=self.eps, tc_components=m, generator=subsets,
                                          **self.lambdas)  # fmt: skip
+        s = self.code_sign * z
+        values, index = s.topk(self.k, dim=-1)
+        a = torch.zeros_like(z).scatter(-1, index, F.relu(values))  # = self.sparse_code(z), one top-k
         if self.sparse_objective == "code":
             return implicit_em_objective(a, weight, eps=self.eps, tc_components=m, generator=subsets, **self.lambdas)
-        # truncated: the E-step over the k selected components, the InfoMax terms on the code
-        lambdas = dict(self.lambdas, lambda_lse=0.0)
-        dense_var = self.sparse_objective == "truncated_dense_var"
-        if dense_var:
-            lambdas["lambda_var"] = 0.0
-        terms = implicit_em_objective(a, weight, eps=self.eps, tc_components=m, generator=subsets, **lambdas)
-        if dense_var:
-            from implicit_em.objective import variance_loss
-
-            var = variance_loss(torch.relu(self.code_sign * z), self.eps)
-            terms = {**terms, "var": var, "loss": terms["loss"] + self.lambdas["lambda_var"] * var}
-        index = (self.code_sign * z).topk(self.k, dim=-1).indices
+        # truncated: the E-step over the k selected components, L_tc on the code, L_var on the dense depth
+        lam = self.lambdas
+        terms = implicit_em_objective(a, weight, 0.0, 0.0, lam["lambda_tc"], lam["lambda_wr"], self.eps, m, subsets)
+        var = implicit_em_objective(F.relu(s), None, 0.0, lam["lambda_var"], 0.0, 0.0, self.eps)["var"]
         lse = truncated_lse_loss(self.phi(z), index)
-        return {**terms, "loss": terms["loss"] + self.lambdas["lambda_lse"] * lse, "lse": lse}
+        loss = terms["loss"] + lam["lambda_var"] * var + lam["lambda_lse"] * lse
+        return {**terms, "loss": loss, "lse": lse, "var": var}
 
     def settings(self) -> dict[str, Any]:
         own = {"activation": self.activation, **self.lambdas, "eps": self.eps, "tc_components": self.tc_components}
