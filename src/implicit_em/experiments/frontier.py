@@ -13,7 +13,8 @@ Same data, width K, training tokens (epochs, batch) and evaluation for every row
 :func:`~implicit_em.experiments.compare.evaluate_row` (ridge readout FVU, L0, dead fraction, k-sparse probing,
 CE loss recovered and KL where the data is a causal LM's harvest), plus ``fvu_decoder`` (the SAEs' own
 decoders, on the same test rows), ``sparse_probe_mean`` (mean of k-sparse probing at k = 1, 2, 5),
-``n_parameters`` and ``train_seconds``. Writes ``<out>/<data>/frontier.json`` (``rows``), ``frontier.md`` and one
+``n_parameters``, ``train_seconds`` (the run's epochs) and ``fit_seconds`` (its whole ``scripts/train.py`` path,
+with its own end-of-run report). Writes ``<out>/<data>/frontier.json`` (``rows``), ``frontier.md`` and one
 PNG per metric against L0 (``frontier_<metric>.png``).
 """
 
@@ -108,7 +109,9 @@ def frontier_seed(
             extra = ["--model.k", str(k), "--report.lm_windows", "0", "--report.sae_metrics", "false"]
             extra += list(model_args) if name == "implicit_em" else []
             args = train_args(configs, data, config, run_root, epochs, seed, components, batch_size, data_root, *extra)
+            start = time.perf_counter()
             metrics_path = fit_run(args)
+            fit_seconds = time.perf_counter() - start
             metrics = json.loads(Path(metrics_path).read_text())
             run_dir = Path(metrics_path).parent
             module, datamodule = RunDir(run_dir).rebuild()
@@ -116,7 +119,8 @@ def frontier_seed(
                 shared = load_data(datamodule, lm_windows)
             ours_dir = run_dir if name == "implicit_em" else ours_dir
             rows.append(judge(name, module_row(module), k, n_parameters=module.n_parameters(),
-                              train_seconds=sum(metrics.get("epoch_seconds") or []), run_dir=str(run_dir)))  # fmt: skip
+                              train_seconds=sum(metrics.get("epoch_seconds") or []), fit_seconds=fit_seconds,
+                              run_dir=str(run_dir)))  # fmt: skip
         random_module, _ = RunDir(ours_dir).rebuild(trained=False)
         random_module.fit_to_data(shared.splits["train"].x)  # the data-aware start that training begins from
         rows.append(judge("random_encoder", module_row(random_module), k,
