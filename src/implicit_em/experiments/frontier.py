@@ -98,7 +98,8 @@ def frontier_seed(
         out = {"model": name, "target_l0": target, "components": components, **extra, **scores,
                "fvu_decoder": fvu_dec, "sparse_probe_mean": probe_mean(scores.get("sparse_probe_accuracy")),
                "eval_seconds": time.perf_counter() - start}  # fmt: skip
-        log(f"[frontier] {name} k={target}: L0 {out.get('l0')}, FVU {out.get('fvu')}, dead {out.get('dead_fraction')}")
+        shown = ("l0", "dead_fraction", "fvu", "fvu_decoder", "sparse_probe_mean", "ce_loss_recovered", "kl_div")
+        log(f"[frontier] {name} k={target}: " + ", ".join(f"{m} {out.get(m)}" for m in shown))
         return out
 
     for k in l0s:
