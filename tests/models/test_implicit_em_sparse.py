@@ -114,7 +114,7 @@ def test_export_and_load_give_the_codes_on_raw_activations(tmp_path):
     sae = load(out)
     assert sae.architecture == "topk" and sae.k == 3
     codes = sae.encode(x)
-    assert torch.allclose(codes, expected, atol=1e-5)
+    assert torch.allclose(codes, expected, rtol=1e-6, atol=1e-6)  # float32 fold: codes up to ~40
     assert torch.equal(codes != 0, expected != 0)
     assert float((codes != 0).sum(1).float().mean()) == pytest.approx(float((expected != 0).sum(1).float().mean()))
 
