@@ -46,6 +46,13 @@ def parser() -> argparse.ArgumentParser:
         help="linear probe: sklearn (the paper's, default) or torch (fast)",
     )
     p.add_argument("--data-root", default=None, help="--data.root for the data config (MNIST, CIFAR-10 files)")
+    p.add_argument(
+        "--l0",
+        type=int,
+        nargs="+",
+        default=None,
+        help="target L0s (codes kept per input) of the frontier experiment (default: 16 32 64 128)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: digits, 5 epochs, seed 1 (unless given)")
     return p
 
@@ -67,9 +74,12 @@ def settings(argv: list[str]):
         p.error(f"argument --batch-size: must be >= 2 (got {a.batch_size})")
     if not (REPO / "configs" / "data" / f"{data}.yaml").is_file():
         p.error(f"argument --data: configs/data/{data}.yaml does not exist")
+    if a.l0 is not None and any(k < 1 or k > a.components for k in a.l0):
+        p.error(f"argument --l0: each must lie in 1..--components ({a.components}) (got {' '.join(map(str, a.l0))})")
     command = shlex.join(["python", "scripts/reproduce.py", *argv])
     s = Settings(REPO / "configs", data, a.out, epochs, list(seeds), a.components, a.batch_size, a.probe_method,
                  a.data_root, command)  # fmt: skip
+    s.l0s = list(a.l0) if a.l0 is not None else None  # read by the frontier experiment only
     return s, a.experiment
 
 

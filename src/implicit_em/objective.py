@@ -429,6 +429,17 @@ def implicit_em_objective(
     return {"loss": loss, **terms}
 
 
+def truncated_lse_loss(d: Tensor, index: Tensor) -> Tensor:
+    """Truncated mixture NLL (expectation truncation): only the components in T_i (``index``, N x k) count,
+
+        L_LSE^T = -sum_i log sum_{j in T_i} exp(-d_ij),
+
+    an upper bound of L_LSE (fewer terms in each sum). Its gradient is the truncated E-step:
+    dL/dd_ij = r~_ij = exp(-d_ij) / sum_{l in T_i} exp(-d_il) for j in T_i, and 0 for every other j
+    (the responsibilities renormalised over the k kept components). Summed over the batch."""
+    return -torch.logsumexp(-_wide(d).gather(-1, index), dim=-1).sum(dim=-1)
+
+
 def sae_objective(x: Tensor, reconstruction: Tensor, codes: Tensor, l1: float | Tensor = 0.01) -> dict[str, Tensor]:
     """Standard SAE loss L = mean (x - x_hat)^2 + l1 * mean |a| (means over batch and dimensions).
 

@@ -1,6 +1,6 @@
 """The experiments behind ``scripts/reproduce.py``: one registry, one entry point.
 
-``paper`` holds the paper's experiments, ``compare`` the SAE users' comparison with the usual baselines,
+``paper`` holds the paper's experiments, ``compare`` the SAE users' comparison with the usual baselines, ``frontier`` the same at matched target L0s,
 ``patches`` the CIFAR-10 patch dictionaries against k-means, ``runs`` launches their training runs (``configs/experiment/*.yaml``
 through the path of ``scripts/train.py``), ``tables`` and ``plots`` summarise and draw.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from implicit_em.experiments import compare, paper, patches
+from implicit_em.experiments import compare, frontier, paper, patches
 from implicit_em.experiments.runs import Runs, Settings
 
 #: experiment name -> runner; register a new experiment here
@@ -21,6 +21,7 @@ EXPERIMENTS: dict[str, Callable[[Settings, Runs], Path]] = {
     "features": paper.run_features,
     "dynamics": paper.run_dynamics,
     "compare": compare.run_compare_experiment,
+    "frontier": frontier.run_frontier_experiment,
     "patches": patches.run_patches_experiment,
 }
 #: the experiments ``all`` runs

@@ -5,18 +5,26 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from implicit_em.distributed import gather_samples
 from implicit_em.errors import check, check_choice
-from implicit_em.models.base import ACTIVATIONS, InferenceForm, Net, seeded_linear
+from implicit_em.models.base import ACTIVATIONS, InferenceForm, Net, keep_top_k, seeded_linear
 from implicit_em.models.registry import register
-from implicit_em.objective import implicit_em_objective
+from implicit_em.objective import implicit_em_objective, truncated_lse_loss
+
+#: what a sparse net (``k`` set) reads as its code: the depths relu(-z) of its k nearest components, or the
+#: k largest distances relu(z)
+SPARSE_CODES = ("depth", "distance")
+#: which quantity the sparse net trains the implicit-EM objective on
+SPARSE_OBJECTIVES = ("truncated", "code", "dense")
 
 
 @register("implicit_em")
 class ImplicitEM(Net):
-    """d = phi(W x + b): K components (the rows of W), no decoder; the codes are the distances d.
+    """d = phi(W x + b): K components (the rows of W), no decoder; the codes are the distances d (with k, the
+    sparse code below).
 
     Args:
         activation: phi, one of relu, softplus, abs, square, exp, identity.
@@ -28,7 +36,22 @@ class ImplicitEM(Net):
         tc_components: null (default): the exact decorrelation term. m < K: its unbiased estimate from m
             components drawn afresh each step (the same on every rank, fixed by the seed and the step, so
             resumed runs draw the same); see ``objective.decorrelation_subset_estimate`` for its variance.
+
+    Sparse codes (``--model.k k``; null, the default, is the paper's model, unchanged to the bit): with
+    z = W x + b, the code users read (training, evaluation, readout, export: this forward) is
+    a = TopK_k(relu(s z)), SAELens's ``topk`` form of the affine map s (W x + b).
+
+        code: ``depth`` (s = -1, the default): the k components nearest to x, each valued by its depth
+            relu(-z) inside its halfspace (where the distance d = phi(z) is smallest); ``distance`` (s = +1):
+            the k largest distances.
+        sparse_objective: ``truncated`` (the default): the truncated E-step L_LSE^T over the k selected
+            components (``objective.truncated_lse_loss``), the decorrelation term on the code a and the
+            variance term on the dense depth relu(s z) (every component's, so none stays outside every
+            input's top k: no dead components); ``code``: the paper's objective on the code a; ``dense``: the
+            paper's objective on d = phi(z), only the code sparse.
     """
+
+    takes_k = True
 
     def __init__(
         self,
@@ -43,8 +66,13 @@ class ImplicitEM(Net):
         lambda_wr: float = 0.0,
         eps: float = 1e-6,
         tc_components: int | None = None,
+        code: str = "depth",
+        sparse_objective: str = "truncated",
     ):
         super().__init__(in_features, n_components, k, seed)
+        check_choice(code, "model.net.code", SPARSE_CODES)
+        check_choice(sparse_objective, "model.net.sparse_objective", SPARSE_OBJECTIVES)
+        self.code, self.sparse_objective = code, sparse_objective
         check_choice(activation, "model.net.activation", ACTIVATIONS)
         check(tc_components is None or tc_components >= 2, "model.net.tc_components", "null or an integer >= 2",
               tc_components)  # fmt: skip
@@ -60,25 +88,69 @@ class ImplicitEM(Net):
         self.phi = ACTIVATIONS[activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        """Distances d (N x K)."""
-        return self.phi(self.linear(x))
+        """The codes (N x K): the distances d = phi(W x + b) when k is None (the paper's model); with k, the
+        sparse code of :meth:`sparse_code`."""
+        if self.k is None:
+            return self.phi(self.linear(x))
+        return self.sparse_code(self.linear(x))
+
+    @property
+    def code_sign(self) -> int:
+        """s in the sparse code TopK_k(relu(s z)): -1 for depths (nearest first), +1 for distances."""
+        return -1 if self.code == "depth" else 1
+
+    def sparse_code(self, z: Tensor) -> Tensor:
+        """a = TopK_k(relu(s z)): ``depth`` (s = -1) keeps the k components nearest to x (largest -z, the
+        depth inside their halfspace), ``distance`` (s = +1) the k largest distances; every other entry 0."""
+        return keep_top_k(self.code_sign * z, self.k)
 
     def first_layer(self) -> nn.Linear:
         return self.linear
 
     def objective(self, x: Tensor, step: int) -> dict[str, Tensor]:
+        if self.k is not None:
+            return self._sparse_objective(x, step)
         d = gather_samples(self(x))  # the global batch under DDP
         weight = self.component_weights() if self.lambdas["lambda_wr"] else None
         m = self.tc_components
         subsets = torch.Generator().manual_seed(self.seed * 1_000_003 + step) if m else None
         return implicit_em_objective(d, weight, eps=self.eps, tc_components=m, generator=subsets, **self.lambdas)
 
+    def _sparse_objective(self, x: Tensor, step: int) -> dict[str, Tensor]:
+        """The objective of the sparse net (k set), by ``sparse_objective`` (see the class docstring)."""
+        z = gather_samples(self.linear(x))  # the global batch under DDP
+        weight = self.component_weights() if self.lambdas["lambda_wr"] else None
+        m = self.tc_components
+        subsets = torch.Generator().manual_seed(self.seed * 1_000_003 + step) if m else None
+        if self.sparse_objective == "dense":
+            return implicit_em_objective(self.phi(z), weight, eps=self.eps, tc_components=m, generator=subsets,
+                                         **self.lambdas)  # fmt: skip
+        s = self.code_sign * z
+        values, index = s.topk(self.k, dim=-1)
+        a = torch.zeros_like(z).scatter(-1, index, F.relu(values))  # = self.sparse_code(z), one top-k
+        if self.sparse_objective == "code":
+            return implicit_em_objective(a, weight, eps=self.eps, tc_components=m, generator=subsets, **self.lambdas)
+        # truncated: the E-step over the k selected components, L_tc on the code, L_var on the dense depth
+        lam = self.lambdas
+        terms = implicit_em_objective(a, weight, 0.0, 0.0, lam["lambda_tc"], lam["lambda_wr"], self.eps, m, subsets)
+        var = implicit_em_objective(F.relu(s), None, 0.0, lam["lambda_var"], 0.0, 0.0, self.eps)["var"]
+        lse = truncated_lse_loss(self.phi(z), index)
+        loss = terms["loss"] + lam["lambda_var"] * var + lam["lambda_lse"] * lse
+        return {**terms, "loss": loss, "lse": lse, "var": var}
+
     def settings(self) -> dict[str, Any]:
-        return {"activation": self.activation, **self.lambdas, "eps": self.eps, "tc_components": self.tc_components}
+        own = {"activation": self.activation, **self.lambdas, "eps": self.eps, "tc_components": self.tc_components}
+        if self.k is not None:
+            own.update(k=self.k, code=self.code, sparse_objective=self.sparse_objective)
+        return own
 
     def inference_form(self) -> InferenceForm:
         from implicit_em.errors import ConfigError
 
+        if self.k is not None:  # the sparse code is TopK_k(relu(s z)) whatever phi the objective uses
+            sign = self.code_sign
+            return InferenceForm("topk", sign * self.linear.weight, sign * self.linear.bias, k=self.k,
+                                 extra={"code": self.code})  # fmt: skip
         if self.activation != "relu":
             raise ConfigError(
                 f"activation {self.activation!r} cannot be exported: SAELens's standard architecture computes "

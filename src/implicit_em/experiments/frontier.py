@@ -1,0 +1,261 @@
+"""The sparsity frontier SAE users read: every model at the same target L0s, judged one way on the same data.
+
+``reproduce.py --experiment frontier --data activations --l0 16 32 64 128`` trains, at each target L0 k:
+
+- ``implicit_em``: the decoder-free model with ``--model.k k`` (its sparse code, ``configs/model/implicit_em.yaml``);
+- ``topk_sae``: the TopK SAE with k (``configs/model/topk_sae.yaml``);
+- ``batchtopk_sae``: the BatchTopK SAE with the AuxK loss, k on average (``configs/model/batchtopk_sae.yaml``);
+- ``random_encoder``: this model's net with the same k, untrained (seeded init and data-aware start) -- a random
+  frozen encoder with TopK, its readout fitted like ours;
+
+and once, as reference points: ``kmeans`` (one-hot assignments, L0 = 1) and ``pca`` (dense projections).
+Same data, width K, training tokens (epochs, batch) and evaluation for every row: compare's
+:func:`~implicit_em.experiments.compare.evaluate_row` (ridge readout FVU, L0, dead fraction, k-sparse probing,
+CE loss recovered and KL where the data is a causal LM's harvest), plus ``fvu_decoder`` (the SAEs' own
+decoders, on the same test rows), ``sparse_probe_mean`` (mean of k-sparse probing at k = 1, 2, 5),
+``n_parameters``, ``train_seconds`` (the run's epochs) and ``fit_seconds`` (its whole ``scripts/train.py`` path,
+with its own end-of-run report). Writes ``<out>/<data>/frontier.json`` (``rows``), ``frontier.md`` and one
+PNG per metric against L0 (``frontier_<metric>.png``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from implicit_em.experiments.compare import (
+    Data,
+    Row,
+    evaluate_row,
+    kmeans_row,
+    load_data,
+    module_row,
+    pca_row,
+    summarize,
+    train_args,
+)
+from implicit_em.rundir import RunDir
+
+#: the target L0s when none are given
+DEFAULT_L0S = (16, 32, 64, 128)
+#: the models trained at every target L0 (row name, config in configs/model/)
+TRAINED = (("implicit_em", "implicit_em"), ("topk_sae", "topk_sae"), ("batchtopk_sae", "batchtopk_sae"))
+#: the k of k-sparse probing that ``sparse_probe_mean`` averages
+PROBE_MEAN_KS = ("1", "2", "5")
+#: metric -> (axis label, whether lower is better), one PNG each
+PLOTTED = {
+    "fvu": ("FVU (ridge readout, test)", True),
+    "fvu_decoder": ("FVU (own decoder, test)", True),
+    "dead_fraction": ("dead fraction", True),
+    "sparse_probe_mean": ("k-sparse probing, mean of k = 1, 2, 5", False),
+    "ce_loss_recovered": ("CE loss recovered", False),
+    "kl_div": ("KL (spliced vs clean)", True),
+    "train_seconds": ("training seconds", True),
+}
+
+
+def probe_mean(scores: dict | None) -> float | None:
+    """The mean of k-sparse probing at k = 1, 2, 5 (None when any is missing or not finite)."""
+    values = [(scores or {}).get(k) for k in PROBE_MEAN_KS]
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        return None
+    return sum(values) / len(values)
+
+
+def decoder_fvu(row: Row, data: Data) -> float | None:
+    """FVU of a row's own decoder on the test rows (raw units, as the readout's), None without a decoder."""
+    if row.decode is None:
+        return None
+    import torch
+
+    from implicit_em.eval.sae_metrics import readout_scores
+
+    x = data.splits["test"].x
+    with torch.no_grad():
+        x_hat = torch.cat([row.decode(row.encode(c)) for c in x.split(8192)])
+    return readout_scores(x, x_hat, data.to_raw)["fvu"]
+
+
+def frontier_seed(
+    configs: Path, data: str, folder: Path, components: int, epochs: int, seed: int, l0s: Sequence[int],
+    batch_size: int | None, data_root: str | None, probe_method: str, log: Callable[[str], None] = print,
+    lm_windows: int = 50, model_args: Sequence[str] = (),
+) -> list[dict]:  # fmt: skip
+    """Every row of one seed: the trained models and the random encoder at each target L0, then k-means and PCA.
+    ``model_args``: extra ``scripts/train.py`` arguments for this model's runs (``--model.net.*``)."""
+    from implicit_em.app import fit_run
+
+    shared: Data | None = None
+    rows: list[dict] = []
+
+    def judge(name: str, row: Row, target: int | None, **extra) -> dict:
+        start = time.perf_counter()
+        scores = evaluate_row(row, shared, probe_method, lm_windows=lm_windows)
+        fvu_dec = decoder_fvu(row, shared)
+        out = {"model": name, "target_l0": target, "components": components, **extra, **scores,
+               "fvu_decoder": fvu_dec, "sparse_probe_mean": probe_mean(scores.get("sparse_probe_accuracy")),
+               "eval_seconds": time.perf_counter() - start}  # fmt: skip
+        shown = ("l0", "dead_fraction", "fvu", "fvu_decoder", "sparse_probe_mean", "ce_loss_recovered", "kl_div")
+        log(f"[frontier] {name} k={target}: " + ", ".join(f"{m} {out.get(m)}" for m in shown))
+        return out
+
+    for k in l0s:
+        ours_dir = None
+        for name, config in TRAINED:
+            log(f"[frontier] {name} k={k}: training {epochs} epochs, K = {components}, seed {seed}")
+            run_root = folder / "runs" / f"{name}_k{k}" / f"seed{seed}"
+            extra = ["--model.k", str(k), "--report.lm_windows", "0", "--report.sae_metrics", "false"]
+            extra += list(model_args) if name == "implicit_em" else []
+            args = train_args(configs, data, config, run_root, epochs, seed, components, batch_size, data_root, *extra)
+            start = time.perf_counter()
+            metrics_path = fit_run(args)
+            fit_seconds = time.perf_counter() - start
+            metrics = json.loads(Path(metrics_path).read_text())
+            run_dir = Path(metrics_path).parent
+            module, datamodule = RunDir(run_dir).rebuild()
+            if shared is None:  # the first run fixes the data (splits, normalisation) every row is judged on
+                shared = load_data(datamodule, lm_windows)
+            ours_dir = run_dir if name == "implicit_em" else ours_dir
+            rows.append(judge(name, module_row(module), k, n_parameters=module.n_parameters(),
+                              train_seconds=sum(metrics.get("epoch_seconds") or []), fit_seconds=fit_seconds,
+                              run_dir=str(run_dir)))  # fmt: skip
+        random_module, _ = RunDir(ours_dir).rebuild(trained=False)
+        random_module.fit_to_data(shared.splits["train"].x)  # the data-aware start that training begins from
+        rows.append(judge("random_encoder", module_row(random_module), k,
+                          n_parameters=random_module.n_parameters(), train_seconds=0.0))  # fmt: skip
+
+    log("[frontier] kmeans, pca")
+    n_train = len(shared.splits["train"].x)
+    start = time.perf_counter()
+    if components <= n_train:
+        km = kmeans_row(shared, components, seed)
+        rows.append(judge("kmeans", km, None, n_parameters=components * shared.dims,
+                          train_seconds=time.perf_counter() - start))  # fmt: skip
+    n_pca = min(components, shared.dims)
+    start = time.perf_counter()
+    pca = pca_row(shared, n_pca)
+    rows.append(judge("pca", pca, None, n_parameters=n_pca * shared.dims + shared.dims,
+                      train_seconds=time.perf_counter() - start))  # fmt: skip
+    return rows
+
+
+# -- table and figures ------------------------------------------------------------------------------------
+COLUMNS = {
+    "target_l0": ("target", "d"), "l0": ("L0", ".1f"), "dead_fraction": ("dead", ".3f"), "fvu": ("FVU", ".3f"),
+    "fvu_decoder": ("FVU dec.", ".3f"), "sparse_probe_mean": ("probe k=1,2,5", ".3f"),
+    "ce_loss_recovered": ("CE rec.", ".3f"), "kl_div": ("KL", ".3f"), "n_parameters": ("params", "d"),
+    "train_seconds": ("train s", ".0f"),
+}  # fmt: skip
+
+
+def _cell(value, fmt: str) -> str:
+    if value is None or isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return format(int(value) if fmt == "d" else value, fmt)
+
+
+def markdown(rows: Sequence[dict], header: dict) -> str:
+    """frontier.md: the table, the command, and how to read it."""
+    names = ["model", *(c[0] for c in COLUMNS.values())]
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    for r in rows:
+        lines.append("| " + " | ".join([r["model"], *(_cell(r.get(c), f) for c, (_, f) in COLUMNS.items())]) + " |")
+    return "\n".join([
+        f"# Sparsity frontier on {header['data']}", "",
+        f"`{header['command']}`" if header.get("command") else "", "",
+        f"K = {header['components']}, {header['epochs']} epochs, target L0 {header['l0s']}, seeds {header['seeds']} "
+        "(means over seeds).", "",
+        *lines, "",
+        "FVU: a ridge readout x ~ f R + c fitted on each row's codes (train rows, strength on val), scored on test "
+        "rows in raw units; FVU dec.: the SAEs' own decoders on the same rows. L0 and dead: |f| > 0.01 over all "
+        "evaluation rows. probe: k-sparse probing (balanced accuracy, per document), mean of k = 1, 2, 5. CE rec. "
+        "and KL: the causal LM run again with the layer replaced by the reconstruction (causal harvests only). "
+        "random_encoder: this model's net at its data-aware start, untrained, with the same TopK.", "",
+    ])  # fmt: skip
+
+
+def plot_metric(rows: Sequence[dict], metric: str, path: Path, title: str) -> Path | None:
+    """One metric against L0: a line per model over the target L0s, a marker for the single points (k-means,
+    PCA). None (no file) when no row has the metric."""
+    from matplotlib.figure import Figure
+
+    label, lower = PLOTTED[metric]
+    have = [r for r in rows if isinstance(r.get(metric), (int, float)) and isinstance(r.get("l0"), (int, float))]
+    if not have:
+        return None
+    fig = Figure(figsize=(5.5, 4), layout="constrained")
+    ax = fig.subplots()
+    for i, name in enumerate(dict.fromkeys(r["model"] for r in have)):
+        pts = sorted((max(r["l0"], 1e-2), r[metric]) for r in have if r["model"] == name)
+        ax.plot(*zip(*pts), marker="o", label=name, color=f"C{i % 10}", linestyle="-" if len(pts) > 1 else "none")
+    ax.set(xscale="log", xlabel="L0 (active components per input)", ylabel=label,
+           title=f"{title} ({'lower' if lower else 'higher'} is better)")  # fmt: skip
+    ax.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def run_frontier(
+    data: str,
+    out: str | Path,
+    components: int = 768,
+    epochs: int = 1,
+    seeds: Sequence[int] = (1,),
+    l0s: Sequence[int] = DEFAULT_L0S,
+    data_root: str | None = None,
+    batch_size: int | None = None,
+    probe_method: str = "torch",
+    configs: str | Path = "configs",
+    command: str = "",
+    log: Callable[[str], None] = print,
+    lm_windows: int = 50,
+    model_args: Sequence[str] = (),
+) -> Path:
+    """Train and judge every row at every target L0 once per seed; write frontier.json, frontier.md and the PNGs
+    into ``<out>/<data>/``; returns frontier.json's path."""
+    from implicit_em.eval.report import write_metrics
+
+    l0s = sorted({int(k) for k in l0s})
+    if not l0s or min(l0s) < 1 or max(l0s) > components:
+        raise ValueError(f"--l0: target L0s must lie in 1..{components} (K), got {l0s}")
+    folder = Path(out) / data
+    per_seed = [
+        frontier_seed(
+            Path(configs),
+            data,
+            folder,
+            components,
+            epochs,
+            seed,
+            l0s,
+            batch_size,
+            data_root,
+            probe_method,
+            log,
+            lm_windows,
+            model_args,
+        )  # fmt: skip
+        for seed in seeds
+    ]
+    header = {"data": data, "components": components, "epochs": epochs, "seeds": list(seeds), "l0s": l0s,
+              "batch_size": batch_size, "probe_method": probe_method, "command": command}  # fmt: skip
+    rows = summarize(per_seed, seeds)
+    path = write_metrics({**header, "rows": rows}, folder / "frontier.json")
+    (folder / "frontier.md").write_text(markdown(rows, header))
+    for metric in PLOTTED:
+        plot_metric(rows, metric, folder / f"frontier_{metric}.png", f"{data}: K = {components}")
+    log(f"[frontier] wrote {path}")
+    return path
+
+
+def run_frontier_experiment(s, runs=None) -> Path:
+    """The ``frontier`` entry of :data:`implicit_em.experiments.EXPERIMENTS`: :func:`run_frontier` with one
+    ``reproduce.py`` call's settings (``s.l0s``, set by ``--l0``; the default target L0s without it)."""
+    return run_frontier(
+        s.data, s.out, s.components, s.epochs, s.seeds, getattr(s, "l0s", None) or DEFAULT_L0S, s.data_root,
+        s.batch_size, s.probe_method, s.configs, s.command, log=runs.log if runs is not None else print,
+    )  # fmt: skip

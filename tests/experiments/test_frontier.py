@@ -1,0 +1,76 @@
+"""The frontier experiment: every model at each target L0, judged like compare's rows; one small run end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from implicit_em.experiments import EXPERIMENTS
+from implicit_em.experiments.frontier import markdown, plot_metric, probe_mean, run_frontier
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce_script", REPO / "scripts" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_probe_mean_is_k_1_2_5_only():
+    assert probe_mean({"1": 0.6, "2": 0.7, "5": 0.8, "20": 0.1}) == pytest.approx(0.7)
+    assert probe_mean({"1": 0.6, "2": float("nan"), "5": 0.8}) is None and probe_mean(None) is None
+
+
+def test_reproduce_takes_l0_and_refuses_bad_ones():
+    reproduce = _reproduce()
+    s, experiments = reproduce.settings(["--experiment", "frontier", "--l0", "16", "32", "--components", "64"])
+    assert experiments == ["frontier"] and s.l0s == [16, 32] and "frontier" in EXPERIMENTS
+    assert reproduce.settings(["--experiment", "compare"])[0].l0s is None
+    for bad in (["--l0", "0"], ["--l0", "65", "--components", "64"]):
+        with pytest.raises(SystemExit) as e:
+            reproduce.settings(["--experiment", "frontier", *bad])
+        assert e.value.code == 2
+
+
+def test_markdown_and_plot_skip_missing_numbers(tmp_path):
+    rows = [
+        {"model": "implicit_em", "target_l0": 2, "l0": 2.0, "fvu": 0.5, "ce_loss_recovered": None},
+        {"model": "implicit_em", "target_l0": 4, "l0": 4.0, "fvu": 0.4, "ce_loss_recovered": None},
+        {"model": "pca", "target_l0": None, "l0": 16.0, "fvu": 0.1},
+    ]
+    text = markdown(rows, {"data": "d", "components": 16, "epochs": 1, "seeds": [1], "l0s": [2, 4], "command": "c"})
+    assert "| implicit_em | 2 | 2.0 |" in text and "| pca | — | 16.0 |" in text
+    assert plot_metric(rows, "fvu", tmp_path / "fvu.png", "t").is_file()
+    assert plot_metric(rows, "ce_loss_recovered", tmp_path / "ce.png", "t") is None
+    assert not (tmp_path / "ce.png").exists()
+
+
+def test_frontier_on_digits_writes_every_row_at_every_l0(tmp_path):
+    path = run_frontier("digits", tmp_path, components=16, epochs=1, seeds=[1], l0s=[4, 2], configs=REPO / "configs")
+    result = json.loads(path.read_text())
+    assert result["l0s"] == [2, 4]
+    rows = result["rows"]
+    by = {(r["model"], r["target_l0"]): r for r in rows}
+    for k in (2, 4):
+        for name in ("implicit_em", "topk_sae", "batchtopk_sae", "random_encoder"):
+            r = by[(name, k)]
+            assert all(isinstance(r[m], float) and math.isfinite(r[m]) for m in ("fvu", "l0", "dead_fraction")), r
+            assert 0 <= r["sparse_probe_mean"] <= 1 and r["train_seconds"] >= 0
+        # TopK codes keep at most k per input: ours, the TopK SAE's and the random encoder's
+        for name in ("implicit_em", "topk_sae", "random_encoder"):
+            assert by[(name, k)]["l0"] <= k + 1e-9
+        assert by[("implicit_em", k)]["l0"] > 0.8 * k
+        # the SAEs are also judged through their own decoders; the decoder-free rows have none
+        assert isinstance(by[("topk_sae", k)]["fvu_decoder"], float) and by[("implicit_em", k)]["fvu_decoder"] is None
+        assert by[("implicit_em", k)]["n_parameters"] * 2 < by[("topk_sae", k)]["n_parameters"]
+        assert by[("random_encoder", k)]["train_seconds"] == 0.0
+    assert by[("kmeans", None)]["l0"] == pytest.approx(1.0) and ("pca", None) in by
+    folder = tmp_path / "digits"
+    assert (folder / "frontier.md").is_file() and (folder / "frontier_fvu.png").is_file()
+    assert (folder / "frontier_sparse_probe_mean.png").is_file()
