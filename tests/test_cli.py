@@ -83,7 +83,7 @@ def test_invalid_settings_fail_fast_with_one_line(train, args, key):
     assert run.stdout.strip() == "" or "metrics.json" not in run.stdout
 
 
-def test_probe_script_reproduces_the_runs_metrics_from_its_checkpoint(train, tmp_path):
+def test_probe_script_reproduces_the_runs_metrics_from_its_checkpoint(train, tmp_path, capsys):
     from tests.conftest import REPO, run_script
 
     run = train("--trainer.max_epochs", "2", "--report.kmeans", "false")
@@ -95,8 +95,17 @@ def test_probe_script_reproduces_the_runs_metrics_from_its_checkpoint(train, tmp
     for key in ("probe_accuracy", "dead_components", "redundancy", "cluster_accuracy"):
         assert again[key] == pytest.approx(m[key], rel=1e-6), key
     assert again["global_step"] == 2 * 11 and again["checkpoint"] == str(Path(m["checkpoint"]).resolve())
-    missing = run_script(REPO / "scripts" / "probe.py", tmp_path / "nope.ckpt")
-    assert missing.returncode == 2 and "nope.ckpt" in missing.stderr and "Traceback" not in missing.stderr
+    import runpy
+    import sys
+
+    main = runpy.run_path(str(REPO / "scripts" / "probe.py"))["main"]  # the failure in-process
+    argv, sys.argv = sys.argv, ["probe.py", str(tmp_path / "nope.ckpt")]
+    try:
+        assert main() == 2
+    finally:
+        sys.argv = argv
+    err = capsys.readouterr().err
+    assert "nope.ckpt" in err and "Traceback" not in err and err.count("\n") == 1
 
 
 def test_bf16_mixed_precision_trains_with_a_float32_objective(train):

@@ -116,11 +116,19 @@ def test_csv_log_has_the_validation_diagnostics(csv_run):
         assert any(row[column] not in ("", None) for row in rows), column
 
 
-def test_two_runs_in_two_roots_get_their_own_wandb_ids(tmp_path):
-    env = no_wandb_env(tmp_path)
-    ids = []
-    for root in (tmp_path / "a", tmp_path / "b"):
-        run, _ = timed_train(root, "--config", "configs/logger/wandb.yaml", "--trainer.max_epochs", "1", env=env)
-        assert run.returncode == 0, run.stderr[-2000:]
-        ids.append((run.metrics_path.parent / "wandb_id").read_text().strip())
-    assert ids[0] != ids[1] and all(len(i) >= 8 for i in ids)
+def test_every_new_run_gets_its_own_wandb_id_and_a_resume_keeps_its_own():
+    """The end-to-end version (two roots, a resume) is ../shared/checks/runfiles; here the rule itself."""
+    from jsonargparse import Namespace
+
+    from implicit_em.cli import ImplicitEMCLI
+
+    def config(**init_args):
+        logger = Namespace(class_path="implicit_em.loggers.WandbLogger", init_args=Namespace(**init_args))
+        return Namespace(trainer=Namespace(logger=[Namespace(class_path="implicit_em.loggers.CSVLogger"), logger]))
+
+    a, b, resumed = config(project="p"), config(project="p"), config(project="p", id="kept1234")
+    for cfg in (a, b, resumed):
+        ImplicitEMCLI._new_wandb_ids(cfg)
+    ids = [cfg.trainer.logger[1].init_args.id for cfg in (a, b)]
+    assert ids[0] != ids[1] and all(len(i) == 12 for i in ids)
+    assert resumed.trainer.logger[1].init_args.id == "kept1234"
