@@ -16,7 +16,7 @@ import torch
 from implicit_em.checkpoints import find_last_checkpoint, load_checkpoint
 from tests.conftest import REPO, TRAIN, fit_in_process, run_script
 
-EPOCHS = 40
+EPOCHS = 24
 STEPS_PER_EPOCH = 11  # digits: 1,293 training samples in batches of 128
 COMMON = ["--trainer.max_epochs", str(EPOCHS), "--trainer.enable_progress_bar", "false", "--seed_everything", "5",
           "--report.kmeans", "false", "--report.probe_method", "torch", "--features.every_n_epochs", "0"]  # fmt: skip
@@ -63,7 +63,7 @@ def uninterrupted(tmp_path_factory):
     "extra, mid_epoch",
     [
         ([], False),  # epoch-end checkpoints, killed after epoch 5
-        # a checkpoint every 8 optimiser steps: most land inside an epoch; 440 = 40 * 11 steps ends on one,
+        # a checkpoint every 8 optimiser steps: most land inside an epoch; 264 = 24 * 11 steps ends on one,
         # so the last checkpoint is the end
         (["--checkpoint.every_n_epochs", "0", "--checkpoint.every_n_train_steps", "8"], True),
     ],
