@@ -134,3 +134,14 @@ def train(tmp_path):
         return main_in_process(*base, *args)
 
     return _train
+
+
+def harvest_refusal(*args) -> str:
+    """scripts/harvest.py ARGS, offline, expected to refuse: exit code 2 and one ``error:`` line; returns that line."""
+    run = run_script(
+        REPO / "scripts" / "harvest.py", *map(str, args), env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    )
+    assert run.returncode == 2, run.stderr[-2000:]
+    lines = run.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "Traceback" not in run.stderr
+    return lines[-1]
