@@ -11,20 +11,14 @@ Errors print one line and exit with code 2; the last stdout line is DIR.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        from implicit_em.errors import exit_with_argument_error
-
-        exit_with_argument_error(message)
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = OneLineParser(description=__doc__.split("\n\n")[0])
+    from implicit_em.errors import OneLineArgumentParser
+
+    p = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path, help="a run directory (scripts/train.py's)")
     p.add_argument("--out", type=Path, required=True, help="the dashboard folder (created)")
     p.add_argument("--split", default="all", choices=("all", "train", "val", "test"),

@@ -20,16 +20,11 @@ import sys
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # no bar from transformers' GGUF de-quantisation (read at tqdm's import)
 
-from implicit_em.errors import exit_with_argument_error, report_user_error
+from implicit_em.errors import OneLineArgumentParser, report_user_error
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        exit_with_argument_error(message)
-
-
-def main() -> int:
-    p = OneLineParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    p = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a transformers model directory, a .gguf file or a Hub id")
     p.add_argument(
         "--layer", required=True, type=int,
@@ -51,7 +46,7 @@ def main() -> int:
     )  # fmt: skip
     p.add_argument("--part", type=int, default=0, help="this process's part, 0 to --parts - 1")
     p.add_argument("--parts", type=int, default=1, help="processes harvesting disjoint documents into one --out")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     try:  # this process's choice: no per-weight loading bar from transformers (its absence is reported below)
         from transformers.utils import logging
 

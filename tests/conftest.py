@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing loads from a hub: a test that tries fails at once
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one torch thread per worker (its processes too): no oversubscription
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -88,15 +90,12 @@ def model_weights(module) -> dict:
     return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
 
 
-def main_in_process(*args: str) -> Run:
-    """``scripts/train.py ARGS`` as its ``main`` runs them, in this process (from the project root, offline):
-    its exit code, stdout and stderr (an argument error's ``sys.exit`` and a bug's traceback included). What
-    needs a real process (kill -9, DDP, the interpreter's exit) uses :func:`run_script`."""
+def call_in_process(main, argv: list[str]) -> Run:
+    """``main(argv)`` in this process, from the project root and offline, as a script would run it: its exit
+    code, stdout and stderr (an argument error's ``sys.exit`` and a bug's traceback included)."""
     import contextlib
     import io
     import traceback
-
-    from implicit_em.app import main
 
     out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
     saved = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_API_KEY")}
@@ -106,7 +105,7 @@ def main_in_process(*args: str) -> Run:
         os.chdir(REPO)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                code = main(list(map(str, args)), [DEFAULT_CONFIG])
+                code = main(list(map(str, argv)))
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else 1
             except Exception:
@@ -120,6 +119,25 @@ def main_in_process(*args: str) -> Run:
             else:
                 os.environ[k] = v
     return Run(code, out.getvalue(), err.getvalue())
+
+
+def main_in_process(*args: str) -> Run:
+    """``scripts/train.py ARGS`` as its ``main`` runs them, in this process (:func:`call_in_process`). What
+    needs a real process (kill -9, DDP, the interpreter's exit) uses :func:`run_script`."""
+    from implicit_em.app import main
+
+    return call_in_process(lambda argv: main(argv, [DEFAULT_CONFIG]), list(args))
+
+
+def script_in_process(script: Path, *args) -> Run:
+    """``python scripts/NAME.py ARGS`` through the script's ``main(argv)`` in this process (its imports are
+    already paid for); the scripts' real-process behaviour has its own tests."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"script_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return call_in_process(module.main, list(args))
 
 
 @pytest.fixture
@@ -138,9 +156,7 @@ def train(tmp_path):
 
 def harvest_refusal(*args) -> str:
     """scripts/harvest.py ARGS, offline, expected to refuse: exit code 2 and one ``error:`` line; returns that line."""
-    run = run_script(
-        REPO / "scripts" / "harvest.py", *map(str, args), env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    )
+    run = script_in_process(REPO / "scripts" / "harvest.py", *args)
     assert run.returncode == 2, run.stderr[-2000:]
     lines = run.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and "Traceback" not in run.stderr

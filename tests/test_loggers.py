@@ -49,11 +49,11 @@ def csv_run(tmp_path_factory):
     return timed_train(tmp / "runs", env=no_wandb_env(tmp))
 
 
-def test_wandb_without_key_or_network_logs_offline_quickly(csv_run, tmp_path):
+def test_wandb_without_key_or_network_logs_offline_quickly_and_a_resume_continues_the_run(csv_run, tmp_path):
     csv_only, csv_seconds = csv_run
     assert csv_only.returncode == 0, csv_only.stderr[-2000:]
-    root = tmp_path / "runs"
-    run, seconds = timed_train(root, "--config", "configs/logger/wandb.yaml", env=no_wandb_env(tmp_path))
+    root, env = tmp_path / "runs", no_wandb_env(tmp_path)
+    run, seconds = timed_train(root, "--config", "configs/logger/wandb.yaml", env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "W&B: no API key; logging offline" in run.stderr
     assert "Traceback" not in run.stderr
@@ -65,17 +65,13 @@ def test_wandb_without_key_or_network_logs_offline_quickly(csv_run, tmp_path):
     # W&B should add about 10 s at most; timings on a shared machine are noisy, so the bound is generous
     assert seconds - csv_seconds < 30, (seconds, csv_seconds)
 
-
-def test_resumed_run_continues_the_same_wandb_run(tmp_path):
-    root, env = tmp_path / "runs", no_wandb_env(tmp_path)
-    first, _ = timed_train(root, "--config", "configs/logger/wandb.yaml", "--trainer.max_epochs", "1", env=env)
-    assert first.returncode == 0, first.stderr[-2000:]
-    run_id = (first.metrics_path.parent / "wandb_id").read_text().strip()
+    # resumed, the run goes on in the same run directory and the same W&B run (its id)
+    run_id = (run.metrics_path.parent / "wandb_id").read_text().strip()
     resumed, _ = timed_train(
         root, "--config", "configs/logger/wandb.yaml", "--trainer.max_epochs", "2", "--ckpt_path", "last", env=env
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert resumed.metrics_path == first.metrics_path  # the same run directory
+    assert resumed.metrics_path == run.metrics_path
     runs = sorted(p.name for p in (root / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(name.endswith(run_id) for name in runs), (runs, run_id)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, run_script
+from tests.conftest import REPO, run_script, script_in_process
 from tests.dashboard.conftest import WORDS, K, copy_run_with_root, needs_minilm
 
 pytestmark = needs_minilm
@@ -159,9 +159,9 @@ def test_a_harvest_without_tokens_is_one_line_and_exit_2(causal_run, tmp_path):
     shutil.copytree(root, bare)
     (bare / "tokens.npy").unlink()
     run = copy_run_with_root(causal_run, bare, tmp_path / "run")
-    r = run_script(REPO / "scripts" / "dashboard.py", run, "--out", tmp_path / "out", timeout=300)
+    r = script_in_process(REPO / "scripts" / "dashboard.py", run, "--out", tmp_path / "out")
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and "tokens.npy" in lines[-1] and "Traceback" not in r.stderr
-    bad = run_script(REPO / "scripts" / "dashboard.py", run, "--out", tmp_path / "out", "--bins", "12", timeout=120)
+    bad = script_in_process(REPO / "scripts" / "dashboard.py", run, "--out", tmp_path / "out", "--bins", "12")
     assert bad.returncode == 2 and "power of two" in bad.stderr.strip().splitlines()[-1]
