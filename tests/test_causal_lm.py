@@ -197,6 +197,50 @@ def test_zero_and_mean_reconstructions_score_zero(tiny):
     assert s["zero"]["n_tokens"] == n  # every next-token prediction of every window
 
 
+def test_a_spliced_pass_that_skips_the_blocks_before_the_layer_equals_the_whole_model_run(tiny):
+    """The spliced passes reuse the clean pass's block output (blocks 0..L are not run again): the CE and KL
+    equal those of the whole model run with the replacement hooked in, and the blocks are themselves after."""
+    model, _, out, _ = tiny
+    _, ids = _heldout(out)
+    windows, masks = cl.windows_and_masks(out, ids)
+    _, net, _ = cl.cached_lm(Path(model), "cpu")
+    blocks = cl.decoder_blocks(net)
+
+    def fn(x):
+        return 0.5 * x + 0.1
+
+    got = cl.splice_scores(net, 1, windows, fn, torch.zeros(32), masks, batch_size=4)
+    assert all("forward" not in vars(b) for b in blocks)  # the class's forward again
+    ce = kl = n = 0.0
+    with torch.inference_mode():
+        for b in range(0, len(windows), 4):
+            w, m = windows[b : b + 4], masks[b : b + 4]
+            ids_, attn, replace = cl._pad(w, m, 0, "cpu")
+            predicted = attn[:, 1:].bool()
+            targets = ids_[:, 1:][predicted]
+
+            def logprobs(hook=None, ids_=ids_, attn=attn, predicted=predicted):
+                handle = blocks[1].register_forward_hook(hook) if hook else None
+                logits = net(input_ids=ids_, attention_mask=attn, use_cache=False).logits
+                if handle:
+                    handle.remove()
+                return torch.log_softmax(logits[:, :-1][predicted].float(), -1)
+
+            def splice(module, args, o, replace=replace):
+                h = (o[0] if isinstance(o, tuple) else o).clone()
+                h[replace] = fn(h[replace])
+                return (h, *o[1:]) if isinstance(o, tuple) else h
+
+            clean, spliced = logprobs(), logprobs(splice)
+            ce += float(torch.nn.functional.nll_loss(spliced, targets, reduction="sum"))
+            kl += float(torch.nn.functional.kl_div(spliced, clean, log_target=True, reduction="sum"))
+            n += len(targets)
+    assert got["ce_loss_spliced"] == pytest.approx(ce / n, abs=1e-5) and got["kl_div"] == pytest.approx(
+        kl / n, abs=1e-6
+    )
+    assert abs(got["ce_loss_spliced"] - got["ce_loss_clean"]) > 1e-3  # the replacement changed something
+
+
 def test_reconstruct_sees_the_rows_of_the_replaced_positions_in_order(tiny):
     model, _, out, _ = tiny
     _, ids = _heldout(out)

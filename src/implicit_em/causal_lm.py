@@ -26,6 +26,7 @@ over the windows, plus a clean pass per call and, once per set of windows and me
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -252,16 +253,52 @@ def _key(*arrays) -> str:
     return d.hexdigest()
 
 
-def _logprobs(net: nn.Module, block: nn.Module, batch: tuple, fn: Reconstruct | None) -> Tensor:
-    """Next-token log-probabilities at the predicted positions (n x vocab), with ``block``'s output replaced by
-    ``fn`` at the batch's replaced positions (none when ``fn`` is None)."""
-    ids, attn, replace, predicted = batch
-    handle = block.register_forward_hook(_Splice(replace, fn)) if fn is not None else None
+class _Capture:
+    """A forward hook that keeps the block's output (as the block returned it)."""
+
+    def __init__(self):
+        self.out = None
+
+    def __call__(self, module, args, out):
+        self.out = out
+
+
+@contextlib.contextmanager
+def _prefix_from(blocks: nn.ModuleList, layer: int, out):
+    """Within the context, blocks 0..layer are not computed: blocks before ``layer`` pass their input through and
+    block ``layer`` returns ``out`` (its output on the same batch, captured in the clean pass). Every block feeds
+    the next only through the residual stream, so the blocks after ``layer`` see exactly what they saw in the
+    clean pass: a spliced pass costs the blocks after the layer (and the unembedding), not the whole model."""
+
+    def passthrough(*args, **kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    def cached(*args, **kwargs):
+        return out
+
+    for i in range(layer + 1):
+        blocks[i].forward = cached if i == layer else passthrough
     try:
-        logits = net(input_ids=ids, attention_mask=attn, use_cache=False).logits
+        yield
     finally:
-        if handle is not None:
-            handle.remove()
+        for i in range(layer + 1):
+            del blocks[i].forward  # the instance attribute: the class's forward again
+
+
+def _logprobs(net: nn.Module, blocks: nn.ModuleList, layer: int, batch: tuple, fn: Reconstruct | None,
+              capture: _Capture) -> Tensor:  # fmt: skip
+    """Next-token log-probabilities at the predicted positions (n x vocab). With ``fn`` None: the clean pass,
+    whose block ``layer`` output goes into ``capture``; otherwise that output replaced by ``fn`` at the batch's
+    replaced positions, the blocks up to ``layer`` taken from the capture (:func:`_prefix_from`)."""
+    ids, attn, replace, predicted = batch
+    block = blocks[layer]
+    handle = block.register_forward_hook(capture if fn is None else _Splice(replace, fn))
+    try:
+        with contextlib.nullcontext() if fn is None else _prefix_from(blocks, layer, capture.out):
+            logits = net(input_ids=ids, attention_mask=attn, use_cache=False).logits
+    finally:
+        handle.remove()
     return F.log_softmax(logits[:, :-1][predicted].float(), dim=-1)
 
 
@@ -306,7 +343,7 @@ def splice_scores(
             raise ConfigError(f"a mask of shape {tuple(m.shape)} for a window of {len(w)} tokens")
     mean = torch.as_tensor(train_mean, dtype=torch.float32).to(device)
     blocks = decoder_blocks(net)
-    key = (id(net), layer, _key(*windows), _key(*masks), _key(mean))
+    key = (id(net), layer, batch_size, _key(*windows), _key(*masks), _key(mean))  # batches: rounding differs
     baselines = _BASELINES.get(key)
     variants: dict[str, Reconstruct] = dict(fns)
     if baselines is None:
@@ -320,11 +357,11 @@ def splice_scores(
         predicted = attn[:, 1:].bool()  # position i predicts token i + 1 where that token exists
         targets = ids[:, 1:][predicted]
 
-        batch = (ids, attn, replace, predicted)
-        clean = _logprobs(net, blocks[layer], batch, None)
+        batch, capture = (ids, attn, replace, predicted), _Capture()
+        clean = _logprobs(net, blocks, layer, batch, None, capture)
         ce["clean"] += float(F.nll_loss(clean, targets, reduction="sum"))
         for name, fn in variants.items():
-            spliced = _logprobs(net, blocks[layer], batch, fn)
+            spliced = _logprobs(net, blocks, layer, batch, fn, capture)
             ce[name] += float(F.nll_loss(spliced, targets, reduction="sum"))
             kl[name] += float(F.kl_div(spliced, clean, log_target=True, reduction="sum"))
         n_tokens += len(targets)
