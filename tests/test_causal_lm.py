@@ -20,7 +20,7 @@ import torch
 from implicit_em import causal_lm as cl
 from implicit_em import harvest as hv
 from implicit_em.data.activations import ActivationsDataModule
-from implicit_em.data.shards import ShardSet
+from implicit_em.data.shards import ShardSet, token_file
 from implicit_em.errors import ConfigError, DataError
 from tests.conftest import REPO, harvest_refusal
 
@@ -95,10 +95,10 @@ def test_a_causal_harvest_records_the_hook_windows_and_tokens(tiny):
     assert m["hook_name"] == "blocks.1.hook_resid_post" and m["layer"] == 1 and m["n_layers"] == 3
     assert m["prepend_bos"] is True and m["skip_special"] == "bos" and m["context_size"] == 16 and m["d_model"] == 32
     assert json.loads((out / "manifest.json").read_text()) == m and m["model"] == str(model)
-    tokens, windows, positions = (np.load(out / f) for f in ("tokens.npy", "windows.npy", "positions.npy"))
+    tokens, windows, positions = (np.load(token_file(out, f)) for f in ("tokens.npy", "windows.npy", "positions.npy"))
     wtok, wdoc, docs = (
-        np.load(out / "window_tokens.npy"),
-        np.load(out / "window_doc_ids.npy"),
+        np.load(token_file(out, "window_tokens.npy")),
+        np.load(token_file(out, "window_doc_ids.npy")),
         np.load(out / "doc_ids.npy"),
     )
     assert tokens.dtype == np.int32 and windows.dtype == np.int64 and wtok.shape == (m["windows"], 16)
@@ -123,7 +123,7 @@ def test_rows_are_block_outputs_of_the_model(tiny):
 
     model, _, out, _ = tiny
     net = AutoModelForCausalLM.from_pretrained(model).eval()
-    wtok, windows = np.load(out / "window_tokens.npy"), np.load(out / "windows.npy")
+    wtok, windows = np.load(token_file(out, "window_tokens.npy")), np.load(token_file(out, "windows.npy"))
     for w in (0, 5):
         ids = torch.from_numpy(wtok[w][wtok[w] >= 0].astype(np.int64))[None]
         with torch.no_grad():
@@ -138,8 +138,10 @@ def test_shards_hold_exactly_shard_rows_at_the_default_batch_size(tiny, tmp_path
     m = hv.harvest(model, 1, files, tmp_path / "o", separator="%", context=16, shard_rows=37, dtype="float32")
     rows = [s["rows"] for s in m["shards"]]
     assert rows[:-1] == [37] * (len(rows) - 1) and 0 < rows[-1] <= 37 and sum(rows) == whole["tokens"]
-    for name in ("tokens.npy", "windows.npy", "positions.npy", "window_tokens.npy", "doc_ids.npy"):
-        assert np.array_equal(np.load(tmp_path / "o" / name), np.load(tiny[2] / name))  # batch size changes nothing
+    for name in ("tokens.npy", "windows.npy", "positions.npy", "window_tokens.npy"):
+        assert np.array_equal(
+            np.load(token_file(tmp_path / "o", name)), np.load(token_file(tiny[2], name))
+        )  # batch size changes nothing
     assert np.allclose(ShardSet(tmp_path / "o").read(0, sum(rows)), ShardSet(tiny[2]).read(0, sum(rows)), atol=1e-5)
 
 
@@ -164,7 +166,7 @@ def test_splicing_the_exact_harvested_activations_back_gives_ce_clean(tiny):
     """The identity that can't be faked: the stored rows, spliced back at their positions, reproduce CE clean."""
     _, _, out, _ = tiny
     heldout, ids = _heldout(out)
-    wdoc = np.load(out / "window_doc_ids.npy")
+    wdoc = np.load(token_file(out, "window_doc_ids.npy"))
     assert len(ids) > 3 and np.isin(wdoc[ids], heldout).all()
     mean = torch.from_numpy(ShardSet(out).read(0, 200)).mean(0)
     s = cl.lm_scores(out, heldout, {"stored": cl.stored_rows(out, ids), "shifted": lambda x: x.roll(1, 0)}, mean)
@@ -175,7 +177,7 @@ def test_splicing_the_exact_harvested_activations_back_gives_ce_clean(tiny):
     # rows put at the wrong positions are caught
     assert abs(shifted["ce_loss_spliced"] - shifted["ce_loss_clean"]) > 1e-3 and shifted["kl_div"] > 1e-4
     assert stored["hook_name"] == "blocks.1.hook_resid_post" and stored["lm_windows"] == 100
-    positions = np.load(out / "positions.npy")[np.isin(np.load(out / "windows.npy"), ids)]
+    positions = np.load(token_file(out, "positions.npy"))[np.isin(np.load(token_file(out, "windows.npy")), ids)]
     assert stored["n_replaced"] == len(positions)  # the harvested positions, BOS excluded
 
 

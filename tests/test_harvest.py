@@ -251,13 +251,13 @@ def test_an_encoder_harvest_also_writes_tokens_windows_and_its_hook_name(harvest
     assert manifest["skip_special"] == "frame" and manifest["n_layers"] == 6 and manifest["gguf_file"] is None
     assert [s["rows"] for s in manifest["shards"]] == [300] * 5  # exactly shard_rows per shard
     tok = AutoTokenizer.from_pretrained(model)
-    tokens, windows, positions = (np.load(out / f) for f in ("tokens.npy", "windows.npy", "positions.npy"))
-    wtok, docs = np.load(out / "window_tokens.npy"), np.load(out / "doc_ids.npy")
+    tokens, windows, positions = (np.load(out / "tokens" / f) for f in ("tokens.npy", "windows.npy", "positions.npy"))
+    wtok, docs = np.load(out / "tokens" / "window_tokens.npy"), np.load(out / "doc_ids.npy")
     assert len(tokens) == len(windows) == len(positions) == 1500 == ShardSet(out).n_rows
     first = tok(next(hv.read_documents(files[0], "%"))[1], add_special_tokens=False)["input_ids"]
     assert tokens[: len(first)].tolist() == first and (windows[: len(first)] == 0).all()
     assert (wtok[:, 0] == tok.cls_token_id).all() and np.array_equal(wtok[windows, positions], tokens)
-    assert np.array_equal(np.load(out / "window_doc_ids.npy")[windows], docs)
+    assert np.array_equal(np.load(out / "tokens" / "window_doc_ids.npy")[windows], docs)
 
 
 @pytest.fixture(scope="module")
@@ -274,8 +274,8 @@ def _tiny(llama, out, **kwargs):
     return hv.harvest(model, 1, files, out, **settings)
 
 
-ROW_AND_WINDOW_FILES = ["labels.npy", "doc_ids.npy", "tokens.npy", "windows.npy", "positions.npy",
-                        "window_tokens.npy", "window_doc_ids.npy", "label_names.json"]  # fmt: skip
+ROW_AND_WINDOW_FILES = ["labels.npy", "doc_ids.npy", "tokens/tokens.npy", "tokens/windows.npy", "tokens/positions.npy",
+                        "tokens/window_tokens.npy", "tokens/window_doc_ids.npy", "label_names.json"]  # fmt: skip
 
 
 def test_a_harvest_killed_with_sigkill_resumes_without_losing_or_repeating_a_window(llama, tmp_path):
@@ -329,12 +329,12 @@ def test_parts_harvest_disjoint_documents_into_one_folder(llama, tmp_path):
     assert names == sorted(names) and names[0] == "shard-0000-00000.npy" and names[-1].startswith("shard-0001-")
     assert [s.path.name for s in ShardSet(out).shards] == names and not (out / hv.PARTS).exists()
     load = {name: (np.load(out / name), np.load(tmp_path / "one" / name)) for name in ROW_AND_WINDOW_FILES[:-1]}
-    for name in ("window_tokens.npy", "window_doc_ids.npy"):
+    for name in ("tokens/window_tokens.npy", "tokens/window_doc_ids.npy"):
         assert np.array_equal(*load[name])
-    w_parts, w_one = load["windows.npy"]
+    w_parts, w_one = load["tokens/windows.npy"]
     order = np.argsort(w_parts, kind="stable")  # rows of the parts harvest in the single harvest's order
     assert np.array_equal(w_parts[order], w_one)
-    for name in ("tokens.npy", "positions.npy", "doc_ids.npy", "labels.npy"):
+    for name in ("tokens/tokens.npy", "tokens/positions.npy", "doc_ids.npy", "labels.npy"):
         assert np.array_equal(load[name][0][order], load[name][1]), name
     x_parts, x_one = ShardSet(out), ShardSet(tmp_path / "one")
     assert np.allclose(x_parts.read(0, x_parts.n_rows)[order], x_one.read(0, x_one.n_rows), atol=1e-5)
@@ -372,5 +372,5 @@ def test_a_part_killed_mid_harvest_resumes_and_the_last_part_assembles(llama, tm
     assert _tiny(llama, out, part=1, parts=2)["all_parts"] is False
     m = _tiny(llama, out, part=0, parts=2)
     assert m["tokens"] == single["tokens"] and np.array_equal(
-        np.sort(np.load(out / "windows.npy")), np.load(tmp_path / "one" / "windows.npy")
+        np.sort(np.load(out / "tokens" / "windows.npy")), np.load(tmp_path / "one" / "tokens" / "windows.npy")
     )  # fmt: skip

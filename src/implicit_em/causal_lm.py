@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from implicit_em.data.shards import token_file
 from implicit_em.errors import ConfigError, DataError
 
 #: GGUF architectures that do not load as a causal LM (encoder-decoders)
@@ -429,7 +430,7 @@ def cached_lm(path: Path, device: str) -> tuple:
 def harvest_windows(root: Path) -> tuple[np.ndarray, np.ndarray]:
     """``window_tokens.npy`` (windows x context, -1 past a window's end) and ``window_doc_ids.npy`` of a harvest,
     memory-mapped."""
-    files = [root / "window_tokens.npy", root / "window_doc_ids.npy"]
+    files = [token_file(root, "window_tokens.npy"), token_file(root, "window_doc_ids.npy")]
     for f in files:
         if not f.is_file():
             raise DataError(f"{f}: missing; harvest {root} again with this version of scripts/harvest.py")
@@ -456,7 +457,7 @@ def heldout_windows(root: str | Path, heldout_doc_ids: np.ndarray, n_windows: in
 
 def window_rows(root: Path, window_ids: np.ndarray, chunk: int = 1 << 22) -> dict[int, np.ndarray]:
     """Window id -> the rows of the harvest that came from it (positions ascending)."""
-    windows = np.load(root / "windows.npy", mmap_mode="r")
+    windows = np.load(token_file(root, "windows.npy"), mmap_mode="r")
     wanted = np.asarray(window_ids)
     rows: dict[int, list] = {int(w): [] for w in wanted}
     for lo in range(0, len(windows), chunk):
@@ -470,7 +471,7 @@ def window_rows(root: Path, window_ids: np.ndarray, chunk: int = 1 << 22) -> dic
 def windows_and_masks(root: Path, window_ids: np.ndarray) -> tuple[list[Tensor], list[Tensor]]:
     """Token ids of the windows and, per window, the positions the harvest kept as rows (the ones to replace)."""
     tokens, _ = harvest_windows(root)
-    positions = np.load(root / "positions.npy", mmap_mode="r")
+    positions = np.load(token_file(root, "positions.npy"), mmap_mode="r")
     rows = window_rows(root, window_ids)
     out_w, out_m = [], []
     for w in window_ids:

@@ -23,12 +23,13 @@ The output directory (read by :class:`~implicit_em.data.activations.ActivationsD
 
 - ``shard-00000.npy`` ... (rows x d_model; ``.safetensors`` for bfloat16), exactly ``shard_rows`` rows each but
   the last, whatever the batch size;
-- one value per row: ``labels.npy`` (the file), ``doc_ids.npy`` (the document), ``tokens.npy`` (int32 token id),
-  ``windows.npy`` (int64 window id; a window's rows are consecutive, in position order), ``positions.npy`` (int32
-  position of the row's token in its window, frame included);
-- one row per window, indexed by window id: ``window_tokens.npy`` (windows x context int32: the window's full
-  input ids, frame included, -1 past its end) and ``window_doc_ids.npy`` (its document), enough to run the
-  window through the model again;
+- one value per row: ``labels.npy`` (the file), ``doc_ids.npy`` (the document); in the subfolder ``tokens/``,
+  ``tokens.npy`` (int32 token id), ``windows.npy`` (int64 window id; a window's rows are consecutive, in position
+  order), ``positions.npy`` (int32 position of the row's token in its window, frame included);
+- one row per window, indexed by window id, in ``tokens/``: ``window_tokens.npy`` (windows x context int32: the
+  window's full input ids, frame included, -1 past its end) and ``window_doc_ids.npy`` (its document), enough to
+  run the window through the model again. (In their own folder, so every ``.npy`` beside the shards but labels
+  and doc ids is a shard, for any reader that globs the folder.)
 - ``label_names.json`` (the files' names) and ``manifest.json``: model, gguf_file, architecture, model_kind
   (``causal_lm`` or ``encoder``), layer, hook_name, n_layers, d_model, dtype, context (= context_size),
   prepend_bos, skip_special, tokens (= rows), documents, windows, shards, parts, settings.
@@ -65,6 +66,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from implicit_em.data.shards import TOKEN_DIR, TOKEN_FILES
 from implicit_em.errors import ConfigError, DataError
 from implicit_em.files import atomic_write
 
@@ -79,7 +81,6 @@ PARTS = ".parts"  # per-shard row and window files (and the parts' progress) unt
 #: per-row files: name -> (per-shard suffix, dtype)
 ROW_FILES = {"labels.npy": ("labels", "<i8"), "doc_ids.npy": ("docs", "<i8"), "tokens.npy": ("tokens", "<i4"),
              "windows.npy": ("windows", "<i8"), "positions.npy": ("positions", "<i4")}  # fmt: skip
-WINDOW_FILES = ("window_tokens.npy", "window_doc_ids.npy")
 
 
 @dataclass(frozen=True)
@@ -277,7 +278,8 @@ def _write_concatenated(path: Path, parts: list[Path], dtype: str = "<i8") -> No
 
 
 def _write_window_files(out: Path, sidecars: list[Path], n_windows: int, context: int) -> None:
-    """``window_tokens.npy`` and ``window_doc_ids.npy`` from the per-shard window files (each window once)."""
+    """``window_tokens.npy`` and ``window_doc_ids.npy`` in ``out`` from the per-shard window files (each window
+    once)."""
     tmp = out / f".window_tokens.npy.{os.getpid()}.tmp"
     tokens = np.lib.format.open_memmap(tmp, mode="w+", dtype="<i4", shape=(n_windows, context))
     docs = np.full(n_windows, -1, dtype="<i8")
@@ -331,8 +333,8 @@ def _remove_unlisted(out: Path, manifest: dict | None, prefix: str) -> None:
     for p in out.iterdir():
         if p.name.startswith(prefix) and p.name not in listed or p.name.startswith("." + prefix):
             p.unlink()
-        elif p.name.startswith(".window_") and p.name.endswith(".tmp"):
-            p.unlink(missing_ok=True)
+    for p in (out / TOKEN_DIR).glob(".window_*.tmp") if (out / TOKEN_DIR).is_dir() else []:
+        p.unlink(missing_ok=True)
 
 
 def _prepare_out(out: Path, settings: dict, part: int = 0, parts: int = 1) -> dict | None:
@@ -353,7 +355,7 @@ def _prepare_out(out: Path, settings: dict, part: int = 0, parts: int = 1) -> di
             raise ConfigError(f"{out} is not empty and holds no {MANIFEST} of a harvest; pass a new or empty --out")
         return None
     mine = re.compile(r"^\.?shard-\d{4}-\d{5}")
-    assembled = {PARTS, "label_names.json", *ROW_FILES, *WINDOW_FILES}  # an interrupted assembly leaves these
+    assembled = {PARTS, TOKEN_DIR, "label_names.json", *ROW_FILES}  # an interrupted assembly leaves these
     if any(p.name not in assembled and not mine.match(p.name) and not (p.name.startswith(".") and p.name.endswith(
             ".tmp")) for p in out.iterdir()):  # fmt: skip
         raise ConfigError(f"{out} holds files of something other than a harvest in parts; pass a new or empty --out")
@@ -622,9 +624,11 @@ def _finish_parts(out: Path, parts: int, names: list[str], context: int, log) ->
 def _assemble(out: Path, manifests: list[dict], names: list[str], context: int, final: dict) -> dict:
     """Per-row and per-window files from the per-shard ones, then ``manifest.json`` (complete)."""
     sidecars = [out / PARTS / s["file"] for m in manifests for s in m["shards"]]
+    (out / TOKEN_DIR).mkdir(exist_ok=True)
     for key, (tag, dt) in ROW_FILES.items():
-        _write_concatenated(out / key, [Path(f"{s}.{tag}.npy") for s in sidecars], dt)
-    _write_window_files(out, sidecars, final["windows"], context)
+        path = out / TOKEN_DIR / key if key in TOKEN_FILES else out / key
+        _write_concatenated(path, [Path(f"{s}.{tag}.npy") for s in sidecars], dt)
+    _write_window_files(out / TOKEN_DIR, sidecars, final["windows"], context)
     _write_json(out / "label_names.json", names)
     _write_json(out / MANIFEST, final)
     shutil.rmtree(out / PARTS, ignore_errors=True)

@@ -67,8 +67,9 @@ def write_harvest(root: Path, model: Path, kind: str, n_docs: int = 90, seed: in
     half = len(x) // 2
     np.save(root / "shard-00000.npy", x[:half].astype(np.float16))
     np.save(root / "shard-00001.npy", x[half:].astype(np.float16))
-    np.save(root / "tokens.npy", tokens)
-    np.save(root / "windows.npy", np.array(windows, dtype=np.int64))
+    (root / "tokens").mkdir(exist_ok=True)
+    np.save(root / "tokens" / "tokens.npy", tokens)
+    np.save(root / "tokens" / "windows.npy", np.array(windows, dtype=np.int64))
     np.save(root / "labels.npy", np.array(labels, dtype=np.int64))
     np.save(root / "doc_ids.npy", np.array(docs, dtype=np.int64))
     (root / "label_names.json").write_text(json.dumps(["animals", "places", "food"]))

@@ -36,8 +36,8 @@ def _codes(run_dir, rows: np.ndarray) -> torch.Tensor:
 def test_top_contexts_hold_the_harvest_tokens_and_the_runs_values(causal_dashboard, causal_run):
     dash = causal_dashboard
     root = _root(causal_run)
-    tokens = np.load(f"{root}/tokens.npy")
-    windows = np.load(f"{root}/windows.npy")
+    tokens = np.load(f"{root}/tokens/tokens.npy")
+    windows = np.load(f"{root}/tokens/windows.npy")
     assert len(dash.rows) == K and [r[0] for r in dash.rows] == list(range(K))
     checked = 0
     for j in (0, 7, K - 1):
@@ -157,7 +157,7 @@ def test_a_harvest_without_tokens_is_one_line_and_exit_2(causal_run, tmp_path):
     root = _root(causal_run)
     bare = tmp_path / "harvest"
     shutil.copytree(root, bare)
-    (bare / "tokens.npy").unlink()
+    (bare / "tokens" / "tokens.npy").unlink()
     run = copy_run_with_root(causal_run, bare, tmp_path / "run")
     r = script_in_process(REPO / "scripts" / "dashboard.py", run, "--out", tmp_path / "out")
     assert r.returncode == 2

@@ -16,8 +16,9 @@ def _harvest(root, lengths=(3, 1, 12, 2, 5, 30, 4)):
     x = np.stack([np.arange(n), -np.arange(n)], axis=1).astype(np.float32)
     np.save(root / "shard-00000.npy", x[:20])
     np.save(root / "shard-00001.npy", x[20:])
-    np.save(root / "tokens.npy", (np.arange(n) % 7).astype(np.int32))
-    np.save(root / "windows.npy", np.repeat(np.arange(len(lengths)), lengths).astype(np.int64))
+    (root / "tokens").mkdir(exist_ok=True)
+    np.save(root / "tokens" / "tokens.npy", (np.arange(n) % 7).astype(np.int32))
+    np.save(root / "tokens" / "windows.npy", np.repeat(np.arange(len(lengths)), lengths).astype(np.int64))
     return root, np.repeat(np.arange(len(lengths)), lengths)
 
 
@@ -52,17 +53,26 @@ def test_a_range_end_ends_a_context(tmp_path):
 
 def test_missing_tokens_or_windows_are_named(tmp_path):
     root, _ = _harvest(tmp_path)
-    (root / "tokens.npy").unlink()
+    (root / "tokens" / "tokens.npy").unlink()
     with pytest.raises(DataError, match="tokens.npy"):
         TokenSource(root, lambda x: x)
     _harvest(tmp_path)
-    (root / "windows.npy").unlink()
+    (root / "tokens" / "windows.npy").unlink()
     with pytest.raises(DataError, match="windows.npy"):
         TokenSource(root, lambda x: x)
     _harvest(tmp_path)
-    np.save(root / "tokens.npy", np.zeros(5, np.int32))
+    np.save(root / "tokens" / "tokens.npy", np.zeros(5, np.int32))
     with pytest.raises(DataError, match="harvest again"):
         TokenSource(root, lambda x: x)
+
+
+def test_a_harvest_of_the_earlier_layout_token_files_beside_the_shards_is_read(tmp_path):
+    root, windows = _harvest(tmp_path)
+    for name in ("tokens.npy", "windows.npy"):
+        (root / "tokens" / name).rename(root / name)
+    (root / "tokens").rmdir()
+    source = TokenSource(root, lambda x: x)
+    assert np.array_equal(source.windows, windows) and source.shards.n_rows == len(windows)
 
 
 def test_row_limits_and_batch_sizes():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from implicit_em.data.shards import RowVector, ShardSet
+from implicit_em.data.shards import RowVector, ShardSet, token_file
 from implicit_em.errors import DataError
 
 
@@ -60,6 +60,19 @@ def test_labels_and_doc_ids_are_not_shards(tmp_path):
     np.save(tmp_path / "labels.npy", np.zeros(3, np.int64))
     np.save(tmp_path / "doc_ids.npy", np.zeros(3, np.int64))
     assert [p.path.name for p in ShardSet(tmp_path).shards] == ["x.npy"]
+
+
+def test_token_files_are_in_their_folder_or_beside_the_shards_in_an_earlier_harvest(tmp_path):
+    np.save(tmp_path / "shard-00000.npy", np.zeros((4, 2), np.float32))
+    (tmp_path / "tokens").mkdir()
+    np.save(tmp_path / "tokens" / "windows.npy", np.zeros(4, np.int64))
+    np.save(tmp_path / "positions.npy", np.zeros(4, np.int32))  # written by an earlier scripts/harvest.py
+    assert token_file(tmp_path, "windows.npy") == tmp_path / "tokens" / "windows.npy"
+    assert token_file(tmp_path, "positions.npy") == tmp_path / "positions.npy"
+    assert token_file(tmp_path, "tokens.npy") == tmp_path / "tokens" / "tokens.npy"  # missing: where it belongs
+    assert [s.path.name for s in ShardSet(tmp_path).shards] == ["shard-00000.npy"]
+    with pytest.raises(ValueError, match="not one of"):
+        token_file(tmp_path, "labels.npy")
 
 
 def test_a_shard_set_pickles_without_its_open_files(mixed):

@@ -74,33 +74,33 @@ class TokenSource:
     kind = "text"
 
     def __init__(self, root: str | Path, normalization: Callable[[Tensor], Tensor]):
-        from implicit_em.data.shards import ShardSet
+        from implicit_em.data.shards import ShardSet, token_file
 
         self.root = Path(root)
         self.shards = ShardSet(self.root)
         n = self.shards.n_rows
         for name, what in (("tokens.npy", "the token id of each row"), ("windows.npy", "the window id of each row")):
-            if not (self.root / name).is_file():
+            if not token_file(self.root, name).is_file():
                 raise DataError(
-                    f"{self.root} has no {name} ({what}); the dashboard shows tokens: harvest again with a "
-                    "scripts/harvest.py that writes tokens.npy and windows.npy"
+                    f"{self.root} has no tokens/{name} ({what}); the dashboard shows tokens: harvest again with a "
+                    "scripts/harvest.py that writes tokens/tokens.npy and tokens/windows.npy"
                 )
-        self.tokens = self._vector("tokens.npy", n)
-        self.windows = self._vector("windows.npy", n)
-        self.labels = self._vector("labels.npy", n) if (self.root / "labels.npy").is_file() else None
-        self.doc_ids = self._vector("doc_ids.npy", n) if (self.root / "doc_ids.npy").is_file() else None
+        self.tokens = self._vector(token_file(self.root, "tokens.npy"), n)
+        self.windows = self._vector(token_file(self.root, "windows.npy"), n)
+        self.labels = self._vector(self.root / "labels.npy", n) if (self.root / "labels.npy").is_file() else None
+        self.doc_ids = self._vector(self.root / "doc_ids.npy", n) if (self.root / "doc_ids.npy").is_file() else None
         self.manifest = self._json("manifest.json") or {}
         self.label_names = self._json("label_names.json")
         self.normalization = normalization
         self.n_rows = n
 
-    def _vector(self, name: str, n: int) -> np.ndarray:
+    def _vector(self, path: Path, n: int) -> np.ndarray:
         try:
-            v = np.load(self.root / name, mmap_mode="r")
+            v = np.load(path, mmap_mode="r")
         except (ValueError, OSError) as e:
-            raise DataError(f"{self.root / name}: not a readable .npy ({e}); harvest again") from None
+            raise DataError(f"{path}: not a readable .npy ({e}); harvest again") from None
         if v.ndim != 1 or len(v) != n:
-            raise DataError(f"{self.root / name} holds {v.shape} values for {n} rows; harvest again")
+            raise DataError(f"{path} holds {v.shape} values for {n} rows; harvest again")
         return v
 
     def _json(self, name: str):

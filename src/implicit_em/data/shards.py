@@ -27,12 +27,25 @@ from torch import Tensor
 from implicit_em.errors import DataError
 
 SHARD_SUFFIXES = (".npy", ".safetensors")
-#: files beside the shards that are not shards (what scripts/harvest.py writes beside them)
-SIDECARS = ("labels.npy", "doc_ids.npy", "tokens.npy", "windows.npy", "positions.npy", "window_tokens.npy",
-            "window_doc_ids.npy")  # fmt: skip
+#: a harvest's per-token and per-window files (token ids, window ids, positions; each window's tokens and
+#: document) live in this subfolder, so every .npy beside labels.npy and doc_ids.npy is a shard
+TOKEN_DIR = "tokens"
+TOKEN_FILES = ("tokens.npy", "windows.npy", "positions.npy", "window_tokens.npy", "window_doc_ids.npy")
+#: files beside the shards that are not shards (the token files too, where a harvest of an earlier version
+#: wrote them beside the shards)
+SIDECARS = ("labels.npy", "doc_ids.npy", *TOKEN_FILES)
 SAFETENSORS_DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "BF16": "<u2"}
 #: most file descriptors kept open at once (shards are reopened as needed)
 OPEN_FILES = 32
+
+
+def token_file(root: str | Path, name: str) -> Path:
+    """Where a harvest in ``root`` keeps ``name`` (one of :data:`TOKEN_FILES`): ``root/tokens/name``, or
+    ``root/name`` for a harvest written before the token files had their folder."""
+    if name not in TOKEN_FILES:
+        raise ValueError(f"{name} is not one of a harvest's token files {TOKEN_FILES}")
+    path = Path(root) / TOKEN_DIR / name
+    return Path(root) / name if not path.exists() and (Path(root) / name).is_file() else path
 
 
 @dataclass(frozen=True)
