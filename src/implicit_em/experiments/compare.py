@@ -92,7 +92,8 @@ def train_args(
     batch_size: int | None, data_root: str | None, *extra: str,
 ) -> list[str]:  # fmt: skip
     """The ``scripts/train.py`` arguments of one compare run (the same flags a user would type). The run's own
-    end-of-run report uses the fast torch probe: compare judges every row itself afterwards."""
+    end-of-run report is the short one (fast torch probe, no SAE metrics, no splice): compare judges every row
+    itself afterwards."""
     args = [
         "--config", str(configs / "default.yaml"),
         "--config", str(configs / "data" / f"{data}.yaml"),
@@ -105,6 +106,8 @@ def train_args(
         "--model.n_components", str(components),
         "--report.probe_method", "torch",
         "--report.kmeans", "false",
+        "--report.sae_metrics", "false",
+        "--report.lm_windows", "0",
         "--probe.every_n_epochs", "0",
         "--features.every_n_epochs", "0",
         *extra,
