@@ -365,3 +365,12 @@ def test_a_run_on_a_causal_harvest_reports_the_spliced_numbers_and_compares_raw_
     data = load_data(datamodule, lm_windows=4)
     raw = evaluate_row(Row(lambda x: x, lambda x: x), data, "torch", probes_only=True, lm_windows=4)
     assert abs(raw["ce_loss_spliced"] - raw["ce_loss_clean"]) <= 1e-4 and raw["ce_loss_clean"] == m["ce_loss_clean"]
+
+
+def test_the_splice_benchmark_runs_on_a_harvest(tiny):
+    from tests.conftest import script_in_process
+
+    run = script_in_process(REPO / "benchmarks" / "splice.py", "--data-root", tiny[2], "--windows", 6, "--reps", 1)
+    assert run.returncode == 0, run.stderr[-2000:]
+    last = run.stdout.strip().splitlines()[-1]
+    assert last.startswith("ratio spliced pass from block 1") and float(last.rsplit(":", 1)[1]) > 0
