@@ -153,6 +153,19 @@ def test_the_script_writes_the_folder_and_prints_it_last(causal_run, tmp_path):
     assert (out / "index.html").is_file() and not (out / "neuronpedia").exists()
 
 
+def test_the_script_with_wandb_logs_offline_into_the_folder(causal_run, tmp_path):
+    out = tmp_path / "dash"
+    r = script_in_process(REPO / "scripts" / "dashboard.py", causal_run, "--out", out, "--top", "3", "--samples",
+                          "4", "--max-rows", "300", "--no-neuronpedia", "--wandb", "--wandb-pages", "2")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == str(out.resolve())
+    (run,) = (out / "wandb").glob("offline-run-*")  # WANDB_MODE=offline and no key: a run to sync later
+    table = json.loads(next((run / "files").rglob("*.table.json")).read_text())
+    assert len(table["data"]) == K and table["columns"][:2] == ["component", "density"]
+    pages = sorted((run / "files").rglob("*.html"))
+    assert len(pages) == 2 and all("DASH_PRELOADED" in p.read_text() for p in pages)
+
+
 def test_a_harvest_without_tokens_is_one_line_and_exit_2(causal_run, tmp_path):
     root = _root(causal_run)
     bare = tmp_path / "harvest"
