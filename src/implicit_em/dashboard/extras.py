@@ -111,18 +111,44 @@ def _final_norm_gain(lm, width: int) -> tuple[Tensor | None, str]:
     return None, "none found"
 
 
+def unembedding(path: Path) -> tuple[Tensor, Tensor | None, str]:
+    """(W_U, vocab x d_model; the final norm's gain g or None; the norm's name) of the causal LM at ``path``. A
+    GGUF file is read directly (GGUF's own tensor names, the same for every architecture: ``output.weight``, else
+    the tied ``token_embd.weight``, and ``output_norm.weight``), de-quantised: no model is built, which takes
+    transformers tens of seconds for a GGUF file; a transformers folder loads its model."""
+    if path.suffix.lower() == ".gguf":
+        try:
+            from gguf import GGUFReader
+            from gguf.quants import dequantize
+        except ImportError:
+            raise ConfigError(f"{path}: reading a .gguf file needs the gguf package: pip install gguf") from None
+        tensors = {t.name: t for t in GGUFReader(path).tensors}
+
+        def read(name: str) -> Tensor:
+            t = tensors[name]
+            x = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # a copy: writable
+            return torch.from_numpy(x.reshape(tuple(reversed([int(n) for n in t.shape]))))
+
+        name = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+        if name not in tensors:
+            raise ConfigError(f"{path}: a GGUF file without output.weight or token_embd.weight; no unembedding")
+        gain = read("output_norm.weight") if "output_norm.weight" in tensors else None
+        return read(name), gain, "GGUF output_norm" if gain is not None else "none found"
+    from implicit_em.causal_lm import load_causal_lm
+
+    _, lm, _ = load_causal_lm(path)  # one-line errors
+    unembed = lm.get_output_embeddings().weight.detach().float()
+    gain, norm_name = _final_norm_gain(lm, unembed.shape[1])
+    return unembed, gain, norm_name
+
+
 @torch.no_grad()
 def logit_effects(
     manifest: dict, directions: Tensor, top: int = 10, bins: int = 32, chunk: int = 256
 ) -> dict:  # fmt: skip
     """Per component the ``top`` largest and smallest logit effects W_U (g * r_j) and their histogram over the
     vocabulary; loads the causal LM of the manifest (:func:`lm_path`)."""
-    from implicit_em.causal_lm import load_causal_lm
-
-    _, lm, _ = load_causal_lm(lm_path(manifest))  # a folder or a GGUF file (de-quantised); one-line errors
-    unembed = lm.get_output_embeddings().weight.detach().float()  # vocab x d_model
-    gain, norm_name = _final_norm_gain(lm, unembed.shape[1])
-    del lm
+    unembed, gain, norm_name = unembedding(lm_path(manifest))
     if directions.shape[1] != unembed.shape[1]:
         raise ConfigError(
             f"the readout has {directions.shape[1]} dimensions but the LM's unembedding {unembed.shape[1]}; "
