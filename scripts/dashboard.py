@@ -11,6 +11,7 @@ Errors print one line and exit with code 2; the last stdout line is DIR.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantiles", type=int, default=5, help="quantile groups of the sample")
     p.add_argument("--context", type=int, default=48, help="tokens shown per context (around its chosen token)")
     p.add_argument("--bins", type=int, default=32, help="histogram bins (a power of two)")
+    p.add_argument("--skip-first", type=int, default=None,
+                   help="the first N tokens of each context are left out of the statistics and never chosen (shown "
+                        "in contexts); default: 1 for a causal LM (its first position is the attention sink), else 0")  # fmt: skip
     p.add_argument("--batch-rows", type=int, default=None, help="rows per batch of the pass (default: by K)")
     p.add_argument("--block", type=int, default=64, help="components per data file of the pages")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
             exit_with_argument_error(f"--{str(e).split()[0]}: {e}")
         settings = Settings(split=a.split, max_rows=a.max_rows, batch_rows=a.batch_rows, stream=cfg, block=a.block,
-                            neuronpedia=not a.no_neuronpedia)  # fmt: skip
+                            neuronpedia=not a.no_neuronpedia, skip_first=a.skip_first)  # fmt: skip
         run = load_run(a.run)
         device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
         run.module.to(device)
@@ -77,4 +81,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("TQDM_DISABLE", "1")  # no de-quantisation bars as a GGUF LM loads (tqdm reads it on import)
     sys.exit(main())

@@ -105,6 +105,30 @@ def test_logit_effects_are_the_unembedding_times_the_gained_readout(causal_dashb
         assert [v for _, v in c["logits"]["neg"]][0] == pytest.approx(float(effects[j].min()), rel=1e-3)
 
 
+def test_a_gguf_unembedding_is_read_from_the_file_tied_or_not(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from implicit_em.dashboard.extras import unembedding
+
+    rng = np.random.default_rng(0)
+    embed, head = rng.normal(size=(2, 50, 8)).astype(np.float32)  # vocab x d_model, as GGUF stores them
+    gain = rng.uniform(0.5, 1.5, 8).astype(np.float32)
+    for tied in (True, False):
+        path = tmp_path / f"tied-{tied}.gguf"
+        w = gguf.GGUFWriter(path, "llama")
+        w.add_tensor("token_embd.weight", embed)
+        if not tied:
+            w.add_tensor("output.weight", head)
+        w.add_tensor("output_norm.weight", gain)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        u, g, name = unembedding(path)
+        np.testing.assert_array_equal(u.numpy(), embed if tied else head)
+        np.testing.assert_array_equal(g.numpy(), gain)
+        assert "output_norm" in name
+
+
 def test_nearest_components_by_weight_cosine(causal_dashboard, causal_run):
     from implicit_em.dashboard.source import load_run
 
@@ -151,6 +175,19 @@ def test_the_script_writes_the_folder_and_prints_it_last(causal_run, tmp_path):
     assert summary["rows"] <= 700 and summary["split"] == "test" and summary["components"] == K
     assert summary["pass"]["contexts_per_s"] > 0 and summary["pass"]["peak_rss_mb"] > 0
     assert (out / "index.html").is_file() and not (out / "neuronpedia").exists()
+
+
+def test_the_script_with_wandb_logs_offline_into_the_folder(causal_run, tmp_path):
+    out = tmp_path / "dash"
+    r = script_in_process(REPO / "scripts" / "dashboard.py", causal_run, "--out", out, "--top", "3", "--samples",
+                          "4", "--max-rows", "300", "--no-neuronpedia", "--wandb", "--wandb-pages", "2")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == str(out.resolve())
+    (run,) = (out / "wandb").glob("offline-run-*")  # WANDB_MODE=offline and no key: a run to sync later
+    table = json.loads(next((run / "files").rglob("*.table.json")).read_text())
+    assert len(table["data"]) == K and table["columns"][:2] == ["component", "density"]
+    pages = sorted((run / "files").rglob("*.html"))
+    assert len(pages) == 2 and all("DASH_PRELOADED" in p.read_text() for p in pages)
 
 
 def test_a_harvest_without_tokens_is_one_line_and_exit_2(causal_run, tmp_path):

@@ -118,3 +118,22 @@ def test_settings_are_checked():
         StreamConfig(bins=12)
     with pytest.raises(ValueError, match="top"):
         StreamConfig(top=0)
+
+
+def test_the_first_rows_of_each_context_are_shown_but_never_chosen_or_counted():
+    codes, ctx = _data(seed=3)
+    first = torch.ones(len(ctx), dtype=torch.bool)
+    first[1:] = ctx[1:] != ctx[:-1]
+    codes[first] += 1000.0  # an attention sink: the first row of every context is an outlier
+    stats = _feed(codes, ctx, StreamConfig(top=5, samples=8, context=16, skip_first=1)).finish()
+    rest = codes[~first]
+    assert stats.rows == len(rest)
+    np.testing.assert_array_equal(stats.active, (rest.abs() > 0.01).sum(0).numpy())
+    np.testing.assert_allclose(stats.maximum, rest.amax(0).numpy(), rtol=1e-6)
+    for j in range(codes.shape[1]):
+        for it in stats.top[j] + [x for g in stats.quantiles[j] for x in g["items"]]:
+            row = it["start"] - 1000 + it["pos"]
+            assert not first[row] and it["value"] < 1000  # chosen among the other rows
+        top = stats.top[j][0]
+        if top["start"] - 1000 == int(torch.nonzero(ctx == ctx[top["start"] - 1000])[0]):  # snippet from the start
+            assert top["values"][0] > 999  # the first row is still shown, with its value

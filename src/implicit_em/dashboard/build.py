@@ -12,7 +12,7 @@ import math
 import resource
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +38,18 @@ class Settings:
     near: int = 8
     seed: int = 0
     neuronpedia: bool = True
+    #: the first rows of each context left out of the statistics and never chosen (shown in contexts); None:
+    #: 1 for a causal LM's activations (its first position carries outlier activations, the attention sink),
+    #: else 0
+    skip_first: int | None = None
 
     def __post_init__(self):
         if self.max_rows is not None and self.max_rows < 1:
             raise ConfigError(f"--max-rows must be >= 1 (got {self.max_rows})")
         if self.block < 1:
             raise ConfigError(f"--block must be >= 1 (got {self.block})")
+        if self.skip_first is not None and self.skip_first < 0:
+            raise ConfigError(f"--skip-first must be >= 0 (got {self.skip_first})")
 
 
 @dataclass
@@ -194,10 +200,12 @@ def records(
 
 
 def top_tokens(comp: dict, vocab: dict, n: int = 4) -> str:
-    """The distinct tokens at the maxima of a component's top contexts, in order, joined."""
+    """The distinct tokens at the maxima of a component's top contexts, in order, joined (a token of white space
+    shown as ↵, ⇥ and ␣)."""
     seen: list[str] = []
     for x in comp["top"]:
-        s = vocab.get(str(x["t"][x["p"]]), "").strip() or repr(vocab.get(str(x["t"][x["p"]]), ""))
+        raw = vocab.get(str(x["t"][x["p"]]), "")
+        s = raw.strip() or raw.replace("\n", "↵").replace("\t", "⇥").replace(" ", "␣")  # whitespace, visible
         if s not in seen:
             seen.append(s)
         if len(seen) == n:
@@ -235,7 +243,11 @@ def build(
     manifest = source.manifest or {}
     if source.kind == "text":
         strings = extras.TokenStrings(extras.load_tokenizer(manifest))
-    stats, timing = stream_pass(run, source, ranges, settings.stream, settings.batch_rows, settings.seed, log)
+    skip = settings.skip_first
+    if skip is None:
+        skip = 1 if source.kind == "text" and manifest.get("model_kind") == "causal_lm" else 0
+    config = replace(settings.stream, skip_first=skip)
+    stats, timing = stream_pass(run, source, ranges, config, settings.batch_rows, settings.seed, log)
     log(f"dashboard pass: {timing.rows} rows, {timing.contexts} contexts, K {timing.components} in "
         f"{timing.seconds:.1f} s; peak memory {timing.peak_rss_mb:.0f} MB")  # fmt: skip
     weights = run.module.model.component_weights().detach().float().cpu()
@@ -261,7 +273,7 @@ def build(
     title = _title(run, manifest)
     meta = {
         "title": title, "k": k, "block": settings.block, "rows": stats.rows, "unit": unit, "kind": source.kind,
-        "threshold": settings.stream.threshold, "logit_note": logit_note, "split": settings.split,
+        "threshold": settings.stream.threshold, "logit_note": logit_note, "split": settings.split, "skip_first": skip,
         "image": _image_meta(source.image_shape) if source.kind == "image" else None, "standalone": False,
     }  # fmt: skip
     rows: list[list] = []
@@ -281,7 +293,7 @@ def build(
     summary = {
         "run_dir": str(run.run_dir), "out": str(out.resolve()), "components": k, "dead": dead,
         "rows": stats.rows, "contexts": timing.contexts, "split": settings.split, "pass": timing.as_dict(),
-        "settings": {**asdict(settings), "stream": asdict(settings.stream)}, "seconds": 0.0,
+        "settings": {**asdict(settings), "skip_first": skip, "stream": asdict(config)}, "seconds": 0.0,
     }  # fmt: skip
     meta["summary_html"] = _summary_html(meta, summary, manifest)
     html.write_index(out, meta, rows)
@@ -300,13 +312,19 @@ def _title(run: LoadedRun, manifest: dict) -> str:
     return f"{name} · {type(run.datamodule).__name__}"
 
 
+def _plural(n: int, word: str) -> str:
+    return word if n == 1 else f"{n} {word}s"
+
+
 def _summary_html(meta: dict, summary: dict, manifest: dict) -> str:
     p = summary["pass"]
     import html as h
 
     parts = [
         f"{meta['k']:,} components, {summary['dead']:,} dead (never active)",
-        f"{summary['rows']:,} {meta['unit']} in {summary['contexts']:,} contexts ({h.escape(meta['split'])} rows)",
+        f"{summary['rows']:,} {meta['unit']} in {summary['contexts']:,} contexts ({h.escape(meta['split'])} rows"
+        + (f"; the first {_plural(meta['skip_first'], 'token')} of each context left out" if meta["skip_first"] else "")
+        + ")",
         f"pass: {p['rows_per_s']:,.0f} rows/s, {p['contexts_per_s']:,.0f} contexts/s, peak memory "
         f"{p['peak_rss_mb']:,.0f} MB",
     ]

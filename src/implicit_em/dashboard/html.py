@@ -59,8 +59,10 @@ main { padding:12px 22px 40px; }
 .tok:hover { outline:1.5px solid #1d2330; }
 .qhead { font-size:12.5px; color:var(--muted); margin:10px 0 2px; }
 .logits { display:grid; grid-template-columns: 1fr 1fr; gap:10px; font-size:12.5px; }
-.logits div.l { display:flex; justify-content:space-between; padding:1px 5px; border-radius:3px; margin:1px 0;
+.logits div.l { display:flex; justify-content:space-between; gap:8px; padding:1px 5px; border-radius:3px; margin:1px 0;
                 font-family: ui-monospace,Menlo,Consolas,monospace; white-space:pre; }
+.logits div.l span:first-child { overflow:hidden; text-overflow:ellipsis; min-width:0; }
+.logits div.l span:last-child { flex:0 0 auto; font-variant-numeric: tabular-nums; }
 .near .nb { display:inline-block; margin:2px 12px 2px 0; white-space:nowrap; }
 .nav { display:flex; gap:10px; align-items:center; font-size:13px; margin-top:6px; }
 .nav input { width:90px; padding:3px 6px; border:1px solid #c9ced8; border-radius:5px; }
@@ -243,7 +245,9 @@ COMPONENT_JS = r"""
       h += '<div class="panel"><h2>Top-activating ' + M.unit + '</h2><div class="imgs" id="topimgs"></div></div>';
       c.quant.forEach((g, gi) => { h += '<div class="panel"><h2>Quantile ' + (c.quant.length - gi) + ' of ' + c.quant.length + ': values ' + fmt(g.lo) + ' to ' + fmt(g.hi) + '</h2><div class="imgs" id="q' + gi + '"></div></div>'; });
     } else {
-      h += '<div class="panel"><h2>Top contexts</h2>' + (c.top.length ? c.top.map(x => ctxHtml(x, b, top)).join('') : '<div class="note">never active</div>') + '</div>';
+      const skipped = M.skip_first ? '<div class="note">never chosen and not counted: the first ' + (M.skip_first > 1 ? M.skip_first + ' tokens' : 'token') +
+        ' of each context (a causal LM\'s attention sink, with outlier activations); shown with their values</div>' : '';
+      h += '<div class="panel"><h2>Top contexts</h2>' + skipped + (c.top.length ? c.top.map(x => ctxHtml(x, b, top)).join('') : '<div class="note">never active</div>') + '</div>';
       if (c.quant.length) {
         h += '<div class="panel"><h2>Samples by activation quantile</h2><div class="note">a uniform sample of the ' + M.unit + ' where it is active, cut into quantiles; the highlighted token chose the context</div>';
         c.quant.forEach((g, gi) => { h += '<div class="qhead">quantile ' + (c.quant.length - gi) + ' of ' + c.quant.length + ': values ' + fmt(g.lo) + ' to ' + fmt(g.hi) + '</div>' + g.items.map(x => ctxHtml(x, b, top)).join(''); });

@@ -9,9 +9,11 @@ with, the readout). A :class:`TokenSource` reads a harvest folder (shards, ``tok
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,13 +53,28 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     run, ckpt = RunDir.of(run_dir)
     if not run.config_path.is_file():
         raise DataError(f"{run.path} has no config.yaml; pass the run directory that scripts/train.py wrote")
-    module, datamodule = run.rebuild(checkpoint=ckpt)
+    with _quiet_lightning():
+        module, datamodule = run.rebuild(checkpoint=ckpt)
     norm = find_normalization(load_checkpoint(ckpt))
     readout = None
     if run.readout_path.is_file():
         saved = run.readout()
         readout = (saved["R"], saved["c"])
     return LoadedRun(run.path, module.eval(), datamodule, norm, readout)
+
+
+@contextmanager
+def _quiet_lightning():
+    """No "Seed set", "GPU available" or tip lines from rebuilding the run's Trainer (it trains nothing here)."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 # -- the rows ------------------------------------------------------------------------------------------------

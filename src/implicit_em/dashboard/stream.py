@@ -41,6 +41,7 @@ class StreamConfig:
     bins: int = 32  # B: histogram bins (a power of two)
     context: int = 48  # C: values kept per context (around the row that chose it)
     threshold: float = ACTIVE_THRESHOLD  # a component is active on a row when |value| > threshold
+    skip_first: int = 0  # the first rows of each context: shown in snippets, never chosen or counted
 
     def __post_init__(self):
         if self.bins < 2 or self.bins & (self.bins - 1):
@@ -48,6 +49,8 @@ class StreamConfig:
         for name in ("top", "samples", "quantiles", "context"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.skip_first < 0:
+            raise ValueError(f"skip-first must be >= 0 (got {self.skip_first})")
 
 
 class _Slots:
@@ -199,7 +202,8 @@ class ComponentStream:
     def update(self, codes: Tensor, rows: Tensor, new_context: Tensor) -> None:
         """One batch: ``codes`` (M x K) of rows with global indices ``rows`` (M, int64); ``new_context`` (M,
         bool) marks the first row of each context (the first row of the batch always starts one). A context
-        must not continue into the next batch."""
+        must not continue into the next batch. The first ``skip_first`` rows of each context count nowhere
+        (rows, density, histogram, maximum) and are never chosen; snippets still show their values."""
         codes = codes.detach().float().cpu()
         m = codes.shape[0]
         if m == 0:
@@ -207,21 +211,27 @@ class ComponentStream:
         rows = rows.to(torch.int64).cpu()
         new_context = new_context.to(torch.bool).cpu().clone()
         new_context[0] = True
-        thr = self.cfg.threshold
-        active = codes.abs() > thr
-        self.rows += m
-        self.active += active.float().sum(0).to(torch.int64)  # exact: a batch has < 2^24 rows
-        self.total += codes.sum(0).double()
-        batch_max = codes.amax(0)
-        self.maximum = torch.maximum(self.maximum, batch_max)
-        self._histogram(codes, active, batch_max)
-
+        thr, skip = self.cfg.threshold, self.cfg.skip_first
         seg = new_context.cumsum(0) - 1  # context of each row, 0..n_ctx-1
         starts = new_context.nonzero().flatten()
         lengths = torch.diff(torch.cat([starts, torch.tensor([m])]))
         n_ctx = len(starts)
+        chosen = codes  # the values rows are chosen and counted by
+        if skip:
+            left_out = (torch.arange(m) - starts[seg]) < skip
+            chosen = codes.masked_fill(left_out.unsqueeze(1), -math.inf)
+        active = chosen.abs() > thr
+        if skip:
+            active &= ~left_out.unsqueeze(1)
+        self.rows += m - (int(left_out.sum()) if skip else 0)
+        self.active += active.float().sum(0).to(torch.int64)  # exact: a batch has < 2^24 rows
+        self.total += (codes.masked_fill(left_out.unsqueeze(1), 0.0) if skip else codes).sum(0).double()
+        batch_max = chosen.amax(0)
+        self.maximum = torch.maximum(self.maximum, batch_max)
+        self._histogram(codes, active, batch_max)
+
         ctx_max = torch.full((n_ctx, self.k), -math.inf).scatter_reduce_(
-            0, seg.unsqueeze(1).expand(m, self.k), codes, "amax"
+            0, seg.unsqueeze(1).expand(m, self.k), chosen, "amax"
         )
         ctx_max[ctx_max <= thr] = -math.inf  # a context that never fires is never "top"
         c = self.cfg.context
@@ -255,6 +265,7 @@ class ComponentStream:
                 local = starts[cx].unsqueeze(1) + offs
                 vals = at_rows(local, cp.unsqueeze(1))
                 vals[offs >= lengths[cx].unsqueeze(1)] = -math.inf
+                vals[:, :skip] = -math.inf  # rows left out are never the chosen one
                 out_rows[lo : lo + len(cx)] = starts[cx] + vals.argmax(1)
             return snippet(out_rows, comp)
 
