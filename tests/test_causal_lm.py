@@ -324,7 +324,7 @@ def test_a_folder_that_is_not_a_model_and_text_shorter_than_a_window(tiny, tmp_p
 
 
 # -- the real GGUF file ----------------------------------------------------------------------------------------
-def test_smollm2_gguf_spliced_back_gives_ce_clean(tmp_path, monkeypatch):
+def test_smollm2_gguf_spliced_back_gives_ce_clean(tmp_path, monkeypatch, capsys):
     """SmolLM2-135M (GGUF, de-quantised) block 6: harvest fortunes, splice the stored rows back: CE clean."""
     gguf = smollm2_gguf()
     monkeypatch.setattr(cl, "_LOADED", {})  # loaded once for the harvest and the splice, released after the test
@@ -333,6 +333,7 @@ def test_smollm2_gguf_spliced_back_gives_ce_clean(tmp_path, monkeypatch):
         pytest.skip("Debian's fortunes are not in /usr/share/games/fortunes (apt-get install fortunes)")
     out = tmp_path / "h"
     m = hv.harvest(gguf, 6, fortunes, out, separator="%", max_tokens=1500, context=64, dtype="float32")
+    assert "%|" not in capsys.readouterr().err  # no de-quantisation progress bar in a log
     assert m["architecture"] == "llama" and m["gguf_file"] == gguf.name and m["n_layers"] == 30
     assert m["hook_name"] == "blocks.6.hook_resid_post" and m["d_model"] == 576 and m["tokens"] == 1500
     heldout, _ = _heldout(out)

@@ -29,8 +29,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import os
+import re
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -157,19 +160,19 @@ def load_causal_lm(model: str | Path, device: str | torch.device = "cpu") -> tup
         folder, kwargs, arch = path, {}, None
     else:
         raise DataError(f"{path}: no such model folder or .gguf file; pass a transformers model folder or a .gguf file")
-    quiet = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # no de-quantisation progress bar in a run's log
+    captured = io.StringIO()  # the de-quantisation bars (tqdm read TQDM_DISABLE at its import: too late here)
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
-        net = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **kwargs)
+        with contextlib.redirect_stderr(captured):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
+            net = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise ConfigError(f"cannot load the causal LM {path} ({_one_line(e)}); pass a transformers causal LM "
                           "folder or a .gguf file") from None  # fmt: skip
-    finally:
-        if quiet is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = quiet
+    finally:  # what else the loaders said (warnings) goes on to stderr; progress bars do not
+        said = [line for line in re.split(r"[\r\n]+", captured.getvalue()) if line.strip() and "it/s]" not in line
+                and "s/it]" not in line and "%|" not in line]  # fmt: skip
+        if said:
+            print("\n".join(said), file=sys.stderr)
     net = net.to(device).eval()
     arch = arch or (net.config.architectures or [net.config.model_type])[0]
     info = {"model": str(path), "gguf_file": kwargs.get("gguf_file"), "architecture": arch,
