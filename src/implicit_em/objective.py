@@ -440,6 +440,17 @@ def truncated_lse_loss(d: Tensor, index: Tensor) -> Tensor:
     return -torch.logsumexp(-_wide(d).gather(-1, index), dim=-1).sum(dim=-1)
 
 
+def tempered_distance(z: Tensor, phi, temperature: float = 1.0) -> Tensor:
+    """Distances at temperature tau for the truncated E-step: d = tau phi(z / tau).
+
+    For relu, d = relu(z) at every tau (relu is homogeneous), so the components the sparse code selects (z < 0)
+    have d = 0 and dL_LSE^T/dz = 0. For softplus, d = tau log(1 + exp(z / tau)) > 0 with
+    dd/dz = sigmoid(z / tau): the truncated E-step's responsibility r~_ij reaches the selected components with
+    weight sigmoid(z_ij / tau), from relu's (tau -> 0) to half the raw distance's (tau -> infinity).
+    """
+    return phi(z) if temperature == 1 else temperature * phi(z / temperature)
+
+
 def sae_objective(x: Tensor, reconstruction: Tensor, codes: Tensor, l1: float | Tensor = 0.01) -> dict[str, Tensor]:
     """Standard SAE loss L = mean (x - x_hat)^2 + l1 * mean |a| (means over batch and dimensions).
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from implicit_em.errors import ConfigError
 from implicit_em.models.base import fit_to_data, keep_top_k
 from implicit_em.models.implicit_em import ImplicitEM
-from implicit_em.objective import implicit_em_objective, lse_loss, truncated_lse_loss
+from implicit_em.objective import implicit_em_objective, lse_loss, tempered_distance, truncated_lse_loss
 
 D, K = 12, 40
 
@@ -85,6 +85,51 @@ def test_sparse_objective_is_finite_and_trains(objective):
     assert float((net(x) != 0).sum(1).float().mean()) > 5.5  # the target L0 still reached
 
 
+def test_tempered_distance_is_relu_at_every_tau_and_softplus_reaches_the_selected():
+    z = torch.linspace(-6, 6, 49, dtype=torch.float64)
+    for tau in (0.25, 1.0, 4.0):
+        assert torch.allclose(tempered_distance(z, F.relu, tau), F.relu(z))
+        sp = tempered_distance(z, F.softplus, tau)
+        assert torch.allclose(sp, tau * torch.log1p(torch.exp(z / tau)))
+        assert bool((sp >= F.relu(z)).all()) and bool((sp[z <= 0] > 0).all())
+    assert torch.equal(tempered_distance(z, F.softplus), F.softplus(z))
+    # the truncated E-step with relu distances gives the selected components (z < 0) no gradient; softplus does
+    x = _x()
+    for activation, moved in (("relu", False), ("softplus", True)):
+        net = ImplicitEM(D, K, k=4, seed=0, activation=activation, lambda_var=0.0, lambda_tc=0.0, temperature=2.0)
+        fit_to_data(net.linear, x, 0.3)
+        net.objective(x, 0)["loss"].backward()
+        assert bool(net.linear.weight.grad.abs().sum() > 0) == moved
+
+
+@pytest.mark.parametrize("settings", [{"temperature": 1.0}, {"sparse_tc": "code"}])
+def test_default_sparse_settings_are_the_truncated_objective_as_before(settings):
+    """temperature 1 and sparse_tc code are the truncated objective written out: L_tc on a, L_var on relu(s z)."""
+    x = _x()
+    net = ImplicitEM(D, K, k=5, seed=2, **settings)
+    fit_to_data(net.linear, x, 0.3)
+    z = net.linear(x)
+    values, index = (-z).topk(5, dim=-1)
+    a = torch.zeros_like(z).scatter(-1, index, F.relu(values))
+    tc = implicit_em_objective(a, None, 0.0, 0.0, 1.0)["tc"]
+    var = implicit_em_objective(F.relu(-z), None, 0.0, 1.0, 0.0)["var"]
+    expected = tc + var + truncated_lse_loss(F.relu(z), index)
+    assert torch.equal(net.objective(x, 0)["loss"], expected)
+
+
+def test_sparse_tc_depth_decorrelates_the_dense_depth():
+    x = _x()
+    net = ImplicitEM(D, K, k=5, seed=2, sparse_tc="depth", activation="softplus", temperature=0.5)
+    fit_to_data(net.linear, x, 0.3)
+    z = net.linear(x)
+    index = (-z).topk(5, dim=-1).indices
+    ref = implicit_em_objective(F.relu(-z), None, 0.0)
+    terms = net.objective(x, 0)
+    lse = truncated_lse_loss(tempered_distance(z, F.softplus, 0.5), index)
+    assert torch.allclose(terms["tc"], ref["tc"]) and torch.allclose(terms["var"], ref["var"])
+    assert torch.allclose(terms["loss"], ref["loss"] + lse) and net.settings()["sparse_tc"] == "depth"
+
+
 def test_inference_form_reproduces_the_codes():
     """SAELens's topk form, TopK_k(relu(x W_enc + b_enc)), gives the net's codes exactly."""
     x = _x()
@@ -126,3 +171,7 @@ def test_bad_settings_are_refused():
         ImplicitEM(D, K, k=3, code="margin")
     with pytest.raises(ConfigError):
         ImplicitEM(D, K, k=3, sparse_objective="nope")
+    with pytest.raises(ConfigError):
+        ImplicitEM(D, K, k=3, temperature=0.0)
+    with pytest.raises(ConfigError):
+        ImplicitEM(D, K, k=3, sparse_tc="distance")

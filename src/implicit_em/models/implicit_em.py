@@ -12,13 +12,15 @@ from implicit_em.distributed import gather_samples
 from implicit_em.errors import check, check_choice
 from implicit_em.models.base import ACTIVATIONS, InferenceForm, Net, keep_top_k, seeded_linear
 from implicit_em.models.registry import register
-from implicit_em.objective import implicit_em_objective, truncated_lse_loss
+from implicit_em.objective import implicit_em_objective, tempered_distance, truncated_lse_loss
 
 #: what a sparse net (``k`` set) reads as its code: the depths relu(-z) of its k nearest components, or the
 #: k largest distances relu(z)
 SPARSE_CODES = ("depth", "distance")
 #: which quantity the sparse net trains the implicit-EM objective on
 SPARSE_OBJECTIVES = ("truncated", "code", "dense")
+#: which quantity the truncated objective's decorrelation term sees: the sparse code a or the dense depth relu(s z)
+SPARSE_TC = ("code", "depth")
 
 
 @register("implicit_em")
@@ -49,6 +51,11 @@ class ImplicitEM(Net):
             variance term on the dense depth relu(s z) (every component's, so none stays outside every
             input's top k: no dead components); ``code``: the paper's objective on the code a; ``dense``: the
             paper's objective on d = phi(z), only the code sparse.
+        temperature: tau of the truncated E-step's distances d = tau phi(z / tau)
+            (``objective.tempered_distance``); with ``activation softplus`` it sets how much of the responsibility
+            reaches the selected components (relu gives them none: d = 0 there). 1 (the default): d = phi(z).
+        sparse_tc: what the truncated objective decorrelates: ``code`` (the default, a) or ``depth`` (the dense
+            relu(s z), with the variance term).
     """
 
     takes_k = True
@@ -68,11 +75,16 @@ class ImplicitEM(Net):
         tc_components: int | None = None,
         code: str = "depth",
         sparse_objective: str = "truncated",
+        temperature: float = 1.0,
+        sparse_tc: str = "code",
     ):
         super().__init__(in_features, n_components, k, seed)
         check_choice(code, "model.net.code", SPARSE_CODES)
         check_choice(sparse_objective, "model.net.sparse_objective", SPARSE_OBJECTIVES)
+        check_choice(sparse_tc, "model.net.sparse_tc", SPARSE_TC)
+        check(temperature > 0, "model.net.temperature", "> 0", temperature)
         self.code, self.sparse_objective = code, sparse_objective
+        self.temperature, self.sparse_tc = temperature, sparse_tc
         check_choice(activation, "model.net.activation", ACTIVATIONS)
         check(tc_components is None or tc_components >= 2, "model.net.tc_components", "null or an integer >= 2",
               tc_components)  # fmt: skip
@@ -130,18 +142,24 @@ class ImplicitEM(Net):
         a = torch.zeros_like(z).scatter(-1, index, F.relu(values))  # = self.sparse_code(z), one top-k
         if self.sparse_objective == "code":
             return implicit_em_objective(a, weight, eps=self.eps, tc_components=m, generator=subsets, **self.lambdas)
-        # truncated: the E-step over the k selected components, L_tc on the code, L_var on the dense depth
+        # truncated: the E-step over the k selected components, L_tc on the code (or the dense depth), L_var on
+        # the dense depth
         lam = self.lambdas
+        lse = truncated_lse_loss(tempered_distance(z, self.phi, self.temperature), index)
+        if self.sparse_tc == "depth":
+            terms = implicit_em_objective(F.relu(s), weight, 0.0, lam["lambda_var"], lam["lambda_tc"],
+                                          lam["lambda_wr"], self.eps, m, subsets)  # fmt: skip
+            return {**terms, "loss": terms["loss"] + lam["lambda_lse"] * lse, "lse": lse}
         terms = implicit_em_objective(a, weight, 0.0, 0.0, lam["lambda_tc"], lam["lambda_wr"], self.eps, m, subsets)
         var = implicit_em_objective(F.relu(s), None, 0.0, lam["lambda_var"], 0.0, 0.0, self.eps)["var"]
-        lse = truncated_lse_loss(self.phi(z), index)
         loss = terms["loss"] + lam["lambda_var"] * var + lam["lambda_lse"] * lse
         return {**terms, "loss": loss, "lse": lse, "var": var}
 
     def settings(self) -> dict[str, Any]:
         own = {"activation": self.activation, **self.lambdas, "eps": self.eps, "tc_components": self.tc_components}
         if self.k is not None:
-            own.update(k=self.k, code=self.code, sparse_objective=self.sparse_objective)
+            own.update(k=self.k, code=self.code, sparse_objective=self.sparse_objective, temperature=self.temperature,
+                       sparse_tc=self.sparse_tc)  # fmt: skip
         return own
 
     def inference_form(self) -> InferenceForm:
