@@ -440,6 +440,17 @@ def truncated_lse_loss(d: Tensor, index: Tensor) -> Tensor:
     return -torch.logsumexp(-_wide(d).gather(-1, index), dim=-1).sum(dim=-1)
 
 
+def truncation_gap_loss(d: Tensor, index: Tensor) -> Tensor:
+    """The gap between the truncated and the full mixture NLL: the posterior mass outside the kept components,
+
+        L_gap = L_LSE^T - L_LSE = -sum_i log sum_{j in T_i} r_ij >= 0,   r = softmax(-d),
+
+    zero when the k kept components (``index``, N x k) hold all the responsibility. Its gradient trains both
+    sides of the truncation: dL/dd_ij = r~_ij 1[j in T_i] - r_ij, pulling the kept components in and pushing
+    every other one out by its responsibility. Summed over the batch."""
+    return truncated_lse_loss(d, index) - lse_loss(d)
+
+
 def tempered_distance(z: Tensor, phi, temperature: float = 1.0) -> Tensor:
     """Distances at temperature tau for the truncated E-step: d = tau phi(z / tau).
 

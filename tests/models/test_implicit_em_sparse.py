@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from implicit_em.errors import ConfigError
 from implicit_em.models.base import fit_to_data, keep_top_k
 from implicit_em.models.implicit_em import ImplicitEM
-from implicit_em.objective import implicit_em_objective, lse_loss, tempered_distance, truncated_lse_loss
+from implicit_em.objective import (
+    implicit_em_objective,
+    lse_loss,
+    responsibilities,
+    tempered_distance,
+    truncated_lse_loss,
+    truncation_gap_loss,
+)
 
 D, K = 12, 40
 
@@ -83,6 +90,23 @@ def test_sparse_objective_is_finite_and_trains(objective):
         opt.step()
     assert float(net.objective(x, 30)["loss"]) < first
     assert float((net(x) != 0).sum(1).float().mean()) > 5.5  # the target L0 still reached
+
+
+def test_truncation_gap_is_the_lost_posterior_mass_and_trains_both_sides():
+    g = torch.Generator().manual_seed(1)
+    d = (torch.rand(7, 9, generator=g) * 3).double().requires_grad_(True)
+    idx = torch.randn(7, 9, generator=g).topk(4, dim=-1).indices
+    loss = truncation_gap_loss(d, idx)
+    r = responsibilities(d.detach())
+    assert torch.allclose(loss, -torch.log(r.gather(-1, idx).sum(-1)).sum()) and float(loss) >= 0
+    (grad,) = torch.autograd.grad(loss, d)
+    sel = torch.zeros_like(r, dtype=torch.bool).scatter(-1, idx, True)
+    kept = torch.where(sel, r, torch.zeros_like(r))
+    assert torch.allclose(grad, kept / kept.sum(-1, keepdim=True) - r, atol=1e-12)
+    assert float(truncation_gap_loss(d, torch.arange(9).expand(7, 9))) == pytest.approx(0, abs=1e-12)
+    net = ImplicitEM(D, K, k=5, seed=2, sparse_lse="gap", activation="softplus")
+    fit_to_data(net.linear, _x(), 0.3)
+    assert torch.isfinite(net.objective(_x(), 0)["loss"]) and net.settings()["sparse_lse"] == "gap"
 
 
 def test_tempered_distance_is_relu_at_every_tau_and_softplus_reaches_the_selected():
@@ -175,3 +199,5 @@ def test_bad_settings_are_refused():
         ImplicitEM(D, K, k=3, temperature=0.0)
     with pytest.raises(ConfigError):
         ImplicitEM(D, K, k=3, sparse_tc="distance")
+    with pytest.raises(ConfigError):
+        ImplicitEM(D, K, k=3, sparse_lse="full")

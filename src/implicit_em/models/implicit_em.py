@@ -12,7 +12,7 @@ from implicit_em.distributed import gather_samples
 from implicit_em.errors import check, check_choice
 from implicit_em.models.base import ACTIVATIONS, InferenceForm, Net, keep_top_k, seeded_linear
 from implicit_em.models.registry import register
-from implicit_em.objective import implicit_em_objective, tempered_distance, truncated_lse_loss
+from implicit_em.objective import implicit_em_objective, tempered_distance, truncated_lse_loss, truncation_gap_loss
 
 #: what a sparse net (``k`` set) reads as its code: the depths relu(-z) of its k nearest components, or the
 #: k largest distances relu(z)
@@ -21,6 +21,8 @@ SPARSE_CODES = ("depth", "distance")
 SPARSE_OBJECTIVES = ("truncated", "code", "dense")
 #: which quantity the truncated objective's decorrelation term sees: the sparse code a or the dense depth relu(s z)
 SPARSE_TC = ("code", "depth")
+#: the truncated objective's likelihood term: the truncated E-step L_LSE^T, or the gap L_LSE^T - L_LSE
+SPARSE_LSE = {"truncated": truncated_lse_loss, "gap": truncation_gap_loss}
 
 
 @register("implicit_em")
@@ -54,6 +56,9 @@ class ImplicitEM(Net):
         temperature: tau of the truncated E-step's distances d = tau phi(z / tau)
             (``objective.tempered_distance``); with ``activation softplus`` it sets how much of the responsibility
             reaches the selected components (relu gives them none: d = 0 there). 1 (the default): d = phi(z).
+        sparse_lse: the truncated objective's likelihood term: ``truncated`` (the default, L_LSE^T) or ``gap``
+            (L_LSE^T - L_LSE, ``objective.truncation_gap_loss``: the kept components pulled in, the others pushed
+            out by their responsibilities).
         sparse_tc: what the truncated objective decorrelates: ``code`` (the default, a) or ``depth`` (the dense
             relu(s z), with the variance term).
     """
@@ -77,12 +82,15 @@ class ImplicitEM(Net):
         sparse_objective: str = "truncated",
         temperature: float = 1.0,
         sparse_tc: str = "code",
+        sparse_lse: str = "truncated",
     ):
         super().__init__(in_features, n_components, k, seed)
         check_choice(code, "model.net.code", SPARSE_CODES)
         check_choice(sparse_objective, "model.net.sparse_objective", SPARSE_OBJECTIVES)
         check_choice(sparse_tc, "model.net.sparse_tc", SPARSE_TC)
         check(temperature > 0, "model.net.temperature", "> 0", temperature)
+        check_choice(sparse_lse, "model.net.sparse_lse", tuple(SPARSE_LSE))
+        self.sparse_lse = sparse_lse
         self.code, self.sparse_objective = code, sparse_objective
         self.temperature, self.sparse_tc = temperature, sparse_tc
         check_choice(activation, "model.net.activation", ACTIVATIONS)
@@ -145,7 +153,7 @@ class ImplicitEM(Net):
         # truncated: the E-step over the k selected components, L_tc on the code (or the dense depth), L_var on
         # the dense depth
         lam = self.lambdas
-        lse = truncated_lse_loss(tempered_distance(z, self.phi, self.temperature), index)
+        lse = SPARSE_LSE[self.sparse_lse](tempered_distance(z, self.phi, self.temperature), index)
         if self.sparse_tc == "depth":
             terms = implicit_em_objective(F.relu(s), weight, 0.0, lam["lambda_var"], lam["lambda_tc"],
                                           lam["lambda_wr"], self.eps, m, subsets)  # fmt: skip
@@ -159,7 +167,7 @@ class ImplicitEM(Net):
         own = {"activation": self.activation, **self.lambdas, "eps": self.eps, "tc_components": self.tc_components}
         if self.k is not None:
             own.update(k=self.k, code=self.code, sparse_objective=self.sparse_objective, temperature=self.temperature,
-                       sparse_tc=self.sparse_tc)  # fmt: skip
+                       sparse_tc=self.sparse_tc, sparse_lse=self.sparse_lse)  # fmt: skip
         return own
 
     def inference_form(self) -> InferenceForm:
