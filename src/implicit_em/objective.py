@@ -451,6 +451,17 @@ def truncation_gap_loss(d: Tensor, index: Tensor) -> Tensor:
     return truncated_lse_loss(d, index) - lse_loss(d)
 
 
+def centre_distance(wx: Tensor, weight: Tensor) -> Tensor:
+    """Unit-variance Gaussian distances to the centres mu_j = -w_j, up to a per-row constant:
+
+        d_ij = ||x_i - mu_j||^2 / 2 - ||x_i||^2 / 2 = w_j . x_i + ||w_j||^2 / 2,
+
+    from wx = x W^T (N x K, no bias) and W (K x D). The dropped ||x_i||^2 / 2 is the same for every component of
+    a row, so the responsibilities, the k nearest and every gradient w.r.t. W are the Gaussian mixture's: the
+    truncated E-step over d moves each kept centre by r~_ij (x_i - mu_j), the M-step of k-means."""
+    return wx + 0.5 * _wide(weight).pow(2).sum(dim=-1)
+
+
 def tempered_distance(z: Tensor, phi, temperature: float = 1.0) -> Tensor:
     """Distances at temperature tau for the truncated E-step: d = tau phi(z / tau).
 

@@ -10,6 +10,7 @@ from implicit_em.errors import ConfigError
 from implicit_em.models.base import fit_to_data, keep_top_k
 from implicit_em.models.implicit_em import ImplicitEM
 from implicit_em.objective import (
+    centre_distance,
     implicit_em_objective,
     lse_loss,
     responsibilities,
@@ -107,6 +108,29 @@ def test_truncation_gap_is_the_lost_posterior_mass_and_trains_both_sides():
     net = ImplicitEM(D, K, k=5, seed=2, sparse_lse="gap", activation="softplus")
     fit_to_data(net.linear, _x(), 0.3)
     assert torch.isfinite(net.objective(_x(), 0)["loss"]) and net.settings()["sparse_lse"] == "gap"
+
+
+def test_centres_keep_the_nearest_gaussian_centres_and_their_e_step_is_the_m_step():
+    x = _x(64).double()
+    w = torch.randn(K, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    mu = -w
+    d = centre_distance(x @ w.T, w)
+    assert torch.allclose(d, 0.5 * torch.cdist(x, mu).pow(2) - 0.5 * x.pow(2).sum(-1, keepdim=True))
+    net = ImplicitEM(D, K, k=4, seed=1, sparse_lse="centres", lambda_var=0.0, lambda_tc=0.0).double()
+    with torch.no_grad():
+        net.linear.weight.copy_(w)
+        net.linear.bias.zero_()
+    a = net(x)  # b = 0: the code keeps the 4 nearest centres
+    nearest = torch.cdist(x, mu).topk(4, dim=-1, largest=False).indices
+    assert torch.equal((a != 0).sum(-1).clamp_max(4), (a.gather(-1, nearest) != 0).sum(-1))
+    net.objective(x, 0)["loss"].backward()
+    r = torch.zeros_like(d).scatter(-1, nearest, torch.softmax(-d.gather(-1, nearest), -1))
+    # dL/dw_j = sum_i r~_ij (x_i - mu_j): a descent step on w_j = -mu_j moves mu_j toward its inputs
+    m_step = r.T @ x - r.sum(0, keepdim=True).T * mu
+    assert torch.allclose(net.linear.weight.grad, m_step, atol=1e-9)
+    form = net.inference_form()
+    assert torch.allclose(keep_top_k(x @ form.weight.T + form.bias, 4), a, atol=1e-9)
+    assert ImplicitEM(D, K, sparse_lse="centres").pre_activation(x.float()).shape == (64, K)
 
 
 def test_tempered_distance_is_relu_at_every_tau_and_softplus_reaches_the_selected():

@@ -12,7 +12,13 @@ from implicit_em.distributed import gather_samples
 from implicit_em.errors import check, check_choice
 from implicit_em.models.base import ACTIVATIONS, InferenceForm, Net, keep_top_k, seeded_linear
 from implicit_em.models.registry import register
-from implicit_em.objective import implicit_em_objective, tempered_distance, truncated_lse_loss, truncation_gap_loss
+from implicit_em.objective import (
+    centre_distance,
+    implicit_em_objective,
+    tempered_distance,
+    truncated_lse_loss,
+    truncation_gap_loss,
+)
 
 #: what a sparse net (``k`` set) reads as its code: the depths relu(-z) of its k nearest components, or the
 #: k largest distances relu(z)
@@ -21,8 +27,9 @@ SPARSE_CODES = ("depth", "distance")
 SPARSE_OBJECTIVES = ("truncated", "code", "dense")
 #: which quantity the truncated objective's decorrelation term sees: the sparse code a or the dense depth relu(s z)
 SPARSE_TC = ("code", "depth")
-#: the truncated objective's likelihood term: the truncated E-step L_LSE^T, or the gap L_LSE^T - L_LSE
-SPARSE_LSE = {"truncated": truncated_lse_loss, "gap": truncation_gap_loss}
+#: the truncated objective's likelihood term: the truncated E-step L_LSE^T, the gap L_LSE^T - L_LSE, or the
+#: truncated E-step of a Gaussian mixture whose centres are -w_j (``centres``)
+SPARSE_LSE = {"truncated": truncated_lse_loss, "gap": truncation_gap_loss, "centres": truncated_lse_loss}
 
 
 @register("implicit_em")
@@ -58,7 +65,11 @@ class ImplicitEM(Net):
             reaches the selected components (relu gives them none: d = 0 there). 1 (the default): d = phi(z).
         sparse_lse: the truncated objective's likelihood term: ``truncated`` (the default, L_LSE^T) or ``gap``
             (L_LSE^T - L_LSE, ``objective.truncation_gap_loss``: the kept components pulled in, the others pushed
-            out by their responsibilities).
+            out by their responsibilities) or ``centres``: the components are Gaussian centres mu_j = -w_j, the
+            affine map z = W x + b + ||w_j||^2 / 2 (so TopK keeps the k nearest centres, b_j a learned log-prior,
+            and the code is the depth relu(mu_j . x - ||mu_j||^2 / 2 - b_j)) and the likelihood term the truncated
+            E-step over the Gaussian distances d = z - b (``objective.centre_distance``), whose gradient moves each
+            kept centre by r~_ij (x_i - mu_j): k-means' M-step (the activation and temperature are unused).
         sparse_tc: what the truncated objective decorrelates: ``code`` (the default, a) or ``depth`` (the dense
             relu(s z), with the variance term).
     """
@@ -112,7 +123,17 @@ class ImplicitEM(Net):
         sparse code of :meth:`sparse_code`."""
         if self.k is None:
             return self.phi(self.linear(x))
-        return self.sparse_code(self.linear(x))
+        return self.sparse_code(self.pre_activation(x))
+
+    @property
+    def centres(self) -> bool:
+        """Whether the components are Gaussian centres (``sparse_lse centres``, k set)."""
+        return self.k is not None and self.sparse_lse == "centres"
+
+    def pre_activation(self, x: Tensor) -> Tensor:
+        """z = W x + b, plus ||w_j||^2 / 2 when the components are centres."""
+        z = self.linear(x)
+        return z + 0.5 * self.linear.weight.pow(2).sum(-1) if self.centres else z
 
     @property
     def code_sign(self) -> int:
@@ -138,7 +159,7 @@ class ImplicitEM(Net):
 
     def _sparse_objective(self, x: Tensor, step: int) -> dict[str, Tensor]:
         """The objective of the sparse net (k set), by ``sparse_objective`` (see the class docstring)."""
-        z = gather_samples(self.linear(x))  # the global batch under DDP
+        z = gather_samples(self.pre_activation(x))  # the global batch under DDP
         weight = self.component_weights() if self.lambdas["lambda_wr"] else None
         m = self.tc_components
         subsets = torch.Generator().manual_seed(self.seed * 1_000_003 + step) if m else None
@@ -153,7 +174,11 @@ class ImplicitEM(Net):
         # truncated: the E-step over the k selected components, L_tc on the code (or the dense depth), L_var on
         # the dense depth
         lam = self.lambdas
-        lse = SPARSE_LSE[self.sparse_lse](tempered_distance(z, self.phi, self.temperature), index)
+        if self.centres:  # the Gaussian distances: z without the log-prior b
+            d = centre_distance(z - 0.5 * self.linear.weight.pow(2).sum(-1) - self.linear.bias, self.linear.weight)
+        else:
+            d = tempered_distance(z, self.phi, self.temperature)
+        lse = SPARSE_LSE[self.sparse_lse](d, index)
         if self.sparse_tc == "depth":
             terms = implicit_em_objective(F.relu(s), weight, 0.0, lam["lambda_var"], lam["lambda_tc"],
                                           lam["lambda_wr"], self.eps, m, subsets)  # fmt: skip
@@ -175,7 +200,8 @@ class ImplicitEM(Net):
 
         if self.k is not None:  # the sparse code is TopK_k(relu(s z)) whatever phi the objective uses
             sign = self.code_sign
-            return InferenceForm("topk", sign * self.linear.weight, sign * self.linear.bias, k=self.k,
+            bias = self.linear.bias + (0.5 * self.linear.weight.pow(2).sum(-1) if self.centres else 0)
+            return InferenceForm("topk", sign * self.linear.weight, sign * bias, k=self.k,
                                  extra={"code": self.code})  # fmt: skip
         if self.activation != "relu":
             raise ConfigError(
