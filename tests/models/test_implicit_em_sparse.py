@@ -133,6 +133,21 @@ def test_centres_keep_the_nearest_gaussian_centres_and_their_e_step_is_the_m_ste
     assert ImplicitEM(D, K, sparse_lse="centres").pre_activation(x.float()).shape == (64, K)
 
 
+def test_centres_start_at_training_inputs_and_other_nets_at_the_data_aware_start():
+    x = _x(100)
+    net = ImplicitEM(D, K, k=4, seed=5, sparse_lse="centres")
+    net.start_from_data(x, 0.3)
+    mu = -net.linear.weight.detach()
+    assert bool(((mu[:, None] - x[None]).abs().amax(-1).min(-1).values == 0).all()) and bool(
+        (net.linear.bias == 0).all()
+    )
+    assert len({tuple(m.tolist()) for m in mu}) == K  # K distinct inputs
+    plain, ref = ImplicitEM(D, K, k=4, seed=5), ImplicitEM(D, K, k=4, seed=5)
+    plain.start_from_data(x, 0.3)
+    fit_to_data(ref.linear, x, 0.3)
+    assert torch.equal(plain.linear.weight, ref.linear.weight) and torch.equal(plain.linear.bias, ref.linear.bias)
+
+
 def test_tempered_distance_is_relu_at_every_tau_and_softplus_reaches_the_selected():
     z = torch.linspace(-6, 6, 49, dtype=torch.float64)
     for tau in (0.25, 1.0, 4.0):

@@ -69,7 +69,8 @@ class ImplicitEM(Net):
             affine map z = W x + b + ||w_j||^2 / 2 (so TopK keeps the k nearest centres, b_j a learned log-prior,
             and the code is the depth relu(mu_j . x - ||mu_j||^2 / 2 - b_j)) and the likelihood term the truncated
             E-step over the Gaussian distances d = z - b (``objective.centre_distance``), whose gradient moves each
-            kept centre by r~_ij (x_i - mu_j): k-means' M-step (the activation and temperature are unused).
+            kept centre by r~_ij (x_i - mu_j): k-means' M-step (the activation and temperature are unused); it
+            starts as k-means does, mu_j at K training inputs (:meth:`start_from_data`).
         sparse_tc: what the truncated objective decorrelates: ``code`` (the default, a) or ``depth`` (the dense
             relu(s z), with the variance term).
     """
@@ -144,6 +145,19 @@ class ImplicitEM(Net):
         """a = TopK_k(relu(s z)): ``depth`` (s = -1) keeps the k components nearest to x (largest -z, the
         depth inside their halfspace), ``distance`` (s = +1) the k largest distances; every other entry 0."""
         return keep_top_k(self.code_sign * z, self.k)
+
+    @torch.no_grad()
+    def start_from_data(self, x: Tensor, std: float | None) -> None:
+        """The data-aware start; with centres, k-means' start instead: mu_j = K distinct training inputs drawn
+        with the net's seed (w_j = -x_j, b = 0)."""
+        if not self.centres:
+            return super().start_from_data(x, std)
+        g = torch.Generator().manual_seed(self.seed)
+        pick = torch.randperm(len(x), generator=g)[: self.n_components].to(x.device)
+        if len(pick) < self.n_components:  # fewer inputs than components: draw with replacement
+            pick = torch.randint(len(x), (self.n_components,), generator=g).to(x.device)
+        self.linear.weight.copy_(-x[pick].to(self.linear.weight))
+        self.linear.bias.zero_()
 
     def first_layer(self) -> nn.Linear:
         return self.linear
