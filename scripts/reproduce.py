@@ -53,6 +53,32 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="target L0s (codes kept per input) of the frontier experiment (default: 16 32 64 128)",
     )
+    p.add_argument(
+        "--lm-windows",
+        type=int,
+        default=50,
+        help="held-out windows the causal LM runs again per row of compare and frontier (causal harvests; 0: off; "
+        "default: 50)",
+    )
+    p.add_argument(
+        "--model-set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="frontier: settings of this model's runs, e.g. net.distance=softplus (--model.net.distance softplus)",
+    )
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        default=None,
+        help="frontier: the rows to run (default: all): implicit_em topk_sae batchtopk_sae random_encoder kmeans pca",
+    )
+    p.add_argument(
+        "--split",
+        choices=["test", "val"],
+        default="test",
+        help="frontier: where rows are scored; val to choose settings without touching the test split",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: digits, 5 epochs, seed 1 (unless given)")
     return p
 
@@ -76,10 +102,21 @@ def settings(argv: list[str]):
         p.error(f"argument --data: configs/data/{data}.yaml does not exist")
     if a.l0 is not None and any(k < 1 or k > a.components for k in a.l0):
         p.error(f"argument --l0: each must lie in 1..--components ({a.components}) (got {' '.join(map(str, a.l0))})")
+    if a.lm_windows < 0:
+        p.error(f"argument --lm-windows: must be >= 0 (got {a.lm_windows})")
+    bad = [kv for kv in a.model_set if "=" not in kv or kv.startswith(("=", "-"))]
+    if bad:
+        p.error(f"argument --model-set: each must be KEY=VALUE, e.g. net.distance=softplus (got {' '.join(bad)})")
+    from implicit_em.experiments.frontier import ROWS
+
+    if a.rows is not None and (unknown := [r for r in a.rows if r not in ROWS]):
+        p.error(f"argument --rows: unknown {' '.join(unknown)}; choose from {' '.join(ROWS)}")
     command = shlex.join(["python", "scripts/reproduce.py", *argv])
     s = Settings(REPO / "configs", data, a.out, epochs, list(seeds), a.components, a.batch_size, a.probe_method,
                  a.data_root, command)  # fmt: skip
     s.l0s = list(a.l0) if a.l0 is not None else None  # read by the frontier experiment only
+    s.lm_windows, s.split, s.rows = a.lm_windows, a.split, a.rows
+    s.model_args = [arg for kv in a.model_set for arg in (f"--model.{kv.split('=', 1)[0]}", kv.split("=", 1)[1])]
     return s, a.experiment
 
 

@@ -440,6 +440,39 @@ def truncated_lse_loss(d: Tensor, index: Tensor) -> Tensor:
     return -torch.logsumexp(-_wide(d).gather(-1, index), dim=-1).sum(dim=-1)
 
 
+def truncation_gap_loss(d: Tensor, index: Tensor) -> Tensor:
+    """The gap between the truncated and the full mixture NLL: the posterior mass outside the kept components,
+
+        L_gap = L_LSE^T - L_LSE = -sum_i log sum_{j in T_i} r_ij >= 0,   r = softmax(-d),
+
+    zero when the k kept components (``index``, N x k) hold all the responsibility. Its gradient trains both
+    sides of the truncation: dL/dd_ij = r~_ij 1[j in T_i] - r_ij, pulling the kept components in and pushing
+    every other one out by its responsibility. Summed over the batch."""
+    return truncated_lse_loss(d, index) - lse_loss(d)
+
+
+def centre_distance(wx: Tensor, weight: Tensor) -> Tensor:
+    """Unit-variance Gaussian distances to the centres mu_j = -w_j, up to a per-row constant:
+
+        d_ij = ||x_i - mu_j||^2 / 2 - ||x_i||^2 / 2 = w_j . x_i + ||w_j||^2 / 2,
+
+    from wx = x W^T (N x K, no bias) and W (K x D). The dropped ||x_i||^2 / 2 is the same for every component of
+    a row, so the responsibilities, the k nearest and every gradient w.r.t. W are the Gaussian mixture's: the
+    truncated E-step over d moves each kept centre by r~_ij (x_i - mu_j), the M-step of k-means."""
+    return wx + 0.5 * _wide(weight).pow(2).sum(dim=-1)
+
+
+def tempered_distance(z: Tensor, phi, temperature: float = 1.0) -> Tensor:
+    """Distances at temperature tau for the truncated E-step: d = tau phi(z / tau).
+
+    For relu, d = relu(z) at every tau (relu is homogeneous), so the components the sparse code selects (z < 0)
+    have d = 0 and dL_LSE^T/dz = 0. For softplus, d = tau log(1 + exp(z / tau)) > 0 with
+    dd/dz = sigmoid(z / tau): the truncated E-step's responsibility r~_ij reaches the selected components with
+    weight sigmoid(z_ij / tau), from relu's (tau -> 0) to half the raw distance's (tau -> infinity).
+    """
+    return phi(z) if temperature == 1 else temperature * phi(z / temperature)
+
+
 def sae_objective(x: Tensor, reconstruction: Tensor, codes: Tensor, l1: float | Tensor = 0.01) -> dict[str, Tensor]:
     """Standard SAE loss L = mean (x - x_hat)^2 + l1 * mean |a| (means over batch and dimensions).
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from implicit_em.experiments import EXPERIMENTS
+from implicit_em.experiments import EXPERIMENTS, compare, frontier
 from implicit_em.experiments.frontier import markdown, plot_metric, probe_mean, run_frontier
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,6 +36,41 @@ def test_reproduce_takes_l0_and_refuses_bad_ones():
         with pytest.raises(SystemExit) as e:
             reproduce.settings(["--experiment", "frontier", *bad])
         assert e.value.code == 2
+
+
+def test_reproduce_passes_lm_windows_model_settings_rows_and_split(monkeypatch):
+    reproduce = _reproduce()
+    argv = ["--experiment", "frontier", "compare", "--l0", "32", "--components", "64", "--lm-windows", "20",
+            "--model-set", "net.distance=softplus", "k=3", "--rows", "implicit_em", "random_encoder", "--split", "val"]  # fmt: skip
+    s, _ = reproduce.settings(argv)
+    assert s.lm_windows == 20 and s.split == "val" and s.rows == ["implicit_em", "random_encoder"]
+    assert s.model_args == ["--model.net.distance", "softplus", "--model.k", "3"]
+    seen = {}
+    monkeypatch.setattr(frontier, "run_frontier", lambda *a, **kw: seen.setdefault("frontier", kw))
+    monkeypatch.setattr(compare, "run_compare", lambda *a, **kw: seen.setdefault("compare", kw))
+    frontier.run_frontier_experiment(s)
+    compare.run_compare_experiment(s)
+    assert seen["frontier"]["lm_windows"] == 20 and seen["frontier"]["split"] == "val"
+    assert seen["frontier"]["model_args"] == s.model_args and seen["frontier"]["rows_kept"] == s.rows
+    assert seen["compare"]["lm_windows"] == 20
+    defaults, _ = reproduce.settings(["--experiment", "frontier"])
+    assert defaults.lm_windows == 50 and defaults.split == "test" and defaults.rows is None and not defaults.model_args
+    for bad in (["--lm-windows", "-1"], ["--model-set", "net.distance"], ["--rows", "sae"], ["--split", "train"]):
+        with pytest.raises(SystemExit) as e:
+            reproduce.settings(["--experiment", "frontier", *bad])
+        assert e.value.code == 2
+
+
+def test_frontier_keeps_the_rows_asked_for_and_scores_on_val(tmp_path):
+    path = run_frontier("digits", tmp_path, components=16, epochs=1, seeds=[1], l0s=[2], configs=REPO / "configs",
+                        rows_kept=["implicit_em", "random_encoder"], split="val", lm_windows=0)  # fmt: skip
+    result = json.loads(path.read_text())
+    assert [r["model"] for r in result["rows"]] == ["implicit_em", "random_encoder"]
+    assert all(r["scored_on"] == "val" for r in result["rows"]) and result["split"] == "val"
+    assert "scored on val" in (tmp_path / "digits" / "frontier.md").read_text()
+    for bad in (["pca"], ["random_encoder", "topk_sae"], ["nope", "implicit_em"]):
+        with pytest.raises(ValueError, match="--rows"):
+            run_frontier("digits", tmp_path, components=16, l0s=[2], rows_kept=bad)
 
 
 def test_markdown_and_plot_skip_missing_numbers(tmp_path):

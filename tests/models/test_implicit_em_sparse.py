@@ -9,7 +9,15 @@ import torch.nn.functional as F
 from implicit_em.errors import ConfigError
 from implicit_em.models.base import fit_to_data, keep_top_k
 from implicit_em.models.implicit_em import ImplicitEM
-from implicit_em.objective import implicit_em_objective, lse_loss, truncated_lse_loss
+from implicit_em.objective import (
+    centre_distance,
+    implicit_em_objective,
+    lse_loss,
+    responsibilities,
+    tempered_distance,
+    truncated_lse_loss,
+    truncation_gap_loss,
+)
 
 D, K = 12, 40
 
@@ -85,6 +93,106 @@ def test_sparse_objective_is_finite_and_trains(objective):
     assert float((net(x) != 0).sum(1).float().mean()) > 5.5  # the target L0 still reached
 
 
+def test_truncation_gap_is_the_lost_posterior_mass_and_trains_both_sides():
+    g = torch.Generator().manual_seed(1)
+    d = (torch.rand(7, 9, generator=g) * 3).double().requires_grad_(True)
+    idx = torch.randn(7, 9, generator=g).topk(4, dim=-1).indices
+    loss = truncation_gap_loss(d, idx)
+    r = responsibilities(d.detach())
+    assert torch.allclose(loss, -torch.log(r.gather(-1, idx).sum(-1)).sum()) and float(loss) >= 0
+    (grad,) = torch.autograd.grad(loss, d)
+    sel = torch.zeros_like(r, dtype=torch.bool).scatter(-1, idx, True)
+    kept = torch.where(sel, r, torch.zeros_like(r))
+    assert torch.allclose(grad, kept / kept.sum(-1, keepdim=True) - r, atol=1e-12)
+    assert float(truncation_gap_loss(d, torch.arange(9).expand(7, 9))) == pytest.approx(0, abs=1e-12)
+    net = ImplicitEM(D, K, k=5, seed=2, sparse_lse="gap", activation="softplus")
+    fit_to_data(net.linear, _x(), 0.3)
+    assert torch.isfinite(net.objective(_x(), 0)["loss"]) and net.settings()["sparse_lse"] == "gap"
+
+
+def test_centres_keep_the_nearest_gaussian_centres_and_their_e_step_is_the_m_step():
+    x = _x(64).double()
+    w = torch.randn(K, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    mu = -w
+    d = centre_distance(x @ w.T, w)
+    assert torch.allclose(d, 0.5 * torch.cdist(x, mu).pow(2) - 0.5 * x.pow(2).sum(-1, keepdim=True))
+    net = ImplicitEM(D, K, k=4, seed=1, sparse_lse="centres", lambda_var=0.0, lambda_tc=0.0).double()
+    with torch.no_grad():
+        net.linear.weight.copy_(w)
+        net.linear.bias.zero_()
+    a = net(x)  # b = 0: the code keeps the 4 nearest centres
+    nearest = torch.cdist(x, mu).topk(4, dim=-1, largest=False).indices
+    assert torch.equal((a != 0).sum(-1).clamp_max(4), (a.gather(-1, nearest) != 0).sum(-1))
+    net.objective(x, 0)["loss"].backward()
+    r = torch.zeros_like(d).scatter(-1, nearest, torch.softmax(-d.gather(-1, nearest), -1))
+    # dL/dw_j = sum_i r~_ij (x_i - mu_j): a descent step on w_j = -mu_j moves mu_j toward its inputs
+    m_step = r.T @ x - r.sum(0, keepdim=True).T * mu
+    assert torch.allclose(net.linear.weight.grad, m_step, atol=1e-9)
+    form = net.inference_form()
+    assert torch.allclose(keep_top_k(x @ form.weight.T + form.bias, 4), a, atol=1e-9)
+    assert ImplicitEM(D, K, sparse_lse="centres").pre_activation(x.float()).shape == (64, K)
+
+
+def test_centres_start_at_training_inputs_and_other_nets_at_the_data_aware_start():
+    x = _x(100)
+    net = ImplicitEM(D, K, k=4, seed=5, sparse_lse="centres")
+    net.start_from_data(x, 0.3)
+    mu = -net.linear.weight.detach()
+    assert bool(((mu[:, None] - x[None]).abs().amax(-1).min(-1).values == 0).all()) and bool(
+        (net.linear.bias == 0).all()
+    )
+    assert len({tuple(m.tolist()) for m in mu}) == K  # K distinct inputs
+    plain, ref = ImplicitEM(D, K, k=4, seed=5), ImplicitEM(D, K, k=4, seed=5)
+    plain.start_from_data(x, 0.3)
+    fit_to_data(ref.linear, x, 0.3)
+    assert torch.equal(plain.linear.weight, ref.linear.weight) and torch.equal(plain.linear.bias, ref.linear.bias)
+
+
+def test_tempered_distance_is_relu_at_every_tau_and_softplus_reaches_the_selected():
+    z = torch.linspace(-6, 6, 49, dtype=torch.float64)
+    for tau in (0.25, 1.0, 4.0):
+        assert torch.allclose(tempered_distance(z, F.relu, tau), F.relu(z))
+        sp = tempered_distance(z, F.softplus, tau)
+        assert torch.allclose(sp, tau * torch.log1p(torch.exp(z / tau)))
+        assert bool((sp >= F.relu(z)).all()) and bool((sp[z <= 0] > 0).all())
+    assert torch.equal(tempered_distance(z, F.softplus), F.softplus(z))
+    # the truncated E-step with relu distances gives the selected components (z < 0) no gradient; softplus does
+    x = _x()
+    for activation, moved in (("relu", False), ("softplus", True)):
+        net = ImplicitEM(D, K, k=4, seed=0, activation=activation, lambda_var=0.0, lambda_tc=0.0, temperature=2.0)
+        fit_to_data(net.linear, x, 0.3)
+        net.objective(x, 0)["loss"].backward()
+        assert bool(net.linear.weight.grad.abs().sum() > 0) == moved
+
+
+@pytest.mark.parametrize("settings", [{"temperature": 1.0}, {"sparse_tc": "code"}])
+def test_default_sparse_settings_are_the_truncated_objective_as_before(settings):
+    """temperature 1 and sparse_tc code are the truncated objective written out: L_tc on a, L_var on relu(s z)."""
+    x = _x()
+    net = ImplicitEM(D, K, k=5, seed=2, **settings)
+    fit_to_data(net.linear, x, 0.3)
+    z = net.linear(x)
+    values, index = (-z).topk(5, dim=-1)
+    a = torch.zeros_like(z).scatter(-1, index, F.relu(values))
+    tc = implicit_em_objective(a, None, 0.0, 0.0, 1.0)["tc"]
+    var = implicit_em_objective(F.relu(-z), None, 0.0, 1.0, 0.0)["var"]
+    expected = tc + var + truncated_lse_loss(F.relu(z), index)
+    assert torch.equal(net.objective(x, 0)["loss"], expected)
+
+
+def test_sparse_tc_depth_decorrelates_the_dense_depth():
+    x = _x()
+    net = ImplicitEM(D, K, k=5, seed=2, sparse_tc="depth", activation="softplus", temperature=0.5)
+    fit_to_data(net.linear, x, 0.3)
+    z = net.linear(x)
+    index = (-z).topk(5, dim=-1).indices
+    ref = implicit_em_objective(F.relu(-z), None, 0.0)
+    terms = net.objective(x, 0)
+    lse = truncated_lse_loss(tempered_distance(z, F.softplus, 0.5), index)
+    assert torch.allclose(terms["tc"], ref["tc"]) and torch.allclose(terms["var"], ref["var"])
+    assert torch.allclose(terms["loss"], ref["loss"] + lse) and net.settings()["sparse_tc"] == "depth"
+
+
 def test_inference_form_reproduces_the_codes():
     """SAELens's topk form, TopK_k(relu(x W_enc + b_enc)), gives the net's codes exactly."""
     x = _x()
@@ -126,3 +234,9 @@ def test_bad_settings_are_refused():
         ImplicitEM(D, K, k=3, code="margin")
     with pytest.raises(ConfigError):
         ImplicitEM(D, K, k=3, sparse_objective="nope")
+    with pytest.raises(ConfigError):
+        ImplicitEM(D, K, k=3, temperature=0.0)
+    with pytest.raises(ConfigError):
+        ImplicitEM(D, K, k=3, sparse_tc="distance")
+    with pytest.raises(ConfigError):
+        ImplicitEM(D, K, k=3, sparse_lse="full")

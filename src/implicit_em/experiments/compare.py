@@ -119,11 +119,14 @@ def train_args(
     return args
 
 
-def load_data(datamodule, lm_windows: int = 0) -> Data:
+def load_data(datamodule, lm_windows: int = 0, split: str = "test") -> Data:
+    """The splits and normalisation inverse every row is judged on, with the causal LM's splice over the held-out
+    documents of ``split`` (where the data is a causal LM's harvest and ``lm_windows`` > 0)."""
     from implicit_em.eval.report import LanguageModelSplice, ReportConfig
 
     datamodule.setup("fit")
-    splice = LanguageModelSplice.of(datamodule, ReportConfig(lm_windows=lm_windows)) if lm_windows else None
+    config = ReportConfig(lm_windows=lm_windows, split=split)
+    splice = LanguageModelSplice.of(datamodule, config) if lm_windows else None
     return Data(dict(datamodule.splits), datamodule.normalization.inverse(), splice)
 
 
@@ -171,15 +174,19 @@ def pca_row(data: Data, k: int) -> Row:
 
 
 # -- one evaluation for every row -------------------------------------------------------------------------
-def evaluate_row(row: Row, data: Data, probe_method: str, probes_only: bool = False, lm_windows: int = 0) -> dict:
+def evaluate_row(
+    row: Row, data: Data, probe_method: str, probes_only: bool = False, lm_windows: int = 0, split: str = "test"
+) -> dict:
     """One row through the evaluation every run meets (:func:`implicit_em.eval.report.evaluate_codes`), with the
     causal LM's splice where the data has one; ``probes_only`` (the raw inputs): the probes and the splice (the
-    exact activations back: CE clean, the check that cannot be faked), the reconstruction numbers left empty."""
+    exact activations back: CE clean, the check that cannot be faked), the reconstruction numbers left empty.
+    ``split``: where the row is scored (``val`` to choose settings without touching the test split)."""
     from implicit_em.eval.report import Codes, ReportConfig, evaluate_codes, has_labels
 
     feats = row.features(data)
-    train, test = data.splits["train"], data.splits["test"]
-    config = ReportConfig(probe_method=probe_method, kmeans=False, sae_metrics=not probes_only, lm_windows=lm_windows)
+    train, test = data.splits["train"], data.splits[split]
+    config = ReportConfig(probe_method=probe_method, kmeans=False, sae_metrics=not probes_only, lm_windows=lm_windows,
+                          split=split)  # fmt: skip
     codes = Codes(feats["train"], feats["val"], feats["test"])
     out, _ = evaluate_codes(codes, data.splits, config, data.to_raw, splice=data.splice, encode=row.encode,
                             decode=row.decode)  # fmt: skip
@@ -190,7 +197,7 @@ def evaluate_row(row: Row, data: Data, probe_method: str, probes_only: bool = Fa
         out.update({m: None for m in METRICS if m != "probe_accuracy"})
         if has_labels(train, test):
             out["sparse_probe_accuracy"] = sparse_probe_accuracy(
-                feats["train"], train.y, feats["test"], test.y, SPARSE_PROBE_KS, train.groups, test.groups
+                feats["train"], train.y, feats[split], test.y, SPARSE_PROBE_KS, train.groups, test.groups
             )
     return out
 
@@ -357,18 +364,23 @@ def run_compare(
     configs: str | Path = "configs",
     command: str = "",
     log: Callable[[str], None] = print,
+    lm_windows: int = 50,
 ) -> Path:
     """Train and judge every row on ``data`` once per seed; write compare.json, compare.md and compare.png
-    into ``<out>/<data>/`` and return compare.json's path."""
+    into ``<out>/<data>/`` and return compare.json's path. ``lm_windows``: held-out windows of the causal LM's
+    splice (causal harvests only; 0: off)."""
     from implicit_em.eval.report import write_metrics
 
     folder = Path(out) / data
     per_seed = [
-        compare_seed(Path(configs), data, folder, components, epochs, seed, batch_size, data_root, probe_method, log)
+        compare_seed(
+            Path(configs), data, folder, components, epochs, seed, batch_size, data_root, probe_method, log, lm_windows
+        )  # fmt: skip
         for seed in seeds
     ]
     header = {"data": data, "components": components, "epochs": epochs, "seeds": list(seeds),
-              "batch_size": batch_size, "probe_method": probe_method, "command": command}  # fmt: skip
+              "batch_size": batch_size, "probe_method": probe_method, "lm_windows": lm_windows,
+              "command": command}  # fmt: skip
     rows = summarize(per_seed, seeds)
     path = write_metrics({**header, "rows": rows}, folder / "compare.json")
     (folder / "compare.md").write_text(markdown(rows, header))
@@ -382,5 +394,5 @@ def run_compare_experiment(s, runs=None) -> Path:
     ``reproduce.py`` call's settings (its own plain runs: the shared ensemble runs do not apply)."""
     return run_compare(
         s.data, s.out, s.components, s.epochs, s.seeds, s.data_root, s.batch_size, s.probe_method, s.configs,
-        s.command, log=runs.log if runs is not None else print,
+        s.command, log=runs.log if runs is not None else print, lm_windows=s.lm_windows,
     )  # fmt: skip

@@ -14,7 +14,9 @@ Same data, width K, training tokens (epochs, batch) and evaluation for every row
 CE loss recovered and KL where the data is a causal LM's harvest), plus ``fvu_decoder`` (the SAEs' own
 decoders, on the same test rows), ``sparse_probe_mean`` (mean of k-sparse probing at k = 1, 2, 5),
 ``n_parameters``, ``train_seconds`` (the run's epochs) and ``fit_seconds`` (its whole ``scripts/train.py`` path,
-with its own end-of-run report). Writes ``<out>/<data>/frontier.json`` (``rows``), ``frontier.md`` and one
+with its own end-of-run report). ``rows`` keeps a subset of the rows (the random encoder needs this model's run);
+``split`` ``val`` scores every row on the validation split (and the causal LM's splice on its documents), for
+choosing settings without touching the test split. Writes ``<out>/<data>/frontier.json`` (``rows``), ``frontier.md`` and one
 PNG per metric against L0 (``frontier_<metric>.png``).
 """
 
@@ -43,6 +45,8 @@ from implicit_em.rundir import RunDir
 DEFAULT_L0S = (16, 32, 64, 128)
 #: the models trained at every target L0 (row name, config in configs/model/)
 TRAINED = (("implicit_em", "implicit_em"), ("topk_sae", "topk_sae"), ("batchtopk_sae", "batchtopk_sae"))
+#: every row the frontier can hold, in its order
+ROWS = (*(name for name, _ in TRAINED), "random_encoder", "kmeans", "pca")
 #: the k of k-sparse probing that ``sparse_probe_mean`` averages
 PROBE_MEAN_KS = ("1", "2", "5")
 #: metric -> (axis label, whether lower is better), one PNG each
@@ -65,15 +69,15 @@ def probe_mean(scores: dict | None) -> float | None:
     return sum(values) / len(values)
 
 
-def decoder_fvu(row: Row, data: Data) -> float | None:
-    """FVU of a row's own decoder on the test rows (raw units, as the readout's), None without a decoder."""
+def decoder_fvu(row: Row, data: Data, split: str = "test") -> float | None:
+    """FVU of a row's own decoder on the ``split`` rows (raw units, as the readout's), None without a decoder."""
     if row.decode is None:
         return None
     import torch
 
     from implicit_em.eval.sae_metrics import readout_scores
 
-    x = data.splits["test"].x
+    x = data.splits[split].x
     with torch.no_grad():
         x_hat = torch.cat([row.decode(row.encode(c)) for c in x.split(8192)])
     return readout_scores(x, x_hat, data.to_raw)["fvu"]
@@ -82,10 +86,11 @@ def decoder_fvu(row: Row, data: Data) -> float | None:
 def frontier_seed(
     configs: Path, data: str, folder: Path, components: int, epochs: int, seed: int, l0s: Sequence[int],
     batch_size: int | None, data_root: str | None, probe_method: str, log: Callable[[str], None] = print,
-    lm_windows: int = 50, model_args: Sequence[str] = (),
+    lm_windows: int = 50, model_args: Sequence[str] = (), rows_kept: Sequence[str] = ROWS, split: str = "test",
 ) -> list[dict]:  # fmt: skip
-    """Every row of one seed: the trained models and the random encoder at each target L0, then k-means and PCA.
-    ``model_args``: extra ``scripts/train.py`` arguments for this model's runs (``--model.net.*``)."""
+    """Every row of one seed: the trained models and the random encoder at each target L0, then k-means and PCA
+    (those of ``rows_kept``). ``model_args``: extra ``scripts/train.py`` arguments for this model's runs
+    (``--model.net.*``); ``split``: where every row is scored."""
     from implicit_em.app import fit_run
 
     shared: Data | None = None
@@ -93,9 +98,9 @@ def frontier_seed(
 
     def judge(name: str, row: Row, target: int | None, **extra) -> dict:
         start = time.perf_counter()
-        scores = evaluate_row(row, shared, probe_method, lm_windows=lm_windows)
-        fvu_dec = decoder_fvu(row, shared)
-        out = {"model": name, "target_l0": target, "components": components, **extra, **scores,
+        scores = evaluate_row(row, shared, probe_method, lm_windows=lm_windows, split=split)
+        fvu_dec = decoder_fvu(row, shared, split)
+        out = {"model": name, "target_l0": target, "components": components, "scored_on": split, **extra, **scores,
                "fvu_decoder": fvu_dec, "sparse_probe_mean": probe_mean(scores.get("sparse_probe_accuracy")),
                "eval_seconds": time.perf_counter() - start}  # fmt: skip
         shown = ("l0", "dead_fraction", "fvu", "fvu_decoder", "sparse_probe_mean", "ce_loss_recovered", "kl_div")
@@ -104,7 +109,7 @@ def frontier_seed(
 
     for k in l0s:
         ours_dir = None
-        for name, config in TRAINED:
+        for name, config in [(n, c) for n, c in TRAINED if n in rows_kept]:
             log(f"[frontier] {name} k={k}: training {epochs} epochs, K = {components}, seed {seed}")
             run_root = folder / "runs" / f"{name}_k{k}" / f"seed{seed}"
             extra = ["--model.k", str(k), "--report.lm_windows", "0", "--report.sae_metrics", "false"]
@@ -117,28 +122,31 @@ def frontier_seed(
             run_dir = Path(metrics_path).parent
             module, datamodule = RunDir(run_dir).rebuild()
             if shared is None:  # the first run fixes the data (splits, normalisation) every row is judged on
-                shared = load_data(datamodule, lm_windows)
+                shared = load_data(datamodule, lm_windows, split)
             ours_dir = run_dir if name == "implicit_em" else ours_dir
             rows.append(judge(name, module_row(module), k, n_parameters=module.n_parameters(),
                               train_seconds=sum(metrics.get("epoch_seconds") or []), fit_seconds=fit_seconds,
                               run_dir=str(run_dir)))  # fmt: skip
-        random_module, _ = RunDir(ours_dir).rebuild(trained=False)
-        random_module.fit_to_data(shared.splits["train"].x)  # the data-aware start that training begins from
-        rows.append(judge("random_encoder", module_row(random_module), k,
-                          n_parameters=random_module.n_parameters(), train_seconds=0.0))  # fmt: skip
+        if "random_encoder" in rows_kept:
+            random_module, _ = RunDir(ours_dir).rebuild(trained=False)
+            random_module.fit_to_data(shared.splits["train"].x)  # the data-aware start that training begins from
+            rows.append(judge("random_encoder", module_row(random_module), k,
+                              n_parameters=random_module.n_parameters(), train_seconds=0.0))  # fmt: skip
 
-    log("[frontier] kmeans, pca")
     n_train = len(shared.splits["train"].x)
     start = time.perf_counter()
-    if components <= n_train:
+    if "kmeans" in rows_kept and components <= n_train:
+        log("[frontier] kmeans")
         km = kmeans_row(shared, components, seed)
         rows.append(judge("kmeans", km, None, n_parameters=components * shared.dims,
                           train_seconds=time.perf_counter() - start))  # fmt: skip
     n_pca = min(components, shared.dims)
     start = time.perf_counter()
-    pca = pca_row(shared, n_pca)
-    rows.append(judge("pca", pca, None, n_parameters=n_pca * shared.dims + shared.dims,
-                      train_seconds=time.perf_counter() - start))  # fmt: skip
+    if "pca" in rows_kept:
+        log("[frontier] pca")
+        pca = pca_row(shared, n_pca)
+        rows.append(judge("pca", pca, None, n_parameters=n_pca * shared.dims + shared.dims,
+                          train_seconds=time.perf_counter() - start))  # fmt: skip
     return rows
 
 
@@ -161,16 +169,19 @@ def markdown(rows: Sequence[dict], header: dict) -> str:
     """frontier.md: the table, the command, and how to read it."""
     names = ["model", *(c[0] for c in COLUMNS.values())]
     lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    split = header.get("split", "test")
+    strength = "val" if split == "test" else "the last tenth of the train rows"
     for r in rows:
         lines.append("| " + " | ".join([r["model"], *(_cell(r.get(c), f) for c, (_, f) in COLUMNS.items())]) + " |")
     return "\n".join([
         f"# Sparsity frontier on {header['data']}", "",
         f"`{header['command']}`" if header.get("command") else "", "",
         f"K = {header['components']}, {header['epochs']} epochs, target L0 {header['l0s']}, seeds {header['seeds']} "
-        "(means over seeds).", "",
+        f"(means over seeds), scored on {split}"
+        + (f", this model with {' '.join(header['model_args'])}" if header.get("model_args") else "") + ".", "",
         *lines, "",
-        "FVU: a ridge readout x ~ f R + c fitted on each row's codes (train rows, strength on val), scored on test "
-        "rows in raw units; FVU dec.: the SAEs' own decoders on the same rows. L0 and dead: |f| > 0.01 over all "
+        f"FVU: a ridge readout x ~ f R + c fitted on each row's codes (train rows, strength on {strength}), scored on "
+        f"{split} rows in raw units; FVU dec.: the SAEs' own decoders on the same rows. L0 and dead: |f| > 0.01 over all "
         "evaluation rows. probe: k-sparse probing (balanced accuracy, per document), mean of k = 1, 2, 5. CE rec. "
         "and KL: the causal LM run again with the layer replaced by the reconstruction (causal harvests only). "
         "random_encoder: this model's net at its data-aware start, untrained, with the same TopK.", "",
@@ -214,14 +225,24 @@ def run_frontier(
     log: Callable[[str], None] = print,
     lm_windows: int = 50,
     model_args: Sequence[str] = (),
+    rows_kept: Sequence[str] | None = None,
+    split: str = "test",
 ) -> Path:
-    """Train and judge every row at every target L0 once per seed; write frontier.json, frontier.md and the PNGs
-    into ``<out>/<data>/``; returns frontier.json's path."""
+    """Train and judge every row (those of ``rows_kept``; None: all) at every target L0 once per seed; write
+    frontier.json, frontier.md and the PNGs into ``<out>/<data>/``; returns frontier.json's path."""
     from implicit_em.eval.report import write_metrics
 
     l0s = sorted({int(k) for k in l0s})
     if not l0s or min(l0s) < 1 or max(l0s) > components:
         raise ValueError(f"--l0: target L0s must lie in 1..{components} (K), got {l0s}")
+    rows_kept = ROWS if rows_kept is None else tuple(rows_kept)
+    if unknown := sorted(set(rows_kept) - set(ROWS)):
+        raise ValueError(f"--rows: unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    if not any(r in rows_kept for r, _ in TRAINED):
+        raise ValueError(f"--rows: keep at least one trained row ({', '.join(n for n, _ in TRAINED)}): its run fixes "
+                         "the data every row is judged on")  # fmt: skip
+    if "random_encoder" in rows_kept and "implicit_em" not in rows_kept:
+        raise ValueError("--rows: random_encoder is this model's net untrained; keep implicit_em with it")
     folder = Path(out) / data
     per_seed = [
         frontier_seed(
@@ -238,11 +259,14 @@ def run_frontier(
             log,
             lm_windows,
             model_args,
+            rows_kept,
+            split,
         )  # fmt: skip
         for seed in seeds
     ]
     header = {"data": data, "components": components, "epochs": epochs, "seeds": list(seeds), "l0s": l0s,
-              "batch_size": batch_size, "probe_method": probe_method, "command": command}  # fmt: skip
+              "batch_size": batch_size, "probe_method": probe_method, "lm_windows": lm_windows, "split": split,
+              "model_args": list(model_args), "command": command}  # fmt: skip
     rows = summarize(per_seed, seeds)
     path = write_metrics({**header, "rows": rows}, folder / "frontier.json")
     (folder / "frontier.md").write_text(markdown(rows, header))
@@ -254,8 +278,9 @@ def run_frontier(
 
 def run_frontier_experiment(s, runs=None) -> Path:
     """The ``frontier`` entry of :data:`implicit_em.experiments.EXPERIMENTS`: :func:`run_frontier` with one
-    ``reproduce.py`` call's settings (``s.l0s``, set by ``--l0``; the default target L0s without it)."""
+    ``reproduce.py`` call's settings (``--l0``, ``--lm-windows``, ``--model-set``, ``--rows``, ``--split``)."""
     return run_frontier(
-        s.data, s.out, s.components, s.epochs, s.seeds, getattr(s, "l0s", None) or DEFAULT_L0S, s.data_root,
-        s.batch_size, s.probe_method, s.configs, s.command, log=runs.log if runs is not None else print,
+        s.data, s.out, s.components, s.epochs, s.seeds, s.l0s or DEFAULT_L0S, s.data_root, s.batch_size,
+        s.probe_method, s.configs, s.command, log=runs.log if runs is not None else print, lm_windows=s.lm_windows,
+        model_args=s.model_args, rows_kept=s.rows, split=s.split,
     )  # fmt: skip

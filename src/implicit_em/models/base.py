@@ -123,6 +123,10 @@ class Net(nn.Module):
         """The affine map whose rows are the components (what the data-aware start adjusts)."""
         raise NotImplementedError
 
+    def start_from_data(self, x: Tensor, std: float | None) -> None:
+        """The data-aware start on training inputs x (N x D): :func:`fit_to_data` on the first layer."""
+        fit_to_data(self.first_layer(), x, std)
+
     def component_weights(self) -> Tensor:
         """K x D: the rows of the first layer, the components."""
         return self.first_layer().weight

@@ -12,13 +12,24 @@ from implicit_em.distributed import gather_samples
 from implicit_em.errors import check, check_choice
 from implicit_em.models.base import ACTIVATIONS, InferenceForm, Net, keep_top_k, seeded_linear
 from implicit_em.models.registry import register
-from implicit_em.objective import implicit_em_objective, truncated_lse_loss
+from implicit_em.objective import (
+    centre_distance,
+    implicit_em_objective,
+    tempered_distance,
+    truncated_lse_loss,
+    truncation_gap_loss,
+)
 
 #: what a sparse net (``k`` set) reads as its code: the depths relu(-z) of its k nearest components, or the
 #: k largest distances relu(z)
 SPARSE_CODES = ("depth", "distance")
 #: which quantity the sparse net trains the implicit-EM objective on
 SPARSE_OBJECTIVES = ("truncated", "code", "dense")
+#: which quantity the truncated objective's decorrelation term sees: the sparse code a or the dense depth relu(s z)
+SPARSE_TC = ("code", "depth")
+#: the truncated objective's likelihood term: the truncated E-step L_LSE^T, the gap L_LSE^T - L_LSE, or the
+#: truncated E-step of a Gaussian mixture whose centres are -w_j (``centres``)
+SPARSE_LSE = {"truncated": truncated_lse_loss, "gap": truncation_gap_loss, "centres": truncated_lse_loss}
 
 
 @register("implicit_em")
@@ -49,6 +60,19 @@ class ImplicitEM(Net):
             variance term on the dense depth relu(s z) (every component's, so none stays outside every
             input's top k: no dead components); ``code``: the paper's objective on the code a; ``dense``: the
             paper's objective on d = phi(z), only the code sparse.
+        temperature: tau of the truncated E-step's distances d = tau phi(z / tau)
+            (``objective.tempered_distance``); with ``activation softplus`` it sets how much of the responsibility
+            reaches the selected components (relu gives them none: d = 0 there). 1 (the default): d = phi(z).
+        sparse_lse: the truncated objective's likelihood term: ``truncated`` (the default, L_LSE^T) or ``gap``
+            (L_LSE^T - L_LSE, ``objective.truncation_gap_loss``: the kept components pulled in, the others pushed
+            out by their responsibilities) or ``centres``: the components are Gaussian centres mu_j = -w_j, the
+            affine map z = W x + b + ||w_j||^2 / 2 (so TopK keeps the k nearest centres, b_j a learned log-prior,
+            and the code is the depth relu(mu_j . x - ||mu_j||^2 / 2 - b_j)) and the likelihood term the truncated
+            E-step over the Gaussian distances d = z - b (``objective.centre_distance``), whose gradient moves each
+            kept centre by r~_ij (x_i - mu_j): k-means' M-step (the activation and temperature are unused); it
+            starts as k-means does, mu_j at K training inputs (:meth:`start_from_data`).
+        sparse_tc: what the truncated objective decorrelates: ``code`` (the default, a) or ``depth`` (the dense
+            relu(s z), with the variance term).
     """
 
     takes_k = True
@@ -68,11 +92,19 @@ class ImplicitEM(Net):
         tc_components: int | None = None,
         code: str = "depth",
         sparse_objective: str = "truncated",
+        temperature: float = 1.0,
+        sparse_tc: str = "code",
+        sparse_lse: str = "truncated",
     ):
         super().__init__(in_features, n_components, k, seed)
         check_choice(code, "model.net.code", SPARSE_CODES)
         check_choice(sparse_objective, "model.net.sparse_objective", SPARSE_OBJECTIVES)
+        check_choice(sparse_tc, "model.net.sparse_tc", SPARSE_TC)
+        check(temperature > 0, "model.net.temperature", "> 0", temperature)
+        check_choice(sparse_lse, "model.net.sparse_lse", tuple(SPARSE_LSE))
+        self.sparse_lse = sparse_lse
         self.code, self.sparse_objective = code, sparse_objective
+        self.temperature, self.sparse_tc = temperature, sparse_tc
         check_choice(activation, "model.net.activation", ACTIVATIONS)
         check(tc_components is None or tc_components >= 2, "model.net.tc_components", "null or an integer >= 2",
               tc_components)  # fmt: skip
@@ -92,7 +124,17 @@ class ImplicitEM(Net):
         sparse code of :meth:`sparse_code`."""
         if self.k is None:
             return self.phi(self.linear(x))
-        return self.sparse_code(self.linear(x))
+        return self.sparse_code(self.pre_activation(x))
+
+    @property
+    def centres(self) -> bool:
+        """Whether the components are Gaussian centres (``sparse_lse centres``, k set)."""
+        return self.k is not None and self.sparse_lse == "centres"
+
+    def pre_activation(self, x: Tensor) -> Tensor:
+        """z = W x + b, plus ||w_j||^2 / 2 when the components are centres."""
+        z = self.linear(x)
+        return z + 0.5 * self.linear.weight.pow(2).sum(-1) if self.centres else z
 
     @property
     def code_sign(self) -> int:
@@ -103,6 +145,19 @@ class ImplicitEM(Net):
         """a = TopK_k(relu(s z)): ``depth`` (s = -1) keeps the k components nearest to x (largest -z, the
         depth inside their halfspace), ``distance`` (s = +1) the k largest distances; every other entry 0."""
         return keep_top_k(self.code_sign * z, self.k)
+
+    @torch.no_grad()
+    def start_from_data(self, x: Tensor, std: float | None) -> None:
+        """The data-aware start; with centres, k-means' start instead: mu_j = K distinct training inputs drawn
+        with the net's seed (w_j = -x_j, b = 0)."""
+        if not self.centres:
+            return super().start_from_data(x, std)
+        g = torch.Generator().manual_seed(self.seed)
+        pick = torch.randperm(len(x), generator=g)[: self.n_components].to(x.device)
+        if len(pick) < self.n_components:  # fewer inputs than components: draw with replacement
+            pick = torch.randint(len(x), (self.n_components,), generator=g).to(x.device)
+        self.linear.weight.copy_(-x[pick].to(self.linear.weight))
+        self.linear.bias.zero_()
 
     def first_layer(self) -> nn.Linear:
         return self.linear
@@ -118,7 +173,7 @@ class ImplicitEM(Net):
 
     def _sparse_objective(self, x: Tensor, step: int) -> dict[str, Tensor]:
         """The objective of the sparse net (k set), by ``sparse_objective`` (see the class docstring)."""
-        z = gather_samples(self.linear(x))  # the global batch under DDP
+        z = gather_samples(self.pre_activation(x))  # the global batch under DDP
         weight = self.component_weights() if self.lambdas["lambda_wr"] else None
         m = self.tc_components
         subsets = torch.Generator().manual_seed(self.seed * 1_000_003 + step) if m else None
@@ -130,18 +185,28 @@ class ImplicitEM(Net):
         a = torch.zeros_like(z).scatter(-1, index, F.relu(values))  # = self.sparse_code(z), one top-k
         if self.sparse_objective == "code":
             return implicit_em_objective(a, weight, eps=self.eps, tc_components=m, generator=subsets, **self.lambdas)
-        # truncated: the E-step over the k selected components, L_tc on the code, L_var on the dense depth
+        # truncated: the E-step over the k selected components, L_tc on the code (or the dense depth), L_var on
+        # the dense depth
         lam = self.lambdas
+        if self.centres:  # the Gaussian distances: z without the log-prior b
+            d = centre_distance(z - 0.5 * self.linear.weight.pow(2).sum(-1) - self.linear.bias, self.linear.weight)
+        else:
+            d = tempered_distance(z, self.phi, self.temperature)
+        lse = SPARSE_LSE[self.sparse_lse](d, index)
+        if self.sparse_tc == "depth":
+            terms = implicit_em_objective(F.relu(s), weight, 0.0, lam["lambda_var"], lam["lambda_tc"],
+                                          lam["lambda_wr"], self.eps, m, subsets)  # fmt: skip
+            return {**terms, "loss": terms["loss"] + lam["lambda_lse"] * lse, "lse": lse}
         terms = implicit_em_objective(a, weight, 0.0, 0.0, lam["lambda_tc"], lam["lambda_wr"], self.eps, m, subsets)
         var = implicit_em_objective(F.relu(s), None, 0.0, lam["lambda_var"], 0.0, 0.0, self.eps)["var"]
-        lse = truncated_lse_loss(self.phi(z), index)
         loss = terms["loss"] + lam["lambda_var"] * var + lam["lambda_lse"] * lse
         return {**terms, "loss": loss, "lse": lse, "var": var}
 
     def settings(self) -> dict[str, Any]:
         own = {"activation": self.activation, **self.lambdas, "eps": self.eps, "tc_components": self.tc_components}
         if self.k is not None:
-            own.update(k=self.k, code=self.code, sparse_objective=self.sparse_objective)
+            own.update(k=self.k, code=self.code, sparse_objective=self.sparse_objective, temperature=self.temperature,
+                       sparse_tc=self.sparse_tc, sparse_lse=self.sparse_lse)  # fmt: skip
         return own
 
     def inference_form(self) -> InferenceForm:
@@ -149,7 +214,8 @@ class ImplicitEM(Net):
 
         if self.k is not None:  # the sparse code is TopK_k(relu(s z)) whatever phi the objective uses
             sign = self.code_sign
-            return InferenceForm("topk", sign * self.linear.weight, sign * self.linear.bias, k=self.k,
+            bias = self.linear.bias + (0.5 * self.linear.weight.pow(2).sum(-1) if self.centres else 0)
+            return InferenceForm("topk", sign * self.linear.weight, sign * bias, k=self.k,
                                  extra={"code": self.code})  # fmt: skip
         if self.activation != "relu":
             raise ConfigError(

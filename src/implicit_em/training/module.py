@@ -19,7 +19,6 @@ from torch import Tensor
 from implicit_em.errors import NonFiniteLossError, check
 from implicit_em.eval.diagnostics import ComponentDiagnostics, effective_rank, weight_redundancy
 from implicit_em.models import Net
-from implicit_em.models.base import fit_to_data
 from implicit_em.models.implicit_em import ImplicitEM
 
 #: what the ``net`` argument takes: a registered Net class with its own settings, called with (D, K, k, seed)
@@ -101,7 +100,7 @@ class ComponentModule(L.LightningModule):
     def fit_to_data(self, x: Tensor) -> None:
         """The data-aware start on training inputs ``x``, once (a resumed run keeps its trained weights)."""
         if not bool(self.initialized):
-            fit_to_data(self.model.first_layer(), x, self.hparams.init_std)
+            self.model.start_from_data(x, self.hparams.init_std)
             self.initialized.fill_(True)
 
     def on_train_start(self) -> None:
