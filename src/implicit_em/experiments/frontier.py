@@ -112,7 +112,7 @@ def frontier_seed(
         for name, config in [(n, c) for n, c in TRAINED if n in rows_kept]:
             log(f"[frontier] {name} k={k}: training {epochs} epochs, K = {components}, seed {seed}")
             run_root = folder / "runs" / f"{name}_k{k}" / f"seed{seed}"
-            extra = ["--model.k", str(k), "--report.lm_windows", "0", "--report.sae_metrics", "false"]
+            extra = ["--model.k", str(k)]  # the run's own report is the short one (compare.train_args)
             extra += list(model_args) if name == "implicit_em" else []
             args = train_args(configs, data, config, run_root, epochs, seed, components, batch_size, data_root, *extra)
             start = time.perf_counter()
