@@ -429,15 +429,114 @@ def implicit_em_objective(
     return {"loss": loss, **terms}
 
 
-def truncated_lse_loss(d: Tensor, index: Tensor) -> Tensor:
+class _SelectAndDepthVariance(torch.autograd.Function):
+    """The dense part of the truncated objective in one pass each way (see :func:`select_and_depth_variance`)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, sign: int, k: int):
+        values, index = z.topk(k, dim=-1, largest=sign > 0)
+        depth = (z if sign > 0 else torch.neg(z)).relu()  # relu(s z), s = sign
+        n = depth.shape[-2]
+        mean = depth.sum(dim=-2) / n
+        sq = depth.new_zeros(mean.shape)
+        for rows in depth.split(1024, dim=-2):  # two-pass variance in row blocks: no N x K temporary
+            centred = rows - mean.unsqueeze(-2)
+            sq += torch.linalg.vecdot(centred, centred, dim=-2)
+        ctx.sign = sign
+        ctx.save_for_backward(depth, mean, index)
+        ctx.mark_non_differentiable(index)
+        return values * sign, index, sq / (n - 1)
+
+    @staticmethod
+    def backward(ctx, g_selected: Tensor, _g_index, g_var: Tensor):
+        depth, mean, index = ctx.saved_tensors
+        coef = g_var * (2 * ctx.sign / (depth.shape[-2] - 1))
+        # dVar_j/dz_ij = s (2 / (N - 1)) (h_ij - mean_j) 1[h_ij > 0], and 1[h > 0] = sign(h) for h >= 0
+        grad = torch.sign(depth).mul_(-mean.unsqueeze(-2)).add_(depth).mul_(coef.unsqueeze(-2))
+        if g_selected is not None:
+            grad.scatter_add_(-1, index, g_selected * ctx.sign)
+        return grad, None, None
+
+
+def select_and_depth_variance(z: Tensor, sign: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """What the truncated objective needs from the dense N x K pre-activations z, without an N x K temporary
+    beyond the depth itself:
+
+        index T_i = the k largest of s z_i,   values (s z)_{i, T_i},   Var_j = Var_i(relu(s z_ij)),
+
+    with s = ``sign`` (+1 or -1); the variance is the unbiased batch variance of every component's depth (the
+    variance term's input). Its backward is written out: dL/dz_ij = s (dL/dvalues scattered to T_i) +
+    s (2 / (N - 1)) dL/dVar_j (h_ij - mean_j) 1[h_ij > 0], h = relu(s z), in one N x K buffer, so a step costs
+    about the encoder's matmuls and a few passes over z (``benchmarks/sparse_step.py``)."""
+    return _SelectAndDepthVariance.apply(_wide(z), int(sign), int(k))
+
+
+def code_columns(values: Tensor, index: Tensor, columns: Tensor, n_components: int) -> Tensor:
+    """The columns ``columns`` (m component indices) of the k-sparse code a (N x K) whose row i holds ``values``
+    (N x k) at ``index`` (N x k) and 0 elsewhere: a[:, columns] (N x m), built without the N x K matrix."""
+    where = torch.full((n_components,), len(columns), dtype=torch.long, device=index.device)
+    where[columns] = torch.arange(len(columns), device=index.device)
+    out = values.new_zeros(*values.shape[:-1], len(columns) + 1)  # the last column takes the unselected
+    return out.scatter(-1, where[index], values)[..., :-1]
+
+
+def truncated_objective(
+    z: Tensor,
+    sign: int,
+    k: int,
+    distance,
+    weight: Tensor | None = None,
+    lambda_lse: float = 1.0,
+    lambda_var: float = 1.0,
+    lambda_tc: float = 1.0,
+    lambda_wr: float = 0.0,
+    eps: float = 1e-6,
+    tc_components: int | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """The sparse model's truncated objective from its pre-activations z (N x K), with s = ``sign``:
+
+        L = l_lse L_LSE^T(d_{i, T_i}) + l_var L_var(relu(s z)) + l_tc L_tc(a) + l_wr L_wr(W),
+
+    T_i the k largest of s z_i, a = TopK_k(relu(s z)) the code, d = ``distance``(z) (e.g. tau phi(z / tau),
+    :func:`tempered_distance`) on the kept components only: the truncated E-step
+    (:func:`truncated_lse_loss`), the variance term on every component's dense depth (none left outside every
+    top k), the decorrelation term on the code (its unbiased subset estimate from ``tc_components`` columns,
+    as :func:`decorrelation_subset_estimate`). The same value as the terms written out on dense N x K
+    matrices, at the cost of the dense depth's variance (:func:`select_and_depth_variance`)."""
+    values, index, depth_var = select_and_depth_variance(z, sign, k)
+    zero = values.new_zeros(values.shape[:-2])
+    terms = {"lse": zero, "var": zero, "tc": zero, "wr": zero}
+    if not _is_zero(lambda_lse):
+        terms["lse"] = truncated_lse_loss(distance(values * sign))
+    if not _is_zero(lambda_var):
+        terms["var"] = log_variance_barrier(depth_var, eps)
+    if not _is_zero(lambda_tc):
+        n_components, kept = z.shape[-1], torch.relu(values)
+        if tc_components is None or tc_components >= n_components:
+            code = values.new_zeros(z.shape).scatter(-1, index, kept)
+            terms["tc"] = decorrelation_loss(code)
+        else:
+            columns, scale = _subset(n_components, tc_components, generator, z.device)
+            terms["tc"] = decorrelation_loss(code_columns(kept, index, columns, n_components)) * scale
+    if weight is not None and not _is_zero(lambda_wr):
+        terms["wr"] = weight_orthogonality_loss(weight)
+    lambdas = {"lse": lambda_lse, "var": lambda_var, "tc": lambda_tc, "wr": lambda_wr}
+    weighted = [lam * terms[t] for t, lam in lambdas.items() if not _is_zero(lam)]
+    return {"loss": sum(weighted[1:], weighted[0]) if weighted else zero, **terms}
+
+
+def truncated_lse_loss(d: Tensor, index: Tensor | None = None) -> Tensor:
     """Truncated mixture NLL (expectation truncation): only the components in T_i (``index``, N x k) count,
 
         L_LSE^T = -sum_i log sum_{j in T_i} exp(-d_ij),
 
     an upper bound of L_LSE (fewer terms in each sum). Its gradient is the truncated E-step:
     dL/dd_ij = r~_ij = exp(-d_ij) / sum_{l in T_i} exp(-d_il) for j in T_i, and 0 for every other j
-    (the responsibilities renormalised over the k kept components). Summed over the batch."""
-    return -torch.logsumexp(-_wide(d).gather(-1, index), dim=-1).sum(dim=-1)
+    (the responsibilities renormalised over the k kept components). Summed over the batch. ``index`` None:
+    ``d`` holds the kept components' distances only (N x k, d_{i, T_i})."""
+    d = _wide(d)
+    return -torch.logsumexp(-(d if index is None else d.gather(-1, index)), dim=-1).sum(dim=-1)
 
 
 def truncation_gap_loss(d: Tensor, index: Tensor) -> Tensor:

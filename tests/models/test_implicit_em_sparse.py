@@ -165,19 +165,44 @@ def test_tempered_distance_is_relu_at_every_tau_and_softplus_reaches_the_selecte
         assert bool(net.linear.weight.grad.abs().sum() > 0) == moved
 
 
-@pytest.mark.parametrize("settings", [{"temperature": 1.0}, {"sparse_tc": "code"}])
-def test_default_sparse_settings_are_the_truncated_objective_as_before(settings):
-    """temperature 1 and sparse_tc code are the truncated objective written out: L_tc on a, L_var on relu(s z)."""
-    x = _x()
-    net = ImplicitEM(D, K, k=5, seed=2, **settings)
-    fit_to_data(net.linear, x, 0.3)
-    z = net.linear(x)
-    values, index = (-z).topk(5, dim=-1)
+def _written_out(net: ImplicitEM, x: torch.Tensor, subset: torch.Tensor | None = None) -> torch.Tensor:
+    """The truncated objective on dense N x K matrices: L_LSE^T of tau phi(z / tau) over the top k of s z, L_var
+    on relu(s z), L_tc on the code a (on its columns ``subset``, scaled to the unbiased estimate)."""
+    z, s, lam = net.linear(x), net.code_sign, net.lambdas
+    values, index = (s * z).topk(net.k, dim=-1)
     a = torch.zeros_like(z).scatter(-1, index, F.relu(values))
-    tc = implicit_em_objective(a, None, 0.0, 0.0, 1.0)["tc"]
-    var = implicit_em_objective(F.relu(-z), None, 0.0, 1.0, 0.0)["var"]
-    expected = tc + var + truncated_lse_loss(F.relu(z), index)
-    assert torch.equal(net.objective(x, 0)["loss"], expected)
+    if subset is None:
+        tc = implicit_em_objective(a, None, 0.0, 0.0, 1.0)["tc"]
+    else:
+        m = len(subset)
+        tc = implicit_em_objective(a[:, subset], None, 0.0, 0.0, 1.0)["tc"] * K * (K - 1) / (m * (m - 1))
+    var = implicit_em_objective(F.relu(s * z), None, 0.0, 1.0, 0.0)["var"]
+    lse = truncated_lse_loss(tempered_distance(z, net.phi, net.temperature), index)
+    return lam["lambda_tc"] * tc + lam["lambda_var"] * var + lam["lambda_lse"] * lse
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"activation": "softplus", "temperature": 0.5, "lambda_lse": 30.0}, {"code": "distance", "lambda_var": 2.0},
+     {"tc_components": 9, "activation": "softplus"}],
+)  # fmt: skip
+def test_truncated_objective_is_the_terms_written_out_in_value_and_gradient(settings):
+    """The default sparse objective (no N x K temporaries, its backward written out) equals the terms on dense
+    matrices: the value and the gradient w.r.t. W and b, in float64."""
+    x = _x().double()
+    net = ImplicitEM(D, K, k=5, seed=2, **settings).double()
+    fit_to_data(net.linear, x, 0.3)
+    subset = None
+    if settings.get("tc_components"):  # the same draw as the net's: its seed and the step
+        g = torch.Generator().manual_seed(net.seed * 1_000_003 + 7)
+        subset = torch.randperm(K, generator=g)[: settings["tc_components"]]
+    ours = net.objective(x, 7)["loss"]
+    grads = torch.autograd.grad(ours, list(net.parameters()))
+    ref = _written_out(net, x, subset)
+    ref_grads = torch.autograd.grad(ref, list(net.parameters()))
+    assert torch.allclose(ours, ref, rtol=1e-10, atol=1e-8)
+    for g_ours, g_ref in zip(grads, ref_grads):
+        assert torch.allclose(g_ours, g_ref, rtol=1e-8, atol=1e-10)
 
 
 def test_sparse_tc_depth_decorrelates_the_dense_depth():

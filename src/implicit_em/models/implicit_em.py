@@ -17,6 +17,7 @@ from implicit_em.objective import (
     implicit_em_objective,
     tempered_distance,
     truncated_lse_loss,
+    truncated_objective,
     truncation_gap_loss,
 )
 
@@ -180,6 +181,9 @@ class ImplicitEM(Net):
         if self.sparse_objective == "dense":
             return implicit_em_objective(self.phi(z), weight, eps=self.eps, tc_components=m, generator=subsets,
                                          **self.lambdas)  # fmt: skip
+        if self.sparse_lse == "truncated" and self.sparse_tc == "code":  # the default: no N x K temporaries
+            return truncated_objective(z, self.code_sign, self.k, self._distance, weight, eps=self.eps,
+                                       tc_components=m, generator=subsets, **self.lambdas)  # fmt: skip
         s = self.code_sign * z
         values, index = s.topk(self.k, dim=-1)
         a = torch.zeros_like(z).scatter(-1, index, F.relu(values))  # = self.sparse_code(z), one top-k
@@ -191,7 +195,7 @@ class ImplicitEM(Net):
         if self.centres:  # the Gaussian distances: z without the log-prior b
             d = centre_distance(z - 0.5 * self.linear.weight.pow(2).sum(-1) - self.linear.bias, self.linear.weight)
         else:
-            d = tempered_distance(z, self.phi, self.temperature)
+            d = self._distance(z)
         lse = SPARSE_LSE[self.sparse_lse](d, index)
         if self.sparse_tc == "depth":
             terms = implicit_em_objective(F.relu(s), weight, 0.0, lam["lambda_var"], lam["lambda_tc"],
@@ -201,6 +205,10 @@ class ImplicitEM(Net):
         var = implicit_em_objective(F.relu(s), None, 0.0, lam["lambda_var"], 0.0, 0.0, self.eps)["var"]
         loss = terms["loss"] + lam["lambda_var"] * var + lam["lambda_lse"] * lse
         return {**terms, "loss": loss, "lse": lse, "var": var}
+
+    def _distance(self, z: Tensor) -> Tensor:
+        """The truncated E-step's distances d = tau phi(z / tau)."""
+        return tempered_distance(z, self.phi, self.temperature)
 
     def settings(self) -> dict[str, Any]:
         own = {"activation": self.activation, **self.lambdas, "eps": self.eps, "tc_components": self.tc_components}
