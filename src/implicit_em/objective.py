@@ -480,6 +480,55 @@ def code_columns(values: Tensor, index: Tensor, columns: Tensor, n_components: i
     return out.scatter(-1, where[index], values)[..., :-1]
 
 
+def sparse_decorrelation_loss(values: Tensor, index: Tensor, n_components: int) -> Tensor:
+    """L_tc = sum_{j != l} Corr(a)_jl^2 of the k-sparse code a (N x K: row i holds ``values`` at ``index``, both
+    N x k with distinct indices per row, and 0 elsewhere), exact, from its N k nonzeros and N k^2 pairs.
+
+    The columns kept in more than half the rows (F, fewer than 2k) are taken dense and centred: z_F (N x |F|),
+    Corr_FF = z_F^T z_F. For the others (S), with mu_j, ss_j = sum_i (a_ij - mu_j)^2 (over a column's nonzeros,
+    plus (N - n_j) mu_j^2 for its zeros), r_j = (ss_j + (N - 1) c)^-1/2, b_ij = r_j a_ij and m_j = r_j mu_j:
+    Corr_SS = B^T B - N m m^T and, since z_F's columns sum to 0, Corr_SF = B^T z_F, so
+
+        ||Corr_SS||_F^2 = sum_jl (B^T B)_jl^2 - 2 N ||B m||^2 + N^2 (m . m)^2,
+        L_tc = ||Corr_SS||_F^2 - sum_{j in S} q_j^2 + 2 ||B^T z_F||_F^2 + sum_{f != g in F} Corr_fg^2,
+
+    q_j = Corr_jj = ss_j / (ss_j + (N - 1) c), c = 1e-8 (as :func:`decorrelation_loss`). (B^T B)_jl sums
+    b_ij b_il over the rows where both j and l are kept: the N k (k - 1) / 2 pairs j < l, summed by key. In S,
+    mu_j / sd_j <= 1 (kept in at most half the rows), so the expansion loses no digits; F holds the columns where
+    it would. Cost N k^2 (a sort) against N^2 K for the dense code; the same value as
+    :func:`decorrelation_loss` of the dense code, to rounding (tested)."""
+    values = _wide(values)
+    n, k = values.shape
+    flat, cols = values.reshape(-1), index.reshape(-1)
+    count = torch.bincount(cols, minlength=n_components)
+    mean = values.new_zeros(n_components).index_add_(0, cols, flat) / n
+    ss = values.new_zeros(n_components).index_add_(0, cols, (flat - mean[cols]).pow(2))
+    ss = ss + (n - count).to(values.dtype) * mean.pow(2)
+    frequent = count > n // 2
+    r = torch.rsqrt(ss + (n - 1) * CORRELATION_EPS) * ~frequent  # 0 on F: B and m hold S only
+    b = values * r[index]
+    m = r * mean
+    upper = torch.triu_indices(k, k, offset=1, device=index.device)
+    first, second = index[:, upper[0]], index[:, upper[1]]  # every pair j != l of a row, once (N x k(k-1)/2)
+    keys = torch.minimum(first, second) * n_components + torch.maximum(first, second)
+    _, which = torch.unique(keys.reshape(-1), return_inverse=True)
+    pairs = (b[:, upper[0]] * b[:, upper[1]]).reshape(-1)
+    off = b.new_zeros(int(which.max()) + 1 if which.numel() else 0).index_add_(0, which, pairs)  # (B^T B)_jl, j < l
+    diag = b.new_zeros(n_components).index_add_(0, cols, b.reshape(-1).pow(2))  # (B^T B)_jj
+    corr_sq = 2 * off.pow(2).sum() + diag.pow(2).sum()
+    corr_sq = corr_sq - 2 * n * (b * m[index]).sum(dim=-1).pow(2).sum() + (n * m.pow(2).sum()).pow(2)
+    q = ss / (ss + (n - 1) * CORRELATION_EPS)
+    loss = corr_sq - q[~frequent].pow(2).sum()
+    if bool(frequent.any()):
+        dense = code_columns(values, index, frequent.nonzero().squeeze(-1), n_components)
+        z_f = _standardized(*centred_and_variance(dense))  # N x |F|, Corr_FF = z_F^T z_F
+        cross = b.new_zeros(n_components, z_f.shape[-1]).index_add_(
+            0, cols, b.reshape(-1, 1) * z_f.repeat_interleave(k, dim=0)
+        )  # B^T z_F (K x |F|), 0 on F's rows
+        loss = loss + 2 * cross.pow(2).sum() + off_diagonal_sq_norm(_matmul(z_f.T, z_f))
+    return loss
+
+
 def truncated_objective(
     z: Tensor,
     sign: int,
@@ -501,9 +550,10 @@ def truncated_objective(
     T_i the k largest of s z_i, a = TopK_k(relu(s z)) the code, d = ``distance``(z) (e.g. tau phi(z / tau),
     :func:`tempered_distance`) on the kept components only: the truncated E-step
     (:func:`truncated_lse_loss`), the variance term on every component's dense depth (none left outside every
-    top k), the decorrelation term on the code (its unbiased subset estimate from ``tc_components`` columns,
-    as :func:`decorrelation_subset_estimate`). The same value as the terms written out on dense N x K
-    matrices, at the cost of the dense depth's variance (:func:`select_and_depth_variance`)."""
+    top k), the decorrelation term on the code, exact from its nonzeros (:func:`sparse_decorrelation_loss`) or
+    its unbiased subset estimate from ``tc_components`` columns (as :func:`decorrelation_subset_estimate`). The
+    same value as the terms written out on dense N x K matrices, at the cost of the dense depth's variance
+    (:func:`select_and_depth_variance`) and N k^2 for the decorrelation."""
     values, index, depth_var = select_and_depth_variance(z, sign, k)
     zero = values.new_zeros(values.shape[:-2])
     terms = {"lse": zero, "var": zero, "tc": zero, "wr": zero}
@@ -514,8 +564,7 @@ def truncated_objective(
     if not _is_zero(lambda_tc):
         n_components, kept = z.shape[-1], torch.relu(values)
         if tc_components is None or tc_components >= n_components:
-            code = values.new_zeros(z.shape).scatter(-1, index, kept)
-            terms["tc"] = decorrelation_loss(code)
+            terms["tc"] = sparse_decorrelation_loss(kept, index, n_components)
         else:
             columns, scale = _subset(n_components, tc_components, generator, z.device)
             terms["tc"] = decorrelation_loss(code_columns(kept, index, columns, n_components)) * scale
