@@ -529,6 +529,26 @@ def sparse_decorrelation_loss(values: Tensor, index: Tensor, n_components: int) 
     return loss
 
 
+def unkept_lse_loss(z: Tensor, index: Tensor, sign: int, k_aux: int, distance) -> Tensor:
+    """The truncated E-step over the components that no row of the batch keeps (U = those not in any T_i):
+
+        L_aux = -sum_i log sum_{j in A_i} exp(-d_ij),   A_i = the k_aux largest s z_ij over j in U,
+
+    d = ``distance``(z) (as in :func:`truncated_objective`). Its gradient is the E-step of those components only,
+    r~_ij over A_i: each unkept component is moved toward the inputs it is nearest to, as the kept ones are by
+    L_LSE^T, until it is kept (the decoder-free counterpart of an SAE's auxiliary loss on dead latents, and of
+    re-seeding an empty cluster in k-means). 0 when every component is kept somewhere. Summed over the batch."""
+    n_components = z.shape[-1]
+    kept = torch.zeros(n_components, dtype=torch.bool, device=z.device)
+    kept[index.reshape(-1)] = True
+    unkept = (~kept).nonzero().squeeze(-1)
+    if len(unkept) == 0:
+        return z.new_zeros(())
+    zu = z.index_select(-1, unkept)
+    values = (sign * zu).topk(min(k_aux, len(unkept)), dim=-1).values
+    return truncated_lse_loss(distance(values * sign))
+
+
 def truncated_objective(
     z: Tensor,
     sign: int,
@@ -542,10 +562,12 @@ def truncated_objective(
     eps: float = 1e-6,
     tc_components: int | None = None,
     generator: torch.Generator | None = None,
+    lambda_aux: float = 0.0,
+    aux_k: int | None = None,
 ) -> dict[str, Tensor]:
     """The sparse model's truncated objective from its pre-activations z (N x K), with s = ``sign``:
 
-        L = l_lse L_LSE^T(d_{i, T_i}) + l_var L_var(relu(s z)) + l_tc L_tc(a) + l_wr L_wr(W),
+        L = l_lse L_LSE^T(d_{i, T_i}) + l_var L_var(relu(s z)) + l_tc L_tc(a) + l_wr L_wr(W) [+ l_aux L_aux],
 
     T_i the k largest of s z_i, a = TopK_k(relu(s z)) the code, d = ``distance``(z) (e.g. tau phi(z / tau),
     :func:`tempered_distance`) on the kept components only: the truncated E-step
@@ -553,7 +575,8 @@ def truncated_objective(
     top k), the decorrelation term on the code, exact from its nonzeros (:func:`sparse_decorrelation_loss`) or
     its unbiased subset estimate from ``tc_components`` columns (as :func:`decorrelation_subset_estimate`). The
     same value as the terms written out on dense N x K matrices, at the cost of the dense depth's variance
-    (:func:`select_and_depth_variance`) and N k^2 for the decorrelation."""
+    (:func:`select_and_depth_variance`) and N k^2 for the decorrelation. ``lambda_aux`` > 0 adds the E-step of
+    the components no row keeps (:func:`unkept_lse_loss`, over ``aux_k`` of them per row, default k) as ``aux``."""
     values, index, depth_var = select_and_depth_variance(z, sign, k)
     zero = values.new_zeros(values.shape[:-2])
     terms = {"lse": zero, "var": zero, "tc": zero, "wr": zero}
@@ -571,6 +594,9 @@ def truncated_objective(
     if weight is not None and not _is_zero(lambda_wr):
         terms["wr"] = weight_orthogonality_loss(weight)
     lambdas = {"lse": lambda_lse, "var": lambda_var, "tc": lambda_tc, "wr": lambda_wr}
+    if not _is_zero(lambda_aux):
+        terms["aux"] = unkept_lse_loss(z, index, sign, aux_k or k, distance)
+        lambdas["aux"] = lambda_aux
     weighted = [lam * terms[t] for t, lam in lambdas.items() if not _is_zero(lam)]
     return {"loss": sum(weighted[1:], weighted[0]) if weighted else zero, **terms}
 

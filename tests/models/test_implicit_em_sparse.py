@@ -17,6 +17,7 @@ from implicit_em.objective import (
     tempered_distance,
     truncated_lse_loss,
     truncation_gap_loss,
+    unkept_lse_loss,
 )
 
 D, K = 12, 40
@@ -265,3 +266,33 @@ def test_bad_settings_are_refused():
         ImplicitEM(D, K, k=3, sparse_tc="distance")
     with pytest.raises(ConfigError):
         ImplicitEM(D, K, k=3, sparse_lse="full")
+
+
+def test_unkept_e_step_moves_only_the_components_no_row_keeps():
+    """L_aux's gradient is the truncated E-step over the k_aux nearest unkept components of each row, and 0 on every
+    component some row keeps; lambda_aux adds it to the objective as ``aux``."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(30, 10, generator=g, dtype=torch.float64)
+    z[:, 6:] += 5.0  # components 6-9 are far from every row: never among the 3 nearest (smallest z)
+    z.requires_grad_(True)
+    index = (-z).topk(3, dim=-1).indices
+    assert not bool(torch.isin(torch.arange(6, 10), index).any())
+    loss = unkept_lse_loss(z, index, -1, 2, F.softplus)
+    (grad,) = torch.autograd.grad(loss, z)
+    kept = torch.unique(index)
+    assert bool((grad[:, kept] == 0).all())
+    zu = z.detach()[:, 6:]
+    near = (-zu).topk(2, dim=-1).indices
+    d = F.softplus(zu.gather(-1, near))
+    expected = torch.zeros_like(zu).scatter(-1, near, torch.softmax(-d, dim=-1) * torch.sigmoid(zu.gather(-1, near)))
+    assert torch.allclose(grad[:, 6:], expected)
+    x = _x(n=6)  # 24 selections of K = 40: some components unkept
+    net = ImplicitEM(D, K, k=4, seed=1, activation="softplus", lambda_aux=2.0, aux_k=3)
+    fit_to_data(net.linear, _x(), 0.3)
+    terms = net.objective(x, 0)
+    off = ImplicitEM(D, K, k=4, seed=1, activation="softplus")
+    off.load_state_dict(net.state_dict())
+    assert torch.allclose(terms["loss"], off.objective(x, 0)["loss"] + 2.0 * terms["aux"])
+    assert float(terms["aux"]) != 0 and net.settings()["lambda_aux"] == 2.0
+    with pytest.raises(ConfigError):
+        ImplicitEM(D, K, k=4, lambda_aux=1.0, sparse_lse="gap")

@@ -74,6 +74,9 @@ class ImplicitEM(Net):
             starts as k-means does, mu_j at K training inputs (:meth:`start_from_data`).
         sparse_tc: what the truncated objective decorrelates: ``code`` (the default, a) or ``depth`` (the dense
             relu(s z), with the variance term).
+        lambda_aux: weight of the E-step over the components no row of the batch keeps
+            (``objective.unkept_lse_loss``: each moved toward the inputs it is nearest to, against dead
+            components); 0 (the default): off. aux_k: how many of them per row (null: k).
     """
 
     takes_k = True
@@ -96,6 +99,8 @@ class ImplicitEM(Net):
         temperature: float = 1.0,
         sparse_tc: str = "code",
         sparse_lse: str = "truncated",
+        lambda_aux: float = 0.0,
+        aux_k: int | None = None,
     ):
         super().__init__(in_features, n_components, k, seed)
         check_choice(code, "model.net.code", SPARSE_CODES)
@@ -104,6 +109,13 @@ class ImplicitEM(Net):
         check(temperature > 0, "model.net.temperature", "> 0", temperature)
         check_choice(sparse_lse, "model.net.sparse_lse", tuple(SPARSE_LSE))
         self.sparse_lse = sparse_lse
+        check(lambda_aux >= 0, "model.net.lambda_aux", ">= 0", lambda_aux)
+        check(aux_k is None or aux_k >= 1, "model.net.aux_k", "null or an integer >= 1", aux_k)
+        check(lambda_aux == 0 or (k is not None and sparse_objective == "truncated" and sparse_lse == "truncated"
+                                  and sparse_tc == "code"),
+              "model.net.lambda_aux", "0 unless --model.k is set with the default sparse_lse and sparse_tc",
+              lambda_aux)  # fmt: skip
+        self.lambda_aux, self.aux_k = lambda_aux, aux_k
         self.code, self.sparse_objective = code, sparse_objective
         self.temperature, self.sparse_tc = temperature, sparse_tc
         check_choice(activation, "model.net.activation", ACTIVATIONS)
@@ -183,7 +195,8 @@ class ImplicitEM(Net):
                                          **self.lambdas)  # fmt: skip
         if self.sparse_lse == "truncated" and self.sparse_tc == "code":  # the default: no N x K temporaries
             return truncated_objective(z, self.code_sign, self.k, self._distance, weight, eps=self.eps,
-                                       tc_components=m, generator=subsets, **self.lambdas)  # fmt: skip
+                                       tc_components=m, generator=subsets, lambda_aux=self.lambda_aux,
+                                       aux_k=self.aux_k, **self.lambdas)  # fmt: skip
         s = self.code_sign * z
         values, index = s.topk(self.k, dim=-1)
         a = torch.zeros_like(z).scatter(-1, index, F.relu(values))  # = self.sparse_code(z), one top-k
@@ -214,7 +227,8 @@ class ImplicitEM(Net):
         own = {"activation": self.activation, **self.lambdas, "eps": self.eps, "tc_components": self.tc_components}
         if self.k is not None:
             own.update(k=self.k, code=self.code, sparse_objective=self.sparse_objective, temperature=self.temperature,
-                       sparse_tc=self.sparse_tc, sparse_lse=self.sparse_lse)  # fmt: skip
+                       sparse_tc=self.sparse_tc, sparse_lse=self.sparse_lse, lambda_aux=self.lambda_aux,
+                       aux_k=self.aux_k)  # fmt: skip
         return own
 
     def inference_form(self) -> InferenceForm:
