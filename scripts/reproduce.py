@@ -79,6 +79,14 @@ def parser() -> argparse.ArgumentParser:
         default="test",
         help="frontier: where rows are scored; val to choose settings without touching the test split",
     )
+    p.add_argument(
+        "--wandb",
+        nargs="?",
+        const="implicit-em",
+        default=None,
+        metavar="PROJECT",
+        help="frontier: log its table and plots to this W&B project (default implicit-em; offline by itself)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: digits, 5 epochs, seed 1 (unless given)")
     return p
 
@@ -115,7 +123,7 @@ def settings(argv: list[str]):
     s = Settings(REPO / "configs", data, a.out, epochs, list(seeds), a.components, a.batch_size, a.probe_method,
                  a.data_root, command)  # fmt: skip
     s.l0s = list(a.l0) if a.l0 is not None else None  # read by the frontier experiment only
-    s.lm_windows, s.split, s.rows = a.lm_windows, a.split, a.rows
+    s.lm_windows, s.split, s.rows, s.wandb_project = a.lm_windows, a.split, a.rows, a.wandb
     s.model_args = [arg for kv in a.model_set for arg in (f"--model.{kv.split('=', 1)[0]}", kv.split("=", 1)[1])]
     return s, a.experiment
 

@@ -145,6 +145,24 @@ def reachable(host: tuple[str, int] = WANDB_HOST, timeout: float = 3.0) -> bool:
     return bool(result)
 
 
+def wandb_mode() -> str:
+    """The mode a standalone W&B run opens in: ``WANDB_MODE`` when it is offline or disabled, else online with an
+    API key and a connection, else offline (its files stay for a later ``wandb sync``)."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode in ("offline", "disabled"):
+        return mode
+    return "online" if wandb_api_key_available() and reachable() else "offline"
+
+
+def open_wandb_run(project: str, folder: str | Path, job_type: str, name: str, config: dict):
+    """A new standalone W&B run under ``folder`` (not a training run's logger), offline by itself
+    (:func:`wandb_mode`), never waiting more than 30 s to start."""
+    import wandb
+
+    return wandb.init(project=project, dir=str(folder), mode=wandb_mode(), job_type=job_type, name=name,
+                      config=config, settings=wandb.Settings(init_timeout=30, silent=True))  # fmt: skip
+
+
 class WandbLogger(_WandbLogger):
     """Lightning's W&B logger, offline by itself when there is no API key or no connection.
 

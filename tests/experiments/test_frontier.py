@@ -52,9 +52,13 @@ def test_reproduce_passes_lm_windows_model_settings_rows_and_split(monkeypatch):
     compare.run_compare_experiment(s)
     assert seen["frontier"]["lm_windows"] == 20 and seen["frontier"]["split"] == "val"
     assert seen["frontier"]["model_args"] == s.model_args and seen["frontier"]["rows_kept"] == s.rows
+    assert seen["frontier"]["wandb_project"] is None
     assert seen["compare"]["lm_windows"] == 20
     defaults, _ = reproduce.settings(["--experiment", "frontier"])
     assert defaults.lm_windows == 50 and defaults.split == "test" and defaults.rows is None and not defaults.model_args
+    assert defaults.wandb_project is None
+    assert reproduce.settings(["--experiment", "frontier", "--wandb"])[0].wandb_project == "implicit-em"
+    assert reproduce.settings(["--experiment", "frontier", "--wandb", "mine"])[0].wandb_project == "mine"
     for bad in (["--lm-windows", "-1"], ["--model-set", "net.distance"], ["--rows", "sae"], ["--split", "train"]):
         with pytest.raises(SystemExit) as e:
             reproduce.settings(["--experiment", "frontier", *bad])
@@ -105,7 +109,39 @@ def test_frontier_on_digits_writes_every_row_at_every_l0(tmp_path):
         assert isinstance(by[("topk_sae", k)]["fvu_decoder"], float) and by[("implicit_em", k)]["fvu_decoder"] is None
         assert by[("implicit_em", k)]["n_parameters"] * 2 < by[("topk_sae", k)]["n_parameters"]
         assert by[("random_encoder", k)]["train_seconds"] == 0.0
+        assert isinstance(by[("topk_sae", k)]["train_curve"], list)  # logged every 50 steps: none in 1 digits epoch
     assert by[("kmeans", None)]["l0"] == pytest.approx(1.0) and ("pca", None) in by
     folder = tmp_path / "digits"
     assert (folder / "frontier.md").is_file() and (folder / "frontier_fvu.png").is_file()
     assert (folder / "frontier_sparse_probe_mean.png").is_file()
+
+
+def test_training_curve_and_its_change_from_metrics_csv(tmp_path):
+    (tmp_path / "metrics.csv").write_text(
+        "epoch,step,train/loss_step,val/loss\n0,50,2.0,\n0,100,1.0,\n0,100,,0.9\n1,150,0.8,\n1,200,0.79,\n"
+    )
+    curve = frontier.training_curve(tmp_path)
+    assert curve == [[50, 2.0], [100, 1.0], [150, 0.8], [200, 0.79]]
+    assert frontier.curve_change(curve) == pytest.approx((0.79 - 0.8) / 0.8)  # the last fifth: steps 170-200
+    assert frontier.curve_change(curve[:1]) is None and frontier.training_curve(tmp_path / "none") == []
+    rows = [{"model": "topk_sae", "target_l0": 8, "train_curve": curve, "train_curve_change": -0.0125},
+            {"model": "implicit_em", "target_l0": 8, "train_curve": [[50, -3.0], [100, -4.0]]}]  # fmt: skip
+    lines = frontier.curve_lines(rows)
+    assert any("topk_sae k=8: training MSE 2 at step 50, 0.79 at step 200; -1.2%" in line for line in lines)
+    assert not any("implicit_em" in line for line in lines)  # its loss is not an MSE
+    assert frontier.plot_curves(rows, tmp_path / "curve.png", "t").is_file()
+    assert frontier.plot_curves(rows[1:], tmp_path / "none.png", "t") is None
+
+
+def test_log_frontier_writes_an_offline_wandb_run_with_the_table_and_plots(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    rows = [{"model": "topk_sae", "target_l0": 8, "l0": 8.0, "fvu": 0.2, "train_curve": [[50, 1.0], [100, 0.5]]}]
+    assert frontier.plot_curves(rows, tmp_path / "frontier_train_curve.png", "t") is not None
+    where = frontier.log_frontier(rows, {"data": "digits", "components": 16, "command": "c"}, tmp_path, "test")
+    assert where is not None and where.name.startswith("offline-run-")
+    (table,) = (where / "files").rglob("*.table.json")
+    data = json.loads(table.read_text())
+    assert data["columns"][:3] == ["model", "target_l0", "l0"] and data["data"][0][:3] == ["topk_sae", 8, 8.0]
+    (image,) = (where / "files" / "media" / "images").rglob("*.png")
+    assert "frontier_train_curve" in image.name

@@ -4,7 +4,6 @@ the run's files stay under ``<dashboard>/wandb/offline-run-*`` for a later ``wan
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 COLUMNS = ["component", "density", "mean_active", "max", "top", "histogram", "dead"]
@@ -17,18 +16,11 @@ def log_dashboard(dash, project: str = "implicit-em", pages: int = 32, run=None)
     import wandb
 
     from implicit_em.dashboard.html import standalone_page
-    from implicit_em.loggers import reachable, wandb_api_key_available
+    from implicit_em.loggers import open_wandb_run
 
     own = run is None
     if own:
-        mode = os.environ.get("WANDB_MODE")
-        if mode not in ("offline", "disabled"):
-            mode = "online" if wandb_api_key_available() and reachable() else "offline"
-        run = wandb.init(
-            project=project, dir=str(dash.out), mode=mode, job_type="dashboard",
-            name=f"dashboard {dash.meta['title']}", config=dash.summary,
-            settings=wandb.Settings(init_timeout=30, silent=True),
-        )  # fmt: skip
+        run = open_wandb_run(project, dash.out, "dashboard", f"dashboard {dash.meta['title']}", dash.summary)
     run.log({"dashboard/index": wandb.Table(columns=COLUMNS, data=[list(r) for r in dash.rows])})
     alive = sorted((r for r in dash.rows if not r[6]), key=lambda r: -r[1])[: max(pages, 0)]
     blocks: dict[int, dict] = {}

@@ -282,7 +282,7 @@ def summarize(per_seed: Sequence[Sequence[dict]], seeds: Sequence[int]) -> list[
         rows = [seed_rows[i] for seed_rows in per_seed]
         row: dict[str, Any] = {}
         for key in first:
-            if key in ("run_dir", "note"):
+            if key in ("run_dir", "note", "train_curve"):
                 row[key] = first[key]
             elif isinstance(first[key], dict):
                 row[key] = {k: _mean([r[key][k] for r in rows]) for k in first[key]}

@@ -14,10 +14,12 @@ Same data, width K, training tokens (epochs, batch) and evaluation for every row
 CE loss recovered and KL where the data is a causal LM's harvest), plus ``fvu_decoder`` (the SAEs' own
 decoders, on the same test rows), ``sparse_probe_mean`` (mean of k-sparse probing at k = 1, 2, 5),
 ``n_parameters``, ``train_seconds`` (the run's epochs) and ``fit_seconds`` (its whole ``scripts/train.py`` path,
-with its own end-of-run report). ``rows`` keeps a subset of the rows (the random encoder needs this model's run);
+with its own end-of-run report), ``train_curve`` ([step, training loss] as logged) and ``train_curve_change`` (its
+relative change over the last fifth of the steps: whether the SAEs converged). ``rows`` keeps a subset of the rows (the random encoder needs this model's run);
 ``split`` ``val`` scores every row on the validation split (and the causal LM's splice on its documents), for
 choosing settings without touching the test split. Writes ``<out>/<data>/frontier.json`` (``rows``), ``frontier.md`` and one
-PNG per metric against L0 (``frontier_<metric>.png``).
+PNG per metric against L0 (``frontier_<metric>.png``) and the SAEs' training curves (``frontier_train_curve.png``);
+``reproduce.py --wandb`` logs the table and the PNGs to W&B as well (offline by itself).
 """
 
 from __future__ import annotations
@@ -83,6 +85,28 @@ def decoder_fvu(row: Row, data: Data, split: str = "test") -> float | None:
     return readout_scores(x, x_hat, data.to_raw)["fvu"]
 
 
+def training_curve(run_dir: str | Path, key: str = "train/loss_step") -> list[list[float]]:
+    """[step, training loss] at every logged step of a run (its metrics.csv; the SAEs' loss is their MSE)."""
+    import csv
+
+    path = Path(run_dir) / "metrics.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [[int(float(r["step"])), float(r[key])] for r in csv.DictReader(f) if r.get(key) not in (None, "")]
+
+
+def curve_change(curve: Sequence[Sequence[float]], fraction: float = 0.2) -> float | None:
+    """The relative change of a training curve over its last ``fraction`` of steps: (last - value at the start of
+    that stretch) / value there; near 0 when training has converged, None with fewer than 2 points."""
+    if len(curve) < 2:
+        return None
+    steps = [c[0] for c in curve]
+    start = next(i for i, st in enumerate(steps) if st >= steps[-1] - fraction * (steps[-1] - steps[0]))
+    start = min(start, len(curve) - 2)
+    return (curve[-1][1] - curve[start][1]) / abs(curve[start][1]) if curve[start][1] else None
+
+
 def frontier_seed(
     configs: Path, data: str, folder: Path, components: int, epochs: int, seed: int, l0s: Sequence[int],
     batch_size: int | None, data_root: str | None, probe_method: str, log: Callable[[str], None] = print,
@@ -124,9 +148,11 @@ def frontier_seed(
             if shared is None:  # the first run fixes the data (splits, normalisation) every row is judged on
                 shared = load_data(datamodule, lm_windows, split)
             ours_dir = run_dir if name == "implicit_em" else ours_dir
+            curve = training_curve(run_dir)
             rows.append(judge(name, module_row(module), k, n_parameters=module.n_parameters(),
                               train_seconds=sum(metrics.get("epoch_seconds") or []), fit_seconds=fit_seconds,
-                              run_dir=str(run_dir)))  # fmt: skip
+                              run_dir=str(run_dir), train_curve=curve,
+                              train_curve_change=curve_change(curve)))  # fmt: skip
         if "random_encoder" in rows_kept:
             random_module, _ = RunDir(ours_dir).rebuild(trained=False)
             random_module.fit_to_data(shared.splits["train"].x)  # the data-aware start that training begins from
@@ -185,7 +211,63 @@ def markdown(rows: Sequence[dict], header: dict) -> str:
         "evaluation rows. probe: k-sparse probing (balanced accuracy, per document), mean of k = 1, 2, 5. CE rec. "
         "and KL: the causal LM run again with the layer replaced by the reconstruction (causal harvests only). "
         "random_encoder: this model's net at its data-aware start, untrained, with the same TopK.", "",
+        *curve_lines(rows),
     ])  # fmt: skip
+
+
+#: the rows whose training curves show whether the SAEs converged (their loss is their MSE)
+CURVE_ROWS = ("topk_sae", "batchtopk_sae")
+
+
+def curve_lines(rows: Sequence[dict]) -> list[str]:
+    """frontier.md's lines on the SAEs' training curves: first and last logged MSE, and the change over the last
+    fifth of the steps (``frontier_train_curve.png`` draws them)."""
+    lines = []
+    for r in rows:
+        curve = r.get("train_curve") or []
+        if r["model"] in CURVE_ROWS and len(curve) >= 2:
+            change = r.get("train_curve_change")
+            lines.append(f"- {r['model']} k={r['target_l0']}: training MSE {curve[0][1]:.4g} at step {curve[0][0]}, "
+                         f"{curve[-1][1]:.4g} at step {curve[-1][0]}"
+                         + (f"; {100 * change:+.1f}% over the last fifth of the steps" if change is not None else ""))  # fmt: skip
+    return ["Training curves (seed of the first row; every logged step):", "", *lines, ""] if lines else []
+
+
+def plot_curves(rows: Sequence[dict], path: Path, title: str) -> Path | None:
+    """The SAEs' training MSE against the step, one line per row and target L0 (log scale); None without any."""
+    from matplotlib.figure import Figure
+
+    have = [r for r in rows if r["model"] in CURVE_ROWS and len(r.get("train_curve") or []) >= 2]
+    if not have:
+        return None
+    fig = Figure(figsize=(5.5, 4), layout="constrained")
+    ax = fig.subplots()
+    for i, r in enumerate(have):
+        ax.plot(*zip(*r["train_curve"]), label=f"{r['model']} k={r['target_l0']}", color=f"C{i % 10}")
+    ax.set(yscale="log", xlabel="training step", ylabel="training MSE", title=f"{title}: did the SAEs converge?")
+    ax.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def log_frontier(rows: Sequence[dict], header: dict, folder: Path, project: str = "implicit-em") -> Path | None:
+    """Log the frontier to W&B (offline by itself, :func:`implicit_em.loggers.open_wandb_run`): the table
+    (``frontier/table``: model and the markdown's columns) and every PNG in ``folder`` (``frontier/<name>``).
+    Returns the run's local directory."""
+    import wandb
+
+    from implicit_em.loggers import open_wandb_run
+
+    run = open_wandb_run(project, folder, "frontier", f"frontier {header['data']} K={header['components']}",
+                         {k: v for k, v in header.items() if k != "command"} | {"command": header.get("command")})  # fmt: skip
+    columns = ["model", *COLUMNS]
+    run.log({"frontier/table": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])})
+    for png in sorted(folder.glob("frontier_*.png")):
+        run.log({f"frontier/{png.stem}": wandb.Image(str(png))})
+    where = Path(run.dir).parent if getattr(run, "dir", None) else None
+    run.finish()
+    return where
 
 
 def plot_metric(rows: Sequence[dict], metric: str, path: Path, title: str) -> Path | None:
@@ -227,9 +309,11 @@ def run_frontier(
     model_args: Sequence[str] = (),
     rows_kept: Sequence[str] | None = None,
     split: str = "test",
+    wandb_project: str | None = None,
 ) -> Path:
     """Train and judge every row (those of ``rows_kept``; None: all) at every target L0 once per seed; write
-    frontier.json, frontier.md and the PNGs into ``<out>/<data>/``; returns frontier.json's path."""
+    frontier.json, frontier.md and the PNGs into ``<out>/<data>/`` (and log them to W&B project
+    ``wandb_project`` when given); returns frontier.json's path."""
     from implicit_em.eval.report import write_metrics
 
     l0s = sorted({int(k) for k in l0s})
@@ -272,7 +356,10 @@ def run_frontier(
     (folder / "frontier.md").write_text(markdown(rows, header))
     for metric in PLOTTED:
         plot_metric(rows, metric, folder / f"frontier_{metric}.png", f"{data}: K = {components}")
+    plot_curves(rows, folder / "frontier_train_curve.png", f"{data}: K = {components}")
     log(f"[frontier] wrote {path}")
+    if wandb_project:
+        log(f"[frontier] W&B: {log_frontier(rows, header, folder, wandb_project)}")
     return path
 
 
@@ -282,5 +369,5 @@ def run_frontier_experiment(s, runs=None) -> Path:
     return run_frontier(
         s.data, s.out, s.components, s.epochs, s.seeds, s.l0s or DEFAULT_L0S, s.data_root, s.batch_size,
         s.probe_method, s.configs, s.command, log=runs.log if runs is not None else print, lm_windows=s.lm_windows,
-        model_args=s.model_args, rows_kept=s.rows, split=s.split,
+        model_args=s.model_args, rows_kept=s.rows, split=s.split, wandb_project=s.wandb_project,
     )  # fmt: skip

@@ -29,6 +29,7 @@ class Settings:
     split: str = "test"  # where frontier scores its rows: test, or val to choose settings without touching test
     model_args: list[str] = field(default_factory=list)  # extra scripts/train.py flags for this model's frontier runs
     rows: list[str] | None = None  # the frontier's rows to run (None: all)
+    wandb_project: str | None = None  # frontier: the W&B project its table and plots go to (None: not logged)
 
     @property
     def folder(self) -> Path:
