@@ -10,6 +10,7 @@ import torch
 
 from implicit_em.eval.sae_metrics import (
     RIDGE_GRID,
+    _sparse_gram,
     dead_fraction,
     firing_frequency,
     fit_ridge_readout,
@@ -187,3 +188,22 @@ def test_sae_evaluation_reports_every_key():
     assert readout.state_dict()["R"].shape == (10, 4) and readout.state_dict()["R"].dtype == torch.float32
     no_labels, _ = sae_evaluation(f_train, f_train @ r, f_val, f_val @ r, f_test, f_test @ r, None, None)
     assert "sparse_probe_accuracy" not in no_labels
+
+
+def test_moments_of_sparse_codes_sum_the_nonzeros_only_and_agree_with_the_dense_sums(monkeypatch):
+    from implicit_em.eval import sae_metrics
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(300, 200, generator=g, dtype=torch.float64)
+    values, index = z.topk(6, dim=1)
+    f = torch.zeros_like(z).scatter(1, index, values)  # some negative codes too
+    f[7] = 0  # a row with no nonzero
+    x = torch.randn(300, 9, generator=g, dtype=torch.float64)
+    calls = []
+    monkeypatch.setattr(sae_metrics, "_sparse_gram", lambda *a: calls.append(1) or _sparse_gram(*a))
+    sparse = sae_metrics._moments(f, x)
+    monkeypatch.setattr(sae_metrics, "SPARSE_MOMENTS_DENSITY", 0.0)
+    dense = sae_metrics._moments(f, x)
+    assert calls and len(calls) == 1  # the sparse sums ran once (one chunk), the dense ones after
+    for a, b in zip(sparse, dense):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)

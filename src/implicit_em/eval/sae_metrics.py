@@ -96,19 +96,42 @@ class Readout:
         return {"R": self.R.float().contiguous().cpu(), "c": self.c.float().contiguous().cpu()}
 
 
+#: below this fraction of nonzero codes, :func:`_moments` sums F^T F over the nonzeros only
+SPARSE_MOMENTS_DENSITY = 0.05
+
+
+def _sparse_gram(fc: Tensor, ff: Tensor) -> None:
+    """ff += F^T F for a chunk of sparse codes, from its nonzeros: with m the most nonzeros in a row, each row's
+    m largest |f| (its nonzeros, and zeros) give the m^2 products f_ij f_il, added at (j, l): cost rows m^2
+    instead of rows K^2."""
+    k = fc.shape[1]
+    m = int((fc != 0).sum(1).max())
+    if m == 0:
+        return
+    index = fc.abs().topk(m, dim=1).indices
+    values = fc.gather(1, index)
+    keys = (index.unsqueeze(-1) * k + index.unsqueeze(-2)).reshape(-1)
+    ff.view(-1).index_add_(0, keys, (values.unsqueeze(-1) * values.unsqueeze(-2)).reshape(-1))
+
+
 def _moments(f: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Column means of f and x, F_c^T F_c and F_c^T X_c, accumulated in float64 over row chunks."""
+    """Column means of f and x, F_c^T F_c and F_c^T X_c, accumulated in float64 over row chunks (F^T F over the
+    nonzeros only where fewer than ``SPARSE_MOMENTS_DENSITY`` of the codes are nonzero: TopK codes)."""
     n, k = f.shape
     dev = f.device
     sf = torch.zeros(k, dtype=torch.float64, device=dev)
     sx = torch.zeros(x.shape[1], dtype=torch.float64, device=dev)
     ff = torch.zeros(k, k, dtype=torch.float64, device=dev)
     fx = torch.zeros(k, x.shape[1], dtype=torch.float64, device=dev)
+    sparse = n > 0 and float((f[:CHUNK] != 0).float().mean()) < SPARSE_MOMENTS_DENSITY
     for fc, xc in zip(f.split(CHUNK), x.split(CHUNK)):
         fc, xc = fc.to(dev, torch.float64), xc.to(dev, torch.float64)
         sf += fc.sum(0)
         sx += xc.sum(0)
-        ff += fc.T @ fc
+        if sparse:
+            _sparse_gram(fc, ff)
+        else:
+            ff += fc.T @ fc
         fx += fc.T @ xc
     mf, mx = sf / n, sx / n
     return mf, mx, ff - n * torch.outer(mf, mf), fx - n * torch.outer(mf, mx)
