@@ -145,3 +145,18 @@ def test_log_frontier_writes_an_offline_wandb_run_with_the_table_and_plots(tmp_p
     assert data["columns"][:3] == ["model", "target_l0", "l0"] and data["data"][0][:3] == ["topk_sae", 8, 8.0]
     (image,) = (where / "files" / "media" / "images").rglob("*.png")
     assert "frontier_train_curve" in image.name
+
+
+def test_an_interrupted_frontier_keeps_the_seeds_it_finished(tmp_path, monkeypatch):
+    def one_seed(configs, data, folder, components, epochs, seed, *rest):
+        if seed == 2:
+            raise KeyboardInterrupt  # the run stopped during the second seed
+        return [{"model": "implicit_em", "target_l0": 2, "l0": 2.0, "fvu": 0.5, "sparse_probe_mean": 0.7}]
+
+    monkeypatch.setattr(frontier, "frontier_seed", one_seed)
+    with pytest.raises(KeyboardInterrupt):
+        run_frontier("digits", tmp_path, components=16, seeds=[1, 2, 3], l0s=[2], configs=REPO / "configs")
+    result = json.loads((tmp_path / "digits" / "frontier.json").read_text())
+    assert result["seeds"] == [1] and result["seeds_asked"] == [1, 2, 3]
+    assert result["rows"][0]["fvu"] == 0.5 and (tmp_path / "digits" / "frontier_fvu.png").is_file()
+    assert "seeds [1]" in (tmp_path / "digits" / "frontier.md").read_text()

@@ -312,10 +312,9 @@ def run_frontier(
     wandb_project: str | None = None,
 ) -> Path:
     """Train and judge every row (those of ``rows_kept``; None: all) at every target L0 once per seed; write
-    frontier.json, frontier.md and the PNGs into ``<out>/<data>/`` (and log them to W&B project
-    ``wandb_project`` when given); returns frontier.json's path."""
-    from implicit_em.eval.report import write_metrics
-
+    frontier.json, frontier.md and the PNGs into ``<out>/<data>/`` after every seed (so an interrupted run keeps
+    the seeds it finished: ``seeds`` in the JSON, ``seeds_asked`` the ones asked for), and log them to W&B project
+    ``wandb_project`` when given at the end; returns frontier.json's path."""
     l0s = sorted({int(k) for k in l0s})
     if not l0s or min(l0s) < 1 or max(l0s) > components:
         raise ValueError(f"--l0: target L0s must lie in 1..{components} (K), got {l0s}")
@@ -327,39 +326,35 @@ def run_frontier(
                          "the data every row is judged on")  # fmt: skip
     if "random_encoder" in rows_kept and "implicit_em" not in rows_kept:
         raise ValueError("--rows: random_encoder is this model's net untrained; keep implicit_em with it")
+    if not seeds:
+        raise ValueError("--seeds: give at least one seed")
     folder = Path(out) / data
-    per_seed = [
-        frontier_seed(
-            Path(configs),
-            data,
-            folder,
-            components,
-            epochs,
-            seed,
-            l0s,
-            batch_size,
-            data_root,
-            probe_method,
-            log,
-            lm_windows,
-            model_args,
-            rows_kept,
-            split,
-        )  # fmt: skip
-        for seed in seeds
-    ]
     header = {"data": data, "components": components, "epochs": epochs, "seeds": list(seeds), "l0s": l0s,
               "batch_size": batch_size, "probe_method": probe_method, "lm_windows": lm_windows, "split": split,
               "model_args": list(model_args), "command": command}  # fmt: skip
-    rows = summarize(per_seed, seeds)
+    per_seed: list[list[dict]] = []
+    for seed in seeds:  # the files are rewritten after every seed: an interrupted run keeps the seeds it finished
+        per_seed.append(frontier_seed(Path(configs), data, folder, components, epochs, seed, l0s, batch_size,
+                                      data_root, probe_method, log, lm_windows, model_args, rows_kept, split))  # fmt: skip
+        written = {**header, "seeds": list(seeds)[: len(per_seed)], "seeds_asked": list(seeds)}
+        rows = summarize(per_seed, written["seeds"])
+        path = write_frontier(rows, written, folder)
+        log(f"[frontier] wrote {path} (seeds {written['seeds']})")
+    if wandb_project:
+        log(f"[frontier] W&B: {log_frontier(rows, written, folder, wandb_project)}")
+    return path
+
+
+def write_frontier(rows: Sequence[dict], header: dict, folder: Path) -> Path:
+    """frontier.json (``header`` and ``rows``), frontier.md and the PNGs in ``folder``; returns the JSON's path."""
+    from implicit_em.eval.report import write_metrics
+
     path = write_metrics({**header, "rows": rows}, folder / "frontier.json")
     (folder / "frontier.md").write_text(markdown(rows, header))
+    title = f"{header['data']}: K = {header['components']}"
     for metric in PLOTTED:
-        plot_metric(rows, metric, folder / f"frontier_{metric}.png", f"{data}: K = {components}")
-    plot_curves(rows, folder / "frontier_train_curve.png", f"{data}: K = {components}")
-    log(f"[frontier] wrote {path}")
-    if wandb_project:
-        log(f"[frontier] W&B: {log_frontier(rows, header, folder, wandb_project)}")
+        plot_metric(rows, metric, folder / f"frontier_{metric}.png", title)
+    plot_curves(rows, folder / "frontier_train_curve.png", title)
     return path
 
 
