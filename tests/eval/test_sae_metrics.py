@@ -198,6 +198,8 @@ def test_moments_of_sparse_codes_sum_the_nonzeros_only_and_agree_with_the_dense_
     values, index = z.topk(6, dim=1)
     f = torch.zeros_like(z).scatter(1, index, values)  # some negative codes too
     f[7] = 0  # a row with no nonzero
+    f[11, :150] = torch.randn(150, generator=g, dtype=torch.float64)  # a row far denser than the rest: dense product
+    monkeypatch.setattr(sae_metrics, "SPARSE_PAIRS", 2000)  # several blocks of rows
     x = torch.randn(300, 9, generator=g, dtype=torch.float64)
     calls = []
     monkeypatch.setattr(sae_metrics, "_sparse_gram", lambda *a: calls.append(1) or _sparse_gram(*a))

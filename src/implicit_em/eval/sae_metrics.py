@@ -100,18 +100,30 @@ class Readout:
 SPARSE_MOMENTS_DENSITY = 0.05
 
 
+#: most pair products :func:`_sparse_gram` holds at once (float64: 128 MB)
+SPARSE_PAIRS = 2**24
+
+
 def _sparse_gram(fc: Tensor, ff: Tensor) -> None:
-    """ff += F^T F for a chunk of sparse codes, from its nonzeros: with m the most nonzeros in a row, each row's
-    m largest |f| (its nonzeros, and zeros) give the m^2 products f_ij f_il, added at (j, l): cost rows m^2
-    instead of rows K^2."""
+    """ff += F^T F for a chunk of sparse codes, from its nonzeros: each row's m largest |f| (m the most nonzeros
+    in a row; its nonzeros, and zeros) give the m^2 products f_ij f_il, added at (j, l): cost rows m^2 instead of
+    rows K^2. Rows with more than twice the mean count of nonzeros (and 32) go through the dense product, and the
+    rest in blocks of at most ``SPARSE_PAIRS`` products, so thresholded codes whose L0 varies from row to row
+    (a few rows with hundreds) stay within memory."""
     k = fc.shape[1]
-    m = int((fc != 0).sum(1).max())
+    nnz = (fc != 0).sum(1)
+    heavy = nnz > max(32, 2 * float(nnz.float().mean()))
+    if bool(heavy.any()):
+        ff += fc[heavy].T @ fc[heavy]
+        fc, nnz = fc[~heavy], nnz[~heavy]
+    m = int(nnz.max()) if len(nnz) else 0
     if m == 0:
         return
-    index = fc.abs().topk(m, dim=1).indices
-    values = fc.gather(1, index)
-    keys = (index.unsqueeze(-1) * k + index.unsqueeze(-2)).reshape(-1)
-    ff.view(-1).index_add_(0, keys, (values.unsqueeze(-1) * values.unsqueeze(-2)).reshape(-1))
+    for rows in fc.split(max(SPARSE_PAIRS // (m * m), 1)):
+        index = rows.abs().topk(m, dim=1).indices
+        values = rows.gather(1, index)
+        keys = (index.unsqueeze(-1) * k + index.unsqueeze(-2)).reshape(-1)
+        ff.view(-1).index_add_(0, keys, (values.unsqueeze(-1) * values.unsqueeze(-2)).reshape(-1))
 
 
 def _moments(f: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
