@@ -296,3 +296,12 @@ def test_unkept_e_step_moves_only_the_components_no_row_keeps():
     assert float(terms["aux"]) != 0 and net.settings()["lambda_aux"] == 2.0
     with pytest.raises(ConfigError):
         ImplicitEM(D, K, k=4, lambda_aux=1.0, sparse_lse="gap")
+
+
+def test_sparse_objective_code_is_the_papers_objective_on_the_code():
+    """``sparse_objective code`` (with the default sparse_lse and sparse_tc) trains the paper's objective on a."""
+    x = _x()
+    net = ImplicitEM(D, K, k=5, seed=2, sparse_objective="code")
+    fit_to_data(net.linear, x, 0.3)
+    a = net(x)
+    assert torch.allclose(net.objective(x, 0)["loss"], implicit_em_objective(a)["loss"])

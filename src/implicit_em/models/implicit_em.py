@@ -193,7 +193,8 @@ class ImplicitEM(Net):
         if self.sparse_objective == "dense":
             return implicit_em_objective(self.phi(z), weight, eps=self.eps, tc_components=m, generator=subsets,
                                          **self.lambdas)  # fmt: skip
-        if self.sparse_lse == "truncated" and self.sparse_tc == "code":  # the default: no N x K temporaries
+        if self.sparse_objective == "truncated" and self.sparse_lse == "truncated" and self.sparse_tc == "code":
+            # the default: no N x K temporaries
             return truncated_objective(z, self.code_sign, self.k, self._distance, weight, eps=self.eps,
                                        tc_components=m, generator=subsets, lambda_aux=self.lambda_aux,
                                        aux_k=self.aux_k, **self.lambdas)  # fmt: skip
