@@ -38,8 +38,12 @@ def _unnormalise(x: torch.Tensor, norm: dict) -> torch.Tensor:
     return (x.double() @ torch.linalg.inv(norm["matrix"].double())) / norm["scale"].double() + norm["mean"].double()
 
 
-def _run(tmp_path: Path, kind: str = "implicit_em", activation: str = "relu", readout: bool = True, k=None) -> dict:
-    """A run directory as scripts/train.py leaves it, with random weights."""
+def _run(
+    tmp_path: Path, kind: str = "implicit_em", activation: str = "relu", readout: bool = True, k=None,
+    net_args: dict | None = None, buffers: dict | None = None,
+) -> dict:  # fmt: skip
+    """A run directory as scripts/train.py leaves it, with random weights (``net_args``: more of the net's
+    init_args; ``buffers``: more of its state, by name under ``model.``)."""
     g = torch.Generator().manual_seed(1)
     w, b = torch.randn(K, D, generator=g), torch.randn(K, generator=g) * 0.5
     hparams = {"_class_path": "implicit_em.training.module.ComponentModule", "in_features": D, "n_components": K,
@@ -47,6 +51,8 @@ def _run(tmp_path: Path, kind: str = "implicit_em", activation: str = "relu", re
     if kind == "implicit_em":
         state = {"model.linear.weight": w, "model.linear.bias": b}
         net = f"implicit_em.models.implicit_em.ImplicitEM\n      init_args:\n        activation: {activation}"
+        net += "".join(f"\n        {key}: {value}" for key, value in (net_args or {}).items())
+        state.update({f"model.{name}": t for name, t in (buffers or {}).items()})
     else:
         state = {
             "model.encoder.weight": w, "model.encoder.bias": b,

@@ -614,6 +614,21 @@ def truncated_lse_loss(d: Tensor, index: Tensor | None = None) -> Tensor:
     return -torch.logsumexp(-(d if index is None else d.gather(-1, index)), dim=-1).sum(dim=-1)
 
 
+def kept_lse_loss(d: Tensor, kept: Tensor) -> Tensor:
+    """The truncated mixture NLL over a kept set of any size per row (``kept``, an N x K mask; batch top-k
+    selection keeps more components for some inputs and fewer for others):
+
+        L_LSE^M = -sum_{i: M_i nonempty} log sum_{j in M_i} exp(-d_ij),
+
+    with gradient dL/dd_ij = exp(-d_ij) / sum_{l in M_i} exp(-d_il) on M_i and 0 elsewhere (the truncated
+    E-step); a row with nothing kept adds nothing. Equals :func:`truncated_lse_loss` when every row keeps k.
+    Summed over the batch."""
+    d = _wide(d)
+    rows = kept.any(dim=-1)
+    neg = torch.where(kept[rows], -d[rows], torch.full_like(d[rows], -torch.inf))
+    return -torch.logsumexp(neg, dim=-1).sum(dim=-1)
+
+
 def truncation_gap_loss(d: Tensor, index: Tensor) -> Tensor:
     """The gap between the truncated and the full mixture NLL: the posterior mass outside the kept components,
 

@@ -11,7 +11,8 @@ import torch
 
 from implicit_em.errors import ConfigError
 from implicit_em.models import MODELS, model_class
-from implicit_em.models.batchtopk_sae import BatchTopKSAE, auxk_loss, batch_top_k
+from implicit_em.models.base import batch_top_k
+from implicit_em.models.batchtopk_sae import BatchTopKSAE, auxk_loss
 
 REPO = Path(__file__).resolve().parents[2]
 

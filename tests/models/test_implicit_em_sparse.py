@@ -12,6 +12,7 @@ from implicit_em.models.implicit_em import ImplicitEM
 from implicit_em.objective import (
     centre_distance,
     implicit_em_objective,
+    kept_lse_loss,
     lse_loss,
     responsibilities,
     tempered_distance,
@@ -305,3 +306,100 @@ def test_sparse_objective_code_is_the_papers_objective_on_the_code():
     fit_to_data(net.linear, x, 0.3)
     a = net(x)
     assert torch.allclose(net.objective(x, 0)["loss"], implicit_em_objective(a)["loss"])
+
+
+def test_kept_lse_is_the_truncated_e_step_over_any_kept_set():
+    """L_LSE^M equals L_LSE^T when every row keeps k; a row with nothing kept adds nothing; its gradient is the
+    responsibilities renormalised over each row's kept set."""
+    g = torch.Generator().manual_seed(3)
+    d = torch.rand(9, 7, generator=g, dtype=torch.float64) * 3
+    index = d.topk(3, dim=-1, largest=False).indices
+    kept = torch.zeros_like(d, dtype=torch.bool).scatter(-1, index, True)
+    assert torch.allclose(kept_lse_loss(d, kept), truncated_lse_loss(d, index))
+    kept = torch.rand(9, 7, generator=g) < 0.4
+    kept[2] = False  # a row with nothing kept
+    d.requires_grad_(True)
+    (grad,) = torch.autograd.grad(kept_lse_loss(d, kept), d)
+    expected = torch.where(kept, torch.exp(-d.detach()), torch.zeros_like(d))
+    expected = expected / expected.sum(-1, keepdim=True).clamp_min(1e-300)
+    assert torch.allclose(grad, expected) and bool((grad[2] == 0).all())
+    rows = [i for i in range(9) if bool(kept[i].any())]
+    value = -sum(torch.logsumexp(-d.detach()[i][kept[i]], 0) for i in rows)
+    assert torch.allclose(kept_lse_loss(d, kept), value)
+
+
+def test_batch_selection_keeps_n_k_per_batch_and_reads_a_threshold():
+    """``selection batch``: the objective's code keeps the batch's N k largest depths; the data-aware start puts
+    theta where the untrained code has L0 k; training steps move theta; the code users read is
+    relu(-z) 1[-z > theta] and exports as SAELens's jumprelu with that threshold."""
+    x = _x(n=512)
+    net = ImplicitEM(D, K, k=6, seed=3, activation="softplus", selection="batch", lambda_aux=1.0)
+    net.start_from_data(x, 0.3)
+    theta0 = float(net.threshold)
+    assert theta0 > 0 and bool(net.threshold_set)
+    l0 = float((net(x) != 0).sum(-1).float().mean())
+    assert 6 - 1 / 512 - 1e-9 <= l0 <= 6  # every depth above the N k-th largest, the N k-th itself excluded
+    assert bool(((net(x) != 0).sum(-1) != 6).any())  # the number kept varies by row
+    z = net.pre_activation(x)
+    assert torch.equal(net(x), F.relu(-z) * (-z > net.threshold))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for step in range(20):
+        terms = net.objective(x[step * 16 : step * 16 + 64], step)
+        assert bool(torch.isfinite(terms["loss"])) and {"lse", "var", "tc", "aux", "threshold"} <= terms.keys()
+        opt.zero_grad()
+        terms["loss"].backward()
+        opt.step()
+    assert float(net.threshold) != theta0
+    net.eval()
+    before = net.threshold.clone()
+    net.objective(x[:64], 99)  # not a training step: theta kept
+    assert torch.equal(net.threshold, before)
+    form = net.inference_form()
+    assert form.architecture == "jumprelu" and form.extra["k"] == 6 and form.decoder is None
+    pre = x @ form.weight.T + form.bias
+    assert torch.allclose(pre * (pre > form.threshold), net(x), atol=1e-6)
+    assert net.settings()["selection"] == "batch" and net.settings()["threshold"] == pytest.approx(float(before))
+    assert "threshold" not in ImplicitEM(D, K, k=6).state_dict()  # the row-selected net's state is unchanged
+
+
+def test_batch_selection_objective_is_the_terms_written_out():
+    """The batch objective is L_LSE^M on the batch top-k set + L_var on the dense depth + L_tc on the code."""
+    x = _x(n=128)
+    net = ImplicitEM(D, K, k=5, seed=1, activation="softplus", selection="batch", lambda_lse=2.0, lambda_tc=0.5)
+    fit_to_data(net.linear, x, 0.3)
+    z = net.linear(x)
+    a = F.relu(-z).flatten()
+    top = a.topk(128 * 5).indices
+    code = torch.zeros_like(a).scatter(0, top, a[top]).view_as(z)
+    dense = implicit_em_objective(code, lambda_lse=0.0, lambda_var=0.0, lambda_tc=0.5)["loss"]
+    var = implicit_em_objective(F.relu(-z), lambda_lse=0.0, lambda_var=1.0, lambda_tc=0.0)["loss"]
+    expected = dense + var + 2.0 * kept_lse_loss(F.softplus(z), code > 0)
+    assert torch.allclose(net.objective(x, 0)["loss"], expected, rtol=1e-5)
+    with pytest.raises(ConfigError):
+        ImplicitEM(D, K, selection="batch")  # no k
+    with pytest.raises(ConfigError):
+        ImplicitEM(D, K, k=5, selection="batch", sparse_lse="gap")
+    with pytest.raises(ConfigError):
+        ImplicitEM(D, K, k=5, selection="column")
+
+
+def test_batch_selection_exports_as_jumprelu_and_loads_with_the_same_codes(tmp_path):
+    """A run trained with ``selection batch`` exports as SAELens's jumprelu (threshold per latent, the normalisation
+    folded in): load(run).encode(raw x) is the run's code of the normalised x, to 1e-6."""
+    from implicit_em.export import export_run, load
+    from tests.test_export import D as ED
+    from tests.test_export import K as EK
+    from tests.test_export import _normalise, _run
+
+    theta = torch.tensor(0.7)
+    buffers = {"threshold": theta, "threshold_set": torch.tensor(True)}
+    run = _run(tmp_path, k=3, net_args={"selection": "batch"}, buffers=buffers)
+    net = ImplicitEM(ED, EK, k=3, selection="batch")
+    net.load_state_dict({"linear.weight": run["w"], "linear.bias": run["b"], **buffers})
+    x = torch.randn(200, ED, generator=torch.Generator().manual_seed(5)) * 2
+    expected = net(_normalise(x, run["norm"]).float())
+    sae = load(export_run(run["run"], tmp_path / "export"))
+    assert sae.architecture == "jumprelu" and torch.equal(sae.threshold, theta.expand(EK))
+    codes = sae.encode(x)
+    assert torch.allclose(codes, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(codes != 0, expected != 0) and bool((expected != 0).any()) and bool((expected == 0).any())

@@ -69,6 +69,25 @@ def jump_relu(z: Tensor, threshold: Tensor) -> Tensor:
     return z * (z > threshold)
 
 
+def batch_top_k(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """a = BatchTopK(ReLU(z)): the N k largest entries of ReLU(z) (N x K) kept over the whole batch, every other
+    entry 0; and theta_batch, the smallest kept positive value (0 when none is positive)."""
+    flat = F.relu(z).flatten()
+    values, idx = flat.topk(min(k * z.shape[0], flat.numel()))
+    codes = torch.zeros_like(flat).scatter(0, idx, values).view_as(z)
+    positive = values[values > 0]
+    return codes, positive.min() if len(positive) else values.new_zeros(())
+
+
+@torch.no_grad()
+def update_running_threshold(threshold: Tensor, is_set: Tensor, theta_batch: Tensor, momentum: float) -> None:
+    """theta <- m theta + (1 - m) theta_batch in place (the first call sets theta = theta_batch and ``is_set``):
+    the inference threshold of a net trained with batch top-k selection."""
+    m = momentum if bool(is_set) else 0.0
+    threshold.mul_(m).add_((1 - m) * theta_batch)
+    is_set.fill_(True)
+
+
 @dataclass
 class InferenceForm:
     """A net as SAELens runs it, in the net's own (normalised) input space.

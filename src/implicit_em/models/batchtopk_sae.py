@@ -17,19 +17,9 @@ from torch import Tensor
 
 from implicit_em.distributed import gather_samples
 from implicit_em.errors import check
-from implicit_em.models.base import InferenceForm, jump_relu
+from implicit_em.models.base import InferenceForm, batch_top_k, jump_relu, update_running_threshold
 from implicit_em.models.registry import register
 from implicit_em.models.topk_sae import TiedStartSAE
-
-
-def batch_top_k(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """a = BatchTopK(ReLU(z)): the N k largest entries of ReLU(z) (N x K) kept over the whole batch, every other
-    entry 0; and theta_batch, the smallest kept positive value (0 when none is positive)."""
-    flat = F.relu(z).flatten()
-    values, idx = flat.topk(min(k * z.shape[0], flat.numel()))
-    codes = torch.zeros_like(flat).scatter(0, idx, values).view_as(z)
-    positive = values[values > 0]
-    return codes, positive.min() if len(positive) else values.new_zeros(())
 
 
 def auxk_loss(error: Tensor, z: Tensor, dead: Tensor, decoder_weight: Tensor, k_aux: int) -> Tensor:
@@ -107,9 +97,7 @@ class BatchTopKSAE(TiedStartSAE):
         """Count the steps since each latent fired, and move theta towards this batch's smallest kept code."""
         fired = (codes > 0).any(0)
         self.steps_since_fired.add_(1).masked_fill_(fired, 0)
-        m = self.threshold_momentum if bool(self.threshold_set) else 0.0
-        self.threshold.mul_(m).add_((1 - m) * theta_batch)
-        self.threshold_set.fill_(True)
+        update_running_threshold(self.threshold, self.threshold_set, theta_batch, self.threshold_momentum)
 
     def settings(self) -> dict[str, Any]:
         return {"k": self.k, "aux_k": self.aux_k, "aux_coefficient": self.aux_coefficient,

@@ -10,15 +10,26 @@ from torch import Tensor, nn
 
 from implicit_em.distributed import gather_samples
 from implicit_em.errors import check, check_choice
-from implicit_em.models.base import ACTIVATIONS, InferenceForm, Net, keep_top_k, seeded_linear
+from implicit_em.models.base import (
+    ACTIVATIONS,
+    InferenceForm,
+    Net,
+    batch_top_k,
+    jump_relu,
+    keep_top_k,
+    seeded_linear,
+    update_running_threshold,
+)
 from implicit_em.models.registry import register
 from implicit_em.objective import (
     centre_distance,
     implicit_em_objective,
+    kept_lse_loss,
     tempered_distance,
     truncated_lse_loss,
     truncated_objective,
     truncation_gap_loss,
+    unkept_lse_loss,
 )
 
 #: what a sparse net (``k`` set) reads as its code: the depths relu(-z) of its k nearest components, or the
@@ -31,6 +42,9 @@ SPARSE_TC = ("code", "depth")
 #: the truncated objective's likelihood term: the truncated E-step L_LSE^T, the gap L_LSE^T - L_LSE, or the
 #: truncated E-step of a Gaussian mixture whose centres are -w_j (``centres``)
 SPARSE_LSE = {"truncated": truncated_lse_loss, "gap": truncation_gap_loss, "centres": truncated_lse_loss}
+#: how the sparse net selects its kept components: the k largest per row, or the N k largest of the batch in
+#: training and a threshold at inference
+SELECTIONS = ("row", "batch")
 
 
 @register("implicit_em")
@@ -77,6 +91,14 @@ class ImplicitEM(Net):
         lambda_aux: weight of the E-step over the components no row of the batch keeps
             (``objective.unkept_lse_loss``: each moved toward the inputs it is nearest to, against dead
             components); 0 (the default): off. aux_k: how many of them per row (null: k).
+        selection: ``row`` (the default): the k nearest components of every input, as above. ``batch``: training
+            keeps the N k largest depths relu(s z) of the whole batch (k per input on average, more for inputs
+            near many components), the truncated E-step over each row's kept set (``objective.kept_lse_loss``),
+            the decorrelation term on that code and the variance term on the dense depth; inference and export
+            replace the batch's selection by one threshold theta, the running mean (``threshold_momentum``) of
+            the smallest depth each batch kept: a = relu(s z) 1[s z > theta], SAELens's ``jumprelu`` form.
+            theta starts where the data-aware start's code has L0 k; ``threshold_momentum`` 0.9 (the
+            BatchTopK SAE's 0.99 lags the growing depths by over 10% of L0 in runs of a few hundred steps).
     """
 
     takes_k = True
@@ -101,6 +123,8 @@ class ImplicitEM(Net):
         sparse_lse: str = "truncated",
         lambda_aux: float = 0.0,
         aux_k: int | None = None,
+        selection: str = "row",
+        threshold_momentum: float = 0.9,
     ):
         super().__init__(in_features, n_components, k, seed)
         check_choice(code, "model.net.code", SPARSE_CODES)
@@ -116,6 +140,16 @@ class ImplicitEM(Net):
               "model.net.lambda_aux", "0 unless --model.k is set with the default sparse_lse and sparse_tc",
               lambda_aux)  # fmt: skip
         self.lambda_aux, self.aux_k = lambda_aux, aux_k
+        check_choice(selection, "model.net.selection", SELECTIONS)
+        check(selection == "row" or (k is not None and sparse_objective == "truncated" and sparse_lse == "truncated"
+                                     and sparse_tc == "code"),
+              "model.net.selection", "row unless --model.k is set with the default sparse_lse and sparse_tc",
+              selection)  # fmt: skip
+        check(0 <= threshold_momentum < 1, "model.net.threshold_momentum", "in [0, 1)", threshold_momentum)
+        self.selection, self.threshold_momentum = selection, threshold_momentum
+        if selection == "batch":  # the inference threshold (only then: the paper's model keeps its state dict)
+            self.register_buffer("threshold", torch.zeros(()))
+            self.register_buffer("threshold_set", torch.tensor(False))
         self.code, self.sparse_objective = code, sparse_objective
         self.temperature, self.sparse_tc = temperature, sparse_tc
         check_choice(activation, "model.net.activation", ACTIVATIONS)
@@ -156,15 +190,26 @@ class ImplicitEM(Net):
 
     def sparse_code(self, z: Tensor) -> Tensor:
         """a = TopK_k(relu(s z)): ``depth`` (s = -1) keeps the k components nearest to x (largest -z, the
-        depth inside their halfspace), ``distance`` (s = +1) the k largest distances; every other entry 0."""
+        depth inside their halfspace), ``distance`` (s = +1) the k largest distances; every other entry 0.
+        With ``selection batch``: a = relu(s z) 1[s z > theta], the trained threshold."""
+        if self.selection == "batch":
+            return jump_relu(F.relu(self.code_sign * z), self.threshold)
         return keep_top_k(self.code_sign * z, self.k)
 
     @torch.no_grad()
     def start_from_data(self, x: Tensor, std: float | None) -> None:
         """The data-aware start; with centres, k-means' start instead: mu_j = K distinct training inputs drawn
-        with the net's seed (w_j = -x_j, b = 0)."""
+        with the net's seed (w_j = -x_j, b = 0). With ``selection batch``, theta then starts at the smallest of
+        the N k largest depths of (up to 8,192 of) the inputs x, so the untrained net's code has L0 k there too."""
         if not self.centres:
-            return super().start_from_data(x, std)
+            super().start_from_data(x, std)
+            if self.selection == "batch":
+                g = torch.Generator().manual_seed(self.seed)
+                rows = x[torch.randperm(len(x), generator=g)[:8192].to(x.device)]
+                theta = batch_top_k(self.code_sign * self.pre_activation(rows.to(self.linear.weight)), self.k)[1]
+                self.threshold.copy_(theta)
+                self.threshold_set.fill_(True)
+            return
         g = torch.Generator().manual_seed(self.seed)
         pick = torch.randperm(len(x), generator=g)[: self.n_components].to(x.device)
         if len(pick) < self.n_components:  # fewer inputs than components: draw with replacement
@@ -193,6 +238,8 @@ class ImplicitEM(Net):
         if self.sparse_objective == "dense":
             return implicit_em_objective(self.phi(z), weight, eps=self.eps, tc_components=m, generator=subsets,
                                          **self.lambdas)  # fmt: skip
+        if self.selection == "batch":
+            return self._batch_objective(z, weight, m, subsets)
         if self.sparse_objective == "truncated" and self.sparse_lse == "truncated" and self.sparse_tc == "code":
             # the default: no N x K temporaries
             return truncated_objective(z, self.code_sign, self.k, self._distance, weight, eps=self.eps,
@@ -220,6 +267,27 @@ class ImplicitEM(Net):
         loss = terms["loss"] + lam["lambda_var"] * var + lam["lambda_lse"] * lse
         return {**terms, "loss": loss, "lse": lse, "var": var}
 
+    def _batch_objective(self, z: Tensor, weight: Tensor | None, m: int | None, subsets) -> dict[str, Tensor]:
+        """``selection batch``: the truncated objective on the batch's N k largest depths (class docstring),
+        and the running threshold moved toward the smallest of them (training steps only)."""
+        lam = self.lambdas
+        s = self.code_sign * z
+        a, theta_batch = batch_top_k(s, self.k)
+        if self.training:
+            update_running_threshold(self.threshold, self.threshold_set, theta_batch.detach(),
+                                     self.threshold_momentum)  # fmt: skip
+        kept = a > 0
+        lse = kept_lse_loss(self._distance(z), kept)
+        terms = implicit_em_objective(a, weight, 0.0, 0.0, lam["lambda_tc"], lam["lambda_wr"], self.eps, m, subsets)
+        var = implicit_em_objective(F.relu(s), None, 0.0, lam["lambda_var"], 0.0, 0.0, self.eps)["var"]
+        out = {**terms, "lse": lse, "var": var, "threshold": self.threshold.detach().clone()}
+        loss = terms["loss"] + lam["lambda_var"] * var + lam["lambda_lse"] * lse
+        if self.lambda_aux:
+            out["aux"] = unkept_lse_loss(z, kept.nonzero()[:, -1], self.code_sign, self.aux_k or self.k,
+                                         self._distance)  # fmt: skip
+            loss = loss + self.lambda_aux * out["aux"]
+        return {**out, "loss": loss}
+
     def _distance(self, z: Tensor) -> Tensor:
         """The truncated E-step's distances d = tau phi(z / tau)."""
         return tempered_distance(z, self.phi, self.temperature)
@@ -229,7 +297,9 @@ class ImplicitEM(Net):
         if self.k is not None:
             own.update(k=self.k, code=self.code, sparse_objective=self.sparse_objective, temperature=self.temperature,
                        sparse_tc=self.sparse_tc, sparse_lse=self.sparse_lse, lambda_aux=self.lambda_aux,
-                       aux_k=self.aux_k)  # fmt: skip
+                       aux_k=self.aux_k, selection=self.selection)  # fmt: skip
+            if self.selection == "batch":
+                own.update(threshold_momentum=self.threshold_momentum, threshold=float(self.threshold))
         return own
 
     def inference_form(self) -> InferenceForm:
@@ -238,6 +308,10 @@ class ImplicitEM(Net):
         if self.k is not None:  # the sparse code is TopK_k(relu(s z)) whatever phi the objective uses
             sign = self.code_sign
             bias = self.linear.bias + (0.5 * self.linear.weight.pow(2).sum(-1) if self.centres else 0)
+            if self.selection == "batch":  # relu(s z) 1[s z > theta]
+                threshold = self.threshold.expand(self.n_components).clone()
+                return InferenceForm("jumprelu", sign * self.linear.weight, sign * bias, threshold=threshold,
+                                     extra={"code": self.code, "trained_as": "batchtopk", "k": self.k})  # fmt: skip
             return InferenceForm("topk", sign * self.linear.weight, sign * bias, k=self.k,
                                  extra={"code": self.code})  # fmt: skip
         if self.activation != "relu":
