@@ -662,6 +662,28 @@ def tempered_distance(z: Tensor, phi, temperature: float = 1.0) -> Tensor:
     return phi(z) if temperature == 1 else temperature * phi(z / temperature)
 
 
+def readout_residual_loss(x: Tensor, a: Tensor, ridge: float = 1e-3) -> Tensor:
+    """The batch's least-squares readout error of the code, a reconstruction term with a readout solved, not learned:
+
+        L_rec = N ||X - A R*||_F^2 / ||X||_F^2,   R* = (A^T A + rho I)^-1 A^T X,   rho = ridge tr(A^T A) / K,
+
+    X (N x D) and A (N x K) the batch's inputs and codes, each centred; so L_rec = N FVU of the ridge readout
+    fitted on the batch itself (summed over the batch like the other terms). Its gradient reaches the encoder
+    through A only: no decoder parameters. Not the implicit-EM objective: it asks the code for what a
+    reconstruction needs (``--model.net.lambda_rec``), to measure how much of the SAEs' lead that is."""
+    x, a = _wide(x), _wide(a)
+    x = x - x.mean(dim=-2, keepdim=True)
+    a = a - a.mean(dim=-2, keepdim=True)
+    gram = a.transpose(-2, -1) @ a
+    rho = ridge * gram.diagonal(dim1=-2, dim2=-1).mean(dim=-1).clamp_min(torch.finfo(a.dtype).tiny)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    r = torch.linalg.solve(gram + rho[..., None, None] * eye, a.transpose(-2, -1) @ x)
+    resid = x - a @ r
+    return (
+        x.shape[-2] * resid.pow(2).sum(dim=(-2, -1)) / x.pow(2).sum(dim=(-2, -1)).clamp_min(torch.finfo(x.dtype).tiny)
+    )
+
+
 def sae_objective(x: Tensor, reconstruction: Tensor, codes: Tensor, l1: float | Tensor = 0.01) -> dict[str, Tensor]:
     """Standard SAE loss L = mean (x - x_hat)^2 + l1 * mean |a| (means over batch and dimensions).
 

@@ -14,6 +14,7 @@ from implicit_em.objective import (
     implicit_em_objective,
     kept_lse_loss,
     lse_loss,
+    readout_residual_loss,
     responsibilities,
     tempered_distance,
     truncated_lse_loss,
@@ -403,3 +404,29 @@ def test_batch_selection_exports_as_jumprelu_and_loads_with_the_same_codes(tmp_p
     codes = sae.encode(x)
     assert torch.allclose(codes, expected, rtol=1e-6, atol=1e-6)
     assert torch.equal(codes != 0, expected != 0) and bool((expected != 0).any()) and bool((expected == 0).any())
+
+
+def test_readout_residual_is_the_batch_ridge_fvu_and_trains_the_encoder():
+    """L_rec = N x the FVU of the ridge readout fitted on the batch (sklearn-free: the normal equations written
+    out); 0 when the code spans x; lambda_rec adds it as ``rec`` and its gradient reaches W."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    a = torch.randn(50, 9, generator=g, dtype=torch.float64)
+    xc, ac = x - x.mean(0), a - a.mean(0)
+    gram = ac.T @ ac
+    r = torch.linalg.solve(gram + 1e-3 * gram.diagonal().mean() * torch.eye(9, dtype=torch.float64), ac.T @ xc)
+    expected = 50 * (xc - ac @ r).pow(2).sum() / xc.pow(2).sum()
+    assert torch.allclose(readout_residual_loss(x, a), expected)
+    assert float(readout_residual_loss(x, torch.cat([x, x @ x.T[:6, :3]], 1), ridge=1e-12)) < 1e-6
+    x = _x()
+    net = ImplicitEM(D, K, k=5, seed=2, activation="softplus", lambda_rec=3.0)
+    fit_to_data(net.linear, x, 0.3)
+    off = ImplicitEM(D, K, k=5, seed=2, activation="softplus")
+    off.load_state_dict(net.state_dict())
+    terms = net.objective(x, 0)
+    assert torch.allclose(terms["rec"], readout_residual_loss(x, net(x)))
+    assert torch.allclose(terms["loss"], off.objective(x, 0)["loss"] + 3.0 * terms["rec"])
+    (grad,) = torch.autograd.grad(terms["rec"], net.linear.weight)
+    assert float(grad.abs().sum()) > 0
+    with pytest.raises(ConfigError):
+        ImplicitEM(D, K, lambda_rec=1.0)  # no k

@@ -25,6 +25,7 @@ from implicit_em.objective import (
     centre_distance,
     implicit_em_objective,
     kept_lse_loss,
+    readout_residual_loss,
     tempered_distance,
     truncated_lse_loss,
     truncated_objective,
@@ -91,6 +92,10 @@ class ImplicitEM(Net):
         lambda_aux: weight of the E-step over the components no row of the batch keeps
             (``objective.unkept_lse_loss``: each moved toward the inputs it is nearest to, against dead
             components); 0 (the default): off. aux_k: how many of them per row (null: k).
+        lambda_rec: weight of the batch's least-squares readout error of the code
+            (``objective.readout_residual_loss``; a readout solved per batch, no decoder parameters; not the
+            implicit-EM objective: it measures how much of the SAEs' CE lead the objective leaves on the table);
+            0 (the default): off.
         selection: ``row`` (the default): the k nearest components of every input, as above. ``batch``: training
             keeps the N k largest depths relu(s z) of the whole batch (k per input on average, more for inputs
             near many components), the truncated E-step over each row's kept set (``objective.kept_lse_loss``),
@@ -125,6 +130,7 @@ class ImplicitEM(Net):
         aux_k: int | None = None,
         selection: str = "row",
         threshold_momentum: float = 0.9,
+        lambda_rec: float = 0.0,
     ):
         super().__init__(in_features, n_components, k, seed)
         check_choice(code, "model.net.code", SPARSE_CODES)
@@ -147,6 +153,9 @@ class ImplicitEM(Net):
               selection)  # fmt: skip
         check(0 <= threshold_momentum < 1, "model.net.threshold_momentum", "in [0, 1)", threshold_momentum)
         self.selection, self.threshold_momentum = selection, threshold_momentum
+        check(lambda_rec >= 0, "model.net.lambda_rec", ">= 0", lambda_rec)
+        check(lambda_rec == 0 or k is not None, "model.net.lambda_rec", "0 unless --model.k is set", lambda_rec)
+        self.lambda_rec = lambda_rec
         if selection == "batch":  # the inference threshold (only then: the paper's model keeps its state dict)
             self.register_buffer("threshold", torch.zeros(()))
             self.register_buffer("threshold_set", torch.tensor(False))
@@ -230,7 +239,22 @@ class ImplicitEM(Net):
         return implicit_em_objective(d, weight, eps=self.eps, tc_components=m, generator=subsets, **self.lambdas)
 
     def _sparse_objective(self, x: Tensor, step: int) -> dict[str, Tensor]:
-        """The objective of the sparse net (k set), by ``sparse_objective`` (see the class docstring)."""
+        """The objective of the sparse net (k set), by ``sparse_objective`` (see the class docstring), plus
+        ``lambda_rec`` times the batch's readout error of the code (``objective.readout_residual_loss``)."""
+        terms = self._sparse_em_objective(x, step)
+        if not self.lambda_rec:
+            return terms
+        z = gather_samples(self.pre_activation(x))  # the global batch under DDP
+        a = (
+            keep_top_k(self.code_sign * z, self.k)
+            if self.selection == "row"
+            else batch_top_k(self.code_sign * z, self.k)[0]
+        )
+        rec = readout_residual_loss(gather_samples(x), a)
+        return {**terms, "loss": terms["loss"] + self.lambda_rec * rec, "rec": rec}
+
+    def _sparse_em_objective(self, x: Tensor, step: int) -> dict[str, Tensor]:
+        """The implicit-EM part of :meth:`_sparse_objective`."""
         z = gather_samples(self.pre_activation(x))  # the global batch under DDP
         weight = self.component_weights() if self.lambdas["lambda_wr"] else None
         m = self.tc_components
@@ -297,7 +321,7 @@ class ImplicitEM(Net):
         if self.k is not None:
             own.update(k=self.k, code=self.code, sparse_objective=self.sparse_objective, temperature=self.temperature,
                        sparse_tc=self.sparse_tc, sparse_lse=self.sparse_lse, lambda_aux=self.lambda_aux,
-                       aux_k=self.aux_k, selection=self.selection)  # fmt: skip
+                       aux_k=self.aux_k, selection=self.selection, lambda_rec=self.lambda_rec)  # fmt: skip
             if self.selection == "batch":
                 own.update(threshold_momentum=self.threshold_momentum, threshold=float(self.threshold))
         return own
