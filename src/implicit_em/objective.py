@@ -662,26 +662,37 @@ def tempered_distance(z: Tensor, phi, temperature: float = 1.0) -> Tensor:
     return phi(z) if temperature == 1 else temperature * phi(z / temperature)
 
 
-def readout_residual_loss(x: Tensor, a: Tensor, ridge: float = 1e-3) -> Tensor:
-    """The batch's least-squares readout error of the code, a reconstruction term with a readout solved, not learned:
-
-        L_rec = N ||X - A R*||_F^2 / ||X||_F^2,   R* = (A^T A + rho I)^-1 A^T X,   rho = ridge tr(A^T A) / K,
-
-    X (N x D) and A (N x K) the batch's inputs and codes, each centred; so L_rec = N FVU of the ridge readout
-    fitted on the batch itself (summed over the batch like the other terms). Its gradient reaches the encoder
-    through A only: no decoder parameters. Not the implicit-EM objective: it asks the code for what a
-    reconstruction needs (``--model.net.lambda_rec``), to measure how much of the SAEs' lead that is."""
-    x, a = _wide(x), _wide(a)
-    x = x - x.mean(dim=-2, keepdim=True)
-    a = a - a.mean(dim=-2, keepdim=True)
-    gram = a.transpose(-2, -1) @ a
+def _ridge_readout(x: Tensor, a: Tensor, ridge: float) -> tuple[Tensor, Tensor, Tensor]:
+    """R = (A^T A + rho I)^-1 A^T X on the centred x and a, rho = ridge tr(A^T A) / K; returns R and the two
+    means."""
+    mx, ma = x.mean(dim=-2, keepdim=True), a.mean(dim=-2, keepdim=True)
+    xc, ac = x - mx, a - ma
+    gram = ac.transpose(-2, -1) @ ac
     rho = ridge * gram.diagonal(dim1=-2, dim2=-1).mean(dim=-1).clamp_min(torch.finfo(a.dtype).tiny)
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    r = torch.linalg.solve(gram + rho[..., None, None] * eye, a.transpose(-2, -1) @ x)
-    resid = x - a @ r
-    return (
-        x.shape[-2] * resid.pow(2).sum(dim=(-2, -1)) / x.pow(2).sum(dim=(-2, -1)).clamp_min(torch.finfo(x.dtype).tiny)
-    )
+    return torch.linalg.solve(gram + rho[..., None, None] * eye, ac.transpose(-2, -1) @ xc), mx, ma
+
+
+def readout_residual_loss(x: Tensor, a: Tensor, ridge: float = 1e-3) -> Tensor:
+    """The batch's held-out least-squares readout error of the code, a reconstruction term with a readout solved,
+    not learned (cross-fitted: the batch's even rows E and odd rows O each scored by the other's readout):
+
+        L_rec = N (||X_O - A_O R_E - c_E||^2 + ||X_E - A_E R_O - c_O||^2) / ||X - mean X||^2,
+
+    R_E = (A_E^T A_E + rho I)^-1 A_E^T X_E on E's centred rows (rho = ridge tr(A_E^T A_E) / K), c_E its intercept;
+    X (N x D) inputs, A (N x K) codes. So L_rec is N times a held-out FVU, summed over the batch like the other
+    terms; held out because with K >= N / 2 a readout fitted on the rows it scores fits them almost exactly. Its
+    gradient reaches the encoder through A only: no decoder parameters. Not the implicit-EM objective: it asks
+    the code for what a reconstruction needs (``--model.net.lambda_rec``), to measure how much of the SAEs' lead
+    that is."""
+    x, a = _wide(x), _wide(a)
+    halves = (slice(0, None, 2), slice(1, None, 2))
+    err = x.new_zeros(x.shape[:-2])
+    for fit, score in (halves, halves[::-1]):
+        r, mx, ma = _ridge_readout(x[..., fit, :], a[..., fit, :], ridge)
+        err = err + (x[..., score, :] - mx - (a[..., score, :] - ma) @ r).pow(2).sum(dim=(-2, -1))
+    total = (x - x.mean(dim=-2, keepdim=True)).pow(2).sum(dim=(-2, -1))
+    return x.shape[-2] * err / total.clamp_min(torch.finfo(x.dtype).tiny)
 
 
 def sae_objective(x: Tensor, reconstruction: Tensor, codes: Tensor, l1: float | Tensor = 0.01) -> dict[str, Tensor]:

@@ -406,18 +406,25 @@ def test_batch_selection_exports_as_jumprelu_and_loads_with_the_same_codes(tmp_p
     assert torch.equal(codes != 0, expected != 0) and bool((expected != 0).any()) and bool((expected == 0).any())
 
 
-def test_readout_residual_is_the_batch_ridge_fvu_and_trains_the_encoder():
-    """L_rec = N x the FVU of the ridge readout fitted on the batch (sklearn-free: the normal equations written
-    out); 0 when the code spans x; lambda_rec adds it as ``rec`` and its gradient reaches W."""
+def test_readout_residual_is_the_cross_fitted_ridge_fvu_and_trains_the_encoder():
+    """L_rec = N x the held-out FVU of ridge readouts fitted on the batch's even rows and scored on its odd rows and
+    back (the normal equations written out); 0 when the code spans x; lambda_rec adds it as ``rec`` and its
+    gradient reaches W."""
     g = torch.Generator().manual_seed(4)
     x = torch.randn(50, 6, generator=g, dtype=torch.float64)
     a = torch.randn(50, 9, generator=g, dtype=torch.float64)
-    xc, ac = x - x.mean(0), a - a.mean(0)
-    gram = ac.T @ ac
-    r = torch.linalg.solve(gram + 1e-3 * gram.diagonal().mean() * torch.eye(9, dtype=torch.float64), ac.T @ xc)
-    expected = 50 * (xc - ac @ r).pow(2).sum() / xc.pow(2).sum()
+    err = 0.0
+    for fit, score in ((slice(0, None, 2), slice(1, None, 2)), (slice(1, None, 2), slice(0, None, 2))):
+        xf, af = x[fit], a[fit]
+        xc, ac = xf - xf.mean(0), af - af.mean(0)
+        gram = ac.T @ ac
+        r = torch.linalg.solve(gram + 1e-3 * gram.diagonal().mean() * torch.eye(9, dtype=torch.float64), ac.T @ xc)
+        err = err + (x[score] - xf.mean(0) - (a[score] - af.mean(0)) @ r).pow(2).sum()
+    expected = 50 * err / (x - x.mean(0)).pow(2).sum()
     assert torch.allclose(readout_residual_loss(x, a), expected)
-    assert float(readout_residual_loss(x, torch.cat([x, x @ x.T[:6, :3]], 1), ridge=1e-12)) < 1e-6
+    assert float(readout_residual_loss(x, torch.cat([x, a], 1), ridge=1e-12)) < 1e-6
+    a_wide = torch.randn(50, 200, generator=g, dtype=torch.float64)  # K > N: held out, random codes explain little
+    assert float(readout_residual_loss(x, a_wide)) > 0.5 * 50
     x = _x()
     net = ImplicitEM(D, K, k=5, seed=2, activation="softplus", lambda_rec=3.0)
     fit_to_data(net.linear, x, 0.3)

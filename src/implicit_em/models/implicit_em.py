@@ -92,7 +92,7 @@ class ImplicitEM(Net):
         lambda_aux: weight of the E-step over the components no row of the batch keeps
             (``objective.unkept_lse_loss``: each moved toward the inputs it is nearest to, against dead
             components); 0 (the default): off. aux_k: how many of them per row (null: k).
-        lambda_rec: weight of the batch's least-squares readout error of the code
+        lambda_rec: weight of the batch's held-out least-squares readout error of the code
             (``objective.readout_residual_loss``; a readout solved per batch, no decoder parameters; not the
             implicit-EM objective: it measures how much of the SAEs' CE lead the objective leaves on the table);
             0 (the default): off.
