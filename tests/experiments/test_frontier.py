@@ -160,3 +160,50 @@ def test_an_interrupted_frontier_keeps_the_seeds_it_finished(tmp_path, monkeypat
     assert result["seeds"] == [1] and result["seeds_asked"] == [1, 2, 3]
     assert result["rows"][0]["fvu"] == 0.5 and (tmp_path / "digits" / "frontier_fvu.png").is_file()
     assert "seeds [1]" in (tmp_path / "digits" / "frontier.md").read_text()
+
+
+def _fake_seed(calls):
+    def one_seed(configs, data, folder, components, epochs, seed, *rest):
+        calls.append(seed)
+        return [{"model": "implicit_em", "target_l0": 2, "l0": 2.0, "fvu": 0.1 * seed, "sparse_probe_mean": 0.7},
+                {"model": "pca", "target_l0": None, "l0": 16.0, "fvu": 0.0, "sparse_probe_mean": 0.6}]  # fmt: skip
+
+    return one_seed
+
+
+def test_a_frontier_run_again_with_more_seeds_goes_on_from_the_seeds_it_finished(tmp_path, monkeypatch):
+    calls: list[int] = []
+    monkeypatch.setattr(frontier, "frontier_seed", _fake_seed(calls))
+    kw = {"components": 16, "l0s": [2], "configs": REPO / "configs", "rows_kept": ["implicit_em", "pca"]}
+    run_frontier("digits", tmp_path, seeds=[1], **kw)
+    path = run_frontier("digits", tmp_path, seeds=[1, 2, 3], **kw)
+    assert calls == [1, 2, 3][:1] + [2, 3]  # seed 1 ran once
+    result = json.loads(path.read_text())
+    assert result["seeds"] == [1, 2, 3] and result["rows"][0]["fvu"] == pytest.approx(0.2)
+    assert [r["seed"] for r in result["rows"][0]["per_seed"]] == [1, 2, 3]
+    calls.clear()
+    run_frontier("digits", tmp_path, seeds=[1, 2, 3, 4], **kw)  # from a file with several seeds
+    result = json.loads(path.read_text())
+    assert calls == [4] and result["rows"][0]["fvu"] == pytest.approx(0.25)
+    assert [r["fvu"] for r in result["rows"][0]["per_seed"]] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+
+
+def test_a_frontier_with_other_settings_or_seeds_is_refused_and_left_as_it_is(tmp_path, monkeypatch):
+    calls: list[int] = []
+    monkeypatch.setattr(frontier, "frontier_seed", _fake_seed(calls))
+    kw = {"components": 16, "l0s": [2], "configs": REPO / "configs", "rows_kept": ["implicit_em", "pca"]}
+    path = run_frontier("digits", tmp_path, seeds=[1, 2], **kw)
+    before = {f.name: f.read_bytes() for f in path.parent.iterdir() if f.is_file()}
+    calls.clear()
+    for other in ({"epochs": 2}, {"l0s": [4]}, {"model_args": ["--model.net.lambda_aux", "1"]},
+                  {"rows_kept": ["implicit_em"]}):  # fmt: skip
+        with pytest.raises(ValueError, match="other settings.*pass another --out"):
+            run_frontier("digits", tmp_path, seeds=[1, 2, 3], **{**kw, **other})
+    with pytest.raises(ValueError, match=r"seeds \[1\] this run was not asked for"):
+        run_frontier("digits", tmp_path, seeds=[2, 3], **kw)
+    assert calls == [] and {f.name: f.read_bytes() for f in path.parent.iterdir() if f.is_file()} == before
+    legacy = json.loads(path.read_text())
+    del legacy["rows_kept"]  # a file written before rows_kept was recorded: read as keeping the rows it holds
+    path.write_text(json.dumps(legacy))
+    run_frontier("digits", tmp_path, seeds=[1, 2, 3], **kw)
+    assert calls == [3]

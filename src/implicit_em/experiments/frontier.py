@@ -313,8 +313,9 @@ def run_frontier(
 ) -> Path:
     """Train and judge every row (those of ``rows_kept``; None: all) at every target L0 once per seed; write
     frontier.json, frontier.md and the PNGs into ``<out>/<data>/`` after every seed (so an interrupted run keeps
-    the seeds it finished: ``seeds`` in the JSON, ``seeds_asked`` the ones asked for), and log them to W&B project
-    ``wandb_project`` when given at the end; returns frontier.json's path."""
+    the seeds it finished: ``seeds`` in the JSON, ``seeds_asked`` the ones asked for; run again with the same
+    settings, it keeps those seeds' rows and runs the others, see :func:`finished_seeds`), and log them to W&B
+    project ``wandb_project`` when given at the end; returns frontier.json's path."""
     l0s = sorted({int(k) for k in l0s})
     if not l0s or min(l0s) < 1 or max(l0s) > components:
         raise ValueError(f"--l0: target L0s must lie in 1..{components} (K), got {l0s}")
@@ -331,18 +332,62 @@ def run_frontier(
     folder = Path(out) / data
     header = {"data": data, "components": components, "epochs": epochs, "seeds": list(seeds), "l0s": l0s,
               "batch_size": batch_size, "probe_method": probe_method, "lm_windows": lm_windows, "split": split,
-              "model_args": list(model_args), "command": command}  # fmt: skip
+              "model_args": list(model_args), "rows_kept": [r for r in ROWS if r in rows_kept],
+              "command": command}  # fmt: skip
+    finished = finished_seeds(folder / "frontier.json", header)  # refused before anything runs or is written
     per_seed: list[list[dict]] = []
+    done: list[int] = []
     for seed in seeds:  # the files are rewritten after every seed: an interrupted run keeps the seeds it finished
-        per_seed.append(frontier_seed(Path(configs), data, folder, components, epochs, seed, l0s, batch_size,
-                                      data_root, probe_method, log, lm_windows, model_args, rows_kept, split))  # fmt: skip
-        written = {**header, "seeds": list(seeds)[: len(per_seed)], "seeds_asked": list(seeds)}
-        rows = summarize(per_seed, written["seeds"])
+        if seed in finished:
+            log(f"[frontier] seed {seed}: its rows are in {folder / 'frontier.json'} (same settings); kept")
+            per_seed.append(finished[seed])
+        else:
+            per_seed.append(frontier_seed(Path(configs), data, folder, components, epochs, seed, l0s, batch_size,
+                                          data_root, probe_method, log, lm_windows, model_args, rows_kept, split))  # fmt: skip
+        done.append(seed)
+        written = {**header, "seeds": done, "seeds_asked": list(seeds)}
+        rows = summarize(per_seed, done)
         path = write_frontier(rows, written, folder)
-        log(f"[frontier] wrote {path} (seeds {written['seeds']})")
+        log(f"[frontier] wrote {path} (seeds {done})")
     if wandb_project:
         log(f"[frontier] W&B: {log_frontier(rows, written, folder, wandb_project)}")
     return path
+
+
+#: the header entries that say what was run (two frontiers with the same ones differ only in their seeds)
+SETTINGS = ("data", "components", "epochs", "l0s", "batch_size", "lm_windows", "split", "model_args", "rows_kept")
+
+
+def finished_seeds(path: Path, header: dict) -> dict[int, list[dict]]:
+    """The rows of every seed an earlier frontier.json at ``path`` finished, by seed, when it was run with the
+    same settings (:data:`SETTINGS`; a file from before ``rows_kept`` was recorded is read as keeping the rows it
+    holds), so a run asked for more seeds goes on from it. ``probe_method`` may differ: sklearn and torch solve the
+    same convex problem for the full linear probe, which the frontier's table does not show; the header keeps
+    the latest. ``{}`` when there is no such file. A file with other
+    settings, or with seeds this run was not asked for, is refused (ValueError, naming the fix) and left as it
+    is: a run never overwrites results it was not asked to extend."""
+    if not path.is_file():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+        rows, old_seeds = old["rows"], [int(s) for s in old["seeds"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{path} is not a frontier.json this code can read ({e}); pass another --out or move it"
+        ) from e
+    old.setdefault("rows_kept", [m for m in ROWS if any(r.get("model") == m for r in rows)])
+    differ = [k for k in SETTINGS if old.get(k) != header.get(k)]
+    if differ:
+        shown = "; ".join(f"{k} {old.get(k)} there, {header.get(k)} now" for k in differ)
+        raise ValueError(f"{path} holds a frontier run with other settings ({shown}); pass another --out or move it")
+    if extra := [s for s in old_seeds if s not in header["seeds"]]:
+        raise ValueError(f"{path} holds seeds {extra} this run was not asked for; ask for seeds {old_seeds} too "
+                         "(e.g. --seeds " + " ".join(str(s) for s in sorted(set(old_seeds) | set(header["seeds"])))
+                         + ") or pass another --out")  # fmt: skip
+    if len(old_seeds) == 1:
+        return {old_seeds[0]: [{k: v for k, v in r.items() if k != "per_seed"} for r in rows]}
+    return {s: [{k: v for k, v in r["per_seed"][i].items() if k != "seed"} for r in rows]
+            for i, s in enumerate(old_seeds)}  # fmt: skip
 
 
 def write_frontier(rows: Sequence[dict], header: dict, folder: Path) -> Path:
