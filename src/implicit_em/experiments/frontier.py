@@ -259,8 +259,9 @@ def log_frontier(rows: Sequence[dict], header: dict, folder: Path, project: str 
 
     from implicit_em.loggers import open_wandb_run
 
-    run = open_wandb_run(project, folder, "frontier", f"frontier {header['data']} K={header['components']}",
-                         {k: v for k, v in header.items() if k != "command"} | {"command": header.get("command")})  # fmt: skip
+    run = open_wandb_run(
+        project, folder, "frontier", f"frontier {header['data']} K={header['components']}", dict(header)
+    )
     columns = ["model", *COLUMNS]
     run.log({"frontier/table": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])})
     for png in sorted(folder.glob("frontier_*.png")):
