@@ -181,6 +181,11 @@ def test_a_frontier_run_again_with_more_seeds_goes_on_from_the_seeds_it_finished
     result = json.loads(path.read_text())
     assert result["seeds"] == [1, 2, 3] and result["rows"][0]["fvu"] == pytest.approx(0.2)
     assert [r["seed"] for r in result["rows"][0]["per_seed"]] == [1, 2, 3]
+    text = (tmp_path / "digits" / "frontier.md").read_text()  # each seed's numbers beside the means
+    assert (
+        "Seed by seed (seeds 1 / 2 / 3)" in text
+        and "| implicit_em | 2 | 2.0 / 2.0 / 2.0 | — / — / — | 0.100 / 0.200 / 0.300 |" in text
+    )
     calls.clear()
     run_frontier("digits", tmp_path, seeds=[1, 2, 3, 4], **kw)  # from a file with several seeds
     result = json.loads(path.read_text())

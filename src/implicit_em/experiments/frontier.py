@@ -211,8 +211,26 @@ def markdown(rows: Sequence[dict], header: dict) -> str:
         "evaluation rows. probe: k-sparse probing (balanced accuracy, per document), mean of k = 1, 2, 5. CE rec. "
         "and KL: the causal LM run again with the layer replaced by the reconstruction (causal harvests only). "
         "random_encoder: this model's net at its data-aware start, untrained, with the same TopK.", "",
-        *curve_lines(rows),
+        *seed_lines(rows), *curve_lines(rows),
     ])  # fmt: skip
+
+
+#: the columns frontier.md also gives seed by seed (the bar's numbers)
+PER_SEED = ("l0", "dead_fraction", "fvu", "sparse_probe_mean", "ce_loss_recovered")
+
+
+def seed_lines(rows: Sequence[dict]) -> list[str]:
+    """frontier.md's table of each seed's numbers (seed 1 / seed 2 / ...) when the rows hold several seeds."""
+    have = [r for r in rows if r.get("per_seed")]
+    if not have:
+        return []
+    seeds = " / ".join(str(s["seed"]) for s in have[0]["per_seed"])
+    names = ["model", "target", *(COLUMNS[c][0] for c in PER_SEED)]
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    for r in have:
+        cells = [" / ".join(_cell(s.get(c), COLUMNS[c][1]) for s in r["per_seed"]) for c in PER_SEED]
+        lines.append("| " + " | ".join([r["model"], _cell(r.get("target_l0"), "d"), *cells]) + " |")
+    return [f"Seed by seed (seeds {seeds}):", "", *lines, ""]
 
 
 #: the rows whose training curves show whether the SAEs converged (their loss is their MSE)
