@@ -129,6 +129,10 @@ def test_training_curve_and_its_change_from_metrics_csv(tmp_path):
     lines = frontier.curve_lines(rows)
     assert any("topk_sae k=8: training MSE 2 at step 50, 0.79 at step 200; -1.2%" in line for line in lines)
     assert not any("implicit_em" in line for line in lines)  # its loss is not an MSE
+    seeds = [
+        {**rows[0], "per_seed": [{"seed": 1, "train_curve_change": -0.0125}, {"seed": 2, "train_curve_change": 0.5}]}
+    ]
+    assert "; -1.2% / +50.0% over the last fifth of the steps (seed by seed)" in frontier.curve_lines(seeds)[2]
     assert frontier.plot_curves(rows, tmp_path / "curve.png", "t").is_file()
     assert frontier.plot_curves(rows[1:], tmp_path / "none.png", "t") is None
 

@@ -244,11 +244,14 @@ def curve_lines(rows: Sequence[dict]) -> list[str]:
     for r in rows:
         curve = r.get("train_curve") or []
         if r["model"] in CURVE_ROWS and len(curve) >= 2:
-            change = r.get("train_curve_change")
+            seeds = r.get("per_seed") or [{"train_curve_change": r.get("train_curve_change")}]
+            changes = [s.get("train_curve_change") for s in seeds]
+            shown = " / ".join(f"{100 * c:+.1f}%" if c is not None else "—" for c in changes)
             lines.append(f"- {r['model']} k={r['target_l0']}: training MSE {curve[0][1]:.4g} at step {curve[0][0]}, "
-                         f"{curve[-1][1]:.4g} at step {curve[-1][0]}"
-                         + (f"; {100 * change:+.1f}% over the last fifth of the steps" if change is not None else ""))  # fmt: skip
-    return ["Training curves (seed of the first row; every logged step):", "", *lines, ""] if lines else []
+                         f"{curve[-1][1]:.4g} at step {curve[-1][0]}; {shown} over the last fifth of the steps"
+                         + (" (seed by seed)" if len(changes) > 1 else ""))  # fmt: skip
+    head = "Training curves (the first seed's; a single batch's MSE at every logged step, so spikes show):"
+    return [head, "", *lines, ""] if lines else []
 
 
 def plot_curves(rows: Sequence[dict], path: Path, title: str) -> Path | None:
