@@ -437,3 +437,32 @@ def test_readout_residual_is_the_cross_fitted_ridge_fvu_and_trains_the_encoder()
     assert float(grad.abs().sum()) > 0
     with pytest.raises(ConfigError):
         ImplicitEM(D, K, lambda_rec=1.0)  # no k
+
+
+def test_component_selection_fires_every_component_equally_and_reads_one_threshold_each():
+    """``selection component``: in training each component keeps its m = N k / K deepest inputs (none dead, k per
+    input on average); the data-aware start sets theta_j where that holds on the inputs; the code users read is
+    relu(-z_j) 1[-z_j > theta_j], exported as jumprelu with theta per component."""
+    from implicit_em.models.base import column_top_k
+
+    x = _x(n=400)
+    net = ImplicitEM(D, K, k=5, seed=3, activation="softplus", selection="component", lambda_aux=1.0)
+    net.start_from_data(x, 0.3)
+    z = net.pre_activation(x)
+    codes, theta = column_top_k(-z, 5)
+    assert bool(((codes > 0).sum(0) == 50).all())  # m = 400 * 5 / 40
+    assert torch.equal(net.threshold, theta) and net.threshold.shape == (K,)
+    fired = (net(x) != 0).sum(0)
+    assert bool((fired == 49).all())  # each component above its own 50th deepest input: 49 of them
+    assert float((net(x) != 0).sum(1).float().mean()) == pytest.approx(49 * K / 400)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for step in range(5):
+        terms = net.objective(x[step * 64 : step * 64 + 128], step)
+        opt.zero_grad()
+        terms["loss"].backward()
+        opt.step()
+    assert not torch.equal(net.threshold, theta)
+    form = net.inference_form()
+    assert form.architecture == "jumprelu" and torch.equal(form.threshold, net.threshold)
+    pre = x @ form.weight.T + form.bias
+    assert torch.allclose(pre * (pre > form.threshold), net(x), atol=1e-6)

@@ -79,6 +79,15 @@ def batch_top_k(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return codes, positive.min() if len(positive) else values.new_zeros(())
 
 
+def column_top_k(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """a = the m = max(1, round(N k / K)) largest entries of ReLU(z) (N x K) kept in every column, every other entry
+    0: each component fires on its m inputs (k per input on average, none dead); and theta_batch (K), each
+    column's smallest kept positive value (0 where none is positive)."""
+    m = min(max(1, round(z.shape[0] * k / z.shape[1])), z.shape[0])
+    values, idx = F.relu(z).topk(m, dim=0)
+    return torch.zeros_like(z).scatter(0, idx, values), values[-1]
+
+
 @torch.no_grad()
 def update_running_threshold(threshold: Tensor, is_set: Tensor, theta_batch: Tensor, momentum: float) -> None:
     """theta <- m theta + (1 - m) theta_batch in place (the first call sets theta = theta_batch and ``is_set``):

@@ -15,6 +15,7 @@ from implicit_em.models.base import (
     InferenceForm,
     Net,
     batch_top_k,
+    column_top_k,
     jump_relu,
     keep_top_k,
     seeded_linear,
@@ -43,9 +44,9 @@ SPARSE_TC = ("code", "depth")
 #: the truncated objective's likelihood term: the truncated E-step L_LSE^T, the gap L_LSE^T - L_LSE, or the
 #: truncated E-step of a Gaussian mixture whose centres are -w_j (``centres``)
 SPARSE_LSE = {"truncated": truncated_lse_loss, "gap": truncation_gap_loss, "centres": truncated_lse_loss}
-#: how the sparse net selects its kept components: the k largest per row, or the N k largest of the batch in
-#: training and a threshold at inference
-SELECTIONS = ("row", "batch")
+#: how the sparse net selects its kept components in training: the k largest per row, the N k largest of the batch,
+#: or each component's N k / K largest (the last two read a threshold at inference: one, or one per component)
+SELECTIONS = {"row": None, "batch": batch_top_k, "component": column_top_k}
 
 
 @register("implicit_em")
@@ -104,6 +105,8 @@ class ImplicitEM(Net):
             the smallest depth each batch kept: a = relu(s z) 1[s z > theta], SAELens's ``jumprelu`` form.
             theta starts where the data-aware start's code has L0 k; ``threshold_momentum`` 0.9 (the
             BatchTopK SAE's 0.99 lags the growing depths by over 10% of L0 in runs of a few hundred steps).
+            ``component``: the same with each component's N k / K largest depths in training (every component
+            fires on as many inputs, so none is dead) and a threshold theta_j per component at inference.
     """
 
     takes_k = True
@@ -146,7 +149,7 @@ class ImplicitEM(Net):
               "model.net.lambda_aux", "0 unless --model.k is set with the default sparse_lse and sparse_tc",
               lambda_aux)  # fmt: skip
         self.lambda_aux, self.aux_k = lambda_aux, aux_k
-        check_choice(selection, "model.net.selection", SELECTIONS)
+        check_choice(selection, "model.net.selection", tuple(SELECTIONS))
         check(selection == "row" or (k is not None and sparse_objective == "truncated" and sparse_lse == "truncated"
                                      and sparse_tc == "code"),
               "model.net.selection", "row unless --model.k is set with the default sparse_lse and sparse_tc",
@@ -156,8 +159,8 @@ class ImplicitEM(Net):
         check(lambda_rec >= 0, "model.net.lambda_rec", ">= 0", lambda_rec)
         check(lambda_rec == 0 or k is not None, "model.net.lambda_rec", "0 unless --model.k is set", lambda_rec)
         self.lambda_rec = lambda_rec
-        if selection == "batch":  # the inference threshold (only then: the paper's model keeps its state dict)
-            self.register_buffer("threshold", torch.zeros(()))
+        if selection != "row":  # the inference threshold (only then: the paper's model keeps its state dict)
+            self.register_buffer("threshold", torch.zeros(() if selection == "batch" else (n_components,)))
             self.register_buffer("threshold_set", torch.tensor(False))
         self.code, self.sparse_objective = code, sparse_objective
         self.temperature, self.sparse_tc = temperature, sparse_tc
@@ -201,7 +204,7 @@ class ImplicitEM(Net):
         """a = TopK_k(relu(s z)): ``depth`` (s = -1) keeps the k components nearest to x (largest -z, the
         depth inside their halfspace), ``distance`` (s = +1) the k largest distances; every other entry 0.
         With ``selection batch``: a = relu(s z) 1[s z > theta], the trained threshold."""
-        if self.selection == "batch":
+        if self.selection != "row":
             return jump_relu(F.relu(self.code_sign * z), self.threshold)
         return keep_top_k(self.code_sign * z, self.k)
 
@@ -212,10 +215,11 @@ class ImplicitEM(Net):
         the N k largest depths of (up to 8,192 of) the inputs x, so the untrained net's code has L0 k there too."""
         if not self.centres:
             super().start_from_data(x, std)
-            if self.selection == "batch":
+            if self.selection != "row":
                 g = torch.Generator().manual_seed(self.seed)
                 rows = x[torch.randperm(len(x), generator=g)[:8192].to(x.device)]
-                theta = batch_top_k(self.code_sign * self.pre_activation(rows.to(self.linear.weight)), self.k)[1]
+                select = SELECTIONS[self.selection]
+                theta = select(self.code_sign * self.pre_activation(rows.to(self.linear.weight)), self.k)[1]
                 self.threshold.copy_(theta)
                 self.threshold_set.fill_(True)
             return
@@ -248,7 +252,7 @@ class ImplicitEM(Net):
         a = (
             keep_top_k(self.code_sign * z, self.k)
             if self.selection == "row"
-            else batch_top_k(self.code_sign * z, self.k)[0]
+            else SELECTIONS[self.selection](self.code_sign * z, self.k)[0]
         )
         rec = readout_residual_loss(gather_samples(x), a)
         return {**terms, "loss": terms["loss"] + self.lambda_rec * rec, "rec": rec}
@@ -262,7 +266,7 @@ class ImplicitEM(Net):
         if self.sparse_objective == "dense":
             return implicit_em_objective(self.phi(z), weight, eps=self.eps, tc_components=m, generator=subsets,
                                          **self.lambdas)  # fmt: skip
-        if self.selection == "batch":
+        if self.selection != "row":
             return self._batch_objective(z, weight, m, subsets)
         if self.sparse_objective == "truncated" and self.sparse_lse == "truncated" and self.sparse_tc == "code":
             # the default: no N x K temporaries
@@ -292,11 +296,11 @@ class ImplicitEM(Net):
         return {**terms, "loss": loss, "lse": lse, "var": var}
 
     def _batch_objective(self, z: Tensor, weight: Tensor | None, m: int | None, subsets) -> dict[str, Tensor]:
-        """``selection batch``: the truncated objective on the batch's N k largest depths (class docstring),
-        and the running threshold moved toward the smallest of them (training steps only)."""
+        """``selection batch`` or ``component``: the truncated objective on the depths the selection keeps (class
+        docstring), and the running threshold moved toward the smallest of them (training steps only)."""
         lam = self.lambdas
         s = self.code_sign * z
-        a, theta_batch = batch_top_k(s, self.k)
+        a, theta_batch = SELECTIONS[self.selection](s, self.k)
         if self.training:
             update_running_threshold(self.threshold, self.threshold_set, theta_batch.detach(),
                                      self.threshold_momentum)  # fmt: skip
@@ -322,8 +326,8 @@ class ImplicitEM(Net):
             own.update(k=self.k, code=self.code, sparse_objective=self.sparse_objective, temperature=self.temperature,
                        sparse_tc=self.sparse_tc, sparse_lse=self.sparse_lse, lambda_aux=self.lambda_aux,
                        aux_k=self.aux_k, selection=self.selection, lambda_rec=self.lambda_rec)  # fmt: skip
-            if self.selection == "batch":
-                own.update(threshold_momentum=self.threshold_momentum, threshold=float(self.threshold))
+            if self.selection != "row":
+                own.update(threshold_momentum=self.threshold_momentum, threshold=float(self.threshold.mean()))
         return own
 
     def inference_form(self) -> InferenceForm:
@@ -332,10 +336,10 @@ class ImplicitEM(Net):
         if self.k is not None:  # the sparse code is TopK_k(relu(s z)) whatever phi the objective uses
             sign = self.code_sign
             bias = self.linear.bias + (0.5 * self.linear.weight.pow(2).sum(-1) if self.centres else 0)
-            if self.selection == "batch":  # relu(s z) 1[s z > theta]
+            if self.selection != "row":  # relu(s z) 1[s z > theta]
                 threshold = self.threshold.expand(self.n_components).clone()
                 return InferenceForm("jumprelu", sign * self.linear.weight, sign * bias, threshold=threshold,
-                                     extra={"code": self.code, "trained_as": "batchtopk", "k": self.k})  # fmt: skip
+                                     extra={"code": self.code, "trained_as": f"{self.selection}topk", "k": self.k})  # fmt: skip
             return InferenceForm("topk", sign * self.linear.weight, sign * bias, k=self.k,
                                  extra={"code": self.code})  # fmt: skip
         if self.activation != "relu":
