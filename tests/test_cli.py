@@ -146,3 +146,29 @@ def test_a_ddp_worker_leaves_without_the_interpreters_shutdown(monkeypatch):
     assert app.main([]) == 0 and exits == [0]
     monkeypatch.setattr(app, "ImplicitEMCLI", fake_cli(True))
     assert app.main([]) == 0 and exits == [0]
+
+
+@pytest.mark.parametrize(
+    "config", sorted(p.name for p in (Path(__file__).parents[1] / "configs" / "model").glob("*.yaml"))
+)
+def test_a_model_config_gets_its_own_nets_defaults_and_nothing_from_default_yaml(config, tmp_path):
+    """default.yaml's net is the paper's model; a model config switching the class must get the new class's own
+    defaults (overridden only by its yaml), not a same-named setting carried over from the paper's model (the
+    BatchTopK SAE once got the sparse model's theta momentum 0.9 instead of its own 0.99)."""
+    import inspect
+
+    import yaml
+
+    from implicit_em.models.registry import MODELS
+    from tests.conftest import fit_in_process
+
+    path = Path(__file__).parents[1] / "configs" / "model" / config
+    own = yaml.safe_load(path.read_text())["model"]["init_args"]["net"]
+    cli = fit_in_process(tmp_path, "--config", str(path), fit=False)
+    net = cli.config["model"]["init_args"]["net"]
+    cls = next(c for c in MODELS.values() if f"{c.__module__}.{c.__name__}" == own["class_path"])
+    expected = {n: p.default for n, p in inspect.signature(cls).parameters.items()
+                if p.default is not inspect.Parameter.empty and n not in ("k", "seed")}  # fmt: skip
+    expected.update(own.get("init_args") or {})
+    got = {n: v for n, v in dict(net["init_args"]).items() if n in expected}
+    assert got == {n: v for n, v in expected.items() if n in got}, config

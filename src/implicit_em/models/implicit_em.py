@@ -101,9 +101,9 @@ class ImplicitEM(Net):
             keeps the N k largest depths relu(s z) of the whole batch (k per input on average, more for inputs
             near many components), the truncated E-step over each row's kept set (``objective.kept_lse_loss``),
             the decorrelation term on that code and the variance term on the dense depth; inference and export
-            replace the batch's selection by one threshold theta, the running mean (``threshold_momentum``) of
+            replace the batch's selection by one threshold theta, the running mean (``theta_momentum``) of
             the smallest depth each batch kept: a = relu(s z) 1[s z > theta], SAELens's ``jumprelu`` form.
-            theta starts where the data-aware start's code has L0 k; ``threshold_momentum`` 0.9 (the
+            theta starts where the data-aware start's code has L0 k; ``theta_momentum`` 0.9 (the
             BatchTopK SAE's 0.99 lags the growing depths by over 10% of L0 in runs of a few hundred steps).
             ``component``: the same with each component's N k / K largest depths in training (every component
             fires on as many inputs, so none is dead) and a threshold theta_j per component at inference.
@@ -132,7 +132,7 @@ class ImplicitEM(Net):
         lambda_aux: float = 0.0,
         aux_k: int | None = None,
         selection: str = "row",
-        threshold_momentum: float = 0.9,
+        theta_momentum: float = 0.9,
         lambda_rec: float = 0.0,
     ):
         super().__init__(in_features, n_components, k, seed)
@@ -154,8 +154,8 @@ class ImplicitEM(Net):
                                      and sparse_tc == "code"),
               "model.net.selection", "row unless --model.k is set with the default sparse_lse and sparse_tc",
               selection)  # fmt: skip
-        check(0 <= threshold_momentum < 1, "model.net.threshold_momentum", "in [0, 1)", threshold_momentum)
-        self.selection, self.threshold_momentum = selection, threshold_momentum
+        check(0 <= theta_momentum < 1, "model.net.theta_momentum", "in [0, 1)", theta_momentum)
+        self.selection, self.theta_momentum = selection, theta_momentum
         check(lambda_rec >= 0, "model.net.lambda_rec", ">= 0", lambda_rec)
         check(lambda_rec == 0 or k is not None, "model.net.lambda_rec", "0 unless --model.k is set", lambda_rec)
         self.lambda_rec = lambda_rec
@@ -303,7 +303,7 @@ class ImplicitEM(Net):
         a, theta_batch = SELECTIONS[self.selection](s, self.k)
         if self.training:
             update_running_threshold(self.threshold, self.threshold_set, theta_batch.detach(),
-                                     self.threshold_momentum)  # fmt: skip
+                                     self.theta_momentum)  # fmt: skip
         kept = a > 0
         lse = kept_lse_loss(self._distance(z), kept)
         terms = implicit_em_objective(a, weight, 0.0, 0.0, lam["lambda_tc"], lam["lambda_wr"], self.eps, m, subsets)
@@ -327,7 +327,7 @@ class ImplicitEM(Net):
                        sparse_tc=self.sparse_tc, sparse_lse=self.sparse_lse, lambda_aux=self.lambda_aux,
                        aux_k=self.aux_k, selection=self.selection, lambda_rec=self.lambda_rec)  # fmt: skip
             if self.selection != "row":
-                own.update(threshold_momentum=self.threshold_momentum, threshold=float(self.threshold.mean()))
+                own.update(theta_momentum=self.theta_momentum, threshold=float(self.threshold.mean()))
         return own
 
     def inference_form(self) -> InferenceForm:
