@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -466,3 +468,17 @@ def test_component_selection_fires_every_component_equally_and_reads_one_thresho
     assert form.architecture == "jumprelu" and torch.equal(form.threshold, net.threshold)
     pre = x @ form.weight.T + form.bias
     assert torch.allclose(pre * (pre > form.threshold), net(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("selection", ["batch", "component"])
+def test_threshold_selections_train_through_the_cli_and_log_scalars(selection, tmp_path):
+    """A thresholded net trains end to end through scripts/train.py's path (its logged terms are scalars) and
+    stays sparse on digits."""
+    from tests.conftest import fit_in_process
+
+    cli = fit_in_process(tmp_path, "--model.k", "4", "--model.net.selection", selection,
+                         "--model.net.activation", "softplus", "--trainer.max_epochs", "2")  # fmt: skip
+    import json
+
+    metrics = json.loads(Path(cli.metrics_path).read_text())
+    assert 1 <= metrics["l0"] <= 16, metrics["l0"]  # of K = 64; a 22-step run: theta lags the growing depths

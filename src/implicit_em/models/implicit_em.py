@@ -308,7 +308,7 @@ class ImplicitEM(Net):
         lse = kept_lse_loss(self._distance(z), kept)
         terms = implicit_em_objective(a, weight, 0.0, 0.0, lam["lambda_tc"], lam["lambda_wr"], self.eps, m, subsets)
         var = implicit_em_objective(F.relu(s), None, 0.0, lam["lambda_var"], 0.0, 0.0, self.eps)["var"]
-        out = {**terms, "lse": lse, "var": var, "threshold": self.threshold.detach().clone()}
+        out = {**terms, "lse": lse, "var": var, "threshold": self.threshold.detach().mean()}  # logged: a scalar
         loss = terms["loss"] + lam["lambda_var"] * var + lam["lambda_lse"] * lse
         if self.lambda_aux:
             out["aux"] = unkept_lse_loss(z, kept.nonzero()[:, -1], self.code_sign, self.aux_k or self.k,
