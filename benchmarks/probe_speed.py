@@ -39,8 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def train(args) -> tuple:
     """Train through the project's CLI; return (module, datamodule) after fit."""
-    from implicit_em.app import fit
-    from implicit_em.cli import ImplicitEMCLI
+    from implicit_em.run.app import fit
+    from implicit_em.run.cli import ImplicitEMCLI
 
     cli = ImplicitEMCLI(
         [
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     import torch
 
     from implicit_em.eval.probe import sklearn_probe, torch_probe
-    from implicit_em.eval.report import features
+    from implicit_em.run.report import features
 
     if args.threads:
         torch.set_num_threads(args.threads)

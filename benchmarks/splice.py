@@ -22,8 +22,8 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> int:
-    from implicit_em import causal_lm as cl
     from implicit_em.errors import OneLineArgumentParser
+    from implicit_em.lm import causal_lm as cl
 
     p = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", type=Path, required=True, help="a causal LM's harvest (scripts/harvest.py)")

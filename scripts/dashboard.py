@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
-        from implicit_em.dashboard.build import Settings, build
-        from implicit_em.dashboard.source import load_run
-        from implicit_em.dashboard.stream import StreamConfig
+        from implicit_em.lm.dashboard.build import Settings, build
+        from implicit_em.lm.dashboard.stream import StreamConfig
+        from implicit_em.run.app import load_run
 
         try:
             cfg = StreamConfig(top=a.top, samples=a.samples, quantiles=a.quantiles, bins=a.bins, context=a.context)
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         run.module.to(device)
         dash = build(a.run, a.out, settings, log=lambda s: print(s, file=sys.stderr, flush=True), run=run)
         if a.wandb:
-            from implicit_em.dashboard.wandb_log import log_dashboard
+            from implicit_em.lm.dashboard.wandb_log import log_dashboard
 
             log_dashboard(dash, project=a.wandb_project, pages=a.wandb_pages)
     except Exception as e:  # settings or files a user can fix: one line, exit code 2

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     try:
-        from implicit_em.harvest import harvest
+        from implicit_em.lm.harvest import harvest
 
         manifest = harvest(
             args.model, args.layer, args.text, args.out, separator=args.separator, max_tokens=args.max_tokens,

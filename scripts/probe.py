@@ -8,8 +8,8 @@ numbers as the run's metrics.json (linear probe, clustering vs KMeans, diagnosti
 import json
 import sys
 
-from implicit_em.app import evaluate_checkpoint
 from implicit_em.errors import OneLineArgumentParser, report_user_error
+from implicit_em.run.app import evaluate_checkpoint
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ absolute path of the run's metrics.json. ``--help`` lists every option.
 import sys
 from pathlib import Path
 
-from implicit_em.app import main
+from implicit_em.run.app import main
 
 if __name__ == "__main__":
     sys.exit(main(default_config_files=[Path(__file__).resolve().parents[1] / "configs" / "default.yaml"]))

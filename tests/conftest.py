@@ -68,12 +68,12 @@ def run_script(script: Path, *args: str, timeout: float = 600, env: dict | None 
 def fit_in_process(root, *args: str, callbacks=(), fit: bool = True):
     """Build the CLI of ``scripts/train.py ARGS`` (default.yaml, quiet settings, run directory ``root``) in this
     process, add ``callbacks`` to its Trainer and, with ``fit``, train and evaluate as ``main`` does (inside
-    :func:`~implicit_em.runtime.training_process`). Returns the CLI (``.model``, ``.trainer``, ``.datamodule``)."""
+    :func:`~implicit_em.run.runtime.training_process`). Returns the CLI (``.model``, ``.trainer``, ``.datamodule``)."""
     import warnings
 
-    from implicit_em import app
-    from implicit_em.cli import ImplicitEMCLI
-    from implicit_em.runtime import training_process
+    from implicit_em.run import app
+    from implicit_em.run.cli import ImplicitEMCLI
+    from implicit_em.run.runtime import training_process
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
@@ -124,7 +124,7 @@ def call_in_process(main, argv: list[str]) -> Run:
 def main_in_process(*args: str) -> Run:
     """``scripts/train.py ARGS`` as its ``main`` runs them, in this process (:func:`call_in_process`). What
     needs a real process (kill -9, DDP, the interpreter's exit) uses :func:`run_script`."""
-    from implicit_em.app import main
+    from implicit_em.run.app import main
 
     return call_in_process(lambda argv: main(argv, [DEFAULT_CONFIG]), list(args))
 

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from implicit_em.checkpoints import load_checkpoint
 from implicit_em.models.implicit_em import ImplicitEM
+from implicit_em.run.checkpoints import load_checkpoint
 from implicit_em.training.module import ComponentModule
 from tests.conftest import REPO, TRAIN, Run, run_script
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from implicit_em.errors import ConfigError, DataError
 from implicit_em.export import export_run, find_normalization, load
-from implicit_em.rundir import RunDir
+from implicit_em.run.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 D, K = 6, 10
@@ -213,9 +213,9 @@ def test_a_corrupt_readout_is_one_line(tmp_path):
 def test_a_trained_run_exports_the_fvu_it_was_judged_by(tmp_path):
     """The acceptance check in small: train on digits with ZCA whitening, judge the features, save the
     readout, export; the FVU recomputed from the exported files on raw inputs equals the evaluation's."""
-    from implicit_em.app import fit_run
     from implicit_em.eval.sae_metrics import readout_scores, sae_evaluation
     from implicit_em.experiments.compare import load_data, module_features  # noqa: F401
+    from implicit_em.run.app import fit_run, rebuild
 
     metrics_path = fit_run([
         "--config", str(REPO / "configs" / "default.yaml"), "--data.normalization", "zca",
@@ -224,7 +224,7 @@ def test_a_trained_run_exports_the_fvu_it_was_judged_by(tmp_path):
         "--report.kmeans", "false", "--report.probe_method", "torch",
     ])  # fmt: skip
     run_dir = metrics_path.parent
-    module, datamodule = RunDir(run_dir).rebuild()
+    module, datamodule = rebuild(run_dir)
     data = load_data(datamodule)
     f = module_features(module, data)
     s = data.splits

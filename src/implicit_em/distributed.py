@@ -58,7 +58,7 @@ def close_process_group() -> None:
 
     Called by every rank after ``trainer.fit``: what runs afterwards on rank 0 alone (the evaluation) needs no
     group, and no rank tears it down while another still uses it. This alone does not keep a gloo worker from
-    aborting at exit (4 of 40 two-process runs still did); :func:`implicit_em.app.leave_worker` does that.
+    aborting at exit (4 of 40 two-process runs still did); :func:`implicit_em.run.app.leave_worker` does that.
     """
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

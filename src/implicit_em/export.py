@@ -2,7 +2,7 @@
 
 An export directory holds ``sae_weights.safetensors`` (``W_enc`` d_in x K, ``b_enc`` K, ``W_dec`` K x d_in,
 ``b_dec`` d_in, and ``threshold`` K for JumpReLU) and ``cfg.json``. The run's model is found from its saved
-config through the registry (:meth:`implicit_em.rundir.RunDir.net_class`), and its inference form
+config through the registry (:meth:`implicit_em.run.rundir.RunDir.net_class`), and its inference form
 (:meth:`implicit_em.models.base.Net.inference_form`) says what SAELens runs:
 
     standard: f = relu(x W_enc + b_enc)    topk: the k largest of those kept    jumprelu: f = z * 1[z > threshold]
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from implicit_em.data.normalization import Normalization
 from implicit_em.errors import ConfigError, DataError
 from implicit_em.files import read_safetensors
-from implicit_em.rundir import RunDir
+from implicit_em.run.rundir import RunDir
 
 WEIGHTS = "sae_weights.safetensors"
 CONFIG = "cfg.json"
@@ -67,7 +67,7 @@ def export_tensors(path: str | Path, use_readout: bool | None = None) -> tuple[d
     ``use_readout``: for an SAE, True exports the fitted readout instead of the SAE's own decoder; the
     decoder-free model always exports the readout (it has no decoder).
     """
-    from implicit_em.checkpoints import load_checkpoint
+    from implicit_em.run.checkpoints import load_checkpoint
 
     run, ckpt_path = RunDir.of(path)
     ckpt = load_checkpoint(ckpt_path)

@@ -5,7 +5,7 @@ import json
 
 import yaml
 
-from implicit_em.coates import MIXTURE_ENCODINGS
+from implicit_em.eval.coates import MIXTURE_ENCODINGS
 from implicit_em.experiments.patches import PROBE_C, decorrelation_weight, run_patches
 from tests.data.conftest import write_cifar_batches
 

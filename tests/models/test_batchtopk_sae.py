@@ -75,9 +75,8 @@ def test_trains_exports_and_reloads_with_its_own_codes(tmp_path):
     """The house check in small: configs/model/batchtopk_sae.yaml trains through scripts/train.py's path, exports
     to the SAELens JumpReLU form, and implicit_em.load gives the codes of the run's own net."""
     import implicit_em
-    from implicit_em.app import fit_run
     from implicit_em.export import export_run
-    from implicit_em.rundir import RunDir
+    from implicit_em.run.app import fit_run, rebuild
 
     path = fit_run([
         "--config", str(REPO / "configs" / "default.yaml"), "--config", str(REPO / "configs" / "model" / "batchtopk_sae.yaml"),
@@ -91,7 +90,7 @@ def test_trains_exports_and_reloads_with_its_own_codes(tmp_path):
     out = export_run(path.parent, tmp_path / "export")
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["architecture"] == "jumprelu" and cfg["implicit_em"]["trained_as"] == "batchtopk"
-    module, dm = RunDir(path.parent).rebuild()
+    module, dm = rebuild(path.parent)
     dm.setup("fit")
     x = dm.splits["test"].x
     raw = dm.normalization.inverse()(x) if dm.normalization.inverse() else x

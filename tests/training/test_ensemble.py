@@ -15,9 +15,9 @@ import json
 import pytest
 import torch
 
-from implicit_em.app import fit, main
-from implicit_em.checkpoints import load_checkpoint
-from implicit_em.runtime import training_process
+from implicit_em.run.app import fit, main
+from implicit_em.run.checkpoints import load_checkpoint
+from implicit_em.run.runtime import training_process
 from implicit_em.training.ensemble import Ensemble
 from tests.conftest import DEFAULT_CONFIG, QUIET, fit_in_process, model_weights
 

@@ -10,11 +10,11 @@ import lightning as L
 import pytest
 import torch
 
-from implicit_em.app import main
-from implicit_em.checkpoints import load_checkpoint
 from implicit_em.models import implicit_em as module_lib
 from implicit_em.models.implicit_em import ImplicitEM as Encoder
 from implicit_em.models.sae import SparseAutoencoder
+from implicit_em.run.app import main
+from implicit_em.run.checkpoints import load_checkpoint
 from tests.conftest import DEFAULT_CONFIG, QUIET, fit_in_process, model_weights
 
 STEPS_PER_EPOCH = 11  # digits: 1,293 training samples in batches of 128, the last (13) kept

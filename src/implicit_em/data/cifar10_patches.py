@@ -3,7 +3,7 @@
 Each patch (p x p x 3, flattened C x p x p like the images) gets its own brightness and contrast normalisation,
 u = (x - mean(x)) / sqrt(var(x) + e) with e = 10 on the 0..255 pixel scale, and then ZCA whitening fitted on
 the training patches, x_w = (u - mu) P with P = U diag(1 / sqrt(lambda + eps)) U^T. The fitted
-normalisation travels with the model (the DataModule's ``state_dict``), and :mod:`implicit_em.coates` folds
+normalisation travels with the model (the DataModule's ``state_dict``), and :mod:`implicit_em.eval.coates` folds
 it into the convolution that applies the components at every position of an image.
 """
 
@@ -150,7 +150,7 @@ class CIFAR10PatchesDataModule(ComponentDataModule):
     them, stratified, are held out). ``splits`` hold ``n_eval`` patches each of the training, held-out and test
     images, labelled with their image's class (the training one is the first ``n_eval`` training patches), for
     the diagnostics, the data-aware start and the end-of-run evaluation; ``images`` holds the uint8 images of
-    the three splits for :mod:`implicit_em.coates`. ``normalization`` is the fitted
+    the three splits for :mod:`implicit_em.eval.coates`. ``normalization`` is the fitted
     :class:`PatchNormalization`, saved in checkpoints.
 
     Args:

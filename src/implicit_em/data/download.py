@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from urllib.parse import urlparse
 
 from implicit_em.errors import DataError
-from implicit_em.loggers import reachable
+from implicit_em.run.loggers import reachable
 
 #: set to 1 to never touch the network (downloads fail at once with the usual message)
 OFFLINE_ENV = "IEM_OFFLINE"

@@ -14,7 +14,7 @@ probe ``probe_accuracy`` and ``seconds``), ``compare.md`` and ``compare.png``. R
 - ``random_encoder``: this model's architecture at its start (seeded init and data-aware start), untrained;
 - ``raw``: the (normalised) inputs as features, for the probes only.
 
-The trained models go through :func:`implicit_em.app.fit_run` (the path of ``scripts/train.py``) and are
+The trained models go through :func:`implicit_em.run.app.fit_run` (the path of ``scripts/train.py``) and are
 reloaded from their checkpoints; every row's features then meet one evaluation: the ridge readout (fit on
 train, strength on val, scored on test in raw activation units), L0 and dead fraction over all evaluation
 rows, k-sparse probing (per document where the data has document ids) and the full linear probe.
@@ -35,7 +35,6 @@ import torch
 from torch import Tensor
 
 from implicit_em.eval.sae_metrics import SPARSE_PROBE_KS
-from implicit_em.rundir import RunDir
 
 ROWS = (
     "implicit_em",
@@ -122,7 +121,7 @@ def train_args(
 def load_data(datamodule, lm_windows: int = 0, split: str = "test") -> Data:
     """The splits and normalisation inverse every row is judged on, with the causal LM's splice over the held-out
     documents of ``split`` (where the data is a causal LM's harvest and ``lm_windows`` > 0)."""
-    from implicit_em.eval.report import LanguageModelSplice, ReportConfig
+    from implicit_em.run.report import LanguageModelSplice, ReportConfig
 
     datamodule.setup("fit")
     config = ReportConfig(lm_windows=lm_windows, split=split)
@@ -177,11 +176,11 @@ def pca_row(data: Data, k: int) -> Row:
 def evaluate_row(
     row: Row, data: Data, probe_method: str, probes_only: bool = False, lm_windows: int = 0, split: str = "test"
 ) -> dict:
-    """One row through the evaluation every run meets (:func:`implicit_em.eval.report.evaluate_codes`), with the
+    """One row through the evaluation every run meets (:func:`implicit_em.run.report.evaluate_codes`), with the
     causal LM's splice where the data has one; ``probes_only`` (the raw inputs): the probes and the splice (the
     exact activations back: CE clean, the check that cannot be faked), the reconstruction numbers left empty.
     ``split``: where the row is scored (``val`` to choose settings without touching the test split)."""
-    from implicit_em.eval.report import Codes, ReportConfig, evaluate_codes, has_labels
+    from implicit_em.run.report import Codes, ReportConfig, evaluate_codes, has_labels
 
     feats = row.features(data)
     train, test = data.splits["train"], data.splits[split]
@@ -213,14 +212,14 @@ def compare_seed(
 ) -> list[dict]:  # fmt: skip
     """Every row of one seed: train what needs training, then judge each row the same way (with the causal LM's
     splice on ``lm_windows`` held-out windows where the data is a causal LM's harvest)."""
-    from implicit_em.app import fit_run
+    from implicit_em.run.app import fit_run, rebuild
 
     def fit_and_reload(name: str, model: str, *extra: str):
         log(f"[compare] {name}: training {epochs} epochs, K = {components}, seed {seed}")
         run_root = folder / "runs" / name / f"seed{seed}"
         args = train_args(configs, data, model, run_root, epochs, seed, components, batch_size, data_root, *extra)
         run_dir = fit_run(args).parent
-        return (*RunDir(run_dir).rebuild(), run_dir)
+        return (*rebuild(run_dir), run_dir)
 
     def judge(name: str, n: int, row: Row, start: float, probes_only=False, **extra) -> dict:
         scores = evaluate_row(row, shared, probe_method, probes_only, lm_windows)
@@ -256,7 +255,7 @@ def compare_seed(
     n_pca = min(components, shared.dims)
     rows.append(judge("pca", n_pca, pca_row(shared, n_pca), start))
     start = time.perf_counter()
-    random_module, _ = RunDir(ours_dir).rebuild(trained=False)
+    random_module, _ = rebuild(ours_dir, trained=False)
     random_module.fit_to_data(shared.splits["train"].x)  # the data-aware start that training begins from
     rows.append(judge("random_encoder", components, module_row(random_module), start))
     start = time.perf_counter()
@@ -369,7 +368,7 @@ def run_compare(
     """Train and judge every row on ``data`` once per seed; write compare.json, compare.md and compare.png
     into ``<out>/<data>/`` and return compare.json's path. ``lm_windows``: held-out windows of the causal LM's
     splice (causal harvests only; 0: off)."""
-    from implicit_em.eval.report import write_metrics
+    from implicit_em.run.report import write_metrics
 
     folder = Path(out) / data
     per_seed = [

@@ -41,7 +41,7 @@ from implicit_em.experiments.compare import (
     summarize,
     train_args,
 )
-from implicit_em.rundir import RunDir
+from implicit_em.run.rundir import RunDir
 
 #: the target L0s when none are given
 DEFAULT_L0S = (16, 32, 64, 128)
@@ -89,7 +89,7 @@ def training_curve(run_dir: str | Path, key: str = "train/loss_step") -> list[li
     """[step, training loss] at every logged step of a run (its metrics.csv; the SAEs' loss is their MSE)."""
     import csv
 
-    path = Path(run_dir) / "metrics.csv"
+    path = RunDir(run_dir).metrics_csv_path
     if not path.is_file():
         return []
     with open(path, newline="") as f:
@@ -115,7 +115,7 @@ def frontier_seed(
     """Every row of one seed: the trained models and the random encoder at each target L0, then k-means and PCA
     (those of ``rows_kept``). ``model_args``: extra ``scripts/train.py`` arguments for this model's runs
     (``--model.net.*``); ``split``: where every row is scored."""
-    from implicit_em.app import fit_run
+    from implicit_em.run.app import fit_run, rebuild
 
     shared: Data | None = None
     rows: list[dict] = []
@@ -144,7 +144,7 @@ def frontier_seed(
             fit_seconds = time.perf_counter() - start
             metrics = json.loads(Path(metrics_path).read_text())
             run_dir = Path(metrics_path).parent
-            module, datamodule = RunDir(run_dir).rebuild()
+            module, datamodule = rebuild(run_dir)
             if shared is None:  # the first run fixes the data (splits, normalisation) every row is judged on
                 shared = load_data(datamodule, lm_windows, split)
             ours_dir = run_dir if name == "implicit_em" else ours_dir
@@ -154,7 +154,7 @@ def frontier_seed(
                               run_dir=str(run_dir), train_curve=curve,
                               train_curve_change=curve_change(curve)))  # fmt: skip
         if "random_encoder" in rows_kept:
-            random_module, _ = RunDir(ours_dir).rebuild(trained=False)
+            random_module, _ = rebuild(ours_dir, trained=False)
             random_module.fit_to_data(shared.splits["train"].x)  # the data-aware start that training begins from
             rows.append(judge("random_encoder", module_row(random_module), k,
                               n_parameters=random_module.n_parameters(), train_seconds=0.0))  # fmt: skip
@@ -273,12 +273,12 @@ def plot_curves(rows: Sequence[dict], path: Path, title: str) -> Path | None:
 
 
 def log_frontier(rows: Sequence[dict], header: dict, folder: Path, project: str = "implicit-em") -> Path | None:
-    """Log the frontier to W&B (offline by itself, :func:`implicit_em.loggers.open_wandb_run`): the table
+    """Log the frontier to W&B (offline by itself, :func:`implicit_em.run.loggers.open_wandb_run`): the table
     (``frontier/table``: model and the markdown's columns) and every PNG in ``folder`` (``frontier/<name>``).
     Returns the run's local directory."""
     import wandb
 
-    from implicit_em.loggers import open_wandb_run
+    from implicit_em.run.loggers import open_wandb_run
 
     run = open_wandb_run(
         project, folder, "frontier", f"frontier {header['data']} K={header['components']}", dict(header)
@@ -414,7 +414,7 @@ def finished_seeds(path: Path, header: dict) -> dict[int, list[dict]]:
 
 def write_frontier(rows: Sequence[dict], header: dict, folder: Path) -> Path:
     """frontier.json (``header`` and ``rows``), frontier.md and the PNGs in ``folder``; returns the JSON's path."""
-    from implicit_em.eval.report import write_metrics
+    from implicit_em.run.report import write_metrics
 
     path = write_metrics({**header, "rows": rows}, folder / "frontier.json")
     (folder / "frontier.md").write_text(markdown(rows, header))

@@ -16,6 +16,7 @@ from implicit_em.experiments.plots import plot_bars, plot_identity, plot_loss_cu
 from implicit_em.experiments.runs import Runs, Settings, loss_curves, with_names
 from implicit_em.experiments.tables import markdown_table, summarize, write_results
 from implicit_em.objective import autograd_lse_gradient, responsibilities
+from implicit_em.run.rundir import RunDir
 
 #: the theorem's random distances: N samples x K components
 THEOREM_SHAPE = (64, 128)
@@ -147,7 +148,7 @@ def run_benchmark(s: Settings, runs: Runs) -> Path:
 
 def datamodule(s: Settings):
     """The experiments' DataModule, set up (built from the same configs as the runs)."""
-    from implicit_em.cli import ImplicitEMCLI
+    from implicit_em.run.cli import ImplicitEMCLI
 
     args = ["--config", str(s.configs / "data" / f"{s.data}.yaml"), "--trainer.logger", "false"]
     dm = ImplicitEMCLI(args + (["--data.root", s.data_root] if s.data_root else []),
@@ -168,14 +169,14 @@ def raw_input_probe(s: Settings) -> dict:
 
 def member_weights(run, key: str) -> Tensor:
     """Member 0's ``model.<key>`` weights from a run's checkpoint."""
-    from implicit_em.checkpoints import load_checkpoint
+    from implicit_em.run.checkpoints import load_checkpoint
 
     return load_checkpoint(run.metrics["checkpoint"])["state_dict"][f"members.0.model.{key}"]
 
 
 def run_features(s: Settings, runs: Runs) -> Path:
     """The components of both models (member 0, the first seed) as images, side by side (Figure 4)."""
-    from implicit_em.figures import save_feature_grid
+    from implicit_em.eval.figures import save_feature_grid
 
     ours, sae = runs.model("implicit_em"), runs.model("sae")
     ours_w = member_weights(ours, "linear.weight")
@@ -199,7 +200,7 @@ def run_dynamics(s: Settings, runs: Runs) -> Path:
     """SGD and Adam x four learning rates (configs/experiment/dynamics.yaml) x seeds as one ensemble run; loss
     curves from metrics.csv."""
     run = runs.get("dynamics", "dynamics")
-    curves = loss_curves(run.run_dir / "metrics.csv", len(run.members))
+    curves = loss_curves(RunDir(run.run_dir).metrics_csv_path, len(run.members))
     results = [{**r, "loss_curve": c} for r, c in zip(run.members, curves)]
     rows = summarize(results, ["optimizer", "lr"], DYNAMICS_METRICS, extra=("loss_curve",))
     fig = plot_loss_curves(rows, s.folder / "dynamics.png", f"Training loss on {s.data}")

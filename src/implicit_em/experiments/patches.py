@@ -2,7 +2,7 @@
 (2011) pipeline on CIFAR-10, side by side, differing only in the dictionary.
 
 Per seed: the model trains on the whitened 6 x 6 patches of :class:`CIFAR10PatchesDataModule` through the
-ordinary training path (:func:`implicit_em.app.fit_run`); k-means (:func:`implicit_em.coates.kmeans`) runs on
+ordinary training path (:func:`implicit_em.run.app.fit_run`); k-means (:func:`implicit_em.eval.coates.kmeans`) runs on
 the same patches; both are applied at every position of every image, encoded, quadrant-pooled and judged
 by the fast linear probe (:func:`implicit_em.eval.probe.torch_probe`), fit on all 50,000 training images and scored on
 the 10,000 test images, twice: at C = 1 (``probe_accuracy``: the paper's protocol, what the name means in every
@@ -21,25 +21,25 @@ from pathlib import Path
 
 import torch
 
-from implicit_em.checkpoints import load_checkpoint
-from implicit_em.coates import (
+from implicit_em.data.cifar10_patches import patch_normalization_from_checkpoint
+from implicit_em.errors import DataError
+from implicit_em.eval.coates import (
     extract_features,
     kmeans,
     kmeans_encoder,
     mixture_encoder,
     plot_dictionaries,
 )
-from implicit_em.data.cifar10_patches import patch_normalization_from_checkpoint
-from implicit_em.errors import DataError
 from implicit_em.eval.probe import torch_probe_path
-from implicit_em.eval.report import write_metrics
-from implicit_em.rundir import RunDir
+from implicit_em.run.checkpoints import load_checkpoint
+from implicit_em.run.report import write_metrics
+from implicit_em.run.rundir import RunDir
 
 #: k-means iterations (Coates, Lee & Ng use 10)
 KMEANS_ITERATIONS = 10
 #: the model's encodings here: its distances themselves, the triangle code's form and depth, the three best on
 #: the held-out training images at K = 400 (the settings tried are listed in configs/experiment/patches.yaml;
-#: :data:`~implicit_em.coates.MIXTURE_ENCODINGS` has them all)
+#: :data:`~implicit_em.eval.coates.MIXTURE_ENCODINGS` has them all)
 ENCODINGS = ("distance", "depth", "signed_contrast")
 #: the probe's inverse regularisation strengths; 4K features want more regularisation as K grows (at K = 1600
 #: both dictionaries chose 0.01, the end of a grid that started there, so it goes down to 0.003)
@@ -126,11 +126,11 @@ def run_patches(
 
     ``configs`` is the project's configs/ folder (default.yaml, data/cifar10_patches.yaml,
     experiment/patches.yaml: the model's settings and epochs, unless ``epochs`` is given); ``encodings`` are
-    the model's (any of :data:`~implicit_em.coates.MIXTURE_ENCODINGS`; default :data:`ENCODINGS`), one row each.
+    the model's (any of :data:`~implicit_em.eval.coates.MIXTURE_ENCODINGS`; default :data:`ENCODINGS`), one row each.
     ``extra_args`` are appended to the training arguments (e.g. ``--data.n_patches 20000``); with
     ``validation`` the test images are not touched: the rows hold held-out accuracies.
     """
-    from implicit_em.app import fit_run
+    from implicit_em.run.app import fit_run, rebuild
 
     folder = Path(out) / "cifar10"
     rows, pictures = [], {}
@@ -142,7 +142,7 @@ def run_patches(
         epochs_run = metrics["epochs"]
         train_seconds = time.perf_counter() - start
         run = RunDir(metrics["run_dir"])
-        module, dm = run.rebuild()
+        module, dm = rebuild(run)
         dm.setup()
         normalization = patch_normalization_from_checkpoint(load_checkpoint(run.last_checkpoint()))
         if not torch.allclose(normalization.whiten, dm.normalization.whiten):

@@ -98,7 +98,7 @@ class Runs:
 
     def get(self, name: str, experiment: str, *extra: str, **kwargs) -> Run:
         if name not in self._done:
-            from implicit_em.app import fit_run
+            from implicit_em.run.app import fit_run
 
             s = self.settings
             self.log(f"[{name}] configs/experiment/{experiment}.yaml x seeds {s.seeds}, {s.epochs} epochs on {s.data}")

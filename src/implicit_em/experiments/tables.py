@@ -82,7 +82,7 @@ def write_results(
 ) -> Path:  # fmt: skip
     """``<experiment>.json`` (header + result) and ``<experiment>.md`` (the command, the protocol, the table,
     notes and figures) in ``folder``."""
-    from implicit_em.eval.report import write_metrics
+    from implicit_em.run.report import write_metrics
 
     result = {"experiment": experiment, **header, **result, "figures": [p.name for p in figures]}
     path = write_metrics(result, folder / f"{experiment}.json")

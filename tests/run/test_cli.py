@@ -1,0 +1,174 @@
+"""The main job end to end: scripts/train.py, metrics.json, composition of configs, clear errors."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from implicit_em.run.checkpoints import find_last_checkpoint
+
+REQUIRED = [
+    "probe_accuracy", "dead_components", "redundancy", "responsibility_entropy", "l0_density",
+    "n_parameters", "final_loss", "epoch_seconds", "cluster_accuracy", "nmi",
+    "kmeans_cluster_accuracy", "kmeans_nmi", "probe_method",
+]  # fmt: skip
+
+
+def test_one_epoch_smoke_writes_metrics_json(train, tmp_path):
+    run = train("--trainer.max_epochs", "1", real=True)  # the one real process of the main job
+    assert run.returncode == 0, run.stderr[-2000:]
+    path = run.metrics_path
+    assert path.is_absolute() and path.name == "metrics.json" and path.is_relative_to(tmp_path)
+    m = run.metrics
+    for key in REQUIRED:
+        assert key in m, key
+    assert 0.5 < m["probe_accuracy"] <= 1.0
+    assert m["n_parameters"] == 64 * 64 + 64
+    assert len(m["epoch_seconds"]) == 1 and m["epoch_seconds"][0] > 0
+    assert (path.parent / "metrics.csv").is_file() and (path.parent / "features.png").is_file()
+    assert find_last_checkpoint(tmp_path) is not None
+
+
+def test_overrides_and_composed_configs_reach_the_model(train):
+    run = train(
+        "--config", "configs/model/sae.yaml", "--trainer.max_epochs", "2",
+        "--model.n_components", "16", "--seed_everything", "7", "--report.kmeans", "false",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    m = run.metrics
+    assert m["model"] == "sae" and m["n_components"] == 16 and m["seed"] == 7
+    assert m["n_parameters"] == 64 * 16 + 16 + 16 * 64 + 64
+    assert len(m["epoch_seconds"]) == 2 and "final_mse" in m and "kmeans_nmi" not in m
+
+
+def test_help_documents_options():
+    from tests.conftest import TRAIN, run_script
+
+    run = run_script(TRAIN, "--help")
+    assert run.returncode == 0
+    for option in (
+        "--model",
+        "--data",
+        "--trainer.max_epochs",
+        "--ckpt_path",
+        "--report.probe_method",
+        "--features.every_n_epochs",
+    ):
+        assert option in run.stdout, option
+
+
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["--data.batch_size", "1"], "data.batch_size"),
+        (["--model.n_components", "1"], "model.n_components"),
+        (["--model.net.lambda_var", "-1"], "model.net.lambda_var"),
+        (["--model.net.eps", "0"], "model.net.eps"),
+        (["--model.net.activation", "tanhh"], "model.net.activation"),
+        (["--model.optimizer", "adagradx"], "optimizer"),
+        (["--data.val_fraction", "1.5"], "data.val_fraction"),
+        (["--model.no_such_key", "3"], "no_such_key"),
+        (["--trainer.devices", "3", "--trainer.accelerator", "cpu"], "data.batch_size"),
+        (["--report.probe_method", "svm"], "report.probe_method"),
+        (["--model.members", '[{"seed": 1}]'], "members"),  # members belong to implicit_em.training.ensemble.Ensemble
+    ],
+)
+def test_invalid_settings_fail_fast_with_one_line(train, args, key):
+    run = train(*args, timeout=120)
+    assert run.returncode == 2, (run.returncode, run.stderr[-1500:])
+    assert "Traceback" not in run.stderr
+    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+    assert lines and key in lines[-1], run.stderr[-1500:]
+    assert run.stdout.strip() == "" or "metrics.json" not in run.stdout
+
+
+def test_probe_script_reproduces_the_runs_metrics_from_its_checkpoint(train, tmp_path, capsys):
+    from tests.conftest import REPO, run_script
+
+    run = train("--trainer.max_epochs", "2", "--report.kmeans", "false")
+    assert run.returncode == 0, run.stderr[-2000:]
+    m = run.metrics
+    probe = run_script(REPO / "scripts" / "probe.py", m["checkpoint"], "--no-kmeans", "--out", tmp_path / "p.json")
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    again = json.loads((tmp_path / "p.json").read_text())
+    for key in ("probe_accuracy", "dead_components", "redundancy", "cluster_accuracy"):
+        assert again[key] == pytest.approx(m[key], rel=1e-6), key
+    assert again["global_step"] == 2 * 11 and again["checkpoint"] == str(Path(m["checkpoint"]).resolve())
+    import runpy
+    import sys
+
+    main = runpy.run_path(str(REPO / "scripts" / "probe.py"))["main"]  # the failure in-process
+    argv, sys.argv = sys.argv, ["probe.py", str(tmp_path / "nope.ckpt")]
+    try:
+        assert main() == 2
+    finally:
+        sys.argv = argv
+    err = capsys.readouterr().err
+    assert "nope.ckpt" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_bf16_mixed_precision_trains_with_a_float32_objective(train):
+    run = train("--trainer.precision", "bf16-mixed", "--trainer.max_epochs", "2", "--report.kmeans", "false")
+    assert run.returncode == 0, run.stderr[-2000:]
+    m = run.metrics
+    assert math.isfinite(m["final_loss"]) and m["probe_accuracy"] > 0.5
+
+
+def test_more_components_than_training_samples_skips_kmeans_with_a_note(train):
+    # test_fraction 0.9 leaves 180 of digits' 1,797 samples, about 160 of them for training
+    run = train("--trainer.max_epochs", "1", "--data.test_fraction", "0.9", "--model.n_components", "200",
+                "--report.probe_method", "torch")  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    m = run.metrics
+    assert m["n_train"] < 200 and m["n_components"] == 200
+    assert m["kmeans_skipped"] == f"K = 200 exceeds the {m['n_train']} training samples"
+    assert "kmeans_nmi" not in m and "kmeans_cluster_accuracy" not in m
+    assert 0 <= m["probe_accuracy"] <= 1 and "nmi" in m  # the rest of the evaluation is there
+
+
+def test_a_ddp_worker_leaves_without_the_interpreters_shutdown(monkeypatch):
+    """A worker rank ends through os._exit(0) once its fit returns (gloo's threads abort a normal shutdown at
+    random while rank 0 still evaluates); rank 0 returns normally and prints metrics.json's path."""
+    from types import SimpleNamespace
+
+    from implicit_em.run import app
+
+    exits = []
+
+    def fake_cli(global_zero):
+        trainer = SimpleNamespace(is_global_zero=global_zero)
+        return lambda *a: SimpleNamespace(trainer=trainer, global_zero=global_zero)
+
+    monkeypatch.setattr(app.os, "_exit", lambda code: exits.append(code))
+    monkeypatch.setattr(app, "fit", lambda cli: Path("m.json") if cli.global_zero else None)
+    monkeypatch.setattr(app, "ImplicitEMCLI", fake_cli(False))
+    assert app.main([]) == 0 and exits == [0]
+    monkeypatch.setattr(app, "ImplicitEMCLI", fake_cli(True))
+    assert app.main([]) == 0 and exits == [0]
+
+
+@pytest.mark.parametrize(
+    "config", sorted(p.name for p in (Path(__file__).parents[1] / "configs" / "model").glob("*.yaml"))
+)
+def test_a_model_config_gets_its_own_nets_defaults_and_nothing_from_default_yaml(config, tmp_path):
+    """default.yaml's net is the paper's model; a model config switching the class must get the new class's own
+    defaults (overridden only by its yaml), not a same-named setting carried over from the paper's model (the
+    BatchTopK SAE once got the sparse model's theta momentum 0.9 instead of its own 0.99)."""
+    import inspect
+
+    import yaml
+
+    from implicit_em.models.registry import MODELS
+    from tests.conftest import fit_in_process
+
+    path = Path(__file__).parents[1] / "configs" / "model" / config
+    own = yaml.safe_load(path.read_text())["model"]["init_args"]["net"]
+    cli = fit_in_process(tmp_path, "--config", str(path), fit=False)
+    net = cli.config["model"]["init_args"]["net"]
+    cls = next(c for c in MODELS.values() if f"{c.__module__}.{c.__name__}" == own["class_path"])
+    expected = {n: p.default for n, p in inspect.signature(cls).parameters.items()
+                if p.default is not inspect.Parameter.empty and n not in ("k", "seed")}  # fmt: skip
+    expected.update(own.get("init_args") or {})
+    got = {n: v for n, v in dict(net["init_args"]).items() if n in expected}
+    assert got == {n: v for n, v in expected.items() if n in got}, config

@@ -1,0 +1,130 @@
+"""Loggers that never hang a run (W&B offline by itself), the CSV log's columns. (Atomic checkpoint writes:
+tests/test_checkpoints.py.)"""
+
+import csv
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from implicit_em.run import loggers
+from tests.conftest import REPO, TRAIN, Run
+
+SMALL = [
+    "--trainer.max_epochs", "1",
+    "--trainer.enable_progress_bar", "false",
+    "--report.kmeans", "false",
+    "--features.every_n_epochs", "0",
+    "--probe.every_n_epochs", "0",
+]  # fmt: skip
+
+
+def no_wandb_env(tmp_path) -> dict:
+    """No API key anywhere, no WANDB_MODE, and W&B's server address unreachable (a closed local port)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}
+    env.update(
+        NETRC=str(tmp_path / "no-netrc"),
+        WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
+        WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"),
+        WANDB_BASE_URL="http://127.0.0.1:9",
+        MPLBACKEND="Agg",
+    )
+    return env
+
+
+def timed_train(root, *args, env) -> tuple[Run, float]:
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(TRAIN), "--trainer.default_root_dir", str(root), *SMALL, *args],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    return Run(proc.returncode, proc.stdout, proc.stderr), time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def csv_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("csv")
+    return timed_train(tmp / "runs", env=no_wandb_env(tmp))
+
+
+def test_wandb_without_key_or_network_logs_offline_quickly_and_a_resume_continues_the_run(csv_run, tmp_path):
+    csv_only, csv_seconds = csv_run
+    assert csv_only.returncode == 0, csv_only.stderr[-2000:]
+    root, env = tmp_path / "runs", no_wandb_env(tmp_path)
+    run, seconds = timed_train(root, "--config", "configs/logger/wandb.yaml", env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "W&B: no API key; logging offline" in run.stderr
+    assert "Traceback" not in run.stderr
+    offline = list((root / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and offline[0].is_dir(), list(root.rglob("*"))[:50]
+    assert any(offline[0].glob("*.wandb"))  # the run's records, for a later `wandb sync`
+    assert run.metrics_path.is_file() and (run.metrics_path.parent / "wandb_id").is_file()
+    assert (run.metrics_path.parent / "metrics.csv").is_file()  # CSV alongside
+    # W&B should add about 10 s at most; timings on a shared machine are noisy, so the bound is generous
+    assert seconds - csv_seconds < 30, (seconds, csv_seconds)
+
+    # resumed, the run goes on in the same run directory and the same W&B run (its id)
+    run_id = (run.metrics_path.parent / "wandb_id").read_text().strip()
+    resumed, _ = timed_train(
+        root, "--config", "configs/logger/wandb.yaml", "--trainer.max_epochs", "2", "--ckpt_path", "last", env=env
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.metrics_path == run.metrics_path
+    runs = sorted(p.name for p in (root / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(run_id) for name in runs), (runs, run_id)
+
+
+def test_wandb_logger_goes_offline_when_unreachable(monkeypatch, tmp_path, capsys):
+    # a key is present but api.wandb.ai cannot be reached: offline too, without waiting for the network
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    start = time.perf_counter()
+    assert not loggers.reachable(("127.0.0.1", 9), timeout=2.0)
+    assert time.perf_counter() - start < 3
+    monkeypatch.setattr(loggers, "reachable", lambda *a, **k: False)
+    logger = loggers.WandbLogger(project="test", save_dir=str(tmp_path))
+    assert "api.wandb.ai unreachable; logging offline" in capsys.readouterr().err
+    assert logger._offline
+
+
+def test_wandb_api_key_detection(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert not loggers.wandb_api_key_available()
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    assert loggers.wandb_api_key_available()
+    monkeypatch.setenv("NETRC", str(tmp_path / "missing"))
+    monkeypatch.setenv("WANDB_API_KEY", "abc")
+    assert loggers.wandb_api_key_available()
+
+
+def test_csv_log_has_the_validation_diagnostics(csv_run):
+    run, _ = csv_run
+    assert run.returncode == 0, run.stderr[-2000:]
+    with open(run.metrics_path.parent / "metrics.csv") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames
+        rows = list(reader)
+    for column in ("val/responsibility_entropy", "val/dead_components", "val/redundancy"):
+        assert column in header, header
+        assert any(row[column] not in ("", None) for row in rows), column
+
+
+def test_every_new_run_gets_its_own_wandb_id_and_a_resume_keeps_its_own():
+    """The end-to-end version (two roots, a resume) is ../shared/checks/runfiles; here the rule itself."""
+    from jsonargparse import Namespace
+
+    from implicit_em.run.cli import ImplicitEMCLI
+
+    def config(**init_args):
+        logger = Namespace(class_path="implicit_em.run.loggers.WandbLogger", init_args=Namespace(**init_args))
+        return Namespace(trainer=Namespace(logger=[Namespace(class_path="implicit_em.run.loggers.CSVLogger"), logger]))
+
+    a, b, resumed = config(project="p"), config(project="p"), config(project="p", id="kept1234")
+    for cfg in (a, b, resumed):
+        ImplicitEMCLI._new_wandb_ids(cfg)
+    ids = [cfg.trainer.logger[1].init_args.id for cfg in (a, b)]
+    assert ids[0] != ids[1] and all(len(i) == 12 for i in ids)
+    assert resumed.trainer.logger[1].init_args.id == "kept1234"
