@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, run_script, script_in_process
-from tests.dashboard.conftest import WORDS, K, copy_run_with_root, needs_minilm
+from tests.lm.dashboard.conftest import WORDS, K, copy_run_with_root, needs_minilm
 
 pytestmark = needs_minilm
 
