@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from implicit_em.data.normalization import Normalization
 from implicit_em.errors import ConfigError, DataError
-from implicit_em.files import read_safetensors
 from implicit_em.rundir import RunDir
 
 WEIGHTS = "sae_weights.safetensors"
@@ -137,47 +137,118 @@ def sae_lens_config(
 
 # -- the exported module --------------------------------------------------------------------------------
 class ExportedSAE(nn.Module):
-    """An exported model on raw activations: encode(x) as its architecture says (see the module docstring),
-    decode(f) = f W_dec + b_dec, forward = decode(encode(x)); ``cfg`` is cfg.json."""
+    """An SAE on raw activations: a run exported (:func:`export_run`), or another library's folder read by
+    :mod:`implicit_em.sae_folders` (SAELens, sparsify). With n_j = ||W_dec_j|| when ``rescale_acts_by_decoder_norm``
+    (else 1) and b = b_dec when ``apply_b_dec_to_input`` (else 0):
 
-    def __init__(self, tensors: dict[str, Tensor], cfg: dict[str, Any]):
+        z = ((x - b) W_enc + b_enc) n
+        standard: f = relu(z)    topk: the k largest of relu(z) kept    jumprelu: f = relu(z) * 1[z > threshold]
+        decode(f) = (f / n) W_dec + b_dec;    forward(x) = decode(encode(x))
+
+    ``bias_in_product``: z summed as sparsify's nn.Linear sums it (b_enc inside the matrix product) rather than
+    as SAELens does (added after it); both are the same z but for rounding, which can swap near-tied top-k picks.
+
+    What a frozen row reads: ``n_components`` (K), ``d_in``, ``k`` (the L0 target: top-k's k or BatchTopK's mean
+    k; None for standard and JumpReLU SAEs), ``name`` (what it was trained as: standard, topk, batchtopk or
+    jumprelu), ``architecture`` (how it runs: standard, topk or jumprelu), ``source`` (implicit_em, sae_lens or
+    sparsify), ``path`` (its folder; None when a run is exported in memory) and ``cfg`` (its cfg.json).
+    """
+
+    def __init__(
+        self, tensors: dict[str, Tensor], cfg: dict[str, Any], architecture: str, k: int | float | None = None, *,
+        name: str | None = None, source: str = "implicit_em", apply_b_dec_to_input: bool = False,
+        rescale_acts_by_decoder_norm: bool = False, bias_in_product: bool = False, path: str | Path | None = None,
+    ):  # fmt: skip
         super().__init__()
-        self.architecture = str(cfg.get("architecture", "standard"))
-        if self.architecture not in ARCHITECTURES:
-            raise DataError(f"architecture {self.architecture!r} cannot be loaded; known: {', '.join(ARCHITECTURES)}")
-        names = ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if self.architecture == "jumprelu" else ())
-        for name in names:
-            if name not in tensors:
-                raise DataError(f"the exported weights lack {name}; re-export the run with scripts/export.py")
-            setattr(self, name, nn.Parameter(tensors[name].float().clone(), requires_grad=False))
+        if architecture not in ARCHITECTURES:
+            raise DataError(f"architecture {architecture!r} cannot be loaded; known: {', '.join(ARCHITECTURES)}")
+        self.architecture, self.name, self.source = architecture, name or architecture, source
+        self.path = Path(path) if path is not None else None
+        where = f"{self.path}" if self.path is not None else "the export"
+        names = ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if architecture == "jumprelu" else ())
+        for n in names:
+            if n not in tensors:
+                raise DataError(f"{where}: the weights lack {n}; save the SAE again (scripts/export.py for a run)")
+            setattr(self, n, nn.Parameter(tensors[n].detach().float().clone(), requires_grad=False))
+        d_in, n_components = self.W_enc.shape if self.W_enc.dim() == 2 else (-1, -1)
+        shapes = {"W_enc": (d_in, n_components), "b_enc": (n_components,), "W_dec": (n_components, d_in),
+                  "b_dec": (d_in,), "threshold": (n_components,)}  # fmt: skip
+        for n in names:
+            if tuple(getattr(self, n).shape) != shapes[n] or d_in < 1:
+                raise DataError(
+                    f"{where}: {n} is {tuple(getattr(self, n).shape)} where W_enc {tuple(self.W_enc.shape)} needs "
+                    f"{shapes[n]}; the weights do not belong together: save the SAE again"
+                )
+        if architecture == "topk" and k is None:
+            raise DataError(f"{where}: a top-k SAE needs its k; set k in its cfg.json")
+        if k is not None and not 0 < k <= n_components:
+            raise DataError(f"{where}: k = {k} must be in (0, {n_components}]; fix k in its cfg.json")
+        self.k = k
         self.cfg = cfg
-        self.k = (cfg.get("activation_fn_kwargs") or {}).get("k") if self.architecture == "topk" else None
+        self.apply_b_dec_to_input = bool(apply_b_dec_to_input)
+        self.rescale_acts_by_decoder_norm = bool(rescale_acts_by_decoder_norm)
+        self.bias_in_product = bool(bias_in_product)
+
+    @property
+    def d_in(self) -> int:
+        return int(self.W_enc.shape[0])
+
+    @property
+    def n_components(self) -> int:
+        return int(self.W_enc.shape[1])
+
+    def pre_activation(self, x: Tensor) -> Tensor:
+        """z (N x K) of the class docstring, from raw activations x (N x d_in)."""
+        x = x.to(self.W_enc)
+        if self.apply_b_dec_to_input:
+            x = x - self.b_dec
+        z = F.linear(x, self.W_enc.T, self.b_enc) if self.bias_in_product else x @ self.W_enc + self.b_enc
+        return z * self.W_dec.norm(dim=-1) if self.rescale_acts_by_decoder_norm else z
 
     def encode(self, x: Tensor) -> Tensor:
+        """The codes f (N x K, dense) of raw activations x (N x d_in)."""
         from implicit_em.models.base import jump_relu, keep_top_k
 
-        z = x.to(self.W_enc) @ self.W_enc + self.b_enc
+        z = self.pre_activation(x)
         if self.architecture == "jumprelu":
             return jump_relu(torch.relu(z), self.threshold)
-        return keep_top_k(z, int(self.k)) if self.k is not None else torch.relu(z)
-
-    def extra_repr(self) -> str:
-        k = f", k={self.k}" if self.k is not None else ""
-        hook = self.cfg.get("hook_name") or "no hook"
-        return f"architecture={self.architecture}, d_in={self.W_enc.shape[0]}, d_sae={self.W_enc.shape[1]}{k}, {hook}"
+        return keep_top_k(z, int(self.k)) if self.architecture == "topk" else torch.relu(z)
 
     def decode(self, f: Tensor) -> Tensor:
-        return f.to(self.W_dec) @ self.W_dec + self.b_dec
+        """x_hat (N x d_in, raw units) from codes f (N x K)."""
+        f = f.to(self.W_dec)
+        if self.rescale_acts_by_decoder_norm:
+            f = f * (1 / self.W_dec.norm(dim=-1))
+        return f @ self.W_dec + self.b_dec
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
 
+    def component_weights(self) -> Tensor:
+        """K x d_in: the encoder's rows, the components (as :meth:`implicit_em.models.base.Net.component_weights`)."""
+        return self.W_enc.T
+
+    def decoder_directions(self) -> Tensor:
+        """K x d_in: what one unit of each code adds to x_hat, W_dec_j / n_j."""
+        w = self.W_dec.detach()
+        return w / w.norm(dim=-1, keepdim=True) if self.rescale_acts_by_decoder_norm else w
+
+    def extra_repr(self) -> str:
+        k = f", k={self.k}" if self.k is not None else ""
+        trained = f" (trained as {self.name})" if self.name != self.architecture else ""
+        hook = self.cfg.get("hook_name") or (self.cfg.get("metadata") or {}).get("hook_name") or "no hook"
+        return (f"architecture={self.architecture}{trained}, d_in={self.d_in}, d_sae={self.n_components}{k}, "
+                f"source={self.source}, {hook}")  # fmt: skip
+
     def save(self, out_dir: str | Path) -> Path:
-        """Write sae_weights.safetensors and cfg.json into ``out_dir`` (created), atomically each."""
+        """Write sae_weights.safetensors and cfg.json into ``out_dir`` (created), atomically each: an export's
+        own files (another library's SAE stays in its own folder)."""
         from safetensors.torch import save
 
         from implicit_em.files import atomic_write
 
+        if self.source != "implicit_em":
+            raise ConfigError(f"a {self.source} SAE is not saved again here; its folder is {self.path}")
         out = Path(out_dir)
         tensors = {n: p.detach().float().contiguous().cpu() for n, p in self.named_parameters()}
         blob = save(tensors)
@@ -197,19 +268,20 @@ def export_run(
         raise DataError(f"{out} is not empty; pass --overwrite to replace the export there, or another --out")
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} is a file; pass a folder as --out")
-    return ExportedSAE(*export_tensors(run_dir, use_readout)).save(out)
+    from implicit_em.sae_folders import sae_lens_model
+
+    return sae_lens_model(*export_tensors(run_dir, use_readout)).save(out)
 
 
 def load(path: str | Path) -> ExportedSAE:
-    """The model of an export directory (sae_weights.safetensors + cfg.json), or of a run directory or
-    checkpoint (exported in memory), as a module with ``encode``/``decode`` on raw activations."""
+    """The SAE of a folder (SAELens's layout, which :func:`export_run` writes, or sparsify's: see
+    :mod:`implicit_em.sae_folders`), or of a run directory or checkpoint (exported in memory), as a module with
+    ``encode``/``decode`` on raw activations."""
+    from implicit_em.sae_folders import FOLDERS, folder_format, read_folder, sae_lens_model
+
     path = Path(path)
-    if path.is_dir() and (path / WEIGHTS).is_file():
-        if not (path / CONFIG).is_file():
-            raise DataError(f"{path} has {WEIGHTS} but no {CONFIG}; re-export the run with scripts/export.py")
-        try:
-            cfg = json.loads((path / CONFIG).read_text())
-        except ValueError:
-            raise DataError(f"{path / CONFIG} is not valid JSON; re-export the run with scripts/export.py") from None
-        return ExportedSAE(read_safetensors(path / WEIGHTS), cfg)
-    return ExportedSAE(*export_tensors(path))
+    if folder_format(path) is not None:
+        return read_folder(path)
+    if path.is_dir() and not (path / "checkpoints").is_dir():
+        raise DataError(f"{path} is neither {FOLDERS} nor a run directory (checkpoints/*.ckpt); pass one of those")
+    return sae_lens_model(*export_tensors(path))
