@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from implicit_em.data.normalization import Normalization
 from implicit_em.errors import ConfigError, DataError
-from implicit_em.rundir import RunDir
+
+if TYPE_CHECKING:  # the data package imports Lightning: loading an SAE folder needs neither
+    from implicit_em.data.normalization import Normalization
+    from implicit_em.rundir import RunDir
 
 WEIGHTS = "sae_weights.safetensors"
 CONFIG = "cfg.json"
@@ -37,6 +39,8 @@ ARCHITECTURES = ("standard", "topk", "jumprelu")
 def find_normalization(checkpoint: dict) -> Normalization:
     """The DataModule's normalisation in a checkpoint: the ``"normalization"`` entry of the top-level value that
     has one (Lightning stores the DataModule's ``state_dict()`` under its class name); the identity if none."""
+    from implicit_em.data.normalization import Normalization
+
     for value in checkpoint.values():
         if isinstance(value, dict) and isinstance(value.get("normalization"), dict):
             return Normalization.from_state_dict(value["normalization"])
@@ -68,6 +72,7 @@ def export_tensors(path: str | Path, use_readout: bool | None = None) -> tuple[d
     decoder-free model always exports the readout (it has no decoder).
     """
     from implicit_em.checkpoints import load_checkpoint
+    from implicit_em.rundir import RunDir
 
     run, ckpt_path = RunDir.of(path)
     ckpt = load_checkpoint(ckpt_path)
