@@ -44,12 +44,20 @@ class LoadedRun:
         return int(self.module.model.component_weights().shape[0])
 
 
-def load_run(run_dir: str | Path) -> LoadedRun:
-    """Rebuild a finished run through :class:`implicit_em.rundir.RunDir` (the one place the dashboard does)."""
+def load_run(run_dir: str | Path, data_root: str | Path | None = None) -> LoadedRun:
+    """Rebuild a finished run through :class:`implicit_em.rundir.RunDir` (the one place the dashboard does), or
+    load an SAE folder (:func:`implicit_em.load`: SAELens, sparsify, scripts/export.py) over the harvest at
+    ``data_root`` (raw activations in: no normalisation)."""
     from implicit_em.checkpoints import load_checkpoint
     from implicit_em.export import find_normalization
     from implicit_em.rundir import RunDir
+    from implicit_em.sae_folders import folder_format
 
+    kind = folder_format(run_dir)
+    if kind is not None:
+        return _load_sae_folder(Path(run_dir), kind, data_root)
+    if data_root is not None:
+        raise ConfigError(f"--data-root is for an SAE folder; {run_dir} is read as a run, which reads its own data")
     run, ckpt = RunDir.of(run_dir)
     if not run.config_path.is_file():
         raise DataError(f"{run.path} has no config.yaml; pass the run directory that scripts/train.py wrote")
@@ -61,6 +69,36 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         saved = run.readout()
         readout = (saved["R"], saved["c"])
     return LoadedRun(run.path, module.eval(), datamodule, norm, readout)
+
+
+class SAECodes(torch.nn.Module):
+    """An SAE folder's model as the dashboard reads a run's module: ``module(x)`` the codes, ``module.model`` the
+    :class:`implicit_em.export.ExportedSAE` (``component_weights``, ``decoder_directions``)."""
+
+    def __init__(self, sae):
+        super().__init__()
+        self.model = sae
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.encode(x)
+
+
+def _load_sae_folder(folder: Path, kind: str, data_root: str | Path | None) -> LoadedRun:
+    """An SAE folder over a harvest's raw activations, as a :class:`LoadedRun` (identity normalisation)."""
+    import implicit_em
+    from implicit_em.data.activations import ActivationsDataModule
+    from implicit_em.data.shards import ShardSet
+
+    if data_root is None:
+        raise ConfigError(f"{folder} is an SAE folder ({kind}) and holds no activations; pass --data-root DIR, the "
+                          "harvest (shards and tokens) to read it over")  # fmt: skip
+    sae = implicit_em.load(folder)
+    width = ShardSet(data_root).width
+    if width != sae.d_in:
+        raise DataError(f"{data_root} holds {width}-wide activations but the SAE in {folder} reads d_in {sae.d_in}; "
+                        "pass the harvest of the layer it was trained on")  # fmt: skip
+    datamodule = ActivationsDataModule(root=str(data_root), normalization="none")
+    return LoadedRun(folder, SAECodes(sae).eval(), datamodule, Normalization(), None)
 
 
 @contextmanager
