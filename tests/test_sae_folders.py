@@ -65,6 +65,7 @@ def test_a_sparsify_coder_loads_with_sparsifys_codes_and_reconstruction(sparsify
     assert (sae.n_components, sae.d_in, sae.k, sae.name, sae.architecture) == (K, D, 5, "topk", "topk")
     assert sae.source == "sparsify" and sae.path == tmp_path / "peer"
     assert bool(((sae.encode(x) > 0).sum(1) == 5).all())  # b_dec is subtracted first: without it codes differ
+    _one_line_error(tmp_path, r"holds SAE folders \(peer\); pass one of them")  # sparsify saves one per hookpoint
 
 
 @pytest.mark.parametrize(

@@ -282,11 +282,15 @@ def load(path: str | Path) -> ExportedSAE:
     """The SAE of a folder (SAELens's layout, which :func:`export_run` writes, or sparsify's: see
     :mod:`implicit_em.sae_folders`), or of a run directory or checkpoint (exported in memory), as a module with
     ``encode``/``decode`` on raw activations."""
-    from implicit_em.sae_folders import FOLDERS, folder_format, read_folder, sae_lens_model
+    from implicit_em.sae_folders import FOLDERS, folder_format, nested_folders, read_folder, sae_lens_model
 
     path = Path(path)
     if folder_format(path) is not None:
         return read_folder(path)
     if path.is_dir() and not (path / "checkpoints").is_dir():
+        inside = nested_folders(path)
+        if inside:
+            shown = ", ".join(inside[:4]) + (f" and {len(inside) - 4} more" if len(inside) > 4 else "")
+            raise DataError(f"{path} holds SAE folders ({shown}); pass one of them")
         raise DataError(f"{path} is neither {FOLDERS} nor a run directory (checkpoints/*.ckpt); pass one of those")
     return sae_lens_model(*export_tensors(path))

@@ -66,6 +66,18 @@ def folder_format(path: str | Path) -> str | None:
     return None if not found else ("sae_lens" if found[0] == WEIGHTS else "sparsify")
 
 
+def nested_folders(path: str | Path) -> list[str]:
+    """The names of the SAE folders directly inside ``path`` (sparsify saves one per hookpoint), sorted."""
+    found = []
+    for sub in sorted(Path(path).iterdir()) if Path(path).is_dir() else []:
+        try:
+            if folder_format(sub) is not None:
+                found.append(sub.name)
+        except DataError:
+            continue
+    return found
+
+
 def read_folder(path: str | Path) -> ExportedSAE:
     """The SAE of a SAELens or sparsify folder (see the module docstring)."""
     path = Path(path)
@@ -119,9 +131,10 @@ def sae_lens_model(tensors: dict[str, Tensor], cfg: dict[str, Any], path: str | 
     elif architecture == "jumprelu":
         if "threshold" not in tensors and "log_threshold" in tensors:  # older SAELens checkpoints
             tensors["threshold"] = tensors["log_threshold"].exp()
-        trained = own.get("trained_as") if own else metadata.get("training_architecture")
+        # a BatchTopK SAE in its inference form keeps its name and mean k (our export's, or SAELens's metadata)
+        details = own if own is not None else (metadata.get("training_architecture_details") or {})
+        trained = own.get("trained_as") if own is not None else metadata.get("training_architecture")
         if trained == "batchtopk":
-            details = (own or metadata.get("training_architecture_details") or {}) or {}
             name, k = "batchtopk", details.get("k")
         else:
             k = None
