@@ -11,7 +11,8 @@ config through the registry (:meth:`implicit_em.rundir.RunDir.net_class`), and i
 The data's normalisation x' = ((x - mean) * scale) @ matrix is folded into the weights, so raw activations go
 in and raw activations come out. For the decoder-free model W_dec, b_dec are the ridge readout the evaluation
 fitted (``readout.safetensors`` in the run directory); an SAE exports its own decoder (or, asked, the readout).
-Everything is read with ``weights_only=True`` or from safetensors: no code runs.
+Everything is read with ``weights_only=True`` or from safetensors: no code runs. :func:`load` also reads other
+libraries' SAE folders (SAELens, sparsify) through :mod:`implicit_em.sae_folders`.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ sparsify: ``cfg.json`` (``d_in``, ``k``, ``num_latents`` or ``expansion_factor``
 
 Refused with one line: SAELens architectures other than these four, per-input normalisation (``layer_norm``,
 ``constant_norm_rescale``: decoding needs the input, not the codes alone), scaling or whitening not folded into the
-weights, sparsify's transcoders, skip connections and groupmax. Weights are read as float32 whatever their dtype.
+weights, sparsify's transcoders, skip connections and groupmax. Weights are read as float32 whatever their dtype;
+inputs are rows N x d_in (a hook_z SAE's heads flattened, as SAELens flattens them).
 """
 
 from __future__ import annotations
