@@ -146,8 +146,10 @@ def test_an_unregistered_model_is_refused_in_one_line(tmp_path):
 
 def test_the_repr_names_the_architecture_and_the_sizes(tmp_path):
     run = _run(tmp_path, kind="sae", k=3)
-    text = repr(load(run["run"]))
+    sae = load(run["run"])
+    text = repr(sae)
     assert "architecture=topk" in text and f"d_in={D}" in text and f"d_sae={K}" in text and "k=3" in text
+    assert (sae.name, sae.k, sae.n_components, sae.d_in, sae.source) == ("topk", 3, K, D, "implicit_em")
 
 
 def test_other_activations_are_refused(tmp_path):
