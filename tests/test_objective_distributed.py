@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from implicit_em.distributed import gather_samples
-from implicit_em.objective import implicit_em_objective
+from implicit_em.core.distributed import gather_samples
+from implicit_em.core.objective import implicit_em_objective
 
 WORLD = 2
 # (global N, K, D, tc_components): N < K and N > K for the decorrelation term, D < K and D > K for the

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from implicit_em.checkpoints import load_checkpoint
 from implicit_em.cli import ImplicitEMCLI
-from implicit_em.distributed import close_process_group
+from implicit_em.core.distributed import close_process_group
 from implicit_em.errors import ConfigError, check, report_user_error
 from implicit_em.eval.report import ReportConfig, evaluate_run, write_metrics
 from implicit_em.rundir import RunDir

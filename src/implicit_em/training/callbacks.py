@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from implicit_em.eval.probe import torch_probe
 from implicit_em.figures import save_feature_grid
-from implicit_em.objective import autograd_lse_gradient, responsibilities
+from implicit_em.core.objective import autograd_lse_gradient, responsibilities
 from implicit_em.rundir import FEATURES_DIR, FEATURES_PNG, RunDir
 
 
