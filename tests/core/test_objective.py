@@ -378,7 +378,11 @@ def test_subset_estimate_over_all_subsets_is_exactly_unbiased_with_the_stated_va
 def test_subset_variance_estimate_from_the_subset_is_unbiased():
     from itertools import combinations
 
-    from implicit_em.core.objective import correlation_matrix, subset_estimate_variance, subset_estimate_variance_from_subset
+    from implicit_em.core.objective import (
+        correlation_matrix,
+        subset_estimate_variance,
+        subset_estimate_variance_from_subset,
+    )
 
     d = _correlated_distances(seed=1)
     k, m = d.shape[1], 5
