@@ -172,7 +172,7 @@ def test_kept_set_objective_is_the_terms_written_out():
     top = depth.topk(2, dim=0).indices
     a = torch.zeros_like(z).scatter(0, top, depth.gather(0, top))
     kept = a > 0
-    out = kept_set_objective(z, a, F.softplus, lambda_lse=2.0, lambda_tc=0.5, lambda_aux=3.0, aux_k=2)
+    out = kept_set_objective(z, depth, a, F.softplus, lambda_lse=2.0, lambda_tc=0.5, lambda_aux=3.0, aux_k=2)
     ref = (2.0 * kept_lse_loss(F.softplus(z), kept) + variance_loss(depth) + 0.5 * decorrelation_loss(a)
            + 3.0 * unkept_lse_loss(z, kept.nonzero()[:, -1], 2, F.softplus))  # fmt: skip
     assert torch.allclose(out["loss"], ref, rtol=1e-10)

@@ -138,8 +138,8 @@ def test_component_selection_fires_every_component_equally_and_reads_one_thresho
     assert bool((fired == 49).all())  # each component above its own 50th deepest input: 49 of them
     assert torch.equal(net(x), F.relu(-z) * (-z > net.threshold))
     terms = net.objective(x[:128], 0)
-    a, _ = column_top_k(-net.linear(x[:128]), 5)
-    ref = kept_set_objective(net.linear(x[:128]), a, F.softplus, lambda_aux=1.0, aux_k=5)
+    z = net.linear(x[:128])
+    ref = kept_set_objective(z, F.relu(-z), column_top_k(-z, 5)[0], F.softplus, lambda_aux=1.0, aux_k=5)
     assert torch.equal(terms["loss"], ref["loss"]) and "threshold" in terms
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     for step in range(5):

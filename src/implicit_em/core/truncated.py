@@ -240,6 +240,7 @@ def truncated_objective(
 
 def kept_set_objective(
     z: Tensor,
+    depth: Tensor,
     a: Tensor,
     phi: Distance,
     weight: Tensor | None = None,
@@ -254,10 +255,10 @@ def kept_set_objective(
     aux_k: int = 1,
 ) -> dict[str, Tensor]:
     """The truncated objective on a kept set chosen otherwise than k per row (``selection component``: each
-    component's N k / K deepest inputs), from the pre-activations z and the code a (both N x K, a = relu(-z) on
-    the kept set M = {a > 0}, 0 elsewhere):
+    component's N k / K deepest inputs), from the pre-activations z, the dense depth h = relu(-z) and the code a
+    (all N x K; a = h on the kept set M = {a > 0}, 0 elsewhere):
 
-        L = l_tc L_tc(a) + l_wr L_wr(W) + l_var L_var(relu(-z)) + l_lse L_LSE^M(phi(z)) [+ l_aux L_aux],
+        L = l_tc L_tc(a) + l_wr L_wr(W) + l_var L_var(h) + l_lse L_LSE^M(phi(z)) [+ l_aux L_aux],
 
     the E-step over each row's kept set (:func:`kept_lse_loss`), the decorrelation term on the code (dense, exact or
     from ``tc_components`` columns), the variance term on the dense depth, and with ``lambda_aux`` > 0 the E-step of
@@ -265,7 +266,7 @@ def kept_set_objective(
     kept = a > 0
     lse = kept_lse_loss(phi(z), kept)
     terms = implicit_em_objective(a, weight, 0.0, 0.0, lambda_tc, lambda_wr, eps, tc_components, generator)
-    var = implicit_em_objective(torch.relu(-z), None, 0.0, lambda_var, 0.0, 0.0, eps)["var"]
+    var = implicit_em_objective(depth, None, 0.0, lambda_var, 0.0, 0.0, eps)["var"]
     out = {**terms, "lse": lse, "var": var}
     loss = terms["loss"] + lambda_var * var + lambda_lse * lse
     if not _is_zero(lambda_aux):

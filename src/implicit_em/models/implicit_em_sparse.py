@@ -108,10 +108,11 @@ class ImplicitEMSparse(ImplicitEM):
                   "lambda_aux": self.lambda_aux, **self.lambdas}  # fmt: skip
         if self.selection == "row":
             return truncated_objective(z, self.k, self.phi, weight, aux_k=self.aux_k, **shared)
-        a, theta_batch = column_top_k(-z, self.k)
+        s = -z  # one node for the code and the dense depth: the same gradient, to the bit, as the runs reported
+        a, theta_batch = column_top_k(s, self.k)
         if self.training:
             update_running_threshold(self.threshold, self.threshold_set, theta_batch.detach(), self.theta_momentum)
-        terms = kept_set_objective(z, a, self.phi, weight, aux_k=self.aux_k or self.k, **shared)
+        terms = kept_set_objective(z, F.relu(s), a, self.phi, weight, aux_k=self.aux_k or self.k, **shared)
         return {**terms, "threshold": self.threshold.detach().mean()}  # logged: a scalar
 
     def settings(self) -> dict[str, Any]:
