@@ -108,7 +108,7 @@ class ImplicitEMSparse(ImplicitEM):
                   "lambda_aux": self.lambda_aux, **self.lambdas}  # fmt: skip
         if self.selection == "row":
             return truncated_objective(z, self.k, self.phi, weight, aux_k=self.aux_k, **shared)
-        s = -z  # one node for the code and the dense depth: the same gradient, to the bit, as the runs reported
+        s = -z  # one node for the code and the dense depth: their gradients summed before the sign flip
         a, theta_batch = column_top_k(s, self.k)
         if self.training:
             update_running_threshold(self.threshold, self.threshold_set, theta_batch.detach(), self.theta_momentum)
