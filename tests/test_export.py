@@ -50,7 +50,8 @@ def _run(
                "k": k, "seed": 0}  # fmt: skip
     if kind == "implicit_em":
         state = {"model.linear.weight": w, "model.linear.bias": b}
-        net = f"implicit_em.models.implicit_em.ImplicitEM\n      init_args:\n        activation: {activation}"
+        module = "implicit_em_sparse.ImplicitEMSparse" if k else "implicit_em.ImplicitEM"  # k: the sparse model
+        net = f"implicit_em.models.{module}\n      init_args:\n        activation: {activation}"
         net += "".join(f"\n        {key}: {value}" for key, value in (net_args or {}).items())
         state.update({f"model.{name}": t for name, t in (buffers or {}).items()})
     else:

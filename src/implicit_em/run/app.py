@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from implicit_em.distributed import close_process_group
+from implicit_em.core.distributed import close_process_group
 from implicit_em.errors import ConfigError, DataError, check, report_user_error
 from implicit_em.run.checkpoints import load_checkpoint
 from implicit_em.run.cli import ImplicitEMCLI
