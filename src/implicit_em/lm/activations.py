@@ -362,12 +362,7 @@ class ActivationsDataModule(ComponentDataModule):
         labels = RowVector(root / "labels.npy", n, "labels") if (root / "labels.npy").is_file() else None
         docs = RowVector(root / "doc_ids.npy", n, "doc ids") if (root / "doc_ids.npy").is_file() else None
         self.label_names, self.manifest = self._read_json("label_names.json"), self._read_json("manifest.json")
-        if docs is not None:
-            starts, doc = document_runs(docs)
-            runs = split_by_document(starts, doc, n, self.val_fraction, self.test_fraction, self.seed, docs.path)
-        else:
-            runs = split_by_rows(n, self.block_rows, self.val_fraction, self.test_fraction, self.seed, root)
-        self.rows = {name: RowRuns(r) for name, r in runs.items()}
+        self.rows = self.split_rows(docs)
         if self.rows["train"].n < self.batch_size:
             raise DataError(
                 f"data.batch_size {self.batch_size} exceeds the {self.rows['train'].n} training rows of {root}; "
@@ -383,6 +378,19 @@ class ActivationsDataModule(ComponentDataModule):
             groups = torch.from_numpy(docs.read_ranges(ranges)) if docs is not None else None
             self.splits[name] = Split(self._normalize_(x), torch.from_numpy(y), groups)
         self._device_splits = {}
+
+    def split_rows(self, docs: RowVector | None = None) -> dict[str, RowRuns]:
+        """The rows of ``train``, ``val`` and ``test`` (see the module docstring), fixed by ``seed``: by document
+        when ``docs`` (doc_ids.npy, read here when not given) exists, else by runs of rows. Reads no shard rows."""
+        root, n = Path(self.root), self.shards.n_rows
+        if docs is None and (root / "doc_ids.npy").is_file():
+            docs = RowVector(root / "doc_ids.npy", n, "doc ids")
+        if docs is not None:
+            starts, doc = document_runs(docs)
+            runs = split_by_document(starts, doc, n, self.val_fraction, self.test_fraction, self.seed, docs.path)
+        else:
+            runs = split_by_rows(n, self.block_rows, self.val_fraction, self.test_fraction, self.seed, root)
+        return {name: RowRuns(r) for name, r in runs.items()}
 
     def _normalize_(self, x: Tensor) -> Tensor:
         """Normalise ``x`` in place, a block of rows at a time."""
