@@ -32,6 +32,7 @@ import contextlib
 import itertools
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -94,26 +95,27 @@ class _Replay(nn.Module):
     """A 'layer' whose output is the batch handed to it last (1 x rows x d_in), zeros when none is waiting (the
     Trainer's width probe)."""
 
-    def __init__(self, d_in: int):
+    def __init__(self, d_in: int, device: torch.device):
         super().__init__()
-        self.d_in, self.waiting = d_in, None
+        self.d_in, self.device, self.waiting = d_in, device, None
 
     def forward(self, input_ids: Tensor) -> Tensor:
         if self.waiting is None:
-            return torch.zeros(*input_ids.shape, self.d_in)
+            return torch.zeros(*input_ids.shape, self.d_in, device=self.device)
         rows, self.waiting = self.waiting, None
-        return rows.unsqueeze(0)
+        return rows.to(self.device).unsqueeze(0)
 
 
 class _StandIn(nn.Module):
     """What sparsify's Trainer asks of a transformers model: ``config.num_hidden_layers``, ``base_model`` with
     a ModuleList of that many layers, ``device``, ``dummy_inputs``, and a forward over ``input_ids``."""
 
-    def __init__(self, d_in: int):
+    def __init__(self, d_in: int, device: torch.device):
         super().__init__()
-        self.layers = nn.ModuleList([_Replay(d_in)])
+        self.layers = nn.ModuleList([_Replay(d_in, device)])
         self.config = types.SimpleNamespace(num_hidden_layers=1)
         self.dummy_inputs = {"input_ids": torch.zeros(1, 2, dtype=torch.long)}
+        self._device = device
 
     @property
     def base_model(self) -> nn.Module:
@@ -121,7 +123,7 @@ class _StandIn(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cpu")
+        return self._device
 
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.layers[0](input_ids)
@@ -166,7 +168,7 @@ def _quiet_stdout():
 # -- training ------------------------------------------------------------------------------------------------
 def train_sparsify(
     batches: Iterable[Tensor], d_in: int, num_latents: int, k: int, tokens: int, seed: int, out_dir: str | Path,
-    *, steps: int | None = None, **train_options,
+    *, steps: int | None = None, device: str | torch.device = "cpu", **train_options,
 ) -> Path:  # fmt: skip
     """Train sparsify's SparseCoder with sparsify's Trainer (see the module docstring) on ``tokens`` rows of
     ``batches`` (raw activations, rows x ``d_in``, one optimiser step each; the last cut to end at ``tokens``),
@@ -176,7 +178,10 @@ def train_sparsify(
 
     ``steps``: the optimiser steps ``tokens`` make (the Trainer reads it as its run's length: the ``adam``
     schedule decays to 0 there); None: ``tokens`` over the first batch's rows, rounded up. ``train_options``:
-    fields of sparsify's ``TrainConfig`` among :data:`TRAIN_OPTIONS`, its defaults where not given.
+    fields of sparsify's ``TrainConfig`` among :data:`TRAIN_OPTIONS`, its defaults where not given. ``device``:
+    where the coder trains (on a CPU, sparsify's Triton decoder is turned off: ``SPARSIFY_DISABLE_TRITON=1``
+    unless set, read when sparsify is first imported). sparsify's Trainer seeds torch's global generator; its
+    state is restored afterwards.
     """
     out = Path(out_dir)
     for name, value, low in (("d_in", d_in, 1), ("num_latents", num_latents, 1), ("k", k, 1), ("tokens", tokens, 2)):
@@ -195,6 +200,12 @@ def train_sparsify(
         steps = math.ceil(tokens / max(len(first), 1))
     check(isinstance(steps, int) and steps >= 1, "steps", "an integer >= 1", steps)
 
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"device {device!r}: {e}; pass cpu or cuda") from None
+    if device.type == "cpu":
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     with _quiet_stdout():
         from sparsify import SparseCoderConfig
         from sparsify.config import TrainConfig
@@ -207,15 +218,17 @@ def train_sparsify(
             SparseCoderConfig(num_latents=num_latents, k=k), batch_size=1, layers=[0], init_seeds=[seed],
             log_to_wandb=False, save_dir=str(scratch), run_name="run", save_every=steps + 1, **train_options,
         )  # fmt: skip
-        model = _StandIn(d_in)
+        model = _StandIn(d_in, device)
         feed = _Feed(itertools.chain([first], iterator), model.layers[0], d_in, tokens, steps)
-        precision = torch.get_float32_matmul_precision()
-        with _quiet_stdout(), torch.random.fork_rng(devices=[]):
-            trainer = Trainer(cfg, feed, model)
-            group = trainer.optimizers[0].param_groups[0]
-            lr = float(group.get("initial_lr", group["lr"]))
-            trainer.fit()
-        torch.set_float32_matmul_precision(precision)
+        precision = torch.get_float32_matmul_precision()  # fit sets it to "high"
+        try:
+            with _quiet_stdout(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                trainer = Trainer(cfg, feed, model)
+                group = trainer.optimizers[0].param_groups[0]
+                lr = float(group.get("initial_lr", group["lr"]))
+                trainer.fit()
+        finally:
+            torch.set_float32_matmul_precision(precision)
         if feed.seen < tokens - 1:
             raise DataError(f"the batches held {feed.seen} rows, fewer than the {tokens} tokens asked for; "
                             "pass fewer tokens or more batches")  # fmt: skip
@@ -237,19 +250,19 @@ def train_sparsify(
 
 def train_peer(
     datamodule: ActivationsDataModule, num_latents: int, k: int, tokens: int, seed: int, out_dir: str | Path,
-    **train_options,
+    device: str | torch.device = "cpu", **train_options,
 ) -> Path:  # fmt: skip
     """:func:`train_sparsify` on ``tokens`` rows of ``datamodule``'s training batches (:func:`training_batches`:
     the rows and order its runs train on), its exact number of steps given; :data:`PEER_FILE` gains the data
     root, batch size, shuffle seed, data seed and training rows. Returns the folder."""
+    check(isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 2, "tokens", "an integer >= 2",
+          tokens)  # fmt: skip
     rows = datamodule.split_rows()["train"]
     sizes = batch_sizes(rows.n, datamodule.batch_size, datamodule.drop_last, tokens)
-    if not sizes:
-        raise ConfigError(f"tokens {tokens}: too few to train on (at least 2)")
     batches = training_batches(datamodule)
     try:
         folder = train_sparsify(batches, datamodule.dims, num_latents, k, tokens, seed, out_dir, steps=len(sizes),
-                                **train_options)  # fmt: skip
+                                device=device, **train_options)  # fmt: skip
     finally:
         batches.close()  # stops the loader's reading thread
     provenance = json.loads((folder / PEER_FILE).read_text())
