@@ -15,7 +15,14 @@ from safetensors.torch import load_file
 import implicit_em
 from implicit_em.errors import ConfigError, DataError
 from implicit_em.lm.activations import ActivationsDataModule
-from implicit_em.lm.peers import PEER_FILE, batch_sizes, train_peer, train_sparsify, training_batches
+from implicit_em.lm.peers import (
+    PEER_FILE,
+    batch_sizes,
+    tokens_per_epoch,
+    train_peer,
+    train_sparsify,
+    training_batches,
+)
 
 D, K, TOP_K, BATCH = 16, 64, 4, 64
 REPO = Path(__file__).resolve().parents[2]
@@ -60,7 +67,7 @@ def _fvu(coder, x: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def peer(sparsify, shards, tmp_path_factory) -> Path:
     """Three epochs of the training rows, seed 1."""
-    n = _datamodule(shards).split_rows()["train"].n
+    n = tokens_per_epoch(_datamodule(shards))
     return train_peer(_datamodule(shards), K, TOP_K, 3 * n, 1, tmp_path_factory.mktemp("peer") / "sparsify_peer")
 
 
@@ -76,7 +83,7 @@ def test_the_peer_sees_the_rows_our_runs_train_on_in_their_order_raw(shards):
     theirs = [next(batches) for _ in range(len(ours))]
     batches.close()
     assert len(ours) > 4 and all(torch.equal(a, b) for a, b in zip(ours, theirs))
-    assert sum(map(len, ours)) == 2 * dm.rows["train"].n
+    assert sum(map(len, ours)) == 2 * dm.rows["train"].n == 2 * tokens_per_epoch(dm)
     sizes = batch_sizes(dm.rows["train"].n, BATCH, False, 2 * dm.rows["train"].n - 5)
     assert sizes[: len(ours) - 1] == [len(b) for b in ours[:-1]] and sum(sizes) == 2 * dm.rows["train"].n - 5
 

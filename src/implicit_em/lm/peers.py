@@ -75,11 +75,23 @@ def training_batches(datamodule: ActivationsDataModule) -> Iterator[Tensor]:
             yield from chunk
 
 
+def tokens_per_epoch(datamodule: ActivationsDataModule) -> int:
+    """The rows one epoch of ``datamodule``'s runs trains on (its training rows, less the last, partial batch
+    where it is dropped: ``drop_last``, or a single row): ``epochs`` x this is the ``tokens`` of a run as long as
+    theirs."""
+    return sum(epoch_sizes(datamodule.split_rows()["train"].n, datamodule.batch_size, datamodule.drop_last))
+
+
+def epoch_sizes(n_rows: int, batch_size: int, drop_last: bool) -> list[int]:
+    """The rows of each batch of one epoch of ``n_rows`` rows (as :mod:`implicit_em.data.memory` counts them)."""
+    sizes = [batch_size] * (n_rows // batch_size)
+    return sizes + [n_rows % batch_size] if batches_per_epoch(n_rows, batch_size, drop_last) > len(sizes) else sizes
+
+
 def batch_sizes(n_rows: int, batch_size: int, drop_last: bool, tokens: int) -> list[int]:
     """The rows of each step of a run of ``tokens`` rows over epochs of ``n_rows`` rows in batches of
     ``batch_size`` (as :func:`training_batches` serves them), the last cut to end at ``tokens``."""
-    per_epoch = [batch_size] * (n_rows // batch_size)
-    per_epoch += [n_rows % batch_size] if batches_per_epoch(n_rows, batch_size, drop_last) > len(per_epoch) else []
+    per_epoch = epoch_sizes(n_rows, batch_size, drop_last)
     sizes, left = [], tokens
     while left >= 2:
         for size in per_epoch:
@@ -214,9 +226,10 @@ def train_sparsify(
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        # saved once, at the end (its loop saves when step + 1 is a multiple of save_every, steps counted from 1)
         cfg = TrainConfig(
             SparseCoderConfig(num_latents=num_latents, k=k), batch_size=1, layers=[0], init_seeds=[seed],
-            log_to_wandb=False, save_dir=str(scratch), run_name="run", save_every=steps + 1, **train_options,
+            log_to_wandb=False, save_dir=str(scratch), run_name="run", save_every=steps + 2, **train_options,
         )  # fmt: skip
         model = _StandIn(d_in, device)
         feed = _Feed(itertools.chain([first], iterator), model.layers[0], d_in, tokens, steps)
