@@ -10,6 +10,7 @@ visited (the kernel's page cache still speeds up repeated reads, outside the pro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -200,7 +201,8 @@ class ShardSet:
         self._lock = threading.Lock()
 
     def __del__(self):
-        self.close()
+        with contextlib.suppress(Exception):  # at interpreter exit os may already be gone
+            self.close()
 
     def close(self) -> None:
         for fd in getattr(self, "_fds", {}).values():
