@@ -12,7 +12,14 @@ the storage. ``--help`` lists every option.
 import sys
 from pathlib import Path
 
-from implicit_em.sweep.cli import main
+from implicit_em.sweep.cli import main as sweep_main
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+
+def main(argv=None) -> int:
+    return sweep_main(argv, default_config_files=[DEFAULT_CONFIG])
+
 
 if __name__ == "__main__":
-    sys.exit(main(default_config_files=[Path(__file__).resolve().parents[1] / "configs" / "default.yaml"]))
+    sys.exit(main())

@@ -125,8 +125,14 @@ def sweep(args: argparse.Namespace, own: list[str], train: list[str], default_co
     url = storages.normalize(args.storage or storages.default_storage(args.root, args.study))
     storage = storages.open_storage(url, args.heartbeat)
     seed = None if args.seed is None else args.seed + (args.worker_index or 0)
-    study = studies.open_study(args.study, storage, direction, plan.metric,
-                               studies.make_sampler(args.sampler, space, seed), studies.make_pruner(args.pruner))
+    study = studies.open_study(
+        args.study,
+        storage,
+        direction,
+        plan.metric,
+        studies.make_sampler(args.sampler, space, seed),
+        studies.make_pruner(args.pruner),
+    )
     if not worker:
         summary.say(f"study {args.study} on {storages.masked(url)}: {plan.metric} ({direction}), {args.trials} "
                     f"COMPLETE trials, {args.workers} worker(s) x {threads or 'the given'} thread(s); runs in "

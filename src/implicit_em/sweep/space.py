@@ -65,9 +65,7 @@ class Param:
         if self.type == "categorical":
             return list(self.choices)
         if self.step is None:
-            raise ConfigError(
-                f"--sampler grid needs discrete values: give {self.name} a step, or make it categorical"
-            )
+            raise ConfigError(f"--sampler grid needs discrete values: give {self.name} a step, or make it categorical")
         n = int(math.floor((self.high - self.low) / self.step + 1e-9)) + 1
         values = [self.low + i * self.step for i in range(n)]
         return [int(v) for v in values] if self.type == "int" else [round(v, 12) for v in values]

@@ -106,8 +106,12 @@ class Worker:
             if c["COMPLETE"] + c["RUNNING"] >= self.n_trials:
                 time.sleep(self.poll_s)  # the rest are running elsewhere (or awaiting their grace period)
                 continue
-            self.study.optimize(self.objective, n_trials=1, catch=(NonFiniteLossError,), gc_after_trial=True,
-                                callbacks=[self.report])  # fmt: skip
+            try:
+                self.study.optimize(self.objective, n_trials=1, catch=(NonFiniteLossError,), gc_after_trial=True,
+                                    callbacks=[self.report])  # fmt: skip
+            except optuna.exceptions.UpdateFinishedTrialError:  # its heartbeats were late: another worker failed it
+                self.say("a trial of this worker was marked FAIL by another (its heartbeats were late: raise "
+                         "--heartbeat on a busy machine); going on")  # fmt: skip
 
     def grid_exhausted(self, c: dict[str, int]) -> bool:
         return self.study.sampler.is_exhausted(self.study) and c["RUNNING"] == 0
@@ -146,8 +150,11 @@ def spawn_workers(argvs: Sequence[Sequence[str]], threads: int) -> int:
     parent. Returns the first non-zero exit code (0 when all succeed)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     procs = [
-        subprocess.Popen([sys.executable, "-m", "implicit_em.sweep.cli", *argv], env=env,
-                         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, "-m", "implicit_em.sweep.cli", *argv],
+            env=env,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )  # fmt: skip
         for argv in argvs
     ]
 

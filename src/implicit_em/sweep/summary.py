@@ -108,7 +108,10 @@ def save_plots(study: optuna.Study, out_dir: Path, metric: str) -> tuple[list[Pa
     from optuna import visualization as vis
     from optuna.visualization import matplotlib as vis_mpl
 
+    out_dir.mkdir(parents=True, exist_ok=True)
     made, notes = [], []
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return made, ["no COMPLETE trial to plot"]
     plots = {"history": "plot_optimization_history", "importances": "plot_param_importances"}
     for name, fn in plots.items():
         path = out_dir / f"{study.study_name}_{name}.png"

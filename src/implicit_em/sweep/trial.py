@@ -9,6 +9,7 @@ import math
 import os
 import secrets
 import shlex
+import socket
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -187,6 +188,7 @@ def run_trial(trial, plan: TrialPlan, params: dict[str, Any]) -> float:
     ``plan.metric`` from metrics.json. Records the user attributes ``run_dir`` and ``command``."""
     version = claim_run_dir(plan.root, plan.study, trial.number)
     trial.set_user_attr("command", plan.command(params))
+    trial.set_user_attr("host", socket.gethostname())  # run_dir is a path on this machine
     with training_process(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         try:
