@@ -53,10 +53,11 @@ def test_a_database_that_does_not_open_is_one_line():
 def test_sqlite_waits_out_another_process_holding_the_lock(tmp_path, monkeypatch):
     """SQLite gives up on a lock after its timeout; the storage tries again until the holder lets go."""
     monkeypatch.setattr(storages, "SQLITE_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(storages, "LOCK_RETRY_S", 30)
     path = tmp_path / "s.db"
     storage = storages.open_storage(f"sqlite:///{path}", heartbeat_s=5)
     study = optuna.create_study(study_name="s", storage=storage)
-    holder = sqlite3.connect(path, timeout=0.05, isolation_level=None)
+    holder = sqlite3.connect(path, timeout=0.05, isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN EXCLUSIVE")
     release = threading.Timer(1.0, lambda: holder.execute("COMMIT"))
     release.start()

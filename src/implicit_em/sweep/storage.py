@@ -145,8 +145,10 @@ class SQLiteStorage(RDBStorage):
     """Optuna's RDBStorage on an SQLite file, every operation retried while another process holds the lock."""
 
 
+#: the private operations Optuna's caching layer calls on the storage directly
+CACHED_CALLS = ("_get_stale_trial_ids", "_get_trials", "_create_new_trial", "_set_trial_param", "_get_best_trial_id")
 for _name in dir(RDBStorage):
-    if (_name.startswith(("get_", "set_", "create_", "delete_", "record_")) or _name == "_get_stale_trial_ids") and (
+    if (_name.startswith(("get_", "set_", "create_", "delete_", "record_")) or _name in CACHED_CALLS) and (
         _name not in ("get_heartbeat_interval", "get_heartbeat_stale_trial_callback", "get_failed_trial_callback")
     ):
         setattr(SQLiteStorage, _name, waits_out_locks(getattr(RDBStorage, _name)))
