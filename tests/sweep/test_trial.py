@@ -17,6 +17,7 @@ from implicit_em.sweep.trial import (  # noqa: E402
     claim_run_dir,
     finish_wandb,
     metric_value,
+    option,
     parse_only,
     run_trial,
 )
@@ -28,15 +29,18 @@ def plan(tmp_path, *train: str, **kw) -> TrialPlan:
 
 
 def test_a_trial_is_scored_on_validation_and_refuses_what_the_sweep_sets(tmp_path):
-    p = plan(tmp_path, "--trainer.max_epochs", "2", threads=3)
+    p = plan(tmp_path, "--trainer.max_epochs", "2", "--probe.every_n_epochs", "0", threads=3)
     args = p.args({"model.net.lambda_tc": 0.5})
-    assert args[args.index("--report.split") + 1] == "val"
-    assert args[args.index("--probe.every_n_epochs") + 1] == "1"  # the pruner's number every epoch
-    assert args[args.index("--threads") + 1] == "3"
+    assert option(args, "--report.split") == "val"
+    assert option(args, "--probe.every_n_epochs") == "1"  # the pruner's number every epoch, whatever was given
+    assert option(args, "--threads") == "3"
     assert args.index("--trainer.max_epochs") < args.index("--model.net.lambda_tc")
     assert p.command({"model.net.lambda_tc": 0.5}) == (
-        "python scripts/train.py --trainer.max_epochs 2 --model.net.lambda_tc 0.5 --report.split val"
+        "python scripts/train.py --trainer.max_epochs 2 --probe.every_n_epochs 0 --model.net.lambda_tc 0.5 "
+        "--report.split val"
     )
+    unpruned = plan(tmp_path, prune=False).args({})
+    assert option(unpruned, "--probe.every_n_epochs") is None
     for refused in (["--report.split", "test"], ["--ckpt_path", "last"], ["--trainer.default_root_dir", "x"]):
         with pytest.raises(ConfigError, match=refused[0]):
             plan(tmp_path, *refused)

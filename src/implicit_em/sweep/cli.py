@@ -111,8 +111,10 @@ def sweep(args: argparse.Namespace, own: list[str], train: list[str], default_co
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     worker = args.worker_index is not None
     threads = None if option(train, "--threads") else max(1, studies.cores() // args.workers)
-    plan = TrialPlan(args.study, Path(args.root), train, default_config_files, "", threads,
-                     None if args.no_wandb else args.wandb_project)  # fmt: skip
+    wandb_project = None if args.no_wandb else args.wandb_project
+    plan = TrialPlan(args.study, Path(args.root), train, default_config_files, "", threads, wandb_project,
+                     prune=args.pruner != "none")  # fmt: skip
+
     metric = args.metric or space.metric
     if not worker:  # every option train.py would refuse, refused now (and the data, for the default metric)
         config = parse_only(plan, space.first())

@@ -46,7 +46,7 @@ def option(args: Sequence[str], name: str) -> str | None:
 @dataclass
 class TrialPlan:
     """What every trial of a study shares: the study, the run root, train.py's options and configs, the metric,
-    the torch threads of each trial, and the W&B project (None: no W&B run)."""
+    the torch threads of each trial, the W&B project (None: no W&B run), and whether a pruner watches."""
 
     study: str
     root: Path
@@ -55,6 +55,7 @@ class TrialPlan:
     metric: str = "val_probe_accuracy"
     threads: int | None = None
     wandb_project: str | None = "implicit-em"
+    prune: bool = True
 
     def __post_init__(self):
         self.root = Path(self.root).resolve()
@@ -78,7 +79,7 @@ class TrialPlan:
     def args(self, params: dict[str, Any]) -> list[str]:
         """The trial's full train.py command line."""
         extra = ["--trainer.default_root_dir", str(self.root), *ON_VALIDATION]
-        if self.monitor() == "val/probe_accuracy" and option(self.train_args, "--probe.every_n_epochs") is None:
+        if self.prune and self.monitor() == "val/probe_accuracy":  # the pruner's number, after every epoch
             extra += ["--probe.every_n_epochs", "1"]
         if self.threads is not None and option(self.train_args, "--threads") is None:
             extra += ["--threads", str(self.threads)]
@@ -198,7 +199,7 @@ def run_trial(trial, plan: TrialPlan, params: dict[str, Any]) -> float:
             raise ConfigError(f"train.py refused the options of trial {trial.number}: {plan.command(params)}") from None
         run = RunDir.of_trainer(cli.trainer)
         trial.set_user_attr("run_dir", str(run.path.resolve()))
-        monitor = plan.monitor()
+        monitor = plan.monitor() if plan.prune else None
         if monitor == "val/fvu":
             cli.trainer.callbacks.insert(0, ValidationFVU())
         if monitor is not None:
