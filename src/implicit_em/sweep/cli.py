@@ -146,14 +146,22 @@ def sweep(args: argparse.Namespace, own: list[str], train: list[str], default_co
     if args.workers > 1:
         pinned = ["--metric", plan.metric, "--direction", direction]
         pinned += [a for path in default_config_files for a in ("--default-config", path)]
-        code = studies.spawn_workers([[*own, *pinned, "--worker-index", str(i), "--", *train]
+        codes = studies.spawn_workers([[*own, *pinned, "--worker-index", str(i), "--", *train]
                                       for i in range(args.workers)], threads or 1)  # fmt: skip
-        if code:
-            return code
-    return finish(study, plan, space, args, url)
+        if any(c > 0 for c in codes):  # a worker stopped on an error it printed (a setting: 2; a bug: 1)
+            return max(codes)
+        for i, c in enumerate(codes):
+            if c < 0:
+                print(f"note: worker {i} was killed (signal {-c}); its trial is marked FAIL", file=sys.stderr)
+    finish(study, plan, space, args, url)
+    left = args.trials - studies.counts(study)["COMPLETE"]
+    if left > 0:
+        print(f"error: the study lacks {left} COMPLETE trial(s); run the same command again", file=sys.stderr)
+        return 1
+    return 0
 
 
-def finish(study, plan, space, args: argparse.Namespace, url: str) -> int:
+def finish(study, plan, space, args: argparse.Namespace, url: str) -> None:
     """The table, the plots and the W&B summary; the best value and its command printed last."""
     from implicit_em.sweep import storage as storages
     from implicit_em.sweep import summary
@@ -176,7 +184,6 @@ def finish(study, plan, space, args: argparse.Namespace, url: str) -> int:
                 f"{', '.join(str(p) for p in outputs.plots) or 'none'}")  # fmt: skip
     for line in summary.describe(study, plan.metric):
         summary.say(line)
-    return 0
 
 
 if __name__ == "__main__":

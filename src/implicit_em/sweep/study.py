@@ -144,10 +144,10 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def spawn_workers(argvs: Sequence[Sequence[str]], threads: int) -> int:
+def spawn_workers(argvs: Sequence[Sequence[str]], threads: int) -> list[int]:
     """Run one worker process of this sweep per argument list (``python -m implicit_em.sweep.cli ARGV``), each
     with ``threads`` torch threads, and wait for them; SIGINT/SIGTERM are passed on, and a worker ends with its
-    parent. Returns the first non-zero exit code (0 when all succeed)."""
+    parent. Returns the workers' exit codes (negative: killed by that signal)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     procs = [
         subprocess.Popen(
@@ -169,7 +169,7 @@ def spawn_workers(argvs: Sequence[Sequence[str]], threads: int) -> int:
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-    return next((c for c in codes if c != 0), 0)
+    return codes
 
 
 def _die_with_parent() -> None:
