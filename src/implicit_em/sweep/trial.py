@@ -20,6 +20,7 @@ from jsonargparse import Namespace
 
 from implicit_em.app import fit
 from implicit_em.cli import ImplicitEMCLI, _is_file_logger, _loggers
+from implicit_em.cli import _option as option
 from implicit_em.errors import ConfigError
 from implicit_em.rundir import RunDir
 from implicit_em.runtime import training_process
@@ -30,17 +31,6 @@ from implicit_em.sweep.space import as_options
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 #: what scores a trial on the validation split (never the test split)
 ON_VALIDATION = ["--report.split", "val"]
-
-
-def option(args: Sequence[str], name: str) -> str | None:
-    """The last value of ``--name VALUE`` / ``--name=VALUE`` in ``args`` (None when absent)."""
-    found = None
-    for i, arg in enumerate(args):
-        if arg == name and i + 1 < len(args):
-            found = args[i + 1]
-        elif arg.startswith(name + "="):
-            found = arg.split("=", 1)[1]
-    return found
 
 
 @dataclass
