@@ -72,7 +72,7 @@ def test_the_trial_writes_into_its_own_run_directory_and_w_and_b_group(tmp_path,
     settings = wandb_logger._wandb_init
     assert settings["group"] == "s" and settings["job_type"] == "trial" and settings["name"] == "s/trial_0003"
     assert settings["config"]["sweep/model.net.lambda_tc"] == 0.5 and settings["project"] == "implicit-em"
-    finish_wandb(failed=False)
+    finish_wandb("complete")
 
 
 def test_a_trial_returns_its_metric_from_metrics_json(tmp_path):

@@ -73,10 +73,10 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 def direction_of(metric: str) -> str:
     """maximize or minimize from a metric's name (accuracy, recovered, ... / fvu, loss, ...)."""
     name = metric.lower()
+    if any(w in name for w in MAXIMIZED):  # first: ce_loss_recovered is a loss recovered
+        return "maximize"
     if any(w in name for w in MINIMIZED):
         return "minimize"
-    if any(w in name for w in MAXIMIZED):
-        return "maximize"
     raise ConfigError(f"--metric {metric}: cannot tell whether larger is better; pass --direction")
 
 

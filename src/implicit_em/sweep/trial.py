@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
 from jsonargparse import Namespace
 
 from implicit_em.app import fit
@@ -166,12 +167,15 @@ def add_wandb(cli: TrialCLI, plan: TrialPlan, trial, params: dict[str, Any]) -> 
     cli.trainer.loggers = [*cli.trainer.loggers, logger]
 
 
-def finish_wandb(failed: bool) -> None:
+def finish_wandb(outcome: str) -> None:
+    """End the trial's W&B run with its outcome (complete, pruned, failed) in its summary; a pruned trial is a
+    finished run, not a crashed one."""
     import sys
 
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
-        wandb.finish(exit_code=1 if failed else 0)
+        wandb.run.summary["sweep/outcome"] = outcome
+        wandb.finish(exit_code=0 if outcome in ("complete", "pruned") else 1)
 
 
 def run_trial(trial, plan: TrialPlan, params: dict[str, Any]) -> float:
@@ -196,13 +200,16 @@ def run_trial(trial, plan: TrialPlan, params: dict[str, Any]) -> float:
             cli.trainer.callbacks.insert(0, ReportToPruner(trial, monitor))
         if plan.wandb_project is not None:
             add_wandb(cli, plan, trial, params)
-        failed = True
+        outcome = "failed"
         try:
             path = fit(cli)
-            failed = path is None
+            outcome = "complete" if path is not None else "interrupted"
+        except optuna.TrialPruned:
+            outcome = "pruned"
+            raise
         finally:
             if plan.wandb_project is not None:
-                finish_wandb(failed)
+                finish_wandb(outcome)
     if path is None:
         raise RuntimeError(f"trial {trial.number} was interrupted")
     return metric_value(json.loads(Path(path).read_text()), plan.metric, path)
