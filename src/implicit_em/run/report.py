@@ -86,6 +86,10 @@ def has_labels(*splits) -> bool:
 NO_LABELS = "no labels in the data (labels.npy): the linear, sparse and clustering probes were skipped"
 
 
+#: the numbers metrics.json also holds as ``val_<name>`` when scored on the validation split (report.split val)
+VALIDATION_KEYS = ("probe_accuracy", "fvu", "explained_variance", "ce_loss_recovered", "kl_div")
+
+
 @dataclass
 class Codes:
     """One model's (or baseline's) codes on the evaluation splits; ``name`` labels the density figure."""
@@ -175,6 +179,8 @@ def evaluate_codes(codes: Codes, splits: dict, config: ReportConfig, to_raw=None
     if splice is not None and encode is not None and (decode is not None or readout is not None):
         decoder = decode or readout
         row.update(splice.scores(lambda x: decoder(encode(x)), config.lm_windows))
+    if config.split == "val":  # also under names that say so: what a sweep optimises, never a test number
+        row.update({f"val_{k}": row[k] for k in VALIDATION_KEYS if isinstance(row.get(k), (int, float))})
     return row, readout
 
 

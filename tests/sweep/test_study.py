@@ -1,0 +1,144 @@
+"""Studies on SQLite with worker processes: two workers, one of them killed mid-trial; a whole sweep killed
+and the same command run again; exactly N COMPLETE trials, the killed ones FAIL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+optuna = pytest.importorskip("optuna", reason="sweeps need the optional extra: pip install 'implicit-em[sweep]'")
+
+from optuna.trial import TrialState  # noqa: E402
+
+from implicit_em.sweep.study import Worker, counts  # noqa: E402
+from tests.conftest import REPO  # noqa: E402
+
+#: a trial of a few seconds: digits, one epoch, 8 components, the fast probe, no KMeans or SAE numbers
+FAST = ["--trainer.max_epochs", "1", "--model.n_components", "8", "--report.kmeans", "false",
+        "--report.probe_method", "torch", "--report.sae_metrics", "false", "--features.every_n_epochs", "0"]  # fmt: skip
+
+
+def sweep_command(tmp_path: Path, study: str, trials: int, workers: int, *extra: str) -> list[str]:
+    space = tmp_path / "space.yaml"
+    space.write_text("params:\n  model.net.lambda_tc: {type: float, low: 0.1, high: 10.0, log: true}\n")
+    return [sys.executable, str(REPO / "scripts" / "sweep.py"), "--space", str(space), "--study", study,
+            "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--trials", str(trials), "--workers", str(workers),
+            "--root", str(tmp_path / "runs"), "--pruner", "none", "--no-wandb", "--heartbeat", "2", *extra,
+            "--", *FAST]  # fmt: skip
+
+
+def start(command: list[str], log: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    env.update(WANDB_MODE="offline", MPLBACKEND="Agg", OMP_NUM_THREADS="1")
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+
+
+def load(tmp_path: Path, study: str) -> optuna.Study:
+    return optuna.load_study(study_name=study, storage=f"sqlite:///{tmp_path / 'study.db'}")
+
+
+def wait_for_running(tmp_path: Path, study: str, n: int, proc: subprocess.Popen, log: Path, limit: float = 300):
+    """Wait until ``n`` trials are RUNNING with their run directory known."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the sweep ended early: {log.read_text()[-2000:]}"
+        if (tmp_path / "study.db").is_file():
+            try:
+                running = load(tmp_path, study).get_trials(states=(TrialState.RUNNING,))
+            except KeyError:  # the study is not created yet
+                running = []
+            if len([t for t in running if "run_dir" in t.user_attrs]) >= n:
+                return running
+        time.sleep(0.5)
+    raise AssertionError(f"{n} trials were not running within {limit} s: {log.read_text()[-2000:]}")
+
+
+def check_finished(study: optuna.Study, n: int) -> list[optuna.trial.FrozenTrial]:
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) == n, [t.state.name for t in study.trials]
+    assert TrialState.RUNNING not in [t.state for t in study.trials]
+    dirs = [t.user_attrs["run_dir"] for t in done]
+    assert len(set(dirs)) == n
+    for t in done:
+        metrics = json.loads((Path(t.user_attrs["run_dir"]) / "metrics.json").read_text())
+        assert metrics["val_probe_accuracy"] == t.value and metrics["scored_on"] == "val"
+        assert t.user_attrs["command"].startswith("python scripts/train.py --trainer.max_epochs 1")
+    return done
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker processes through /proc (Linux)")
+def test_two_workers_finish_the_study_when_one_is_killed_mid_trial(tmp_path):
+    log = tmp_path / "sweep.log"
+    proc = start(sweep_command(tmp_path, "two", 2, 2), log)
+    try:
+        running = wait_for_running(tmp_path, "two", 2, proc, log)
+        workers = children(proc.pid)
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        assert proc.wait(timeout=600) == 0, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    study = load(tmp_path, "two")
+    check_finished(study, 2)
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].number in [t.number for t in running]
+    out = log.read_text()
+    assert f"note: worker 0 was killed (signal {signal.SIGKILL.value})" in out
+    assert "reproduce: python scripts/train.py" in out and f"best val_probe_accuracy {study.best_value:.6g}" in out
+    table = (tmp_path / "two_trials.csv").read_text().splitlines()
+    assert table[0].startswith("trial,state,value") and len(table) == 1 + len(study.trials)
+    assert (tmp_path / "two_history.png").is_file()
+
+
+def test_the_same_command_finishes_a_killed_sweep(tmp_path):
+    log = tmp_path / "first.log"
+    command = sweep_command(tmp_path, "again", 1, 1)
+    proc = start(command, log)
+    try:
+        killed = wait_for_running(tmp_path, "again", 1, proc, log)[0]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    second = start(command, tmp_path / "second.log")
+    assert second.wait(timeout=600) == 0, (tmp_path / "second.log").read_text()[-2000:]
+    study = load(tmp_path, "again")
+    done = check_finished(study, 1)
+    assert study.trials[killed.number].state == TrialState.FAIL
+    assert killed.user_attrs["run_dir"] not in [t.user_attrs["run_dir"] for t in done]  # never reused
+
+
+def test_a_worker_starts_no_trial_beyond_n(tmp_path, monkeypatch):
+    """Trials RUNNING elsewhere count toward N: with N - 1 COMPLETE and one RUNNING (fresh heartbeat), a worker
+    waits instead of starting another, and ends once the study holds N."""
+    from implicit_em.sweep import study as studies
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=60)
+    study = optuna.create_study(study_name="s", storage=storage)
+    study.add_trial(optuna.trial.create_trial(value=0.5))
+    elsewhere = study.ask()
+    storage.record_heartbeat(elsewhere._trial_id)
+    waits = []
+
+    def finish_elsewhere(seconds):
+        waits.append(seconds)
+        study.tell(elsewhere, 0.7)
+
+    monkeypatch.setattr(studies.time, "sleep", finish_elsewhere)
+    Worker(study, plan=None, space=None, n_trials=2, poll_s=0.01).run()  # starting a trial would fail: no plan
+    assert waits == [0.01] and counts(study)["COMPLETE"] == 2 and len(study.trials) == 2
