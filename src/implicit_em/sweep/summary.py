@@ -144,7 +144,7 @@ def log_to_wandb(study: optuna.Study, metric: str, project: str, folder: Path, o
     try:
         import wandb
 
-        from implicit_em.loggers import wandb_mode
+        from implicit_em.run.loggers import wandb_mode
 
         folder.mkdir(parents=True, exist_ok=True)
         run = wandb.init(project=project, group=study.study_name, job_type="sweep", name=f"{study.study_name}/summary",

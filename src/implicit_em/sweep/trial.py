@@ -1,4 +1,4 @@
-"""One trial of a sweep: an ordinary run of ``scripts/train.py`` (the same CLI and :func:`implicit_em.app.fit`),
+"""One trial of a sweep: an ordinary run of ``scripts/train.py`` (the same CLI and :func:`implicit_em.run.app.fit`),
 with the trial's settings on its command line, scored on the validation split, in its own run directory
 ``<root>/<study>/trial_NNNN`` (never one that exists), as a W&B run in the study's group."""
 
@@ -19,12 +19,12 @@ from typing import Any
 import optuna
 from jsonargparse import Namespace
 
-from implicit_em.app import fit
-from implicit_em.cli import ImplicitEMCLI, _is_file_logger, _loggers
-from implicit_em.cli import _option as option
 from implicit_em.errors import ConfigError
-from implicit_em.rundir import RunDir
-from implicit_em.runtime import training_process
+from implicit_em.run.app import fit
+from implicit_em.run.cli import ImplicitEMCLI, _is_file_logger, _loggers
+from implicit_em.run.cli import _option as option
+from implicit_em.run.rundir import RunDir
+from implicit_em.run.runtime import training_process
 from implicit_em.sweep.pruning import MONITORS, ReportToPruner, ValidationFVU
 from implicit_em.sweep.space import as_options
 
@@ -115,7 +115,9 @@ class TrialCLI(ImplicitEMCLI):
                 self.wandb_project = lg.init_args.get("project") or self.wandb_project
         kept = [lg for lg in loggers if not lg.class_path.endswith("WandbLogger")]
         if not any(_is_file_logger(lg) for lg in kept):
-            kept.insert(0, Namespace(class_path="implicit_em.loggers.CSVLogger", init_args=Namespace(save_dir=None)))
+            kept.insert(
+                0, Namespace(class_path="implicit_em.run.loggers.CSVLogger", init_args=Namespace(save_dir=None))
+            )
         for lg in kept:
             if _is_file_logger(lg):
                 lg.init_args.name, lg.init_args.version = self.study, self.version
@@ -155,7 +157,7 @@ def claim_run_dir(root: Path, study: str, number: int) -> str:
 def add_wandb(cli: TrialCLI, plan: TrialPlan, trial, params: dict[str, Any]) -> None:
     """The trial's W&B run: in the group named after the study, its parameters in its config (with train.py's
     whole config, which the CLI logs), offline by itself without a key or connection."""
-    from implicit_em.loggers import WandbLogger
+    from implicit_em.run.loggers import WandbLogger
 
     project = cli.wandb_project or plan.wandb_project
     logger = WandbLogger(
