@@ -83,15 +83,18 @@ def test_markdown_and_plot_skip_missing_numbers(tmp_path):
         {"model": "implicit_em", "target_l0": 4, "l0": 4.0, "fvu": 0.4, "ce_loss_recovered": None},
         {"model": "pca", "target_l0": None, "l0": 16.0, "fvu": 0.1},
     ]
-    text = markdown(rows, {"data": "d", "components": 16, "epochs": 1, "seeds": [1], "l0s": [2, 4], "command": "c"})
+    protocol, text, notes = markdown(rows, {"data": "d", "components": 16, "epochs": 1, "seeds": [1], "l0s": [2, 4],
+                                            "command": "c"})  # fmt: skip
+    assert "target L0 [2, 4]" in protocol and "{seeds}" in protocol and "ridge readout" in notes
     assert "| implicit_em | 2 | 2.0 |" in text and "| pca | — | 16.0 |" in text
     assert plot_metric(rows, "fvu", tmp_path / "fvu.png", "t").is_file()
     assert plot_metric(rows, "ce_loss_recovered", tmp_path / "ce.png", "t") is None
     assert not (tmp_path / "ce.png").exists()
 
 
-def test_frontier_on_digits_writes_every_row_at_every_l0(tmp_path):
+def test_frontier_on_digits_writes_every_row_at_every_l0_in_one_pass(tmp_path, one_pass):
     path = run_frontier("digits", tmp_path, components=16, epochs=1, seeds=[1], l0s=[4, 2], configs=REPO / "configs")
+    assert one_pass == ["none"] * 6  # one DataModule set up per trained row, none for the other rows
     result = json.loads(path.read_text())
     assert result["l0s"] == [2, 4]
     rows = result["rows"]
