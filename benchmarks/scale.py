@@ -52,7 +52,7 @@ def _peak_mb(device: torch.device) -> float:
 def measure_cell(n: int, d_in: int, k: int, m: int, sae: bool, exact_tc: bool, reps: int, device) -> dict:
     """Step times (seconds, min over ``reps`` interleaved repetitions) and peak memory of one cell."""
     sys.path.insert(0, str(SRC))
-    from implicit_em.objective import implicit_em_objective, sae_objective
+    from implicit_em.core.objective import implicit_em_objective, sae_objective
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(n, d_in, generator=g).to(device)

@@ -18,7 +18,7 @@ import time
 import torch
 
 from implicit_em.models.base import fit_to_data
-from implicit_em.models.implicit_em import ImplicitEM
+from implicit_em.models.implicit_em_sparse import ImplicitEMSparse
 from implicit_em.models.topk_sae import TopKSAE
 
 
@@ -63,7 +63,7 @@ def main(argv=None) -> float:
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(a.n, a.d, generator=g) @ torch.randn(a.d, a.d, generator=g) / a.d**0.5).to(a.device)
     settings = {key: _value(v) for key, v in (s.split("=", 1) for s in a.net)}
-    ours = ImplicitEM(a.d, a.k_components, a.k, seed=1, **settings)
+    ours = ImplicitEMSparse(a.d, a.k_components, a.k, seed=1, **settings)
     sae = TopKSAE(a.d, a.k_components, a.k, seed=1)
     fit_to_data(ours.first_layer(), x.cpu(), 0.3)
     ours, sae = ours.to(a.device), sae.to(a.device)

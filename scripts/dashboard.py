@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """A feature dashboard of a run, in the browser: ``python scripts/dashboard.py RUN_DIR --out DIR``.
 
+An SAE folder (SAELens's, sparsify's or scripts/export.py's) opens the same way over a harvest it reads:
+``python scripts/dashboard.py SAE_DIR --data-root HARVEST --out DIR``.
+
 One streaming pass over the run's data (a harvest's tokens, or an image dataset) keeps, per component, the
 top-activating contexts, samples from each activation quantile, the histogram and the density, in memory
 bounded by K x N. DIR gets static pages that open from the file system (index.html: one row per component,
@@ -20,7 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     from implicit_em.errors import OneLineArgumentParser
 
     p = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run", type=Path, help="a run directory (scripts/train.py's)")
+    p.add_argument("run", type=Path, help="a run directory (scripts/train.py's), or an SAE folder (SAELens's, "
+                   "sparsify's or scripts/export.py's) with --data-root")  # fmt: skip
+    p.add_argument("--data-root", type=Path, default=None,
+                   help="for an SAE folder: the harvest (shards and tokens) it reads, raw activations")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="the dashboard folder (created)")
     p.add_argument("--split", default="all", choices=("all", "train", "val", "test"),
                    help="rows to read: all, or the run's train/val/test split (held-out documents)")  # fmt: skip
@@ -59,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             exit_with_argument_error(f"--{str(e).split()[0]}: {e}")
         settings = Settings(split=a.split, max_rows=a.max_rows, batch_rows=a.batch_rows, stream=cfg, block=a.block,
                             neuronpedia=not a.no_neuronpedia, skip_first=a.skip_first)  # fmt: skip
-        run = load_run(a.run)
+        run = load_run(a.run, a.data_root)
         device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
         run.module.to(device)
         dash = build(a.run, a.out, settings, log=lambda s: print(s, file=sys.stderr, flush=True), run=run)

@@ -50,7 +50,8 @@ def _run(
                "k": k, "seed": 0}  # fmt: skip
     if kind == "implicit_em":
         state = {"model.linear.weight": w, "model.linear.bias": b}
-        net = f"implicit_em.models.implicit_em.ImplicitEM\n      init_args:\n        activation: {activation}"
+        module = "implicit_em_sparse.ImplicitEMSparse" if k else "implicit_em.ImplicitEM"  # k: the sparse model
+        net = f"implicit_em.models.{module}\n      init_args:\n        activation: {activation}"
         net += "".join(f"\n        {key}: {value}" for key, value in (net_args or {}).items())
         state.update({f"model.{name}": t for name, t in (buffers or {}).items()})
     else:
@@ -146,8 +147,10 @@ def test_an_unregistered_model_is_refused_in_one_line(tmp_path):
 
 def test_the_repr_names_the_architecture_and_the_sizes(tmp_path):
     run = _run(tmp_path, kind="sae", k=3)
-    text = repr(load(run["run"]))
+    sae = load(run["run"])
+    text = repr(sae)
     assert "architecture=topk" in text and f"d_in={D}" in text and f"d_sae={K}" in text and "k=3" in text
+    assert (sae.name, sae.k, sae.n_components, sae.d_in, sae.source) == ("topk", 3, K, D, "implicit_em")
 
 
 def test_other_activations_are_refused(tmp_path):

@@ -11,32 +11,37 @@ config through the registry (:meth:`implicit_em.run.rundir.RunDir.net_class`), a
 The data's normalisation x' = ((x - mean) * scale) @ matrix is folded into the weights, so raw activations go
 in and raw activations come out. For the decoder-free model W_dec, b_dec are the ridge readout the evaluation
 fitted (``readout.safetensors`` in the run directory); an SAE exports its own decoder (or, asked, the readout).
-Everything is read with ``weights_only=True`` or from safetensors: no code runs.
+Everything is read with ``weights_only=True`` or from safetensors: no code runs. :func:`load` also reads other
+libraries' SAE folders (SAELens, sparsify) through :mod:`implicit_em.sae_folders`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from implicit_em.data.normalization import Normalization
 from implicit_em.errors import ConfigError, DataError
-from implicit_em.files import read_safetensors
 from implicit_em.run.rundir import RunDir
+from implicit_em.sae_folders import (
+    FOLDERS,
+    ExportedSAE,
+    folder_format,
+    nested_folders,
+    read_folder,
+    sae_lens_model,
+)
 
-WEIGHTS = "sae_weights.safetensors"
-CONFIG = "cfg.json"
-#: the SAELens architectures ``load`` runs
-ARCHITECTURES = ("standard", "topk", "jumprelu")
+if TYPE_CHECKING:  # the data package imports Lightning: loading an SAE folder needs neither
+    from implicit_em.data.normalization import Normalization
 
 
 def find_normalization(checkpoint: dict) -> Normalization:
     """The DataModule's normalisation in a checkpoint: the ``"normalization"`` entry of the top-level value that
     has one (Lightning stores the DataModule's ``state_dict()`` under its class name); the identity if none."""
+    from implicit_em.data.normalization import Normalization
+
     for value in checkpoint.values():
         if isinstance(value, dict) and isinstance(value.get("normalization"), dict):
             return Normalization.from_state_dict(value["normalization"])
@@ -135,58 +140,6 @@ def sae_lens_config(
     }
 
 
-# -- the exported module --------------------------------------------------------------------------------
-class ExportedSAE(nn.Module):
-    """An exported model on raw activations: encode(x) as its architecture says (see the module docstring),
-    decode(f) = f W_dec + b_dec, forward = decode(encode(x)); ``cfg`` is cfg.json."""
-
-    def __init__(self, tensors: dict[str, Tensor], cfg: dict[str, Any]):
-        super().__init__()
-        self.architecture = str(cfg.get("architecture", "standard"))
-        if self.architecture not in ARCHITECTURES:
-            raise DataError(f"architecture {self.architecture!r} cannot be loaded; known: {', '.join(ARCHITECTURES)}")
-        names = ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if self.architecture == "jumprelu" else ())
-        for name in names:
-            if name not in tensors:
-                raise DataError(f"the exported weights lack {name}; re-export the run with scripts/export.py")
-            setattr(self, name, nn.Parameter(tensors[name].float().clone(), requires_grad=False))
-        self.cfg = cfg
-        self.k = (cfg.get("activation_fn_kwargs") or {}).get("k") if self.architecture == "topk" else None
-
-    def encode(self, x: Tensor) -> Tensor:
-        from implicit_em.models.base import jump_relu, keep_top_k
-
-        z = x.to(self.W_enc) @ self.W_enc + self.b_enc
-        if self.architecture == "jumprelu":
-            return jump_relu(torch.relu(z), self.threshold)
-        return keep_top_k(z, int(self.k)) if self.k is not None else torch.relu(z)
-
-    def extra_repr(self) -> str:
-        k = f", k={self.k}" if self.k is not None else ""
-        hook = self.cfg.get("hook_name") or "no hook"
-        return f"architecture={self.architecture}, d_in={self.W_enc.shape[0]}, d_sae={self.W_enc.shape[1]}{k}, {hook}"
-
-    def decode(self, f: Tensor) -> Tensor:
-        return f.to(self.W_dec) @ self.W_dec + self.b_dec
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.decode(self.encode(x))
-
-    def save(self, out_dir: str | Path) -> Path:
-        """Write sae_weights.safetensors and cfg.json into ``out_dir`` (created), atomically each."""
-        from safetensors.torch import save
-
-        from implicit_em.files import atomic_write
-
-        out = Path(out_dir)
-        tensors = {n: p.detach().float().contiguous().cpu() for n, p in self.named_parameters()}
-        blob = save(tensors)
-        atomic_write(out / WEIGHTS, lambda f: f.write(blob))
-        text = json.dumps(self.cfg, indent=2, default=str) + "\n"
-        atomic_write(out / CONFIG, lambda f: f.write(text.encode()))
-        return out
-
-
 def export_run(
     run_dir: str | Path, out_dir: str | Path, use_readout: bool | None = None, overwrite: bool = False
 ) -> Path:
@@ -197,19 +150,20 @@ def export_run(
         raise DataError(f"{out} is not empty; pass --overwrite to replace the export there, or another --out")
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} is a file; pass a folder as --out")
-    return ExportedSAE(*export_tensors(run_dir, use_readout)).save(out)
+    return sae_lens_model(*export_tensors(run_dir, use_readout)).save(out)
 
 
 def load(path: str | Path) -> ExportedSAE:
-    """The model of an export directory (sae_weights.safetensors + cfg.json), or of a run directory or
-    checkpoint (exported in memory), as a module with ``encode``/``decode`` on raw activations."""
+    """The SAE of a folder (SAELens's layout, which :func:`export_run` writes, or sparsify's: see
+    :mod:`implicit_em.sae_folders`), or of a run directory or checkpoint (exported in memory), as a module with
+    ``encode``/``decode`` on raw activations."""
     path = Path(path)
-    if path.is_dir() and (path / WEIGHTS).is_file():
-        if not (path / CONFIG).is_file():
-            raise DataError(f"{path} has {WEIGHTS} but no {CONFIG}; re-export the run with scripts/export.py")
-        try:
-            cfg = json.loads((path / CONFIG).read_text())
-        except ValueError:
-            raise DataError(f"{path / CONFIG} is not valid JSON; re-export the run with scripts/export.py") from None
-        return ExportedSAE(read_safetensors(path / WEIGHTS), cfg)
-    return ExportedSAE(*export_tensors(path))
+    if folder_format(path) is not None:
+        return read_folder(path)
+    if path.is_dir() and not (path / "checkpoints").is_dir():
+        inside = nested_folders(path)
+        if inside:
+            shown = ", ".join(inside[:4]) + (f" and {len(inside) - 4} more" if len(inside) > 4 else "")
+            raise DataError(f"{path} holds SAE folders ({shown}); pass one of them")
+        raise DataError(f"{path} is neither {FOLDERS} nor a run directory (checkpoints/*.ckpt); pass one of those")
+    return sae_lens_model(*export_tensors(path))

@@ -9,6 +9,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from implicit_em.core.objective import (
+    correlation_matrix,
+    decorrelation_loss,
+    off_diagonal_sq_norm,
+    subset_estimate_variance,
+)
 from implicit_em.eval.diagnostics import (
     REDUNDANCY_EXACT_MAX,
     REDUNDANCY_SUBSET,
@@ -22,7 +28,6 @@ from implicit_em.eval.diagnostics import (
     effective_rank,
     weight_redundancy,
 )
-from implicit_em.objective import correlation_matrix, decorrelation_loss, off_diagonal_sq_norm, subset_estimate_variance
 
 # entropy of (3/4, 1/4): -(3/4 log 3/4 + 1/4 log 1/4) = 0.562335
 H_QUARTER = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))

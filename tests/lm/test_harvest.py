@@ -262,7 +262,7 @@ def test_an_encoder_harvest_also_writes_tokens_windows_and_its_hook_name(harvest
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    from tests.test_causal_lm import tiny_llama, word_corpus
+    from tests.lm.test_causal_lm import tiny_llama, word_corpus
 
     base = tmp_path_factory.mktemp("llama")
     return tiny_llama(base / "model"), word_corpus(base, n_docs=40)

@@ -96,6 +96,9 @@ def test_trains_exports_and_reloads_with_its_own_codes(tmp_path):
     raw = dm.normalization.inverse()(x) if dm.normalization.inverse() else x
     with torch.no_grad():
         expected = module(x)
-    got = implicit_em.load(out).encode(raw)
+    sae = implicit_em.load(out)
+    assert (sae.name, sae.architecture, sae.k, sae.n_components, sae.source) == ("batchtopk", "jumprelu", 4, 32,
+                                                                                 "implicit_em")  # fmt: skip
+    got = sae.encode(raw)
     assert np.allclose(got.numpy(), expected.numpy(), atol=1e-5)
     assert (got != 0).sum() > 0

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from implicit_em.core.objective import topk_sae_objective
 from implicit_em.experiments.compare import matched_k
 from implicit_em.models.base import keep_top_k
 from implicit_em.models.topk_sae import TopKSAE
-from implicit_em.objective import topk_sae_objective
 
 
 def test_keep_top_k_by_hand():

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from implicit_em.objective import (
+from implicit_em.core.objective import (
     covariance_to_correlation,
     off_diagonal_sq_norm,
     subset_estimate_variance_from_subset,
@@ -146,7 +146,7 @@ class Redundancy(_Accumulating):
     unbiased *estimate* from a fixed random subset M of ``subset`` components (drawn from ``seed``, so the
     same on every rank and every epoch): K(K - 1)/(m(m - 1)) times the subset's off-diagonal sum, with
     the standard error sqrt(Var) over the draw of M, Var estimated from the subset itself
-    (:func:`~implicit_em.objective.subset_estimate_variance_from_subset`). State: m x m.
+    (:func:`~implicit_em.core.objective.subset_estimate_variance_from_subset`). State: m x m.
     """
 
     def __init__(

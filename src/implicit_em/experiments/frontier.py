@@ -2,7 +2,7 @@
 
 ``reproduce.py --experiment frontier --data activations --l0 16 32 64 128`` trains, at each target L0 k:
 
-- ``implicit_em``: the decoder-free model with ``--model.k k`` (its sparse code, ``configs/model/implicit_em.yaml``);
+- ``implicit_em``: the sparse decoder-free model with ``--model.k k`` (``configs/model/implicit_em_sparse.yaml``);
 - ``topk_sae``: the TopK SAE with k (``configs/model/topk_sae.yaml``);
 - ``batchtopk_sae``: the BatchTopK SAE with the AuxK loss, k on average (``configs/model/batchtopk_sae.yaml``);
 - ``random_encoder``: this model's net with the same k, untrained (seeded init and data-aware start) -- a random
@@ -50,7 +50,7 @@ from implicit_em.run.rundir import RunDir
 #: the target L0s when none are given
 DEFAULT_L0S = (16, 32, 64, 128)
 #: the models trained at every target L0 (row name, config in configs/model/)
-TRAINED = (("implicit_em", "implicit_em"), ("topk_sae", "topk_sae"), ("batchtopk_sae", "batchtopk_sae"))
+TRAINED = (("implicit_em", "implicit_em_sparse"), ("topk_sae", "topk_sae"), ("batchtopk_sae", "batchtopk_sae"))
 #: every row the frontier can hold, in its order
 ROWS = (*(name for name, _ in TRAINED), "random_encoder", "kmeans", "pca")
 #: the k of k-sparse probing that ``sparse_probe_mean`` averages

@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from implicit_em.core.objective import autograd_lse_gradient, responsibilities
 from implicit_em.experiments.plots import plot_bars, plot_identity, plot_loss_curves, side_by_side
 from implicit_em.experiments.runs import Runs, Settings, loss_curves, with_names
 from implicit_em.experiments.tables import markdown_table, summarize, write_results
-from implicit_em.objective import autograd_lse_gradient, responsibilities
 
 #: the theorem's random distances: N samples x K components
 THEOREM_SHAPE = (64, 128)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from implicit_em.distributed import gather_samples
+from implicit_em.core.distributed import gather_samples
 from implicit_em.errors import check
 from implicit_em.models.base import InferenceForm, batch_top_k, jump_relu, update_running_threshold
 from implicit_em.models.registry import register

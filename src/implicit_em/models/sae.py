@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from implicit_em.core.objective import sae_objective
 from implicit_em.errors import check
 from implicit_em.models.base import InferenceForm, Net, seeded_linear
 from implicit_em.models.registry import register
-from implicit_em.objective import sae_objective
 
 
 @register("sae")

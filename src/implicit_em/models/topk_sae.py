@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from implicit_em.core.objective import topk_sae_objective
 from implicit_em.models.base import InferenceForm, Net, keep_top_k, seeded_linear
 from implicit_em.models.registry import register
-from implicit_em.objective import topk_sae_objective
 
 
 def unit_norm_directions(in_features: int, n_components: int, seed: int) -> Tensor:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from implicit_em.distributed import close_process_group
+from implicit_em.core.distributed import close_process_group
 from implicit_em.errors import ConfigError, DataError, check, report_user_error
 from implicit_em.run.checkpoints import load_checkpoint
 from implicit_em.run.cli import ImplicitEMCLI
@@ -207,13 +207,20 @@ def rebuild(run: RunDir | str | Path, trained: bool = True, checkpoint: str | Pa
     return cli.model, cli.datamodule
 
 
-def load_run(run_dir: str | Path):
+def load_run(run_dir: str | Path, data_root: str | Path | None = None):
     """A finished run as the dashboard reads it (:class:`~implicit_em.lm.dashboard.source.LoadedRun`): rebuilt from
     its config.yaml and newest checkpoint (or the checkpoint file given), with the normalisation it was trained
-    with and its saved readout."""
+    with and its saved readout; or an SAE folder (:func:`implicit_em.load`: SAELens, sparsify, scripts/export.py)
+    over the harvest at ``data_root`` (raw activations in: no normalisation)."""
     from implicit_em.export import find_normalization
-    from implicit_em.lm.dashboard.source import LoadedRun, quiet_lightning
+    from implicit_em.lm.dashboard.source import LoadedRun, load_sae_folder, quiet_lightning
+    from implicit_em.sae_folders import folder_format
 
+    kind = folder_format(run_dir)
+    if kind is not None:
+        return load_sae_folder(Path(run_dir), kind, data_root)
+    if data_root is not None:
+        raise ConfigError(f"--data-root is for an SAE folder; {run_dir} is read as a run, which reads its own data")
     run, ckpt = RunDir.of(run_dir)
     if not run.config_path.is_file():
         raise DataError(f"{run.path} has no config.yaml; pass the run directory that scripts/train.py wrote")

@@ -10,9 +10,9 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
+from implicit_em.core.objective import autograd_lse_gradient, responsibilities
 from implicit_em.eval.figures import save_feature_grid
 from implicit_em.eval.probe import torch_probe
-from implicit_em.objective import autograd_lse_gradient, responsibilities
 from implicit_em.run.rundir import FEATURES_DIR, FEATURES_PNG, RunDir
 
 

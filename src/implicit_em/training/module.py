@@ -35,11 +35,12 @@ class ComponentModule(L.LightningModule):
     and the validation diagnostics.
 
     Args:
-        net: the model (``--model.net ImplicitEM | SparseAutoencoder | TopKSAE | BatchTopKSAE``, each with its
-            own settings, ``--model.net.<setting>``); see ``implicit_em.models``.
+        net: the model (``--model.net ImplicitEM | ImplicitEMSparse | SparseAutoencoder | TopKSAE |
+            BatchTopKSAE``, each with its own settings, ``--model.net.<setting>``); see ``implicit_em.models``.
         in_features: input dimension D (linked from the data).
         n_components: K, the number of components (rows of W; the SAEs' latents).
-        k: codes kept per input, for the nets that take a target L0 (the TopK SAEs); null: the net's default.
+        k: codes kept per input, for the nets that take a target L0 (the sparse model, the TopK SAEs); null: the
+            net's default.
         data_init: at the start of training, move every component's hyperplane through the training mean
             (b <- b - W mean(x)) and scale its row so the pre-activation has standard deviation ``init_std``
             over the training split. With nn.Linear's scale and [0, 1] pixels about half the components

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, run_script, script_in_process
-from tests.dashboard.conftest import WORDS, K, copy_run_with_root, needs_minilm
+from tests.lm.dashboard.conftest import WORDS, K, copy_run_with_root, needs_minilm
 
 pytestmark = needs_minilm
 
@@ -202,3 +202,39 @@ def test_a_harvest_without_tokens_is_one_line_and_exit_2(causal_run, tmp_path):
     assert lines[-1].startswith("error: ") and "tokens.npy" in lines[-1] and "Traceback" not in r.stderr
     bad = script_in_process(REPO / "scripts" / "dashboard.py", run, "--out", tmp_path / "out", "--bins", "12")
     assert bad.returncode == 2 and "power of two" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_an_sae_folder_opens_over_a_harvest_with_its_own_codes(causal_run, tmp_path):
+    """A SAELens-layout top-k SAE (b_dec subtracted first) over the run's harvest: the top contexts' values are
+    its codes of those rows on raw activations; without --data-root, one line and exit 2."""
+    from safetensors.torch import save_file
+
+    import implicit_em
+    from tests.lm.dashboard.conftest import D_MODEL
+
+    g = torch.Generator().manual_seed(0)
+    folder, n = tmp_path / "sae", 20
+    folder.mkdir()
+    save_file({"W_enc": torch.randn(D_MODEL, n, generator=g), "b_enc": torch.randn(n, generator=g),
+               "W_dec": torch.randn(n, D_MODEL, generator=g), "b_dec": torch.randn(D_MODEL, generator=g)},
+              str(folder / "sae_weights.safetensors"))  # fmt: skip
+    (folder / "cfg.json").write_text(json.dumps({"architecture": "topk", "d_in": D_MODEL, "d_sae": n, "k": 3}))
+    out, root = tmp_path / "dash", _root(causal_run)
+    r = script_in_process(REPO / "scripts" / "dashboard.py", folder, "--data-root", root, "--out", out, "--top", "4",
+                          "--samples", "4", "--no-neuronpedia")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text())["components"] == n
+    assert "the sae_lens SAE's decoder (W_dec)" in (out / "data" / "meta.js").read_text()  # its logit effects
+    x = np.concatenate([np.load(f"{root}/shard-00000.npy"), np.load(f"{root}/shard-00001.npy")]).astype(np.float32)
+    with torch.no_grad():
+        codes = implicit_em.load(folder).encode(torch.from_numpy(x))
+    windows = np.load(f"{root}/tokens/windows.npy")
+    counted = np.concatenate([[False], windows[1:] == windows[:-1]])  # a causal LM's first token is left out
+    expected = codes[torch.from_numpy(counted)].max(0).values
+    text = (out / "data" / "blocks" / "b000000.js").read_text()
+    block = json.loads(text[len("DASH_BLOCK(") : text.rindex(")")])
+    assert len(block["components"]) == n and any(c["max"] for c in block["components"])
+    for c in block["components"]:
+        assert (c["max"] or 0.0) == pytest.approx(float(expected[c["i"]]), rel=1e-3, abs=1e-4)
+    bad = script_in_process(REPO / "scripts" / "dashboard.py", folder, "--out", tmp_path / "o2")
+    assert bad.returncode == 2 and "pass --data-root DIR" in bad.stderr.strip().splitlines()[-1]

@@ -91,6 +91,8 @@ def readout_directions(run) -> tuple[Tensor, str] | None:
     if run.readout is not None:
         r, c = run.readout
         return run.normalization.unfold_decoder(r, c)[0].float(), "the ridge readout (readout.safetensors)"
+    if hasattr(run.module.model, "decoder_directions"):  # an SAE folder's W_dec, in raw units already
+        return run.module.model.decoder_directions().float(), f"the {run.module.model.source} SAE's decoder (W_dec)"
     decoder = getattr(run.module.model, "decoder", None)
     if decoder is not None:
         w = decoder.weight.detach().T

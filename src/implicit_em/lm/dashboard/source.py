@@ -44,6 +44,36 @@ class LoadedRun:
         return int(self.module.model.component_weights().shape[0])
 
 
+class SAECodes(torch.nn.Module):
+    """An SAE folder's model as the dashboard reads a run's module: ``module(x)`` the codes, ``module.model`` the
+    :class:`implicit_em.sae_folders.ExportedSAE` (``component_weights``, ``decoder_directions``)."""
+
+    def __init__(self, sae):
+        super().__init__()
+        self.model = sae
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.encode(x)
+
+
+def load_sae_folder(folder: Path, kind: str, data_root: str | Path | None) -> LoadedRun:
+    """An SAE folder over a harvest's raw activations, as a :class:`LoadedRun` (identity normalisation)."""
+    import implicit_em
+    from implicit_em.lm.activations import ActivationsDataModule
+    from implicit_em.lm.shards import ShardSet
+
+    if data_root is None:
+        raise ConfigError(f"{folder} is an SAE folder ({kind}) and holds no activations; pass --data-root DIR, the "
+                          "harvest (shards and tokens) to read it over")  # fmt: skip
+    sae = implicit_em.load(folder)
+    width = ShardSet(data_root).width
+    if width != sae.d_in:
+        raise DataError(f"{data_root} holds {width}-wide activations but the SAE in {folder} reads d_in {sae.d_in}; "
+                        "pass the harvest of the layer it was trained on")  # fmt: skip
+    datamodule = ActivationsDataModule(root=str(data_root), normalization="none")
+    return LoadedRun(folder, SAECodes(sae).eval(), datamodule, Normalization(), None)
+
+
 @contextmanager
 def quiet_lightning():
     """No "Seed set", "GPU available" or tip lines from rebuilding the run's Trainer (it trains nothing here)."""

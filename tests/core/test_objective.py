@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from implicit_em.objective import (
+from implicit_em.core.objective import (
     correlation_matrix,
     decorrelation_loss,
     implicit_em_objective,
@@ -13,8 +13,6 @@ from implicit_em.objective import (
     lse_loss_autograd,
     responsibilities,
     sae_objective,
-    select_and_depth_variance,
-    sparse_decorrelation_loss,
     variance_loss,
     weight_orthogonality_loss,
 )
@@ -355,7 +353,7 @@ def _correlated_distances(n=50, k=12, seed=0):
 def test_subset_estimate_over_all_subsets_is_exactly_unbiased_with_the_stated_variance():
     from itertools import combinations
 
-    from implicit_em.objective import centred_and_variance, correlation_matrix, subset_estimate_variance
+    from implicit_em.core.objective import centred_and_variance, correlation_matrix, subset_estimate_variance
 
     d = _correlated_distances()
     k, m = d.shape[1], 4
@@ -372,7 +370,7 @@ def test_subset_estimate_over_all_subsets_is_exactly_unbiased_with_the_stated_va
     # m = K: the estimate is the exact value, variance 0
     assert subset_estimate_variance(corr_sq, k).item() == pytest.approx(0.0, abs=1e-10 * exact**2)
     centred, var = centred_and_variance(d)
-    from implicit_em.objective import decorrelation_subset_estimate
+    from implicit_em.core.objective import decorrelation_subset_estimate
 
     assert decorrelation_subset_estimate(centred, var, k).item() == pytest.approx(exact, rel=1e-12)
 
@@ -380,7 +378,11 @@ def test_subset_estimate_over_all_subsets_is_exactly_unbiased_with_the_stated_va
 def test_subset_variance_estimate_from_the_subset_is_unbiased():
     from itertools import combinations
 
-    from implicit_em.objective import correlation_matrix, subset_estimate_variance, subset_estimate_variance_from_subset
+    from implicit_em.core.objective import (
+        correlation_matrix,
+        subset_estimate_variance,
+        subset_estimate_variance_from_subset,
+    )
 
     d = _correlated_distances(seed=1)
     k, m = d.shape[1], 5
@@ -392,7 +394,7 @@ def test_subset_variance_estimate_from_the_subset_is_unbiased():
 
 
 def test_objective_estimate_through_implicit_em_objective_is_unbiased_and_gradients_flow():
-    from implicit_em.objective import correlation_matrix, subset_estimate_variance
+    from implicit_em.core.objective import correlation_matrix, subset_estimate_variance
 
     d = _correlated_distances(n=80, k=40, seed=2)
     m, draws = 8, 4000
@@ -428,7 +430,7 @@ def test_objective_estimate_through_implicit_em_objective_is_unbiased_and_gradie
 def test_decorrelation_backward_is_the_true_gradient_in_its_two_inputs(n, k):
     """The written-out backward against finite differences, with the centred batch and the variances as
     independent inputs (autograd chains their dependence on d), on both sides of the N < K switch."""
-    from implicit_em.objective import decorrelation_from_statistics
+    from implicit_em.core.objective import decorrelation_from_statistics
 
     g = torch.Generator().manual_seed(n)
     centred = torch.randn(n, k, generator=g, dtype=torch.float64, requires_grad=True)
@@ -454,32 +456,3 @@ def test_objective_gradient_equals_autograd_of_the_textbook_terms(n, k, m):
     assert value <= 1e-12 and grad <= 1e-10, (value, grad)
     small = d.detach()[:6, :5].clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda t: implicit_em_objective(t, lambda_var=0.5)["loss"], (small,))
-
-
-@pytest.mark.parametrize(("n", "k_components", "k"), [(50, 40, 5), (64, 300, 16), (200, 12, 12)])
-def test_sparse_decorrelation_is_the_dense_codes_in_value_and_gradient(n, k_components, k):
-    """L_tc from the k nonzeros per row equals decorrelation_loss of the dense code, value and gradient (float64),
-    with a component never kept (constant 0), one kept in every row, and kept entries that are 0."""
-    g = torch.Generator().manual_seed(n + k)
-    z = torch.randn(n, k_components, generator=g, dtype=torch.float64)
-    z[:, 0] = -1e3  # never among the top k: a dead column
-    z[:, -1] += 1e3  # always kept
-    values, index = z.topk(k, dim=-1)
-    kept = torch.relu(values - 0.3).requires_grad_(True)  # some kept values 0
-    dense = torch.zeros_like(z).scatter(-1, index, kept)
-    ref = decorrelation_loss(dense)
-    ours = sparse_decorrelation_loss(kept, index, k_components)
-    assert torch.allclose(ours, ref, rtol=1e-10, atol=1e-9)
-    (g_ref,) = torch.autograd.grad(ref, kept)
-    (g_ours,) = torch.autograd.grad(ours, kept)
-    assert torch.allclose(g_ours, g_ref, rtol=1e-8, atol=1e-10)
-
-
-def test_select_and_depth_variance_is_topk_and_the_dense_variance():
-    g = torch.Generator().manual_seed(3)
-    z = torch.randn(40, 30, generator=g, dtype=torch.float64)
-    for sign in (-1, 1):
-        values, index, var = select_and_depth_variance(z, sign, 4)
-        ref_values, ref_index = (sign * z).topk(4, dim=-1)
-        assert torch.equal(index, ref_index) and torch.allclose(values, ref_values)
-        assert torch.allclose(var, torch.relu(sign * z).var(dim=0), rtol=1e-12)
