@@ -37,3 +37,21 @@ def one_pass(monkeypatch):
 
     monkeypatch.setattr(normalization.Normalization, "fit", classmethod(counted))
     return fits
+
+
+@pytest.fixture
+def sparsify_folder(tmp_path):
+    """A sparsify SparseCoder on digits' 64 dimensions (32 components, k = 4), saved by sparsify itself in its own
+    layout (``cfg.json`` + ``sae.safetensors``); returns (folder, coder)."""
+    import os
+
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # the eager decoder on CPU
+    sparsify = pytest.importorskip("sparsify", reason="eai-sparsify is not installed: pip install -e '.[peers]'")
+    import torch
+
+    torch.manual_seed(0)
+    coder = sparsify.SparseCoder(64, sparsify.SparseCoderConfig(num_latents=32, k=4), device="cpu")
+    with torch.no_grad():
+        coder.b_dec.fill_(2.0)  # digits' pixels are 0..16: a start near the data, as sparsify's trainer makes
+    coder.save_to_disk(tmp_path / "sparsify_peer")
+    return tmp_path / "sparsify_peer", coder

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+import torch
+
 from implicit_em.experiments.compare import ROWS, run_compare, table
 from tests.experiments.conftest import REPO
 
@@ -16,11 +19,13 @@ def test_table_marks_missing_numbers_and_shows_each_sparse_k():
     assert "| raw | 5 | — |" in text and "| 0.900 |" in text and "| 0.700 |" in text and "sparse k=20" in text
 
 
-def test_compare_on_digits_writes_every_row_in_one_pass(tmp_path, one_pass, capsys):
-    path = run_compare("digits", tmp_path, components=16, epochs=1, seeds=[1], configs=REPO / "configs", log=print)
+def test_compare_on_digits_writes_every_row_in_one_pass(tmp_path, one_pass, sparsify_folder, capsys):
+    folder, coder = sparsify_folder
+    path = run_compare("digits", tmp_path, components=16, epochs=1, seeds=[1], configs=REPO / "configs", log=print,
+                       sae_dirs=[folder])  # fmt: skip
     result = json.loads(path.read_text())
     rows = {r["model"]: r for r in result["rows"]}
-    assert list(rows) == list(ROWS)
+    assert list(rows) == [*ROWS, "sparsify_peer"]
     for name in ROWS[:-1]:  # every row but the raw inputs is scored
         r = rows[name]
         assert all(isinstance(r[m], float) and math.isfinite(r[m]) for m in ("fvu", "l0", "cosine")), r
@@ -36,6 +41,23 @@ def test_compare_on_digits_writes_every_row_in_one_pass(tmp_path, one_pass, caps
         written = json.loads((tmp_path / rows[name]["run_dir"] / "metrics.json").read_text())
         assert written["fvu"] == rows[name]["fvu"] and written["probe_accuracy"] == rows[name]["probe_accuracy"]
     assert one_pass == ["none"] * 5  # one DataModule set up per trained row, none for the other rows
+    assert result["tokens_trained"] == rows["implicit_em"]["rows_trained"] > 1000  # digits' training rows x 1 epoch
+    assert (
+        result["saes"] == [str(folder)] and "each trained model saw" in (tmp_path / "digits" / "compare.md").read_text()
+    )
+    # the saved SAE: judged through its own decoder, its L0 its k, its FVU as sparsify computes it
+    peer = rows["sparsify_peer"]
+    assert peer["k"] == 4 and peer["source"] == "sparsify" and peer["components"] == 32
+    assert 3.5 < peer["l0"] <= 4 + 1e-9 and isinstance(peer["fvu"], float)
+    from implicit_em.run.app import configure
+
+    dm = configure(["--config", str(REPO / "configs" / "data" / "digits.yaml")], [REPO / "configs" / "default.yaml"])
+    dm = dm.datamodule
+    dm.setup("fit")  # digits are not normalised: the test rows are the raw activations sparsify reads
+    with torch.no_grad():
+        expected = float(coder(dm.splits["test"].x).fvu)
+    assert peer["fvu_decoder"] == pytest.approx(expected, rel=1e-4)
+    assert peer["parameters_code"] == 32 * 64 + 32 and peer["parameters_reconstruction"] == 2 * 32 * 64 + 32 + 64
     folder = tmp_path / "digits"
     assert (folder / "compare.md").is_file() and (folder / "compare.png").is_file()
     assert "![compare](compare.png)" in (folder / "compare.md").read_text()

@@ -108,3 +108,28 @@ def test_the_random_encoder_is_the_untrained_module_of_the_same_settings(fitted)
     for key, value in before.state_dict().items():
         assert torch.equal(ours.state_dict()[key], value), key
     assert not torch.equal(ours.model.encoder.weight, fit.module.model.encoder.weight)  # not the trained weights
+
+
+def test_a_saved_sae_is_judged_on_raw_activations_through_its_own_decoder():
+    from implicit_em.data.normalization import Normalization
+    from implicit_em.experiments.rows import sae_parameters, sae_row
+    from implicit_em.sae_folders import ExportedSAE
+
+    raw = _data()
+    norm = Normalization.fit(raw.splits["train"].x, "center+scale")
+    splits = {n: Split(norm(s.x).float(), s.y) for n, s in raw.splits.items()}
+    data = Data(splits, norm.inverse(), None, norm)  # what the evaluation sees: normalised rows
+    g = torch.Generator().manual_seed(2)
+    tensors = {"W_enc": torch.randn(5, 6, generator=g), "b_enc": torch.randn(6, generator=g),
+               "W_dec": torch.randn(6, 5, generator=g), "b_dec": torch.randn(5, generator=g)}  # fmt: skip
+    sae = ExportedSAE(tensors, {}, "topk", k=2)
+    row = sae_row(sae, data)
+    x = raw.splits["test"].x  # raw activations in, raw out
+    torch.testing.assert_close(row.encode(splits["test"].x), sae.encode(x), rtol=1e-4, atol=1e-4)
+    out = evaluate_row(row, data, "torch")
+    x64, x_hat = x.double(), sae.decode(sae.encode(x)).double()
+    expected = float((x64 - x_hat).pow(2).sum() / (x64 - x64.mean(0)).pow(2).sum())
+    assert out["fvu_decoder"] == pytest.approx(expected, rel=1e-4) and out["l0"] <= 2 + 1e-9
+    assert sae_parameters(sae) == {"parameters_code": 5 * 6 + 6, "parameters_reconstruction": 2 * 5 * 6 + 6 + 5}
+    with pytest.raises(Exception, match="--sae: an SAE on 5-dimensional inputs"):
+        sae_row(sae, _data(d=4))

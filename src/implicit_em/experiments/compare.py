@@ -38,11 +38,16 @@ from implicit_em.experiments.rows import (
     evaluate_row,
     fitted_numbers,
     kmeans_row,
+    load_saes,
     matched_k,
     module_row,
     pca_row,
     random_encoder,
+    sae_keys,
+    sae_row,
+    tokens_trained,
     train_args,
+    trained_on,
 )
 from implicit_em.experiments.tables import markdown_table, summarize, write_results
 
@@ -81,10 +86,12 @@ NOTES = (
 def compare_seed(
     configs: Path, data: str, folder: Path, components: int, epochs: int, seed: int, batch_size: int | None,
     data_root: str | None, probe_method: str, log: Callable[[str], None] = print, lm_windows: int = 50,
+    saes: dict | None = None,
 ) -> list[dict]:  # fmt: skip
     """Every row of one seed: train what needs training (each judged by its own fit), then judge the other rows
     the same way on the data of this model's fit (with the causal LM's splice on ``lm_windows`` held-out windows
-    where the data is a causal LM's harvest)."""
+    where the data is a causal LM's harvest); ``saes``: saved SAEs by row name (:func:`load_saes`), each a frozen
+    row through its own decoder."""
     from implicit_em.run.app import fit_module
 
     def args_of(name: str, model: str, *extra: str) -> list[str]:
@@ -103,11 +110,12 @@ def compare_seed(
         start = time.perf_counter()
         fitted = fit_module(args_of(name, model, *extra))
         numbers = fitted_numbers(fitted.metrics)  # judged by its own fit: nothing read back, nothing judged twice
-        rows.append(row(name, components, numbers, start, **keys, run_dir=str(fitted.run.path)))
+        rows.append(row(name, components, numbers, start, **keys, run_dir=str(fitted.run.path),
+                        rows_trained=fitted.metrics["rows_trained"]))  # fmt: skip
         return fitted
 
-    def judged(name: str, n: int, encoder, start: float, probes_only: bool = False) -> None:
-        rows.append(row(name, n, evaluate_row(encoder, shared, probe_method, probes_only, lm_windows), start))
+    def judged(name: str, n: int, encoder, start: float, probes_only: bool = False, **keys) -> None:
+        rows.append(row(name, n, evaluate_row(encoder, shared, probe_method, probes_only, lm_windows), start, **keys))
 
     # this model first: its fit fixes the data (splits, normalisation) every other row is judged on
     shared = Data.of(trained("implicit_em", "implicit_em").datamodule, lm_windows)
@@ -133,6 +141,10 @@ def compare_seed(
     judged("random_encoder", components, module_row(untrained), start)
     start = time.perf_counter()
     judged("raw", shared.dims, RAW, start, probes_only=True)
+    for name, sae in (saes or {}).items():
+        log(f"[compare] {name}: a saved SAE, through its own decoder")
+        start = time.perf_counter()
+        judged(name, sae.n_components, sae_row(sae, shared), start, **sae_keys(sae))
     return rows
 
 
@@ -163,24 +175,39 @@ def run_compare(
     command: str = "",
     log: Callable[[str], None] = print,
     lm_windows: int = 50,
+    sae_dirs: Sequence[str | Path] = (),
 ) -> Path:
     """Train and judge every row on ``data`` once per seed; write compare.json, compare.md and compare.png
     into ``<out>/<data>/`` and return compare.json's path. ``lm_windows``: held-out windows of the causal LM's
-    splice (causal harvests only; 0: off)."""
+    splice (causal harvests only; 0: off); ``sae_dirs``: saved SAEs (SAELens, sparsify, ``scripts/export.py``)
+    added as frozen rows named after their folders."""
     folder = Path(out) / data
+    saes = load_saes(sae_dirs)  # refused before anything trains
     per_seed = [
         r
         for seed in seeds
         for r in compare_seed(
-            Path(configs), data, folder, components, epochs, seed, batch_size, data_root, probe_method, log, lm_windows
-        )  # fmt: skip
+            Path(configs),
+            data,
+            folder,
+            components,
+            epochs,
+            seed,
+            batch_size,
+            data_root,
+            probe_method,
+            log,
+            lm_windows,
+            saes,
+        )
     ]
-    header = {"data": data, "components": components, "epochs": epochs, "seeds": list(seeds),
-              "batch_size": batch_size, "probe_method": probe_method, "lm_windows": lm_windows,
-              "command": command}  # fmt: skip
     rows = summarize(per_seed, ["model"])
+    header = {"data": data, "components": components, "epochs": epochs, "seeds": list(seeds),
+              "tokens_trained": tokens_trained(rows), "batch_size": batch_size, "probe_method": probe_method,
+              "lm_windows": lm_windows, "saes": [str(d) for d in sae_dirs], "command": command}  # fmt: skip
     figures = [p for p in [plot(rows, folder / "compare.png", f"{data}: K = {components}, {epochs} epochs")] if p]
-    protocol = f"K = {components}, {epochs} epochs, {{seeds}}; probe: {probe_method}."
+    protocol = (f"K = {components}, {epochs} epochs ({trained_on(header)}), {{seeds}}; probe: {probe_method}."
+                + (f" Saved SAEs judged beside them: {', '.join(map(str, sae_dirs))}." if sae_dirs else ""))  # fmt: skip
     return write_results(folder, header, "compare", {"rows": rows}, table(rows), figures, NOTES, protocol,
                          title=f"# SAE comparison on {data}")  # fmt: skip
 
@@ -190,5 +217,5 @@ def run_compare_experiment(s, runs=None) -> Path:
     ``reproduce.py`` call's settings (its own plain runs: the shared ensemble runs do not apply)."""
     return run_compare(
         s.data, s.out, s.components, s.epochs, s.seeds, s.data_root, s.batch_size, s.probe_method, s.configs,
-        s.command, log=runs.log if runs is not None else print, lm_windows=s.lm_windows,
+        s.command, log=runs.log if runs is not None else print, lm_windows=s.lm_windows, sae_dirs=s.saes,
     )  # fmt: skip

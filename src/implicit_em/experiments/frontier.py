@@ -8,12 +8,16 @@
 - ``random_encoder``: this model's net with the same k, untrained (seeded init and data-aware start) -- a random
   frozen encoder with TopK, its readout fitted like ours;
 
-and once, as reference points: ``kmeans`` (one-hot assignments, L0 = 1) and ``pca`` (dense projections).
-Same data, width K, training tokens (epochs, batch) and evaluation for every row: the one evaluation of
-:mod:`implicit_em.experiments.rows` (ridge readout FVU, ``fvu_decoder`` through a row's own decoder, L0, dead
-fraction, k-sparse probing, the full linear probe, CE loss recovered and KL where the data is a causal LM's
-harvest; a trained row's are its fit's own end-of-run numbers), plus ``sparse_probe_mean`` (mean of k-sparse
-probing at k = 1, 2, 5), ``n_parameters``, ``train_seconds`` (the run's epochs), ``eval_seconds`` (its
+and once, as reference points: ``kmeans`` (one-hot assignments, L0 = 1) and ``pca`` (dense projections); with
+``--sae DIR ...``, each saved SAE (SAELens, sparsify, ``scripts/export.py``) as a frozen row named after its folder,
+at the target L0 of its k, judged through its own decoder on raw activations.
+Same data, width K, training tokens (epochs, batch; the header's ``tokens_trained``) and evaluation for every row:
+the one evaluation of :mod:`implicit_em.experiments.rows` (ridge readout FVU, ``fvu_decoder`` through a row's own
+decoder, L0, dead fraction, k-sparse probing, the full linear probe ``probe_accuracy``, CE loss recovered and KL,
+with their intervals where measured, where the data is a causal LM's harvest; a trained row's are its fit's own
+end-of-run numbers), plus ``sparse_probe_mean`` (mean of k-sparse probing at k = 1, 2, 5), ``n_parameters``,
+``parameters_code`` (the encoder alone) and ``parameters_reconstruction`` (what CE and FVU need: the encoder and
+its decoder, or the ridge readout), ``train_seconds`` (the run's epochs), ``eval_seconds`` (its
 evaluation) and ``fit_seconds`` (its whole ``scripts/train.py`` path), ``train_curve`` ([step, training loss] as
 logged) and ``train_curve_change`` (its relative change over the last fifth of the steps: whether the SAEs
 converged). ``rows`` keeps a subset of the rows (the random encoder needs this model's settings); ``split``
@@ -39,10 +43,17 @@ from implicit_em.experiments.rows import (
     evaluate_row,
     fitted_numbers,
     kmeans_row,
+    load_saes,
+    module_parameters,
     module_row,
+    parameter_counts,
     pca_row,
     random_encoder,
+    sae_keys,
+    sae_row,
+    tokens_trained,
     train_args,
+    trained_on,
 )
 from implicit_em.experiments.tables import format_cell, markdown_table, summarize, write_results
 from implicit_em.run.rundir import RunDir
@@ -101,10 +112,13 @@ def frontier_seed(
     configs: Path, data: str, folder: Path, components: int, epochs: int, seed: int, l0s: Sequence[int],
     batch_size: int | None, data_root: str | None, probe_method: str, log: Callable[[str], None] = print,
     lm_windows: int = 50, model_args: Sequence[str] = (), rows_kept: Sequence[str] = ROWS, split: str = "test",
+    saes: dict | None = None,
 ) -> list[dict]:  # fmt: skip
     """Every row of one seed: the trained models (each judged by its own fit) and the random encoder at each
-    target L0, then k-means and PCA (those of ``rows_kept``). ``model_args``: extra ``scripts/train.py`` arguments
-    for this model's runs (``--model.net.*``); ``split``: where every row is scored."""
+    target L0, then k-means and PCA (those of ``rows_kept``), then each saved SAE of ``saes`` (by row name, through
+    its own decoder, at the target L0 of its k). ``model_args``: extra ``scripts/train.py`` arguments for this
+    model's runs (``--model.net.*``); ``split``: where every row is scored. Every row carries its parameters counted
+    both ways (:func:`~implicit_em.experiments.rows.parameter_counts`)."""
     from implicit_em.run.app import fit_module
 
     shared: Data | None = None
@@ -113,6 +127,7 @@ def frontier_seed(
     def add(name: str, target: int | None, numbers: dict, **extra) -> None:
         out = {"model": name, "seed": seed, "target_l0": target, "components": components, "scored_on": split,
                **extra, **numbers, "fvu_decoder": numbers.get("fvu_decoder"),
+               "probe_accuracy": numbers.get("probe_accuracy"),
                "sparse_probe_mean": probe_mean(numbers.get("sparse_probe_accuracy"))}  # fmt: skip
         shown = ("l0", "dead_fraction", "fvu", "fvu_decoder", "sparse_probe_mean", "ce_loss_recovered", "kl_div")
         log(f"[frontier] {name} k={target}: " + ", ".join(f"{m} {out.get(m)}" for m in shown))
@@ -139,54 +154,71 @@ def frontier_seed(
             ours_args = args if name == "implicit_em" else ours_args
             curve = training_curve(fitted.run.path)
             add(name, k, fitted_numbers(fitted.metrics), n_parameters=fitted.module.n_parameters(),
+                **module_parameters(fitted.module), rows_trained=fitted.metrics["rows_trained"],
                 train_seconds=sum(fitted.metrics.get("epoch_seconds") or []), fit_seconds=fit_seconds,
                 eval_seconds=fitted.metrics.get("eval_seconds"), run_dir=str(fitted.run.path), train_curve=curve,
                 train_curve_change=curve_change(curve))  # fmt: skip
         if "random_encoder" in rows_kept:
             module = random_encoder(ours_args, shared)
-            judge("random_encoder", module_row(module), k, n_parameters=module.n_parameters(), train_seconds=0.0)
+            judge("random_encoder", module_row(module), k, n_parameters=module.n_parameters(),
+                  **module_parameters(module), train_seconds=0.0)  # fmt: skip
 
     n_train = len(shared.splits["train"].x)
     start = time.perf_counter()
     if "kmeans" in rows_kept and components <= n_train:
         log("[frontier] kmeans")
         km = kmeans_row(shared, components, seed)
-        judge("kmeans", km, None, n_parameters=components * shared.dims, train_seconds=time.perf_counter() - start)
+        judge("kmeans", km, None, n_parameters=components * shared.dims,
+              **parameter_counts(components * shared.dims, None, components, shared.dims),
+              train_seconds=time.perf_counter() - start)  # fmt: skip
     n_pca = min(components, shared.dims)
     start = time.perf_counter()
     if "pca" in rows_kept:
         log("[frontier] pca")
         pca = pca_row(shared, n_pca)
         judge("pca", pca, None, n_parameters=n_pca * shared.dims + shared.dims,
+              **parameter_counts(n_pca * shared.dims + shared.dims, None, n_pca, shared.dims),
               train_seconds=time.perf_counter() - start)  # fmt: skip
+    for name, sae in (saes or {}).items():
+        log(f"[frontier] {name}: a saved SAE, through its own decoder")
+        keys = sae_keys(sae)
+        target = int(round(keys["k"])) if keys["k"] is not None else None
+        judge(name, sae_row(sae, shared), target, n_parameters=sum(p.numel() for p in sae.parameters()), **keys,
+              train_seconds=None)  # fmt: skip
     return rows
 
 
 # -- table and figures ------------------------------------------------------------------------------------
 COLUMNS = {
     "target_l0": ("target", "d"), "l0": ("L0", ".1f"), "dead_fraction": ("dead", ".3f"), "fvu": ("FVU", ".3f"),
-    "fvu_decoder": ("FVU dec.", ".3f"), "sparse_probe_mean": ("probe k=1,2,5", ".3f"),
-    "ce_loss_recovered": ("CE rec.", ".3f"), "kl_div": ("KL", ".3f"), "n_parameters": ("params", "d"),
-    "train_seconds": ("train s", ".0f"),
+    "fvu_decoder": ("FVU dec.", ".3f"), "probe_accuracy": ("probe", ".3f"), "sparse_probe_mean": ("probe k=1,2,5", ".3f"),
+    "ce_loss_recovered": ("CE rec.", ".3f"), "ce_loss_recovered_ci": ("CE rec. 95%", ".3f"), "kl_div": ("KL", ".3f"),
+    "ce_tokens": ("CE tokens", "d"), "parameters_code": ("params code", "d"),
+    "parameters_reconstruction": ("params rec.", "d"), "train_seconds": ("train s", ".0f"),
 }  # fmt: skip
 
 
 def markdown(rows: Sequence[dict], header: dict) -> tuple[str, str, str]:
-    """frontier.md's (protocol, table, notes): the settings, the table, and how to read it."""
+    """frontier.md's (protocol, table, notes): the settings and what the models saw, the table, how to read it."""
     split = header.get("split", "test")
     strength = "val" if split == "test" else "the last tenth of the train rows"
     protocol = (
-        f"K = {header['components']}, {header['epochs']} epochs, target L0 {header['l0s']}, seeds {header['seeds']} "
-        f"({{seeds}}), scored on {split}"
+        f"K = {header['components']}, {header['epochs']} epochs ({trained_on(header)}), target L0 {header['l0s']}, "
+        f"seeds {header['seeds']} ({{seeds}}), scored on {split}"
         + (f", this model with {' '.join(header['model_args'])}" if header.get("model_args") else "")
+        + (f"; saved SAEs judged beside them: {', '.join(header['saes'])}" if header.get("saes") else "")
         + "."
     )
     notes = "\n".join([
         f"FVU: a ridge readout x ~ f R + c fitted on each row's codes (train rows, strength on {strength}), scored on "
-        f"{split} rows in raw units; FVU dec.: the SAEs' own decoders on the same rows. L0 and dead: |f| > 0.01 over all "
-        "evaluation rows. probe: k-sparse probing (balanced accuracy, per document), mean of k = 1, 2, 5. CE rec. "
-        "and KL: the causal LM run again with the layer replaced by the reconstruction (causal harvests only). "
-        "random_encoder: this model's net at its data-aware start, untrained, with the same TopK.", "",
+        f"{split} rows in raw units; FVU dec.: the row's own decoder on the same rows. L0 and dead: |f| > 0.01 over "
+        "all evaluation rows. probe: the full linear probe (multiclass accuracy); probe k=1,2,5: k-sparse probing "
+        "(balanced accuracy, per document), mean of k = 1, 2, 5. CE rec. and KL: the causal LM run again with the "
+        "layer replaced by the reconstruction (causal harvests only), with the 95% interval and the predicted tokens "
+        "where measured. params code: the encoder alone; params rec.: what CE and FVU need, the encoder and its own "
+        "decoder, or the ridge readout (K x D + D) for a row without one. random_encoder: this model's net at its "
+        "data-aware start, untrained, with the same TopK. A saved SAE (--sae) was trained elsewhere, on its own "
+        "tokens.", "",
         *seed_lines(rows), *curve_lines(rows),
     ])  # fmt: skip
     return protocol, markdown_table(rows, ["model"], COLUMNS), notes
@@ -249,7 +281,8 @@ def log_frontier(rows: Sequence[dict], header: dict, folder: Path, project: str 
         project, folder, "frontier", f"frontier {header['data']} K={header['components']}", dict(header)
     )
     columns = ["model", *COLUMNS]
-    run.log({"frontier/table": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])})
+    cell = lambda v: str(v) if isinstance(v, (list, dict)) else v  # noqa: E731  (an interval as its text)
+    run.log({"frontier/table": wandb.Table(columns=columns, data=[[cell(r.get(c)) for c in columns] for r in rows])})
     for png in sorted(folder.glob("frontier_*.png")):
         run.log({f"frontier/{png.stem}": wandb.Image(str(png))})
     where = Path(run.dir).parent if getattr(run, "dir", None) else None
@@ -282,12 +315,15 @@ def run_frontier(
     rows_kept: Sequence[str] | None = None,
     split: str = "test",
     wandb_project: str | None = None,
+    sae_dirs: Sequence[str | Path] = (),
 ) -> Path:
     """Train and judge every row (those of ``rows_kept``; None: all) at every target L0 once per seed; write
     frontier.json, frontier.md and the PNGs into ``<out>/<data>/`` after every seed (so an interrupted run keeps
     the seeds it finished: ``seeds`` in the JSON, ``seeds_asked`` the ones asked for; run again with the same
     settings, it keeps those seeds' rows and runs the others, see :func:`finished_seeds`), and log them to W&B
-    project ``wandb_project`` when given at the end; returns frontier.json's path."""
+    project ``wandb_project`` when given at the end; returns frontier.json's path. ``sae_dirs``: saved SAEs
+    (SAELens, sparsify, ``scripts/export.py``) judged as frozen rows named after their folders. The header's
+    ``tokens_trained``: the rows (a harvest's tokens) each trained model saw, training rows x epochs."""
     l0s = sorted({int(k) for k in l0s})
     if not l0s or min(l0s) < 1 or max(l0s) > components:
         raise ValueError(f"--l0: target L0s must lie in 1..{components} (K), got {l0s}")
@@ -305,8 +341,9 @@ def run_frontier(
     header = {"data": data, "components": components, "epochs": epochs, "seeds": list(seeds), "l0s": l0s,
               "batch_size": batch_size, "probe_method": probe_method, "lm_windows": lm_windows, "split": split,
               "model_args": list(model_args), "rows_kept": [r for r in ROWS if r in rows_kept],
-              "command": command}  # fmt: skip
+              "saes": [str(d) for d in sae_dirs], "command": command}  # fmt: skip
     finished = finished_seeds(folder / "frontier.json", header)  # refused before anything runs or is written
+    saes = load_saes(sae_dirs)  # refused before anything trains
     results: list[dict] = []
     done: list[int] = []
     for seed in seeds:  # the files are rewritten after every seed: an interrupted run keeps the seeds it finished
@@ -315,11 +352,12 @@ def run_frontier(
             seed_rows = finished[seed]
         else:
             seed_rows = frontier_seed(Path(configs), data, folder, components, epochs, seed, l0s, batch_size,
-                                      data_root, probe_method, log, lm_windows, model_args, rows_kept, split)  # fmt: skip
+                                      data_root, probe_method, log, lm_windows, model_args, rows_kept, split,
+                                      saes)  # fmt: skip
         results += [{**r, "seed": seed} for r in seed_rows]
         done.append(seed)
-        written = {**header, "seeds": done, "seeds_asked": list(seeds)}
         rows = summarize(results, ["model", "target_l0"])
+        written = {**header, "seeds": done, "seeds_asked": list(seeds), "tokens_trained": tokens_trained(rows)}
         path = write_frontier(rows, written, folder)
         log(f"[frontier] seed {seed} finished: {len(done)} of {len(seeds)} seeds in {path.name}")
     if wandb_project:
@@ -328,7 +366,8 @@ def run_frontier(
 
 
 #: the header entries that say what was run (two frontiers with the same ones differ only in their seeds)
-SETTINGS = ("data", "components", "epochs", "l0s", "batch_size", "lm_windows", "split", "model_args", "rows_kept")
+SETTINGS = ("data", "components", "epochs", "l0s", "batch_size", "lm_windows", "split", "model_args", "rows_kept",
+            "saes")  # fmt: skip
 
 
 def finished_seeds(path: Path, header: dict) -> dict[int, list[dict]]:
@@ -349,6 +388,7 @@ def finished_seeds(path: Path, header: dict) -> dict[int, list[dict]]:
             f"{path} is not a frontier.json this code can read ({e}); pass another --out or move it"
         ) from e
     old.setdefault("rows_kept", [m for m in ROWS if any(r.get("model") == m for r in rows)])
+    old.setdefault("saes", [])
     differ = [k for k in SETTINGS if old.get(k) != header.get(k)]
     if differ:
         shown = "; ".join(f"{k} {old.get(k)} there, {header.get(k)} now" for k in differ)
@@ -382,5 +422,5 @@ def run_frontier_experiment(s, runs=None) -> Path:
     return run_frontier(
         s.data, s.out, s.components, s.epochs, s.seeds, s.l0s or DEFAULT_L0S, s.data_root, s.batch_size,
         s.probe_method, s.configs, s.command, log=runs.log if runs is not None else print, lm_windows=s.lm_windows,
-        model_args=s.model_args, rows_kept=s.rows, split=s.split, wandb_project=s.wandb_project,
+        model_args=s.model_args, rows_kept=s.rows, split=s.split, wandb_project=s.wandb_project, sae_dirs=s.saes,
     )  # fmt: skip

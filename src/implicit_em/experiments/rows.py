@@ -162,6 +162,77 @@ def pca_row(data: Data, k: int) -> Row:
 RAW = Row(lambda x: x, lambda x: x)
 
 
+# -- a saved SAE brought in (``--sae DIR``) ----------------------------------------------------------------
+def load_saes(folders: Sequence[str | Path]) -> dict[str, Any]:
+    """The SAEs of ``folders`` (:func:`implicit_em.load`: SAELens, sparsify or ``scripts/export.py`` folders) by row
+    name: the folder's name (its parent's too where two folders share a name). Read before anything trains, so a
+    folder that does not load is refused at once."""
+    import implicit_em
+
+    names = [Path(f).name for f in folders]
+    return {
+        (Path(f).name if names.count(Path(f).name) == 1 else f"{Path(f).parent.name}/{Path(f).name}"): implicit_em.load(
+            f
+        )
+        for f in folders
+    }
+
+
+def sae_keys(sae) -> dict:
+    """What a saved SAE's row says about it beside its numbers: its k (the L0 target; None without one), what it was
+    trained as, where it comes from, its folder, and its parameters counted both ways."""
+    return {"k": getattr(sae, "k", None), "architecture": getattr(sae, "name", None),
+            "source": getattr(sae, "source", None), "path": str(getattr(sae, "path", "") or "") or None,
+            **sae_parameters(sae)}  # fmt: skip
+
+
+def sae_row(sae, data: Data) -> Row:
+    """A saved SAE as a frozen row, judged through its own decoder: ``sae.encode`` takes raw activations (the
+    normalised rows mapped back), ``sae.decode`` gives them (mapped to the normalised space the evaluation scores
+    in, and back to raw units there). Needs only ``encode``, ``decode`` and ``n_components``."""
+    from implicit_em.errors import ConfigError
+
+    d_in = getattr(sae, "d_in", None)
+    if d_in is not None and d_in != data.dims:
+        raise ConfigError(f"--sae: an SAE on {d_in}-dimensional inputs cannot read this data ({data.dims} dimensions); "
+                          "pass an SAE trained on the same layer")  # fmt: skip
+    to_raw = data.to_raw or (lambda x: x)
+    normalize = data.normalize or (lambda x: x)
+    device = next(iter(sae.parameters()), torch.zeros(())).device
+
+    def encode(x: Tensor) -> Tensor:
+        return sae.encode(to_raw(x).float().to(device)).cpu()
+
+    def decode(f: Tensor) -> Tensor:
+        return normalize(sae.decode(f.to(device)).cpu().float()).float()
+
+    return Row(encode, decode)
+
+
+# -- parameters, counted both ways --------------------------------------------------------------------------
+def parameter_counts(code: int, decoder: int | None, components: int, dims: int) -> dict[str, int]:
+    """``parameters_code``: what computes the codes (the encoder alone); ``parameters_reconstruction``: what CE and
+    FVU need, the encoder and its own decoder, or for a row without one the ridge readout x ~ f R + c
+    (K x D + D) fitted to it."""
+    return {"parameters_code": int(code),
+            "parameters_reconstruction": int(code + (decoder if decoder is not None else components * dims + dims))}  # fmt: skip
+
+
+def module_parameters(module) -> dict[str, int]:
+    """:func:`parameter_counts` of a module: its first layer (the components) is the code, the rest its decoder."""
+    net = module.model
+    code = sum(p.numel() for p in net.first_layer().parameters())
+    total = sum(p.numel() for p in net.parameters())
+    return parameter_counts(code, total - code if net.has_decoder else None, net.n_components, net.in_features)
+
+
+def sae_parameters(sae) -> dict[str, int]:
+    """:func:`parameter_counts` of a loaded SAE: ``W_dec`` and ``b_dec`` are its decoder, the rest its code."""
+    sizes = {name: p.numel() for name, p in sae.named_parameters()}
+    decoder = sum(n for name, n in sizes.items() if name in ("W_dec", "b_dec"))
+    return parameter_counts(sum(sizes.values()) - decoder, decoder, sae.n_components, sae.d_in)
+
+
 # -- one evaluation for every row -------------------------------------------------------------------------
 def evaluate_row(
     row: Row, data: Data, probe_method: str, probes_only: bool = False, lm_windows: int = 0, split: str = "test"
@@ -194,3 +265,17 @@ def evaluate_row(
 def matched_k(l0: float, n_components: int) -> int:
     """The TopK k matching a model's L0: round(L0), within 1..K (NaN or 0 gives 1)."""
     return min(max(int(round(l0)) if math.isfinite(l0) else 1, 1), n_components)
+
+
+# -- what the rows trained on ----------------------------------------------------------------------------
+def tokens_trained(rows: Sequence[dict]) -> int | None:
+    """The rows (a harvest's tokens) every trained row saw: its training rows x epochs (``rows_trained``), the same
+    for each; None when no row was trained here."""
+    seen = [r["rows_trained"] for r in rows if isinstance(r.get("rows_trained"), (int, float))]
+    return int(max(seen)) if seen else None
+
+
+def trained_on(header: dict) -> str:
+    """How a table says what its models saw: ``each trained model saw 668,484 rows (a harvest's tokens)``."""
+    n = header.get("tokens_trained")
+    return "rows seen unknown" if n is None else f"each trained model saw {n:,} rows (a harvest's tokens)"

@@ -33,6 +33,7 @@ class Settings:
     model_args: list[str] = field(default_factory=list)  # extra scripts/train.py flags for this model's frontier runs
     rows: list[str] | None = None  # the frontier's rows to run (None: all)
     wandb_project: str | None = None  # frontier: the W&B project its table and plots go to (None: not logged)
+    saes: list[str] = field(default_factory=list)  # compare, frontier: saved SAE folders judged as frozen rows
 
     @property
     def folder(self) -> Path:

@@ -50,7 +50,7 @@ def _summary(values: list) -> tuple[Any, Any, bool]:
     anything else (names, paths, curves) -> the first seed's value."""
     if all(_is_number(v) or v is None for v in values) and any(_is_number(v) for v in values):
         if all(isinstance(v, int) and not isinstance(v, bool) for v in values) and len(set(values)) == 1:
-            return values[0], None, False
+            return values[0], 0.0, False
         mean, std = mean_std(values)
         return mean, std, True
     if values and all(isinstance(v, dict) for v in values):
@@ -67,7 +67,7 @@ def summarize(
     """One row per distinct value of the ``by`` keys (in first-seen order) over each seed's result (a dict with
     ``seed``): the ``by`` values, ``seeds``, each of ``metrics`` (default: every other key of the results) summed
     up over seeds -- a number as its mean and ``<key>_std`` (None when a seed lacks it; an integer every seed
-    shares, a setting or a count, as it is), a dict of numbers (one per k) the same per entry, anything else as
+    shares, a setting or a count, as it is, with a std only when named), a dict of numbers (one per k) the same per entry, anything else as
     the first seed's -- and ``per_seed``: each seed's result (``seed``, then the metrics and the ``extra`` keys,
     or all of it when ``metrics`` is None), in seed order."""
     groups: dict[tuple, list[dict]] = {}
@@ -83,7 +83,7 @@ def summarize(
         for k in keys:
             value, std, has_std = _summary([m.get(k) for m in members])
             row[k] = value
-            if has_std or (named and value is None):
+            if has_std or named:  # a named metric always has its std (0 for a shared integer)
                 row[f"{k}_std"] = std
         kept = ("seed", *keys, *extra) if named else None
         row["per_seed"] = [m if kept is None else {k: m.get(k) for k in kept} for m in members]
@@ -92,10 +92,12 @@ def summarize(
 
 
 def format_cell(mean, std=None, n: int = 1, fmt: str = ".4g") -> str:
-    """``mean ± std`` (``mean`` alone for one seed or without a std; :data:`MISSING` when missing); ``fmt``
-    ``d`` writes an integer."""
+    """``mean ± std`` (``mean`` alone for one seed or without a std; :data:`MISSING` when missing; ``[lo, hi]`` for
+    an interval); ``fmt`` ``d`` writes an integer."""
     if mean is None or isinstance(mean, bool) or (isinstance(mean, float) and not math.isfinite(mean)):
         return MISSING
+    if isinstance(mean, (list, tuple)) and mean and all(_is_number(v) for v in mean):  # an interval
+        return "[" + ", ".join(format_cell(v, fmt=fmt) for v in mean) + "]"
     if not _is_number(mean):
         return str(mean)
     text = lambda v: format(int(v) if fmt == "d" else v, fmt)  # noqa: E731

@@ -84,6 +84,8 @@ def fit(cli: ImplicitEMCLI) -> Fitted | None:
         model=type(module).__name__ if hasattr(module, "members") else module.model.name,
         data=getattr(dm, "name", type(dm).__name__),
         n_train=len(dm.splits["train"].x),
+        train_rows=dm.train_rows,  # one epoch's (a harvest's rows are its tokens)
+        rows_trained=dm.train_rows * trainer.current_epoch,
         peak_memory_mb=peak_memory_mb(module.device),
         device=device_name(module.device),
         n_test=len(dm.splits["test"].x),
