@@ -170,26 +170,26 @@ def load_saes(folders: Sequence[str | Path]) -> dict[str, Any]:
     import implicit_em
 
     names = [Path(f).name for f in folders]
-    return {
-        (Path(f).name if names.count(Path(f).name) == 1 else f"{Path(f).parent.name}/{Path(f).name}"): implicit_em.load(
-            f
-        )
-        for f in folders
-    }
+
+    def row_name(f) -> str:
+        return Path(f).name if names.count(Path(f).name) == 1 else f"{Path(f).parent.name}/{Path(f).name}"
+
+    return {row_name(f): implicit_em.load(f) for f in folders}
 
 
 def sae_keys(sae) -> dict:
     """What a saved SAE's row says about it beside its numbers: its k (the L0 target; None without one), what it was
-    trained as, where it comes from, its folder, and its parameters counted both ways."""
+    trained as, where it comes from, its folder, and its parameters counted both ways (where it says them)."""
+    path = getattr(sae, "path", None)
     return {"k": getattr(sae, "k", None), "architecture": getattr(sae, "name", None),
-            "source": getattr(sae, "source", None), "path": str(getattr(sae, "path", "") or "") or None,
-            **sae_parameters(sae)}  # fmt: skip
+            "source": getattr(sae, "source", None), "path": str(path) if path else None, **sae_parameters(sae)}  # fmt: skip
 
 
 def sae_row(sae, data: Data) -> Row:
     """A saved SAE as a frozen row, judged through its own decoder: ``sae.encode`` takes raw activations (the
     normalised rows mapped back), ``sae.decode`` gives them (mapped to the normalised space the evaluation scores
-    in, and back to raw units there). Needs only ``encode``, ``decode`` and ``n_components``."""
+    in, and back to raw units there). Uses only ``encode`` and ``decode`` (and ``d_in``, where the SAE has one, to
+    refuse an SAE of another width with one line)."""
     from implicit_em.errors import ConfigError
 
     d_in = getattr(sae, "d_in", None)
@@ -198,7 +198,8 @@ def sae_row(sae, data: Data) -> Row:
                           "pass an SAE trained on the same layer")  # fmt: skip
     to_raw = data.to_raw or (lambda x: x)
     normalize = data.normalize or (lambda x: x)
-    device = next(iter(sae.parameters()), torch.zeros(())).device
+    weights = list(sae.parameters()) if hasattr(sae, "parameters") else []
+    device = weights[0].device if weights else torch.device("cpu")
 
     def encode(x: Tensor) -> Tensor:
         return sae.encode(to_raw(x).float().to(device)).cpu()
@@ -227,8 +228,11 @@ def module_parameters(module) -> dict[str, int]:
 
 
 def sae_parameters(sae) -> dict[str, int]:
-    """:func:`parameter_counts` of a loaded SAE: ``W_dec`` and ``b_dec`` are its decoder, the rest its code."""
-    sizes = {name: p.numel() for name, p in sae.named_parameters()}
+    """:func:`parameter_counts` of a loaded SAE: ``W_dec`` and ``b_dec`` are its decoder, the rest its code ({} for
+    an SAE that names no parameters)."""
+    sizes = {name: p.numel() for name, p in sae.named_parameters()} if hasattr(sae, "named_parameters") else {}
+    if not sizes:
+        return {}
     decoder = sum(n for name, n in sizes.items() if name in ("W_dec", "b_dec"))
     return parameter_counts(sum(sizes.values()) - decoder, decoder, sae.n_components, sae.d_in)
 
