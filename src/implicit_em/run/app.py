@@ -39,7 +39,7 @@ class Fitted:
 
     @property
     def metrics_path(self) -> Path:
-        """metrics.json's absolute path (what ``scripts/train.py`` prints)."""
+        """The absolute path of the run's evaluation (``RunDir.metrics_path``: what ``scripts/train.py`` prints)."""
         return self.run.metrics_path.resolve()
 
     @property
