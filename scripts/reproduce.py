@@ -87,6 +87,14 @@ def parser() -> argparse.ArgumentParser:
         metavar="PROJECT",
         help="frontier: log its table and plots to this W&B project (default implicit-em; offline by itself)",
     )
+    p.add_argument(
+        "--sae",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="compare, frontier: saved SAE folders (SAELens, sparsify or scripts/export.py) judged beside the trained "
+        "rows through their own decoders, one row each named after its folder",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: digits, 5 epochs, seed 1 (unless given)")
     return p
 
@@ -119,11 +127,16 @@ def settings(argv: list[str]):
 
     if a.rows is not None and (unknown := [r for r in a.rows if r not in ROWS]):
         p.error(f"argument --rows: unknown {' '.join(unknown)}; choose from {' '.join(ROWS)}")
+    if missing := [d for d in a.sae if not Path(d).is_dir()]:
+        p.error(f"argument --sae: not a folder: {' '.join(missing)} (pass the folders an SAE was saved in)")
+    if a.sae and not set(a.experiment) & {"compare", "frontier"}:
+        p.error("argument --sae: only compare and frontier judge saved SAEs; add --experiment compare or frontier")
     command = shlex.join(["python", "scripts/reproduce.py", *argv])
     s = Settings(REPO / "configs", data, a.out, epochs, list(seeds), a.components, a.batch_size, a.probe_method,
                  a.data_root, command)  # fmt: skip
     s.l0s = list(a.l0) if a.l0 is not None else None  # read by the frontier experiment only
     s.lm_windows, s.split, s.rows, s.wandb_project = a.lm_windows, a.split, a.rows, a.wandb
+    s.saes = [str(d) for d in a.sae]
     s.model_args = [arg for kv in a.model_set for arg in (f"--model.{kv.split('=', 1)[0]}", kv.split("=", 1)[1])]
     return s, a.experiment
 

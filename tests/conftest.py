@@ -81,7 +81,7 @@ def fit_in_process(root, *args: str, callbacks=(), fit: bool = True):
     cli.trainer.callbacks.extend(callbacks)
     if fit:
         with training_process():
-            cli.metrics_path = app.fit(cli)
+            cli.metrics_path = app.fit(cli).metrics_path
     return cli
 
 

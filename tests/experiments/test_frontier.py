@@ -52,8 +52,8 @@ def test_reproduce_passes_lm_windows_model_settings_rows_and_split(monkeypatch):
     compare.run_compare_experiment(s)
     assert seen["frontier"]["lm_windows"] == 20 and seen["frontier"]["split"] == "val"
     assert seen["frontier"]["model_args"] == s.model_args and seen["frontier"]["rows_kept"] == s.rows
-    assert seen["frontier"]["wandb_project"] is None
-    assert seen["compare"]["lm_windows"] == 20
+    assert seen["frontier"]["wandb_project"] is None and seen["frontier"]["sae_dirs"] == []
+    assert seen["compare"]["lm_windows"] == 20 and seen["compare"]["sae_dirs"] == []
     defaults, _ = reproduce.settings(["--experiment", "frontier"])
     assert defaults.lm_windows == 50 and defaults.split == "test" and defaults.rows is None and not defaults.model_args
     assert defaults.wandb_project is None
@@ -62,6 +62,19 @@ def test_reproduce_passes_lm_windows_model_settings_rows_and_split(monkeypatch):
     for bad in (["--lm-windows", "-1"], ["--model-set", "net.distance"], ["--rows", "sae"], ["--split", "train"]):
         with pytest.raises(SystemExit) as e:
             reproduce.settings(["--experiment", "frontier", *bad])
+        assert e.value.code == 2
+
+
+def test_reproduce_passes_saved_sae_folders_to_compare_and_frontier(tmp_path):
+    reproduce = _reproduce()
+    (tmp_path / "a").mkdir()
+    s, _ = reproduce.settings(["--experiment", "compare", "frontier", "--sae", str(tmp_path / "a"), "--seeds", "1"])
+    assert s.saes == [str(tmp_path / "a")] and s.seeds == [1]
+    assert reproduce.settings(["--experiment", "compare"])[0].saes == []
+    for bad in (["--experiment", "compare", "--sae", str(tmp_path / "none")],
+                ["--experiment", "ablation", "--sae", str(tmp_path / "a")]):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            reproduce.settings(bad)
         assert e.value.code == 2
 
 
@@ -83,15 +96,20 @@ def test_markdown_and_plot_skip_missing_numbers(tmp_path):
         {"model": "implicit_em", "target_l0": 4, "l0": 4.0, "fvu": 0.4, "ce_loss_recovered": None},
         {"model": "pca", "target_l0": None, "l0": 16.0, "fvu": 0.1},
     ]
-    text = markdown(rows, {"data": "d", "components": 16, "epochs": 1, "seeds": [1], "l0s": [2, 4], "command": "c"})
+    protocol, text, notes = markdown(rows, {"data": "d", "components": 16, "epochs": 1, "seeds": [1], "l0s": [2, 4],
+                                            "command": "c"})  # fmt: skip
+    assert "target L0 [2, 4]" in protocol and "{seeds}" in protocol and "ridge readout" in notes
     assert "| implicit_em | 2 | 2.0 |" in text and "| pca | — | 16.0 |" in text
     assert plot_metric(rows, "fvu", tmp_path / "fvu.png", "t").is_file()
     assert plot_metric(rows, "ce_loss_recovered", tmp_path / "ce.png", "t") is None
     assert not (tmp_path / "ce.png").exists()
 
 
-def test_frontier_on_digits_writes_every_row_at_every_l0(tmp_path):
-    path = run_frontier("digits", tmp_path, components=16, epochs=1, seeds=[1], l0s=[4, 2], configs=REPO / "configs")
+def test_frontier_on_digits_writes_every_row_at_every_l0_in_one_pass(tmp_path, one_pass, sparsify_folder):
+    folder, _ = sparsify_folder
+    path = run_frontier("digits", tmp_path, components=16, epochs=1, seeds=[1], l0s=[4, 2], configs=REPO / "configs",
+                        sae_dirs=[folder])  # fmt: skip
+    assert one_pass == ["none"] * 6  # one DataModule set up per trained row, none for the other rows
     result = json.loads(path.read_text())
     assert result["l0s"] == [2, 4]
     rows = result["rows"]
@@ -111,6 +129,17 @@ def test_frontier_on_digits_writes_every_row_at_every_l0(tmp_path):
         assert by[("random_encoder", k)]["train_seconds"] == 0.0
         assert isinstance(by[("topk_sae", k)]["train_curve"], list)  # logged every 50 steps: none in 1 digits epoch
     assert by[("kmeans", None)]["l0"] == pytest.approx(1.0) and ("pca", None) in by
+    # what the models saw, the full linear probe beside the k-sparse one, parameters counted both ways
+    assert result["tokens_trained"] == by[("topk_sae", 2)]["rows_trained"] > 1000
+    assert all(0 < r["probe_accuracy"] <= 1 for r in rows)
+    ours, sae = by[("implicit_em", 2)], by[("topk_sae", 2)]
+    assert ours["parameters_code"] == 16 * 64 + 16 == sae["parameters_code"]
+    assert ours["parameters_reconstruction"] == ours["parameters_code"] + 16 * 64 + 64  # its ridge readout
+    assert sae["parameters_reconstruction"] == sae["n_parameters"] == ours["parameters_reconstruction"]
+    peer = by[("sparsify_peer", 4)]  # a saved SAE at the target L0 of its k, through its own decoder
+    assert peer["source"] == "sparsify" and peer["l0"] <= 4 + 1e-9 and isinstance(peer["fvu_decoder"], float)
+    md = (tmp_path / "digits" / "frontier.md").read_text()
+    assert f"each trained model saw {result['tokens_trained']:,} rows" in md and "| params code |" in md
     folder = tmp_path / "digits"
     assert (folder / "frontier.md").is_file() and (folder / "frontier_fvu.png").is_file()
     assert (folder / "frontier_sparse_probe_mean.png").is_file()

@@ -10,7 +10,7 @@ from implicit_em.experiments.patches import PROBE_C, decorrelation_weight, run_p
 from tests.data.conftest import write_cifar_batches
 
 
-def test_both_dictionaries_side_by_side(tmp_path, monkeypatch):
+def test_both_dictionaries_side_by_side_from_the_fit_itself(tmp_path, monkeypatch, one_pass):
     monkeypatch.setenv("IEM_CACHE_DIR", str(tmp_path / "cache"))
     write_cifar_batches(tmp_path / "c" / "cifar-10-batches-py", n_per_batch=20)
     messages = []
@@ -22,14 +22,16 @@ def test_both_dictionaries_side_by_side(tmp_path, monkeypatch):
     rows = {(r["model"], r["encoding"]): r for r in result["rows"]}
     assert set(rows) == {("implicit_em", e) for e in MIXTURE_ENCODINGS} | {("kmeans", "triangle")}
     for r in rows.values():
-        assert r["components"] == 4 and r["seed"] == 3 and 0 <= r["probe_accuracy"] <= 1 and r["seconds"] > 0
+        assert r["components"] == 4 and r["seeds"] == [3] and 0 <= r["probe_accuracy"] <= 1 and r["seconds"] > 0
+        assert r["per_seed"][0]["seed"] == 3 and r["per_seed"][0]["probe_accuracy"] == r["probe_accuracy"]
         assert 0 <= r["dead_components"] <= 4
         assert 0 <= r["probe_accuracy_tuned"] <= 1
         held_out = r["validation_accuracy"]
         assert set(held_out) == {str(c) for c in PROBE_C} and held_out[str(r["probe_c"])] == max(held_out.values())
     assert result["probe_split"] == "test images" and result["epochs"] == 1
     folder = tmp_path / "out" / "cifar10"
-    assert "| kmeans | triangle | 4 | 3 |" in (folder / "patches.md").read_text()
+    md = (folder / "patches.md").read_text()
+    assert "| kmeans | triangle | 4 |" in md and "1 seed (3)" in md and "![patches_filters](patches_filters.png)" in md
     assert (folder / "patches_filters.png").stat().st_size > 1000
     assert any("k-means" in m for m in messages)
     assert result["train_args"][result["train_args"].index("--model.net.lambda_tc") + 1] == "1.0"

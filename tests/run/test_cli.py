@@ -141,7 +141,9 @@ def test_a_ddp_worker_leaves_without_the_interpreters_shutdown(monkeypatch):
         return lambda *a: SimpleNamespace(trainer=trainer, global_zero=global_zero)
 
     monkeypatch.setattr(app.os, "_exit", lambda code: exits.append(code))
-    monkeypatch.setattr(app, "fit", lambda cli: Path("m.json") if cli.global_zero else None)
+    monkeypatch.setattr(
+        app, "fit", lambda cli: SimpleNamespace(metrics_path=Path("m.json")) if cli.global_zero else None
+    )
     monkeypatch.setattr(app, "ImplicitEMCLI", fake_cli(False))
     assert app.main([]) == 0 and exits == [0]
     monkeypatch.setattr(app, "ImplicitEMCLI", fake_cli(True))

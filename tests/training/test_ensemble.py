@@ -59,7 +59,7 @@ def lone_run(root, member: dict, defaults: dict, *args: str, data_order: int = 0
     assert cli.datamodule.shuffle_seed == member["seed"]  # linked to --seed_everything
     cli.datamodule.shuffle_seed = data_order
     with training_process():
-        cli.metrics_path = fit(cli)
+        cli.metrics_path = fit(cli).metrics_path
     return cli
 
 
@@ -160,7 +160,7 @@ def fit_poisoned(root, *args: str, member: int = 1, term: str = "tc", at_call: i
     cli = fit_in_process(root, *args, fit=False)
     _poison(cli.model.members[member], term, at_call)
     with training_process():
-        cli.metrics_path = fit(cli)
+        cli.metrics_path = fit(cli).metrics_path
     return cli
 
 

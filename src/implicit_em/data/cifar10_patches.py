@@ -228,6 +228,11 @@ class CIFAR10PatchesDataModule(ComponentDataModule):
     def _normalize(self, patches: Tensor, chunk: int = 65536) -> Tensor:
         return torch.cat([self.normalization(p.float() / 255) for p in patches.split(chunk)])
 
+    @property
+    def train_rows(self) -> int:
+        """All ``n_patches`` training patches (``splits["train"]`` is the evaluation sample of them)."""
+        return len(self.train_patches)
+
     def train_dataloader(self) -> InMemoryLoader:
         """All ``n_patches`` training patches (``splits["train"]`` is the evaluation sample of them)."""
         device = self.device_split("train").x.device

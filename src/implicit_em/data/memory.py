@@ -175,6 +175,12 @@ class ComponentDataModule(L.LightningDataModule):
         """Input dimension D, known from the settings alone (no data loaded)."""
         return int(np.prod(self.image_shape))
 
+    @property
+    def train_rows(self) -> int:
+        """The rows one training epoch reads (after ``setup``): the training split here; a source whose
+        ``splits["train"]`` is an evaluation sample of a larger training set says how many it trains on."""
+        return len(self.splits["train"].x)
+
     def device_split(self, name: str) -> Split:
         """Split ``name`` (train, val, test) as tensors on the training device, moved once and cached."""
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")

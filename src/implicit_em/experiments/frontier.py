@@ -8,18 +8,24 @@
 - ``random_encoder``: this model's net with the same k, untrained (seeded init and data-aware start) -- a random
   frozen encoder with TopK, its readout fitted like ours;
 
-and once, as reference points: ``kmeans`` (one-hot assignments, L0 = 1) and ``pca`` (dense projections).
-Same data, width K, training tokens (epochs, batch) and evaluation for every row: compare's
-:func:`~implicit_em.experiments.compare.evaluate_row` (ridge readout FVU, L0, dead fraction, k-sparse probing,
-CE loss recovered and KL where the data is a causal LM's harvest), plus ``fvu_decoder`` (the SAEs' own
-decoders, on the same test rows), ``sparse_probe_mean`` (mean of k-sparse probing at k = 1, 2, 5),
-``n_parameters``, ``train_seconds`` (the run's epochs) and ``fit_seconds`` (its whole ``scripts/train.py`` path,
-with its own end-of-run report), ``train_curve`` ([step, training loss] as logged) and ``train_curve_change`` (its
-relative change over the last fifth of the steps: whether the SAEs converged). ``rows`` keeps a subset of the rows (the random encoder needs this model's run);
-``split`` ``val`` scores every row on the validation split (and the causal LM's splice on its documents), for
-choosing settings without touching the test split. Writes ``<out>/<data>/frontier.json`` (``rows``), ``frontier.md`` and one
-PNG per metric against L0 (``frontier_<metric>.png``) and the SAEs' training curves (``frontier_train_curve.png``);
-``reproduce.py --wandb`` logs the table and the PNGs to W&B as well (offline by itself).
+and once, as reference points: ``kmeans`` (one-hot assignments, L0 = 1) and ``pca`` (dense projections); with
+``--sae DIR ...``, each saved SAE (SAELens, sparsify, ``scripts/export.py``) as a frozen row named after its folder,
+at the target L0 of its k, judged through its own decoder on raw activations.
+Same data, width K, training tokens (epochs, batch; the header's ``tokens_trained``) and evaluation for every row:
+the one evaluation of :mod:`implicit_em.experiments.rows` (ridge readout FVU, ``fvu_decoder`` through a row's own
+decoder, L0, dead fraction, k-sparse probing, the full linear probe ``probe_accuracy``, CE loss recovered and KL,
+with their intervals where measured, where the data is a causal LM's harvest; a trained row's are its fit's own
+end-of-run numbers), plus ``sparse_probe_mean`` (mean of k-sparse probing at k = 1, 2, 5), ``n_parameters``,
+``parameters_code`` (the encoder alone) and ``parameters_reconstruction`` (what CE and FVU need: the encoder and
+its decoder, or the ridge readout), ``train_seconds`` (the run's epochs), ``eval_seconds`` (its
+evaluation) and ``fit_seconds`` (its whole ``scripts/train.py`` path), ``train_curve`` ([step, training loss] as
+logged) and ``train_curve_change`` (its relative change over the last fifth of the steps: whether the SAEs
+converged). ``rows`` keeps a subset of the rows (the random encoder needs this model's settings); ``split``
+``val`` scores every row on the validation split (and the causal LM's splice on its documents), for choosing
+settings without touching the test split. Writes ``<out>/<data>/frontier.json`` (``rows``: mean and ``_std`` over
+seeds, each seed's row under ``per_seed``), ``frontier.md`` and one PNG per metric against L0
+(``frontier_<metric>.png``) and the SAEs' training curves (``frontier_train_curve.png``); ``reproduce.py --wandb``
+logs the table and the PNGs to W&B as well (offline by itself).
 """
 
 from __future__ import annotations
@@ -30,17 +36,26 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from implicit_em.experiments.compare import (
+from implicit_em.experiments.plots import draw_against_l0, draw_curves, panels
+from implicit_em.experiments.rows import (
     Data,
     Row,
     evaluate_row,
+    fitted_numbers,
     kmeans_row,
-    load_data,
+    load_saes,
+    module_parameters,
     module_row,
+    parameter_counts,
     pca_row,
-    summarize,
+    random_encoder,
+    sae_keys,
+    sae_row,
+    tokens_trained,
     train_args,
+    trained_on,
 )
+from implicit_em.experiments.tables import format_cell, markdown_table, summarize, write_results
 from implicit_em.run.rundir import RunDir
 
 #: the target L0s when none are given
@@ -71,20 +86,6 @@ def probe_mean(scores: dict | None) -> float | None:
     return sum(values) / len(values)
 
 
-def decoder_fvu(row: Row, data: Data, split: str = "test") -> float | None:
-    """FVU of a row's own decoder on the ``split`` rows (raw units, as the readout's), None without a decoder."""
-    if row.decode is None:
-        return None
-    import torch
-
-    from implicit_em.eval.sae_metrics import readout_scores
-
-    x = data.splits[split].x
-    with torch.no_grad():
-        x_hat = torch.cat([row.decode(row.encode(c)) for c in x.split(8192)])
-    return readout_scores(x, x_hat, data.to_raw)["fvu"]
-
-
 def training_curve(run_dir: str | Path, key: str = "train/loss_step") -> list[list[float]]:
     """[step, training loss] at every logged step of a run (its metrics.csv; the SAEs' loss is their MSE)."""
     import csv
@@ -111,108 +112,116 @@ def frontier_seed(
     configs: Path, data: str, folder: Path, components: int, epochs: int, seed: int, l0s: Sequence[int],
     batch_size: int | None, data_root: str | None, probe_method: str, log: Callable[[str], None] = print,
     lm_windows: int = 50, model_args: Sequence[str] = (), rows_kept: Sequence[str] = ROWS, split: str = "test",
+    saes: dict | None = None,
 ) -> list[dict]:  # fmt: skip
-    """Every row of one seed: the trained models and the random encoder at each target L0, then k-means and PCA
-    (those of ``rows_kept``). ``model_args``: extra ``scripts/train.py`` arguments for this model's runs
-    (``--model.net.*``); ``split``: where every row is scored."""
-    from implicit_em.run.app import fit_run, rebuild
+    """Every row of one seed: the trained models (each judged by its own fit) and the random encoder at each
+    target L0, then k-means and PCA (those of ``rows_kept``), then each saved SAE of ``saes`` (by row name, through
+    its own decoder, at the target L0 of its k). ``model_args``: extra ``scripts/train.py`` arguments for this
+    model's runs (``--model.net.*``); ``split``: where every row is scored. Every row carries its parameters counted
+    both ways (:func:`~implicit_em.experiments.rows.parameter_counts`)."""
+    from implicit_em.run.app import fit_module
 
     shared: Data | None = None
     rows: list[dict] = []
 
-    def judge(name: str, row: Row, target: int | None, **extra) -> dict:
-        start = time.perf_counter()
-        scores = evaluate_row(row, shared, probe_method, lm_windows=lm_windows, split=split)
-        fvu_dec = decoder_fvu(row, shared, split)
-        out = {"model": name, "target_l0": target, "components": components, "scored_on": split, **extra, **scores,
-               "fvu_decoder": fvu_dec, "sparse_probe_mean": probe_mean(scores.get("sparse_probe_accuracy")),
-               "eval_seconds": time.perf_counter() - start}  # fmt: skip
+    def add(name: str, target: int | None, numbers: dict, **extra) -> None:
+        out = {"model": name, "seed": seed, "target_l0": target, "components": components, "scored_on": split,
+               **extra, **numbers, "fvu_decoder": numbers.get("fvu_decoder"),
+               "probe_accuracy": numbers.get("probe_accuracy"),
+               "sparse_probe_mean": probe_mean(numbers.get("sparse_probe_accuracy"))}  # fmt: skip
         shown = ("l0", "dead_fraction", "fvu", "fvu_decoder", "sparse_probe_mean", "ce_loss_recovered", "kl_div")
         log(f"[frontier] {name} k={target}: " + ", ".join(f"{m} {out.get(m)}" for m in shown))
-        return out
+        rows.append(out)
+
+    def judge(name: str, row: Row, target: int | None, **extra) -> None:
+        start = time.perf_counter()
+        numbers = evaluate_row(row, shared, probe_method, lm_windows=lm_windows, split=split)
+        add(name, target, numbers, **extra, eval_seconds=time.perf_counter() - start)
 
     for k in l0s:
-        ours_dir = None
+        ours_args = None
         for name, config in [(n, c) for n, c in TRAINED if n in rows_kept]:
             log(f"[frontier] {name} k={k}: training {epochs} epochs, K = {components}, seed {seed}")
             run_root = folder / "runs" / f"{name}_k{k}" / f"seed{seed}"
-            extra = ["--model.k", str(k)]  # the run's own report is the short one (compare.train_args)
-            extra += list(model_args) if name == "implicit_em" else []
-            args = train_args(configs, data, config, run_root, epochs, seed, components, batch_size, data_root, *extra)
+            extra = ["--model.k", str(k), *(model_args if name == "implicit_em" else ())]
+            args = train_args(configs, data, config, run_root, epochs, seed, components, batch_size, data_root,
+                              probe_method, lm_windows, split, *extra)  # fmt: skip
             start = time.perf_counter()
-            metrics_path = fit_run(args)
+            fitted = fit_module(args)
             fit_seconds = time.perf_counter() - start
-            metrics = json.loads(Path(metrics_path).read_text())
-            run_dir = Path(metrics_path).parent
-            module, datamodule = rebuild(run_dir)
-            if shared is None:  # the first run fixes the data (splits, normalisation) every row is judged on
-                shared = load_data(datamodule, lm_windows, split)
-            ours_dir = run_dir if name == "implicit_em" else ours_dir
-            curve = training_curve(run_dir)
-            rows.append(judge(name, module_row(module), k, n_parameters=module.n_parameters(),
-                              train_seconds=sum(metrics.get("epoch_seconds") or []), fit_seconds=fit_seconds,
-                              run_dir=str(run_dir), train_curve=curve,
-                              train_curve_change=curve_change(curve)))  # fmt: skip
+            if shared is None:  # the first fit fixes the data (splits, normalisation) every other row is judged on
+                shared = Data.of(fitted.datamodule, lm_windows, split)
+            ours_args = args if name == "implicit_em" else ours_args
+            curve = training_curve(fitted.run.path)
+            add(name, k, fitted_numbers(fitted.metrics), n_parameters=fitted.module.n_parameters(),
+                **module_parameters(fitted.module), rows_trained=fitted.metrics["rows_trained"],
+                train_seconds=sum(fitted.metrics.get("epoch_seconds") or []), fit_seconds=fit_seconds,
+                eval_seconds=fitted.metrics.get("eval_seconds"), run_dir=str(fitted.run.path), train_curve=curve,
+                train_curve_change=curve_change(curve))  # fmt: skip
         if "random_encoder" in rows_kept:
-            random_module, _ = rebuild(ours_dir, trained=False)
-            random_module.fit_to_data(shared.splits["train"].x)  # the data-aware start that training begins from
-            rows.append(judge("random_encoder", module_row(random_module), k,
-                              n_parameters=random_module.n_parameters(), train_seconds=0.0))  # fmt: skip
+            module = random_encoder(ours_args, shared)
+            judge("random_encoder", module_row(module), k, n_parameters=module.n_parameters(),
+                  **module_parameters(module), train_seconds=0.0)  # fmt: skip
 
     n_train = len(shared.splits["train"].x)
     start = time.perf_counter()
     if "kmeans" in rows_kept and components <= n_train:
         log("[frontier] kmeans")
         km = kmeans_row(shared, components, seed)
-        rows.append(judge("kmeans", km, None, n_parameters=components * shared.dims,
-                          train_seconds=time.perf_counter() - start))  # fmt: skip
+        judge("kmeans", km, None, n_parameters=components * shared.dims,
+              **parameter_counts(components * shared.dims, None, components, shared.dims),
+              train_seconds=time.perf_counter() - start)  # fmt: skip
     n_pca = min(components, shared.dims)
     start = time.perf_counter()
     if "pca" in rows_kept:
         log("[frontier] pca")
         pca = pca_row(shared, n_pca)
-        rows.append(judge("pca", pca, None, n_parameters=n_pca * shared.dims + shared.dims,
-                          train_seconds=time.perf_counter() - start))  # fmt: skip
+        judge("pca", pca, None, n_parameters=n_pca * shared.dims + shared.dims,
+              **parameter_counts(n_pca * shared.dims + shared.dims, None, n_pca, shared.dims),
+              train_seconds=time.perf_counter() - start)  # fmt: skip
+    for name, sae in (saes or {}).items():
+        log(f"[frontier] {name}: a saved SAE, through its own decoder")
+        keys = sae_keys(sae)
+        target = int(round(keys["k"])) if keys["k"] is not None else None
+        judge(name, sae_row(sae, shared), target, n_parameters=sum(p.numel() for p in sae.parameters()), **keys,
+              train_seconds=None)  # fmt: skip
     return rows
 
 
 # -- table and figures ------------------------------------------------------------------------------------
 COLUMNS = {
     "target_l0": ("target", "d"), "l0": ("L0", ".1f"), "dead_fraction": ("dead", ".3f"), "fvu": ("FVU", ".3f"),
-    "fvu_decoder": ("FVU dec.", ".3f"), "sparse_probe_mean": ("probe k=1,2,5", ".3f"),
-    "ce_loss_recovered": ("CE rec.", ".3f"), "kl_div": ("KL", ".3f"), "n_parameters": ("params", "d"),
-    "train_seconds": ("train s", ".0f"),
+    "fvu_decoder": ("FVU dec.", ".3f"), "probe_accuracy": ("probe", ".3f"), "sparse_probe_mean": ("probe k=1,2,5", ".3f"),
+    "ce_loss_recovered": ("CE rec.", ".3f"), "ce_loss_recovered_ci": ("CE rec. 95%", ".3f"), "kl_div": ("KL", ".3f"),
+    "ce_tokens": ("CE tokens", "d"), "parameters_code": ("params code", "d"),
+    "parameters_reconstruction": ("params rec.", "d"), "train_seconds": ("train s", ".0f"),
 }  # fmt: skip
 
 
-def _cell(value, fmt: str) -> str:
-    if value is None or isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
-        return "—"
-    return format(int(value) if fmt == "d" else value, fmt)
-
-
-def markdown(rows: Sequence[dict], header: dict) -> str:
-    """frontier.md: the table, the command, and how to read it."""
-    names = ["model", *(c[0] for c in COLUMNS.values())]
-    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+def markdown(rows: Sequence[dict], header: dict) -> tuple[str, str, str]:
+    """frontier.md's (protocol, table, notes): the settings and what the models saw, the table, how to read it."""
     split = header.get("split", "test")
     strength = "val" if split == "test" else "the last tenth of the train rows"
-    for r in rows:
-        lines.append("| " + " | ".join([r["model"], *(_cell(r.get(c), f) for c, (_, f) in COLUMNS.items())]) + " |")
-    return "\n".join([
-        f"# Sparsity frontier on {header['data']}", "",
-        f"`{header['command']}`" if header.get("command") else "", "",
-        f"K = {header['components']}, {header['epochs']} epochs, target L0 {header['l0s']}, seeds {header['seeds']} "
-        f"(means over seeds), scored on {split}"
-        + (f", this model with {' '.join(header['model_args'])}" if header.get("model_args") else "") + ".", "",
-        *lines, "",
+    protocol = (
+        f"K = {header['components']}, {header['epochs']} epochs ({trained_on(header)}), target L0 {header['l0s']}, "
+        f"seeds {header['seeds']} ({{seeds}}), scored on {split}"
+        + (f", this model with {' '.join(header['model_args'])}" if header.get("model_args") else "")
+        + (f"; saved SAEs judged beside them: {', '.join(header['saes'])}" if header.get("saes") else "")
+        + "."
+    )
+    notes = "\n".join([
         f"FVU: a ridge readout x ~ f R + c fitted on each row's codes (train rows, strength on {strength}), scored on "
-        f"{split} rows in raw units; FVU dec.: the SAEs' own decoders on the same rows. L0 and dead: |f| > 0.01 over all "
-        "evaluation rows. probe: k-sparse probing (balanced accuracy, per document), mean of k = 1, 2, 5. CE rec. "
-        "and KL: the causal LM run again with the layer replaced by the reconstruction (causal harvests only). "
-        "random_encoder: this model's net at its data-aware start, untrained, with the same TopK.", "",
+        f"{split} rows in raw units; FVU dec.: the row's own decoder on the same rows. L0 and dead: |f| > 0.01 over "
+        "all evaluation rows. probe: the full linear probe (multiclass accuracy); probe k=1,2,5: k-sparse probing "
+        "(balanced accuracy, per document), mean of k = 1, 2, 5. CE rec. and KL: the causal LM run again with the "
+        "layer replaced by the reconstruction (causal harvests only), with the 95% interval and the predicted tokens "
+        "where measured. params code: the encoder alone; params rec.: what CE and FVU need, the encoder and its own "
+        "decoder, or the ridge readout (K x D + D) for a row without one. random_encoder: this model's net at its "
+        "data-aware start, untrained, with the same TopK. A saved SAE (--sae) was trained elsewhere, on its own "
+        "tokens.", "",
         *seed_lines(rows), *curve_lines(rows),
     ])  # fmt: skip
+    return protocol, markdown_table(rows, ["model"], COLUMNS), notes
 
 
 #: the columns frontier.md also gives seed by seed (the bar's numbers)
@@ -221,15 +230,15 @@ PER_SEED = ("l0", "dead_fraction", "fvu", "sparse_probe_mean", "ce_loss_recovere
 
 def seed_lines(rows: Sequence[dict]) -> list[str]:
     """frontier.md's table of each seed's numbers (seed 1 / seed 2 / ...) when the rows hold several seeds."""
-    have = [r for r in rows if r.get("per_seed")]
+    have = [r for r in rows if len(r.get("per_seed") or []) > 1]
     if not have:
         return []
     seeds = " / ".join(str(s["seed"]) for s in have[0]["per_seed"])
     names = ["model", "target", *(COLUMNS[c][0] for c in PER_SEED)]
     lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     for r in have:
-        cells = [" / ".join(_cell(s.get(c), COLUMNS[c][1]) for s in r["per_seed"]) for c in PER_SEED]
-        lines.append("| " + " | ".join([r["model"], _cell(r.get("target_l0"), "d"), *cells]) + " |")
+        cells = [" / ".join(format_cell(s.get(c), fmt=COLUMNS[c][1]) for s in r["per_seed"]) for c in PER_SEED]
+        lines.append("| " + " | ".join([r["model"], format_cell(r.get("target_l0"), fmt="d"), *cells]) + " |")
     return [f"Seed by seed (seeds {seeds}):", "", *lines, ""]
 
 
@@ -256,20 +265,8 @@ def curve_lines(rows: Sequence[dict]) -> list[str]:
 
 def plot_curves(rows: Sequence[dict], path: Path, title: str) -> Path | None:
     """The SAEs' training MSE against the step, one line per row and target L0 (log scale); None without any."""
-    from matplotlib.figure import Figure
-
-    have = [r for r in rows if r["model"] in CURVE_ROWS and len(r.get("train_curve") or []) >= 2]
-    if not have:
-        return None
-    fig = Figure(figsize=(5.5, 4), layout="constrained")
-    ax = fig.subplots()
-    for i, r in enumerate(have):
-        ax.plot(*zip(*r["train_curve"]), label=f"{r['model']} k={r['target_l0']}", color=f"C{i % 10}")
-    ax.set(yscale="log", xlabel="training step", ylabel="training MSE", title=f"{title}: did the SAEs converge?")
-    ax.legend(fontsize=7)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    have = [r for r in rows if r["model"] in CURVE_ROWS]
+    return panels(path, f"{title}: did the SAEs converge?", lambda ax: draw_curves(ax, have))
 
 
 def log_frontier(rows: Sequence[dict], header: dict, folder: Path, project: str = "implicit-em") -> Path | None:
@@ -284,7 +281,8 @@ def log_frontier(rows: Sequence[dict], header: dict, folder: Path, project: str 
         project, folder, "frontier", f"frontier {header['data']} K={header['components']}", dict(header)
     )
     columns = ["model", *COLUMNS]
-    run.log({"frontier/table": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])})
+    cell = lambda v: str(v) if isinstance(v, (list, dict)) else v  # noqa: E731  (an interval as its text)
+    run.log({"frontier/table": wandb.Table(columns=columns, data=[[cell(r.get(c)) for c in columns] for r in rows])})
     for png in sorted(folder.glob("frontier_*.png")):
         run.log({f"frontier/{png.stem}": wandb.Image(str(png))})
     where = Path(run.dir).parent if getattr(run, "dir", None) else None
@@ -295,23 +293,8 @@ def log_frontier(rows: Sequence[dict], header: dict, folder: Path, project: str 
 def plot_metric(rows: Sequence[dict], metric: str, path: Path, title: str) -> Path | None:
     """One metric against L0: a line per model over the target L0s, a marker for the single points (k-means,
     PCA). None (no file) when no row has the metric."""
-    from matplotlib.figure import Figure
-
     label, lower = PLOTTED[metric]
-    have = [r for r in rows if isinstance(r.get(metric), (int, float)) and isinstance(r.get("l0"), (int, float))]
-    if not have:
-        return None
-    fig = Figure(figsize=(5.5, 4), layout="constrained")
-    ax = fig.subplots()
-    for i, name in enumerate(dict.fromkeys(r["model"] for r in have)):
-        pts = sorted((max(r["l0"], 1e-2), r[metric]) for r in have if r["model"] == name)
-        ax.plot(*zip(*pts), marker="o", label=name, color=f"C{i % 10}", linestyle="-" if len(pts) > 1 else "none")
-    ax.set(xscale="log", xlabel="L0 (active components per input)", ylabel=label,
-           title=f"{title} ({'lower' if lower else 'higher'} is better)")  # fmt: skip
-    ax.legend(fontsize=7)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return panels(path, title, lambda ax: draw_against_l0(ax, rows, metric, label, lower))
 
 
 def run_frontier(
@@ -332,12 +315,15 @@ def run_frontier(
     rows_kept: Sequence[str] | None = None,
     split: str = "test",
     wandb_project: str | None = None,
+    sae_dirs: Sequence[str | Path] = (),
 ) -> Path:
     """Train and judge every row (those of ``rows_kept``; None: all) at every target L0 once per seed; write
     frontier.json, frontier.md and the PNGs into ``<out>/<data>/`` after every seed (so an interrupted run keeps
     the seeds it finished: ``seeds`` in the JSON, ``seeds_asked`` the ones asked for; run again with the same
     settings, it keeps those seeds' rows and runs the others, see :func:`finished_seeds`), and log them to W&B
-    project ``wandb_project`` when given at the end; returns frontier.json's path."""
+    project ``wandb_project`` when given at the end; returns frontier.json's path. ``sae_dirs``: saved SAEs
+    (SAELens, sparsify, ``scripts/export.py``) judged as frozen rows named after their folders. The header's
+    ``tokens_trained``: the rows (a harvest's tokens) each trained model saw, training rows x epochs."""
     l0s = sorted({int(k) for k in l0s})
     if not l0s or min(l0s) < 1 or max(l0s) > components:
         raise ValueError(f"--l0: target L0s must lie in 1..{components} (K), got {l0s}")
@@ -355,29 +341,33 @@ def run_frontier(
     header = {"data": data, "components": components, "epochs": epochs, "seeds": list(seeds), "l0s": l0s,
               "batch_size": batch_size, "probe_method": probe_method, "lm_windows": lm_windows, "split": split,
               "model_args": list(model_args), "rows_kept": [r for r in ROWS if r in rows_kept],
-              "command": command}  # fmt: skip
+              "saes": [str(d) for d in sae_dirs], "command": command}  # fmt: skip
     finished = finished_seeds(folder / "frontier.json", header)  # refused before anything runs or is written
-    per_seed: list[list[dict]] = []
+    saes = load_saes(sae_dirs)  # refused before anything trains
+    results: list[dict] = []
     done: list[int] = []
     for seed in seeds:  # the files are rewritten after every seed: an interrupted run keeps the seeds it finished
         if seed in finished:
             log(f"[frontier] seed {seed}: its rows are in {folder / 'frontier.json'} (same settings); kept")
-            per_seed.append(finished[seed])
+            seed_rows = finished[seed]
         else:
-            per_seed.append(frontier_seed(Path(configs), data, folder, components, epochs, seed, l0s, batch_size,
-                                          data_root, probe_method, log, lm_windows, model_args, rows_kept, split))  # fmt: skip
+            seed_rows = frontier_seed(Path(configs), data, folder, components, epochs, seed, l0s, batch_size,
+                                      data_root, probe_method, log, lm_windows, model_args, rows_kept, split,
+                                      saes)  # fmt: skip
+        results += [{**r, "seed": seed} for r in seed_rows]
         done.append(seed)
-        written = {**header, "seeds": done, "seeds_asked": list(seeds)}
-        rows = summarize(per_seed, done)
+        rows = summarize(results, ["model", "target_l0"])
+        written = {**header, "seeds": done, "seeds_asked": list(seeds), "tokens_trained": tokens_trained(rows)}
         path = write_frontier(rows, written, folder)
-        log(f"[frontier] wrote {path} (seeds {done})")
+        log(f"[frontier] seed {seed} finished: {len(done)} of {len(seeds)} seeds in {path.name}")
     if wandb_project:
         log(f"[frontier] W&B: {log_frontier(rows, written, folder, wandb_project)}")
     return path
 
 
 #: the header entries that say what was run (two frontiers with the same ones differ only in their seeds)
-SETTINGS = ("data", "components", "epochs", "l0s", "batch_size", "lm_windows", "split", "model_args", "rows_kept")
+SETTINGS = ("data", "components", "epochs", "l0s", "batch_size", "lm_windows", "split", "model_args", "rows_kept",
+            "saes")  # fmt: skip
 
 
 def finished_seeds(path: Path, header: dict) -> dict[int, list[dict]]:
@@ -398,6 +388,7 @@ def finished_seeds(path: Path, header: dict) -> dict[int, list[dict]]:
             f"{path} is not a frontier.json this code can read ({e}); pass another --out or move it"
         ) from e
     old.setdefault("rows_kept", [m for m in ROWS if any(r.get("model") == m for r in rows)])
+    old.setdefault("saes", [])
     differ = [k for k in SETTINGS if old.get(k) != header.get(k)]
     if differ:
         shown = "; ".join(f"{k} {old.get(k)} there, {header.get(k)} now" for k in differ)
@@ -406,23 +397,23 @@ def finished_seeds(path: Path, header: dict) -> dict[int, list[dict]]:
         raise ValueError(f"{path} holds seeds {extra} this run was not asked for; ask for seeds {old_seeds} too "
                          "(e.g. --seeds " + " ".join(str(s) for s in sorted(set(old_seeds) | set(header["seeds"])))
                          + ") or pass another --out")  # fmt: skip
-    if len(old_seeds) == 1:
-        return {old_seeds[0]: [{k: v for k, v in r.items() if k != "per_seed"} for r in rows]}
-    return {s: [{k: v for k, v in r["per_seed"][i].items() if k != "seed"} for r in rows]
-            for i, s in enumerate(old_seeds)}  # fmt: skip
+
+    def seed_row(r: dict, i: int) -> dict:
+        if r.get("per_seed"):
+            return {k: v for k, v in r["per_seed"][i].items() if k != "seed"}
+        return {k: v for k, v in r.items() if k != "per_seed"}  # one seed, written before per_seed always was
+
+    return {s: [seed_row(r, i) for r in rows] for i, s in enumerate(old_seeds)}
 
 
 def write_frontier(rows: Sequence[dict], header: dict, folder: Path) -> Path:
     """frontier.json (``header`` and ``rows``), frontier.md and the PNGs in ``folder``; returns the JSON's path."""
-    from implicit_em.run.report import write_metrics
-
-    path = write_metrics({**header, "rows": rows}, folder / "frontier.json")
-    (folder / "frontier.md").write_text(markdown(rows, header))
     title = f"{header['data']}: K = {header['components']}"
-    for metric in PLOTTED:
-        plot_metric(rows, metric, folder / f"frontier_{metric}.png", title)
-    plot_curves(rows, folder / "frontier_train_curve.png", title)
-    return path
+    figures = [plot_metric(rows, metric, folder / f"frontier_{metric}.png", title) for metric in PLOTTED]
+    figures.append(plot_curves(rows, folder / "frontier_train_curve.png", title))
+    protocol, table, notes = markdown(rows, header)
+    return write_results(folder, header, "frontier", {"rows": rows}, table, [f for f in figures if f], notes,
+                         protocol, title=f"# Sparsity frontier on {header['data']}")  # fmt: skip
 
 
 def run_frontier_experiment(s, runs=None) -> Path:
@@ -431,5 +422,5 @@ def run_frontier_experiment(s, runs=None) -> Path:
     return run_frontier(
         s.data, s.out, s.components, s.epochs, s.seeds, s.l0s or DEFAULT_L0S, s.data_root, s.batch_size,
         s.probe_method, s.configs, s.command, log=runs.log if runs is not None else print, lm_windows=s.lm_windows,
-        model_args=s.model_args, rows_kept=s.rows, split=s.split, wandb_project=s.wandb_project,
+        model_args=s.model_args, rows_kept=s.rows, split=s.split, wandb_project=s.wandb_project, sae_dirs=s.saes,
     )  # fmt: skip

@@ -16,7 +16,6 @@ from implicit_em.core.objective import autograd_lse_gradient, responsibilities
 from implicit_em.experiments.plots import plot_bars, plot_identity, plot_loss_curves, side_by_side
 from implicit_em.experiments.runs import Runs, Settings, loss_curves, with_names
 from implicit_em.experiments.tables import markdown_table, summarize, write_results
-from implicit_em.run.rundir import RunDir
 
 #: the theorem's random distances: N samples x K components
 THEOREM_SHAPE = (64, 128)
@@ -108,7 +107,7 @@ def run_ablation(s: Settings, runs: Runs) -> Path:
     for row, member in zip(rows, run.members[:: len(s.seeds)]):
         row.update({k: member[k] for k in ("lambda_lse", "lambda_var", "lambda_tc")})
     fig = plot_bars(rows, "config", ABLATION_METRICS, s.folder / "ablation.png", f"Ablation on {s.data}")
-    return write(s, "ablation", {"rows": rows, "run_dirs": [str(run.run_dir)]}, [fig])
+    return write(s, "ablation", {"rows": rows, "run_dirs": [str(run.run.path)]}, [fig])
 
 
 def run_benchmark(s: Settings, runs: Runs) -> Path:
@@ -126,7 +125,7 @@ def run_benchmark(s: Settings, runs: Runs) -> Path:
                   "nmi": ours["kmeans_nmi"]}  # fmt: skip
         rows += summarize([kmeans], ["model", "start"], ("cluster_accuracy", "nmi"))
         rows[-1]["seeds"] = []  # KMeans has its own fixed seed (0), not the members'
-    rows += summarize([raw_input_probe(s)], ["model", "start"], ("probe_accuracy", "n_parameters"))
+    rows += summarize([raw_input_probe(s, runs)], ["model", "start"], ("probe_accuracy", "n_parameters"))
     rows[-1]["seeds"] = []  # no training, nothing random
     fig = plot_bars(
         [r for r in rows if r["start"] != "paper"], "model",
@@ -142,36 +141,24 @@ def run_benchmark(s: Settings, runs: Runs) -> Path:
         "no responsibilities, so no clustering scores. KMeans: scikit-learn, K clusters on the raw inputs "
         "(n_init 1, seed 0). raw_inputs: the same linear probe on the raw inputs."
     )
-    dirs = [str(runs.model(k, st).run_dir) for st in ("data", "paper") for k in ("implicit_em", "sae")]
+    dirs = [str(runs.model(k, st).run.path) for st in ("data", "paper") for k in ("implicit_em", "sae")]
     return write(s, "benchmark", {"rows": rows, "run_dirs": dirs}, [fig], notes)
 
 
-def datamodule(s: Settings):
-    """The experiments' DataModule, set up (built from the same configs as the runs)."""
-    from implicit_em.run.cli import ImplicitEMCLI
-
-    args = ["--config", str(s.configs / "data" / f"{s.data}.yaml"), "--trainer.logger", "false"]
-    dm = ImplicitEMCLI(args + (["--data.root", s.data_root] if s.data_root else []),
-                       [s.configs / "default.yaml"]).datamodule  # fmt: skip
-    dm.setup("fit")
-    return dm
-
-
-def raw_input_probe(s: Settings) -> dict:
-    """The same linear probe on the raw inputs: what a feature must beat to be worth having."""
+def raw_input_probe(s: Settings, runs: Runs) -> dict:
+    """The same linear probe on the raw inputs (the model's run's splits, as it trained on them): what a
+    feature must beat to be worth having."""
     from implicit_em.eval.probe import linear_probe
 
-    dm = datamodule(s)
+    dm = runs.model("implicit_em").datamodule
     train, test = dm.splits["train"], dm.splits["test"]
     acc = linear_probe(train.x, train.y, test.x, test.y, s.probe_method)
     return {"model": "raw_inputs", "start": "", "probe_accuracy": acc, "n_parameters": 0}
 
 
-def member_weights(run, key: str) -> Tensor:
-    """Member 0's ``model.<key>`` weights from a run's checkpoint."""
-    from implicit_em.run.checkpoints import load_checkpoint
-
-    return load_checkpoint(run.metrics["checkpoint"])["state_dict"][f"members.0.model.{key}"]
+def member_weights(fitted, key: str) -> Tensor:
+    """Member 0's trained ``model.<key>`` weights of a fitted ensemble."""
+    return fitted.module.state_dict()[f"members.0.model.{key}"].detach().cpu()
 
 
 def run_features(s: Settings, runs: Runs) -> Path:
@@ -180,7 +167,7 @@ def run_features(s: Settings, runs: Runs) -> Path:
 
     ours, sae = runs.model("implicit_em"), runs.model("sae")
     ours_w = member_weights(ours, "linear.weight")
-    shape = tuple(getattr(datamodule(s), "image_shape", ()) or (1, ours_w.shape[-1]))
+    shape = tuple(getattr(ours.datamodule, "image_shape", ()) or (1, ours_w.shape[-1]))
     seed = s.seeds[0]
     grids = []
     for key, weights, title in (
@@ -192,7 +179,7 @@ def run_features(s: Settings, runs: Runs) -> Path:
     rows = summarize([{**r, "model": "implicit_em"} for r in ours.members], ["model"], FEATURES_METRICS)
     rows += summarize([{**r, "model": "sae"} for r in sae.members], ["model"], FEATURES_METRICS)
     result = {"image_shape": list(shape), "shown_seed": seed, "rows": rows,
-              "run_dirs": [str(ours.run_dir), str(sae.run_dir)]}  # fmt: skip
+              "run_dirs": [str(ours.run.path), str(sae.run.path)]}  # fmt: skip
     return write(s, "features", result, [both, *grids])
 
 
@@ -200,8 +187,8 @@ def run_dynamics(s: Settings, runs: Runs) -> Path:
     """SGD and Adam x four learning rates (configs/experiment/dynamics.yaml) x seeds as one ensemble run; loss
     curves from metrics.csv."""
     run = runs.get("dynamics", "dynamics")
-    curves = loss_curves(RunDir(run.run_dir).metrics_csv_path, len(run.members))
+    curves = loss_curves(run.run.metrics_csv_path, len(run.members))  # the training log, not a read-back
     results = [{**r, "loss_curve": c} for r, c in zip(run.members, curves)]
     rows = summarize(results, ["optimizer", "lr"], DYNAMICS_METRICS, extra=("loss_curve",))
     fig = plot_loss_curves(rows, s.folder / "dynamics.png", f"Training loss on {s.data}")
-    return write(s, "dynamics", {"rows": rows, "run_dirs": [str(run.run_dir)]}, [fig])
+    return write(s, "dynamics", {"rows": rows, "run_dirs": [str(run.run.path)]}, [fig])

@@ -2,7 +2,8 @@
 (2011) pipeline on CIFAR-10, side by side, differing only in the dictionary.
 
 Per seed: the model trains on the whitened 6 x 6 patches of :class:`CIFAR10PatchesDataModule` through the
-ordinary training path (:func:`implicit_em.run.app.fit_run`); k-means (:func:`implicit_em.eval.coates.kmeans`) runs on
+ordinary training path (:func:`implicit_em.run.app.fit_module`, which hands back the trained model and its
+patches); k-means (:func:`implicit_em.eval.coates.kmeans`) runs on
 the same patches; both are applied at every position of every image, encoded, quadrant-pooled and judged
 by the fast linear probe (:func:`implicit_em.eval.probe.torch_probe`), fit on all 50,000 training images and scored on
 the 10,000 test images, twice: at C = 1 (``probe_accuracy``: the paper's protocol, what the name means in every
@@ -14,15 +15,12 @@ cross-validate their SVM's C the same way). Writes ``<out>/cifar10/patches.json`
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from implicit_em.data.cifar10_patches import patch_normalization_from_checkpoint
-from implicit_em.errors import DataError
 from implicit_em.eval.coates import (
     extract_features,
     kmeans,
@@ -31,9 +29,7 @@ from implicit_em.eval.coates import (
     plot_dictionaries,
 )
 from implicit_em.eval.probe import torch_probe_path
-from implicit_em.run.checkpoints import load_checkpoint
-from implicit_em.run.report import write_metrics
-from implicit_em.run.rundir import RunDir
+from implicit_em.experiments.tables import markdown_table, summarize, write_results
 
 #: k-means iterations (Coates, Lee & Ng use 10)
 KMEANS_ITERATIONS = 10
@@ -50,8 +46,12 @@ PAPER_C = 1.0
 #: correlations never vanish, so its pull on each component grows with K; at K = 1600 (seed 1, 3 epochs, batch
 #: 128, lambda_lse 1) lambda_tc 1 left 1319 of 1600 components dead, 0.25 left 8 (12 at batch 64, lambda_lse 4)
 LAMBDA_TC_AT_400 = 1.0
-COLUMNS = ("model", "encoding", "components", "seed", "probe_accuracy", "probe_accuracy_tuned", "probe_c",
-           "dead_components", "seconds")  # fmt: skip
+#: the table's columns after model and encoding: header and number format
+COLUMNS = {
+    "components": ("K", "d"), "probe_accuracy": ("probe accuracy, C = 1", ".4f"),
+    "probe_accuracy_tuned": ("probe accuracy, C chosen", ".4f"), "probe_c": ("chosen C", "g"),
+    "dead_components": ("dead components", ".1f"), "seconds": ("seconds", ".0f"),
+}  # fmt: skip
 
 
 def decorrelation_weight(components: int) -> float:
@@ -121,6 +121,7 @@ def run_patches(
     extra_args: Sequence[str] = (),
     validation: bool = False,
     probe_threads: int | None = None,
+    command: str = "",
 ) -> Path:
     """Both dictionaries at K = ``components`` for each seed; returns the path of ``patches.json``.
 
@@ -128,9 +129,11 @@ def run_patches(
     experiment/patches.yaml: the model's settings and epochs, unless ``epochs`` is given); ``encodings`` are
     the model's (any of :data:`~implicit_em.eval.coates.MIXTURE_ENCODINGS`; default :data:`ENCODINGS`), one row each.
     ``extra_args`` are appended to the training arguments (e.g. ``--data.n_patches 20000``); with
-    ``validation`` the test images are not touched: the rows hold held-out accuracies.
+    ``validation`` the test images are not touched: the rows hold held-out accuracies. The rows of patches.json
+    are the mean and std over seeds (:func:`~implicit_em.experiments.tables.summarize`), each seed's under
+    ``per_seed``.
     """
-    from implicit_em.run.app import fit_run, rebuild
+    from implicit_em.run.app import fit_module
 
     folder = Path(out) / "cifar10"
     rows, pictures = [], {}
@@ -138,16 +141,11 @@ def run_patches(
         log(f"patches: seed {seed}, K = {components}: training the implicit-EM model")
         start = time.perf_counter()
         args = [*train_args(data_root, components, seed, epochs, folder / "runs", configs), *extra_args]
-        metrics = json.loads(fit_run(args).read_text())
+        fitted = fit_module(args)  # the trained model and the patches it trained on, as the fit left them
+        metrics, dm, normalization = fitted.metrics, fitted.datamodule, fitted.datamodule.normalization
         epochs_run = metrics["epochs"]
         train_seconds = time.perf_counter() - start
-        run = RunDir(metrics["run_dir"])
-        module, dm = rebuild(run)
-        dm.setup()
-        normalization = patch_normalization_from_checkpoint(load_checkpoint(run.last_checkpoint()))
-        if not torch.allclose(normalization.whiten, dm.normalization.whiten):
-            raise DataError(f"the patches of {metrics['run_dir']} changed since it trained; run it again")
-        net = module.model
+        net = fitted.module.model
         weight, bias = net.first_layer().weight.detach().float(), net.first_layer().bias.detach().float()
         encoder = mixture_encoder(normalization, weight, bias, net.activation, encodings)
         probes, extraction = probe_encodings(
@@ -171,23 +169,29 @@ def run_patches(
             pictures = {"implicit-EM (ours)": weight, "k-means": centroids[counts.argsort(descending=True)]}
             patch_size = normalization.patch_size
     header = {
-        "experiment": "patches",
         "data": "cifar10",
         "data_root": str(data_root),
         "components": components,
         "seeds": list(seeds),
         "epochs": epochs_run,
+        "command": command,
         "train_args": [*train_args(data_root, components, seeds[0], epochs, folder / "runs", configs), *extra_args],
         "kmeans_iterations": KMEANS_ITERATIONS,
         "probe": "torch_probe (L2 logistic regression on standardised features) at C = 1 (probe_accuracy) and at "
         f"C from {', '.join(map(str, PROBE_C))} chosen on the held-out training images (probe_accuracy_tuned)",
         "probe_split": "held-out training images" if validation else "test images",
-        "columns": list(COLUMNS),
+        "columns": ["model", "encoding", *COLUMNS],
     }
-    path = write_metrics({**header, "rows": rows}, folder / "patches.json")
-    (folder / "patches.md").write_text(markdown(header, rows))
-    plot_dictionaries(pictures, patch_size, folder / "patches_filters.png")
-    return path
+    summary = summarize(rows, ["model", "encoding"])
+    figure = plot_dictionaries(pictures, patch_size, folder / "patches_filters.png")
+    protocol = (
+        f"{{seeds}}. Probe: {header['probe']}, scored on the {header['probe_split']}. Seconds: training (or "
+        "k-means), feature extraction of all images, and that encoding's probe."
+    )
+    notes = "Training arguments: `" + " ".join(header["train_args"]) + "`"
+    title = f"# CIFAR-10 patch dictionaries, K = {components} (Coates, Lee & Ng pipeline)"
+    return write_results(folder, header, "patches", {"rows": summary}, markdown_table(summary, ["model", "encoding"],
+                         COLUMNS), [figure], notes, protocol, title)  # fmt: skip
 
 
 def row(model, encoding, components, seed, probe: dict, dead, seconds) -> dict:
@@ -207,30 +211,9 @@ def row(model, encoding, components, seed, probe: dict, dead, seconds) -> dict:
     }
 
 
-def markdown(header: dict, rows: list[dict]) -> str:
-    """patches.md: the rows as a table, with what produced them."""
-    lines = [
-        f"# CIFAR-10 patch dictionaries, K = {header['components']} (Coates, Lee & Ng pipeline)",
-        "",
-        f"Probe: {header['probe']}, scored on the {header['probe_split']}. Seconds: training (or k-means), "
-        "feature extraction of all images, and that encoding's probe.",
-        "",
-        "| model | encoding | K | seed | probe accuracy, C = 1 | probe accuracy, C chosen | chosen C "
-        "| dead components | seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['encoding']} | {r['components']} | {r['seed']} | {r['probe_accuracy']:.4f} "
-            f"| {r['probe_accuracy_tuned']:.4f} | {r['probe_c']} | {r['dead_components']} | {r['seconds']:.0f} |"
-        )
-    lines += ["", "Training arguments: `" + " ".join(header["train_args"]) + "`", ""]
-    return "\n".join(lines)
-
-
 def run_patches_experiment(s, runs=None) -> Path:
     """The ``patches`` entry of :data:`implicit_em.experiments.EXPERIMENTS` (``--data cifar10``): :func:`run_patches`
     with one ``reproduce.py`` call's settings; ``--epochs`` is used when given explicitly."""
     epochs = s.epochs if s.command and "--epochs" in s.command else None
     return run_patches(s.data_root, s.components, list(s.seeds), Path(s.out), epochs,
-                       log=runs.log if runs is not None else print, configs=s.configs)  # fmt: skip
+                       log=runs.log if runs is not None else print, configs=s.configs, command=s.command)  # fmt: skip

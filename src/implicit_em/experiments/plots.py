@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from implicit_em.experiments.tables import LABELS
+from implicit_em.experiments.tables import FORMATS
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -39,7 +40,7 @@ def plot_bars(rows: Sequence[dict], label: str, metrics: Sequence[str], path: Pa
         stds = [r.get(f"{metric}_std") or 0.0 for r in rows]
         ok = [i for i, m in enumerate(means) if m is not None]
         ax.bar([names[i] for i in ok], [means[i] for i in ok], yerr=[stds[i] for i in ok], capsize=3, color="C0")
-        ax.set_title(LABELS.get(metric, (metric,))[0])
+        ax.set_title(FORMATS.get(metric, (metric,))[0])
         ax.tick_params(axis="x", rotation=30)
     fig.suptitle(title)
     fig.tight_layout()
@@ -55,7 +56,7 @@ def plot_loss_curves(rows: Sequence[dict], path: Path, title: str) -> Path:
     axes = fig.subplots(1, len(optimizers), squeeze=False)
     for ax, opt in zip(axes[0], optimizers):
         for i, row in enumerate(r for r in rows if r["optimizer"] == opt):
-            curves = np.asarray(row["per_seed"]["loss_curve"], dtype=float)  # seeds x epochs
+            curves = np.asarray([s["loss_curve"] for s in row["per_seed"]], dtype=float)  # seeds x epochs
             epochs = np.arange(1, curves.shape[1] + 1)
             mean, std = curves.mean(0), curves.std(0)
             ax.plot(epochs, mean, color=f"C{i}", label=f"lr {row['lr']:g}")
@@ -78,3 +79,62 @@ def side_by_side(images: Sequence[Path], path: Path) -> Path:
         ax.set_axis_off()
     fig.tight_layout()
     return _save(fig, path)
+
+
+def row_label(row: dict) -> str:
+    """A row's name in a legend: its model, and its k where it has one."""
+    return str(row["model"]) + (f" (k={row['k']})" if row.get("k") else "")
+
+
+def draw_against_l0(ax, rows: Sequence[dict], metric: str, ylabel: str, lower: bool | None = None) -> bool:
+    """``metric`` against L0 on ``ax``: one line per model over its rows (the target L0s), a lone marker for a
+    model with one row. False (nothing drawn) when no row has both numbers."""
+    have = [r for r in rows if _finite(r.get(metric)) and _finite(r.get("l0"))]
+    for i, name in enumerate(dict.fromkeys(row_label(r) for r in have)):
+        pts = sorted((max(r["l0"], 1e-2), r[metric]) for r in have if row_label(r) == name)
+        ax.plot(*zip(*pts), marker="o", label=name, color=f"C{i % 10}", linestyle="-" if len(pts) > 1 else "none")
+    ax.set(xscale="log", xlabel="L0 (active components per input)", ylabel=ylabel)
+    if lower is not None:
+        ax.set_title(f"{'lower' if lower else 'higher'} is better")
+    if have:
+        ax.legend(fontsize=7)
+    return bool(have)
+
+
+def draw_sparse_probing(ax, rows: Sequence[dict], ks: Sequence[int]) -> None:
+    """k-sparse probing (``sparse_probe_accuracy``) against k on ``ax``, one line per row."""
+    for i, r in enumerate(rows):
+        sparse = r.get("sparse_probe_accuracy") or {}
+        shown = [int(k) for k, v in sparse.items() if _finite(v)]
+        if shown:
+            ax.plot(shown, [sparse[str(k)] for k in shown], marker="o", label=row_label(r), color=f"C{i % 10}")
+    ax.set(xscale="log", xlabel="k", ylabel="balanced accuracy", title="k-sparse probing")
+    ax.set_xticks(list(ks), [str(k) for k in ks])
+    ax.legend(fontsize=7)
+
+
+def draw_curves(ax, rows: Sequence[dict]) -> bool:
+    """Each row's ``train_curve`` ([step, loss]) on ``ax``, log scale; False when no row has two points."""
+    have = [r for r in rows if len(r.get("train_curve") or []) >= 2]
+    for i, r in enumerate(have):
+        ax.plot(*zip(*r["train_curve"]), label=f"{r['model']} k={r.get('target_l0')}", color=f"C{i % 10}")
+    ax.set(yscale="log", xlabel="training step", ylabel="training MSE")
+    if have:
+        ax.legend(fontsize=7)
+    return bool(have)
+
+
+def panels(path: Path, title: str, *draw) -> Path | None:
+    """A figure of one panel per ``draw`` (a function of an Axes returning whether it drew anything), saved at
+    ``path``; None (no file) when no panel drew anything."""
+    fig = Figure(figsize=(5.5 * len(draw), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(draw), squeeze=False)[0]
+    drawn = [fn(ax) is not False for ax, fn in zip(axes, draw)]
+    if not any(drawn):
+        return None
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -7,7 +7,10 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from implicit_em.run.app import Fitted
 
 
 @dataclass
@@ -30,6 +33,7 @@ class Settings:
     model_args: list[str] = field(default_factory=list)  # extra scripts/train.py flags for this model's frontier runs
     rows: list[str] | None = None  # the frontier's rows to run (None: all)
     wandb_project: str | None = None  # frontier: the W&B project its table and plots go to (None: not logged)
+    saes: list[str] = field(default_factory=list)  # compare, frontier: saved SAE folders judged as frozen rows
 
     @property
     def folder(self) -> Path:
@@ -41,23 +45,6 @@ class Settings:
             "data": self.data, "epochs": self.epochs, "seeds": list(self.seeds), "components": self.components,
             "batch_size": self.batch_size, "probe_method": self.probe_method, "command": self.command,
         }  # fmt: skip
-
-
-@dataclass
-class Run:
-    """A finished run: its metrics.json, and the per-member results."""
-
-    metrics: dict
-    path: Path
-
-    @property
-    def members(self) -> list[dict]:
-        """The per-member dicts of metrics.json (a lone run is its own single member)."""
-        return self.metrics.get("members", [self.metrics])
-
-    @property
-    def run_dir(self) -> Path:
-        return self.path.parent
 
 
 def cli_args(s: Settings, name: str, experiment: str, *extra: str, kmeans=False, reconstruction=False) -> list[str]:
@@ -91,22 +78,22 @@ def cli_args(s: Settings, name: str, experiment: str, *extra: str, kmeans=False,
 
 class Runs:
     """Trains each named run once per process, so experiments that share a run (benchmark, features)
-    train it once."""
+    train it once; each is what its fit made (:class:`~implicit_em.run.app.Fitted`: the trained ensemble, its
+    DataModule, its run and its metrics), never read back from disk."""
 
     def __init__(self, settings: Settings, log: Callable[[str], None] = print):
         self.settings, self.log, self._done = settings, log, {}
 
-    def get(self, name: str, experiment: str, *extra: str, **kwargs) -> Run:
+    def get(self, name: str, experiment: str, *extra: str, **kwargs) -> Fitted:
         if name not in self._done:
-            from implicit_em.run.app import fit_run
+            from implicit_em.run.app import fit_module
 
             s = self.settings
             self.log(f"[{name}] configs/experiment/{experiment}.yaml x seeds {s.seeds}, {s.epochs} epochs on {s.data}")
-            path = fit_run(cli_args(s, name, experiment, *extra, **kwargs))
-            self._done[name] = Run(json.loads(Path(path).read_text()), Path(path))
+            self._done[name] = fit_module(cli_args(s, name, experiment, *extra, **kwargs))
         return self._done[name]
 
-    def model(self, kind: str, start: str = "data") -> Run:
+    def model(self, kind: str, start: str = "data") -> Fitted:
         """The model (``implicit_em``) or the SAE (``sae``) once per seed, from the data-aware start (``data``)
         or nn.Linear's (``paper``); both with reconstruction errors, the model with KMeans too."""
         extra = ["--model.init_args.member_class", kind]

@@ -344,6 +344,11 @@ class ActivationsDataModule(ComponentDataModule):
         """d_model, from the shards' headers (no rows read)."""
         return self.shards.width
 
+    @property
+    def train_rows(self) -> int:
+        """Every training row of the shards (streamed each epoch; ``splits["train"]`` is a sample of them)."""
+        return self.rows["train"].n
+
     def _read_json(self, name: str):
         path = Path(self.root) / name
         if not path.is_file():

@@ -1,12 +1,20 @@
 """What ``scripts/train.py`` does with the configured objects: fit, evaluate on frozen features, write metrics.json;
-resume; evaluate a saved checkpoint (:mod:`implicit_em.run.cli` builds the objects from the command line)."""
+resume; evaluate a saved checkpoint (:mod:`implicit_em.run.cli` builds the objects from the command line).
+
+Library callers (the experiments, notebooks) train with :func:`fit_module`, which hands back what the fit made
+(:class:`Fitted`: the trained module, its DataModule, its run and the metrics it wrote), and build a command's
+objects without training with :func:`configure`.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from implicit_em.core.distributed import close_process_group
 from implicit_em.errors import ConfigError, DataError, check, report_user_error
@@ -18,8 +26,31 @@ from implicit_em.run.runtime import training_process
 from implicit_em.training.callbacks import EpochTimer
 
 
-def fit(cli: ImplicitEMCLI) -> Path | None:
-    """Train, then evaluate on frozen features; returns metrics.json's path on rank 0 (else None)."""
+@dataclass
+class Fitted:
+    """What one fit made: ``module`` (trained, in eval mode), ``datamodule`` (set up: its splits and the
+    normalisation fitted once, the one the module trained with), ``run`` (its run directory) and ``metrics``
+    (the dict written to metrics.json, non-finite numbers as they are)."""
+
+    module: Any
+    datamodule: Any
+    run: RunDir
+    metrics: dict
+
+    @property
+    def metrics_path(self) -> Path:
+        """The absolute path of the run's evaluation (``RunDir.metrics_path``: what ``scripts/train.py`` prints)."""
+        return self.run.metrics_path.resolve()
+
+    @property
+    def members(self) -> list[dict]:
+        """The per-member dicts of the metrics (a lone model is its own single member)."""
+        return self.metrics.get("members", [self.metrics])
+
+
+def fit(cli: ImplicitEMCLI) -> Fitted | None:
+    """Train, then evaluate on frozen features and write metrics.json; returns what the fit made on rank 0
+    (else None)."""
     trainer, module, dm = cli.trainer, cli.model, cli.datamodule
     if cli.config.get("threads") is not None:
         import torch
@@ -39,17 +70,22 @@ def fit(cli: ImplicitEMCLI) -> Path | None:
         close_process_group()
     if trainer.interrupted or not trainer.is_global_zero:
         return None
+    start = time.perf_counter()
     metrics = evaluate_run(module, dm, ReportConfig(**cli.config.report), trainer.callback_metrics, run.path)
+    eval_seconds = time.perf_counter() - start
     density = metrics.pop("log10_density", None)
     if "probes_skipped" in metrics:
         print(f"note: {metrics['probes_skipped']}", file=sys.stderr)
     timer = next(c for c in trainer.callbacks if isinstance(c, EpochTimer))
     metrics.update(
         epoch_seconds=timer.epoch_seconds,
+        eval_seconds=eval_seconds,
         epochs=trainer.current_epoch,
         model=type(module).__name__ if hasattr(module, "members") else module.model.name,
         data=getattr(dm, "name", type(dm).__name__),
         n_train=len(dm.splits["train"].x),
+        train_rows=dm.train_rows,  # one epoch's (a harvest's rows are its tokens)
+        rows_trained=dm.train_rows * trainer.current_epoch,
         peak_memory_mb=peak_memory_mb(module.device),
         device=device_name(module.device),
         n_test=len(dm.splits["test"].x),
@@ -57,7 +93,8 @@ def fit(cli: ImplicitEMCLI) -> Path | None:
         checkpoint=getattr(trainer.checkpoint_callback, "last_model_path", None),
     )
     log_final(trainer, metrics, density)
-    return write_metrics(metrics, run.metrics_path)
+    write_metrics(metrics, run.metrics_path)
+    return Fitted(module.eval(), dm, run, metrics)
 
 
 def check_resumable(module, state: dict, checkpoint: str) -> None:
@@ -96,8 +133,9 @@ def log_final(trainer, metrics: dict, log10_density=None) -> None:
         lg.save()
 
 
-def fit_run(args: Sequence[str], default_config_files: Sequence[str | Path] | None = None) -> Path:
-    """Train and evaluate one run in this process, as ``scripts/train.py ARGS`` would; returns its metrics.json.
+def fit_module(args: Sequence[str], default_config_files: Sequence[str | Path] | None = None) -> Fitted:
+    """Train and evaluate one run in this process, as ``scripts/train.py ARGS`` would; returns what it made
+    (:class:`Fitted`), so the caller judges the trained module as it is, without reading the run back.
 
     For library callers (experiments, notebooks): errors propagate as exceptions; the process's environment
     and float settings are restored afterwards.
@@ -106,10 +144,27 @@ def fit_run(args: Sequence[str], default_config_files: Sequence[str | Path] | No
 
     with training_process(), warnings.catch_warnings():  # the args are ours, not sys.argv's
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        path = fit(ImplicitEMCLI(list(args), default_config_files))
-    if path is None:
+        fitted = fit(ImplicitEMCLI(list(args), default_config_files))
+    if fitted is None:
         raise RuntimeError(f"the run {list(args)} was interrupted or ran on a worker rank")
-    return path
+    return fitted
+
+
+def fit_run(args: Sequence[str], default_config_files: Sequence[str | Path] | None = None) -> Path:
+    """:func:`fit_module`, returning only metrics.json's path (for scripts)."""
+    return fit_module(args, default_config_files).metrics_path
+
+
+def configure(args: Sequence[str], default_config_files: Sequence[str | Path] | None = None) -> ImplicitEMCLI:
+    """The objects the command ``scripts/train.py ARGS`` configures (``.model``, ``.datamodule``, ``.config``),
+    built without a logger, a resume or a fit: the module as it is before any training (its seeded init), the
+    DataModule not set up."""
+    import warnings
+
+    quiet = ["--ckpt_path", "null", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return ImplicitEMCLI([*args, *quiet], default_config_files)
 
 
 def evaluate_checkpoint(
@@ -134,16 +189,10 @@ def evaluate_checkpoint(
 def build_cli(run: RunDir, overrides: Sequence[str] = (), config: str | Path | None = None) -> ImplicitEMCLI:
     """A run's objects (``.model``, ``.datamodule``, ``.config``), built from its config.yaml (or ``config``) with
     CLI ``overrides``, without a logger or a fit."""
-    import warnings
-
     config = Path(config) if config else run.config_path
     if not config.is_file():
         raise ConfigError(f"no {config.name} in {run.path}; pass the run's config with --config")
-    args = ["--config", str(config), "--ckpt_path", "null", "--trainer.logger", "false",
-            "--trainer.enable_progress_bar", "false", *overrides]  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        return ImplicitEMCLI(args)
+    return configure(["--config", str(config), *overrides])
 
 
 def rebuild(run: RunDir | str | Path, trained: bool = True, checkpoint: str | Path | None = None, overrides=()):
@@ -221,14 +270,14 @@ def main(args: Sequence[str] | None = None, default_config_files: Sequence[str |
     try:
         with training_process():
             cli = ImplicitEMCLI(args, default_config_files)
-            path = fit(cli)
+            fitted = fit(cli)
     except Exception as e:  # settings or data a user can fix: one line and its exit code
         return report_user_error(e)
     if not cli.trainer.is_global_zero:
         leave_worker()
-    if path is not None:
+    if fitted is not None:
         sys.stdout.flush()
-        print(path, flush=True)
+        print(fitted.metrics_path, flush=True)
     return 0
 
 

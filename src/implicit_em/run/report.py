@@ -20,7 +20,7 @@ from implicit_em.eval.probe import (
     linear_probe,
     responsibility_assignments,
 )
-from implicit_em.eval.sae_metrics import log10_density, sae_evaluation, write_density_histogram
+from implicit_em.eval.sae_metrics import log10_density, readout_scores, sae_evaluation, write_density_histogram
 from implicit_em.files import atomic_write
 from implicit_em.run.rundir import DENSITY_PNG, RunDir
 
@@ -147,7 +147,8 @@ def evaluate_codes(codes: Codes, splits: dict, config: ReportConfig, to_raw=None
                    splice: LanguageModelSplice | None = None, encode=None, decode=None):  # fmt: skip
     """The evaluation every model and every baseline meets, on its codes: the SAE users' numbers
     (:func:`implicit_em.eval.sae_metrics.sae_evaluation`, in raw units through ``to_raw``) and the full linear
-    probe, scored on ``config.split``. Returns (row, readout or None); the row holds ``log10_density`` (a
+    probe, scored on ``config.split``, and with ``decode`` the FVU of the row's own decoder (``fvu_decoder``).
+    Returns (row, readout or None); the row holds ``log10_density`` (a
     tensor, for the loggers). With ``run_dir``, the readout and ``feature_density.png`` are saved there.
     Scored on test, the readout's ridge is chosen on val; scored on val, on the last tenth of the training rows.
     With ``splice`` (a causal LM's harvest) and ``encode`` (normalised x -> codes), the LM runs again with the
@@ -166,6 +167,8 @@ def evaluate_codes(codes: Codes, splits: dict, config: ReportConfig, to_raw=None
         )  # fmt: skip
         density = log10_density([codes.train, codes.val] + ([codes.test] if config.split == "test" else []))
         row.update(numbers, log10_density=density.cpu())
+        if encode is not None and decode is not None:  # its own decoder too, on the same rows and units
+            row["fvu_decoder"] = decoder_fvu(encode, decode, scored.x, to_raw)
         if run_dir is not None:
             RunDir(run_dir).save_readout(readout.state_dict())
             write_density_histogram(density, RunDir(run_dir) / DENSITY_PNG, title=codes.name)
@@ -182,6 +185,14 @@ def evaluate_codes(codes: Codes, splits: dict, config: ReportConfig, to_raw=None
     if config.split == "val":  # also under names that say so: what a sweep optimises, never a test number
         row.update({f"val_{k}": row[k] for k in VALIDATION_KEYS if isinstance(row.get(k), (int, float))})
     return row, readout
+
+
+@torch.no_grad()
+def decoder_fvu(encode, decode, x: Tensor, to_raw=None, batch_size: int = 8192) -> float:
+    """FVU of a model's own decoder on rows ``x``: sum ||x - decode(encode(x))||^2 / sum ||x - mean(x)||^2 over
+    every row and dimension (sparsify's ``fvu``), in raw units through ``to_raw``."""
+    x_hat = torch.cat([decode(encode(chunk)).cpu() for chunk in x.split(batch_size)])
+    return readout_scores(x, x_hat, to_raw)["fvu"]
 
 
 def module_codes(module, splits: dict) -> Codes:
