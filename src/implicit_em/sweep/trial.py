@@ -4,7 +4,6 @@ with the trial's settings on its command line, scored on the validation split, i
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import secrets
@@ -204,17 +203,17 @@ def run_trial(trial, plan: TrialPlan, params: dict[str, Any]) -> float:
             add_wandb(cli, plan, trial, params)
         outcome = "failed"
         try:
-            path = fit(cli)
-            outcome = "complete" if path is not None else "interrupted"
+            fitted = fit(cli)
+            outcome = "complete" if fitted is not None else "interrupted"
         except optuna.TrialPruned:
             outcome = "pruned"
             raise
         finally:
             if plan.wandb_project is not None:
                 finish_wandb(outcome)
-    if path is None:
+    if fitted is None:
         raise RuntimeError(f"trial {trial.number} was interrupted")
-    return metric_value(json.loads(Path(path).read_text()), plan.metric, path)
+    return metric_value(fitted.metrics, plan.metric, fitted.metrics_path)
 
 
 def metric_value(metrics: dict, metric: str, path: str | os.PathLike) -> float:
