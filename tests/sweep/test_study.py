@@ -142,3 +142,16 @@ def test_a_worker_starts_no_trial_beyond_n(tmp_path, monkeypatch):
     monkeypatch.setattr(studies.time, "sleep", finish_elsewhere)
     Worker(study, plan=None, space=None, n_trials=2, poll_s=0.01).run()  # starting a trial would fail: no plan
     assert waits == [0.01] and counts(study)["COMPLETE"] == 2 and len(study.trials) == 2
+
+
+def test_a_study_made_for_another_metric_or_direction_is_refused(tmp_path):
+    from implicit_em.errors import ConfigError
+    from implicit_em.sweep.study import open_study
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    open_study("s", url, "maximize", "val_probe_accuracy")
+    assert open_study("s", url, "maximize", "val_probe_accuracy").user_attrs["metric"] == "val_probe_accuracy"
+    with pytest.raises(ConfigError, match="optimises val_probe_accuracy, not val_fvu"):
+        open_study("s", url, "minimize", "val_fvu")
+    with pytest.raises(ConfigError, match="pass --direction maximize"):
+        open_study("s", url, "minimize", "val_probe_accuracy")

@@ -37,7 +37,7 @@ def test_a_trial_is_scored_on_validation_and_refuses_what_the_sweep_sets(tmp_pat
     assert args.index("--trainer.max_epochs") < args.index("--model.net.lambda_tc")
     assert p.command({"model.net.lambda_tc": 0.5}) == (
         "python scripts/train.py --trainer.max_epochs 2 --probe.every_n_epochs 0 --model.net.lambda_tc 0.5 "
-        "--report.split val"
+        "--report.split val --threads 3"
     )
     unpruned = plan(tmp_path, prune=False).args({})
     assert option(unpruned, "--probe.every_n_epochs") is None

@@ -76,8 +76,12 @@ class TrialPlan:
         return [*QUIET, *self.train_args, *as_options(params), *extra]
 
     def reproduce_args(self, params: dict[str, Any]) -> list[str]:
-        """The options of ``scripts/train.py`` that train and score the trial's model again."""
-        return [*self.train_args, *as_options(params), *ON_VALIDATION]
+        """The options of ``scripts/train.py`` that train and score the trial's model again, to the last digit:
+        with the trial's torch threads (another count sums in another order and ends a few probe answers apart)."""
+        threads = (
+            [] if self.threads is None or option(self.train_args, "--threads") else ["--threads", str(self.threads)]
+        )
+        return [*self.train_args, *as_options(params), *ON_VALIDATION, *threads]
 
     def command(self, params: dict[str, Any]) -> str:
         return shlex.join(["python", "scripts/train.py", *self.reproduce_args(params)])
