@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""A feature dashboard of a run, in the browser: ``python scripts/dashboard.py RUN_DIR --out DIR``.
+"""A component dashboard of a run, in the browser: ``python scripts/dashboard.py RUN_DIR --out DIR``.
 
 One streaming pass over the run's data (a harvest's tokens, or an image dataset) keeps, per component, the
 top-activating contexts, samples from each activation quantile, the histogram and the density, in memory

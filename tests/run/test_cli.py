@@ -26,7 +26,7 @@ def test_one_epoch_smoke_writes_metrics_json(train, tmp_path):
     assert 0.5 < m["probe_accuracy"] <= 1.0
     assert m["n_parameters"] == 64 * 64 + 64
     assert len(m["epoch_seconds"]) == 1 and m["epoch_seconds"][0] > 0
-    assert (path.parent / "metrics.csv").is_file() and (path.parent / "features.png").is_file()
+    assert (path.parent / "metrics.csv").is_file() and (path.parent / "components.png").is_file()
     assert find_last_checkpoint(tmp_path) is not None
 
 
@@ -53,7 +53,7 @@ def test_help_documents_options():
         "--trainer.max_epochs",
         "--ckpt_path",
         "--report.probe_method",
-        "--features.every_n_epochs",
+        "--components.every_n_epochs",
     ):
         assert option in run.stdout, option
 

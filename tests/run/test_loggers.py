@@ -16,7 +16,7 @@ SMALL = [
     "--trainer.max_epochs", "1",
     "--trainer.enable_progress_bar", "false",
     "--report.kmeans", "false",
-    "--features.every_n_epochs", "0",
+    "--components.every_n_epochs", "0",
     "--probe.every_n_epochs", "0",
 ]  # fmt: skip
 

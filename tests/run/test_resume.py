@@ -19,7 +19,7 @@ from tests.conftest import REPO, TRAIN, fit_in_process, main_in_process, run_scr
 EPOCHS = 24
 STEPS_PER_EPOCH = 11  # digits: 1,293 training samples in batches of 128
 COMMON = ["--trainer.max_epochs", str(EPOCHS), "--trainer.enable_progress_bar", "false", "--seed_everything", "5",
-          "--report.kmeans", "false", "--report.probe_method", "torch", "--features.every_n_epochs", "0"]  # fmt: skip
+          "--report.kmeans", "false", "--report.probe_method", "torch", "--components.every_n_epochs", "0"]  # fmt: skip
 
 
 def _weights(metrics: dict) -> dict[str, torch.Tensor]:
@@ -110,7 +110,7 @@ def _files(root) -> dict[str, bytes]:
 
 
 SHORT = ["--trainer.enable_progress_bar", "false", "--report.kmeans", "false", "--report.probe_method", "torch",
-         "--features.every_n_epochs", "0", "--probe.every_n_epochs", "0", "--model.n_components", "16"]  # fmt: skip
+         "--components.every_n_epochs", "0", "--probe.every_n_epochs", "0", "--model.n_components", "16"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

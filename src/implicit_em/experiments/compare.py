@@ -108,7 +108,7 @@ def train_args(
         "--report.sae_metrics", "false",
         "--report.lm_windows", "0",
         "--probe.every_n_epochs", "0",
-        "--features.every_n_epochs", "0",
+        "--components.every_n_epochs", "0",
         *extra,
     ]  # fmt: skip
     if batch_size:

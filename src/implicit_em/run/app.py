@@ -78,7 +78,7 @@ def check_resumable(module, state: dict, checkpoint: str) -> None:
 
 def log_final(trainer, metrics: dict, log10_density=None) -> None:
     """The end-of-run numbers to every logger under ``final/`` (the k-sparse probes as ``..._k<k>``), and the
-    feature-density histogram to the loggers that draw histograms (W&B, TensorBoard)."""
+    component-density histogram to the loggers that draw histograms (W&B, TensorBoard)."""
     numbers = {
         **metrics,
         **{f"sparse_probe_accuracy_k{k}": v for k, v in metrics.get("sparse_probe_accuracy", {}).items()},
@@ -90,9 +90,9 @@ def log_final(trainer, metrics: dict, log10_density=None) -> None:
         if log10_density is not None and hasattr(lg, "log_image"):  # W&B
             import wandb
 
-            experiment.log({"final/log10_feature_density": wandb.Histogram(log10_density.numpy())})
+            experiment.log({"final/log10_component_density": wandb.Histogram(log10_density.numpy())})
         elif log10_density is not None and hasattr(experiment, "add_histogram"):  # TensorBoard
-            experiment.add_histogram("final/log10_feature_density", log10_density, trainer.global_step)
+            experiment.add_histogram("final/log10_component_density", log10_density, trainer.global_step)
         lg.save()
 
 

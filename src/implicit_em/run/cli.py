@@ -23,7 +23,13 @@ from implicit_em.run.checkpoints import find_last_checkpoint
 from implicit_em.run.loggers import CSVLogger, WandbLogger
 from implicit_em.run.report import ReportConfig
 from implicit_em.run.rundir import WANDB_ID, RunDir
-from implicit_em.training.callbacks import EpochTimer, FeatureImages, IdentityCheck, ProbeDuringTraining, UsageHistogram
+from implicit_em.training.callbacks import (
+    ComponentImages,
+    EpochTimer,
+    IdentityCheck,
+    ProbeDuringTraining,
+    UsageHistogram,
+)
 from implicit_em.training.steps import Checkpoint
 
 
@@ -161,7 +167,7 @@ class ImplicitEMCLI(LightningCLI):
         parser.set_defaults(
             {"checkpoint.save_last": "link", "checkpoint.save_top_k": 1, "checkpoint.every_n_epochs": 1}
         )
-        parser.add_lightning_class_args(FeatureImages, "features")
+        parser.add_lightning_class_args(ComponentImages, "components")
         parser.add_lightning_class_args(ProbeDuringTraining, "probe")
         parser.add_lightning_class_args(IdentityCheck, "identity")
         parser.add_class_arguments(ReportConfig, "report")

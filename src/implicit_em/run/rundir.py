@@ -6,8 +6,8 @@
         metrics.csv                   per-epoch training and validation numbers
         metrics.json                  the end-of-run evaluation
         readout.safetensors           the ridge readout x ~ f R + c (normalised space) the evaluation fitted
-        feature_density.png           log10 firing frequency of every component
-        features.png, features/       the component images (image data)
+        component_density.png           log10 firing frequency of every component
+        components.png, components/   the component images (image data)
         wandb_id                      the W&B run id, so a resumed run continues its own W&B run
 
 Everything else asks this object for a path (:func:`implicit_em.run.app.rebuild` rebuilds a run's model and data
@@ -30,9 +30,9 @@ LAST_CKPT = "last.ckpt"
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
 READOUT = "readout.safetensors"
-DENSITY_PNG = "feature_density.png"
-FEATURES_PNG = "features.png"
-FEATURES_DIR = "features"
+DENSITY_PNG = "component_density.png"
+COMPONENTS_PNG = "components.png"
+COMPONENTS_DIR = "components"
 WANDB_ID = "wandb_id"
 
 
