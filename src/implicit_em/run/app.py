@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from implicit_em.distributed import close_process_group
-from implicit_em.errors import ConfigError, DataError, check, report_user_error
+from implicit_em.errors import ConfigError, check, report_user_error
 from implicit_em.run.checkpoints import load_checkpoint
-from implicit_em.run.cli import ImplicitEMCLI
+from implicit_em.run.cli import ImplicitEMCLI, saved_config_args
 from implicit_em.run.report import ReportConfig, evaluate_run, write_metrics
 from implicit_em.run.rundir import RunDir
 from implicit_em.run.runtime import training_process
@@ -139,7 +139,7 @@ def build_cli(run: RunDir, overrides: Sequence[str] = (), config: str | Path | N
     config = Path(config) if config else run.config_path
     if not config.is_file():
         raise ConfigError(f"no {config.name} in {run.path}; pass the run's config with --config")
-    args = ["--config", str(config), "--ckpt_path", "null", "--trainer.logger", "false",
+    args = [*saved_config_args(config), "--ckpt_path", "null", "--trainer.logger", "false",
             "--trainer.enable_progress_bar", "false", *overrides]  # fmt: skip
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
@@ -168,8 +168,7 @@ def load_run(run_dir: str | Path):
     from implicit_em.lm.dashboard.source import LoadedRun, quiet_lightning
 
     run, ckpt = RunDir.of(run_dir)
-    if not run.config_path.is_file():
-        raise DataError(f"{run.path} has no config.yaml; pass the run directory that scripts/train.py wrote")
+    run.require_config(given=run_dir)
     with quiet_lightning():
         module, datamodule = rebuild(run, checkpoint=ckpt)
     norm = find_normalization(load_checkpoint(ckpt))

@@ -114,6 +114,30 @@ class RunDir:
             self.path.parent.rmdir()
 
     # -- contents ------------------------------------------------------------------------------------
+    def holds_config(self, text: str) -> bool:
+        """Whether config.yaml exists and holds the settings of ``text`` (a YAML dump; comments aside)."""
+        import yaml
+
+        if not self.config_path.is_file():
+            return False
+        try:
+            return yaml.safe_load(self.config_path.read_text()) == yaml.safe_load(text)
+        except yaml.YAMLError:
+            return False
+
+    def require_config(self, given: str | Path | None = None) -> None:
+        """Refuse, with one line, a run without config.yaml, naming what is wrong with the path the user ``given``:
+        a checkpoint outside a run's checkpoints/ folder, or a folder that is not a run directory."""
+        if self.config_path.is_file():
+            return
+        given = Path(given) if given is not None else self.path
+        if given.is_file() and given.parent.name != CHECKPOINTS:
+            raise DataError(
+                f"{given} is a checkpoint outside a run directory (<run>/{CHECKPOINTS}/*.ckpt, with {CONFIG} in <run>); "
+                "pass the run directory scripts/train.py printed, or a checkpoint inside it"
+            )
+        raise DataError(f"{self.path} has no {CONFIG}; pass the run directory that scripts/train.py wrote")
+
     def config(self) -> dict[str, Any]:
         """The resolved config (config.yaml) as plain data."""
         import yaml

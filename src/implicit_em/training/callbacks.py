@@ -66,7 +66,9 @@ class ComponentImages(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch + 1
         if self.every_n_epochs and epoch % self.every_n_epochs == 0:
-            self._draw(trainer, pl_module, RunDir.of_trainer(trainer) / COMPONENTS_DIR / f"epoch_{epoch:04d}.png", epoch)
+            self._draw(
+                trainer, pl_module, RunDir.of_trainer(trainer) / COMPONENTS_DIR / f"epoch_{epoch:04d}.png", epoch
+            )
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._draw(trainer, pl_module, RunDir.of_trainer(trainer) / COMPONENTS_PNG, trainer.current_epoch)
