@@ -96,7 +96,9 @@ def test_stop_then_resume_in_process_is_bitwise_the_uninterrupted_run(tmp_path, 
     whole = fit_in_process(tmp_path / "whole", "--trainer.max_epochs", "3", *extra)
     stopped = fit_in_process(tmp_path / "resumed", *first, *extra)
     assert 0 < stopped.trainer.global_step < 3 * STEPS_PER_EPOCH
-    resumed = fit_in_process(tmp_path / "resumed", "--trainer.max_epochs", "3", *extra, "--ckpt_path", "last")
+    # the resume changes the run's length (its max_steps too: every other setting comes back from config.yaml)
+    resumed = fit_in_process(tmp_path / "resumed", "--trainer.max_epochs", "3", "--trainer.max_steps", "-1", *extra,
+                             "--ckpt_path", "last")  # fmt: skip
     assert resumed.trainer.global_step == whole.trainer.global_step == 3 * STEPS_PER_EPOCH
     a, b = resumed.model.state_dict(), whole.model.state_dict()
     for k in b:
@@ -170,6 +172,53 @@ def test_resuming_without_the_runs_settings_uses_its_saved_config_and_keeps_its_
     assert run.metrics["n_components"] == 16  # from the run's config.yaml, not default.yaml's 64
     rows = [r for r in csv.DictReader(open(run.metrics_path.parent / "metrics.csv")) if r.get("train/loss")]
     assert sorted(int(float(r["epoch"])) for r in rows) == [0, 1, 2, 3]
+
+
+def _max_epoch(run_dir) -> int:
+    import csv
+
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    return max(int(float(r["epoch"])) for r in rows if r.get("epoch"))
+
+
+def test_a_resume_with_ckpt_path_last_alone_keeps_the_runs_length_and_its_config_yaml(finished_run, tmp_path):
+    """The README's command after a run stopped (here: finished): every setting comes back from config.yaml, the
+    Trainer's included, and config.yaml is left byte for byte."""
+    import shutil
+
+    from tests.conftest import main_in_process
+
+    root, run_dir = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy, symlinks=True)
+    config = copy / run_dir.relative_to(root) / "config.yaml"
+    before = config.read_bytes()
+    run = main_in_process("--trainer.default_root_dir", str(copy), "--ckpt_path", "last")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert config.read_bytes() == before
+    assert run.metrics["epochs"] == 2 and run.metrics["n_components"] == 16  # not default.yaml's 100 epochs, K 64
+    assert _max_epoch(run.metrics_path.parent) == 1
+
+
+def test_a_resume_that_trains_longer_saves_the_new_length_and_no_bookkeeping(finished_run, tmp_path):
+    import shutil
+
+    import yaml
+
+    from tests.conftest import main_in_process
+
+    root, run_dir = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy, symlinks=True)
+    config = copy / run_dir.relative_to(root) / "config.yaml"
+    before = yaml.safe_load(config.read_text())
+    run = main_in_process("--trainer.default_root_dir", str(copy), "--ckpt_path", "last", "--trainer.max_epochs", "3")
+    assert run.returncode == 0, run.stderr[-2000:]
+    after = yaml.safe_load(config.read_text())
+    assert after["trainer"].pop("max_epochs") == 3 and before["trainer"].pop("max_epochs") == 2
+    assert after == before  # only the setting the command changed; ckpt_path and the resume step are not saved
+    assert after["ckpt_path"] is None and after["trainer"]["logger"]["init_args"]["resume_step"] is None
+    assert _max_epoch(run.metrics_path.parent) == 2
 
 
 def test_rows_logged_after_the_last_checkpoint_are_dropped_once_on_resume(tmp_path):

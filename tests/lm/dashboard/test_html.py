@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.dashboard.conftest import K, needs_minilm
+from tests.lm.dashboard.conftest import K, needs_minilm
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium (apt-get install -y chromium)")
