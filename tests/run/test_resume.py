@@ -181,44 +181,52 @@ def _max_epoch(run_dir) -> int:
     return max(int(float(r["epoch"])) for r in rows if r.get("epoch"))
 
 
-def test_a_resume_with_ckpt_path_last_alone_keeps_the_runs_length_and_its_config_yaml(finished_run, tmp_path):
+def test_a_resume_keeps_every_setting_and_config_yaml_unless_the_command_changes_one(tmp_path):
     """The README's command after a run stopped (here: finished): every setting comes back from config.yaml, the
-    Trainer's included, and config.yaml is left byte for byte."""
-    import shutil
-
-    from tests.conftest import main_in_process
-
-    root, run_dir = finished_run
-    copy = tmp_path / "copy"
-    shutil.copytree(root, copy, symlinks=True)
-    config = copy / run_dir.relative_to(root) / "config.yaml"
-    before = config.read_bytes()
-    run = main_in_process("--trainer.default_root_dir", str(copy), "--ckpt_path", "last")
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert config.read_bytes() == before
-    assert run.metrics["epochs"] == 2 and run.metrics["n_components"] == 16  # not default.yaml's 100 epochs, K 64
-    assert _max_epoch(run.metrics_path.parent) == 1
-
-
-def test_a_resume_that_trains_longer_saves_the_new_length_and_no_bookkeeping(finished_run, tmp_path):
-    import shutil
-
+    Trainer's included, and config.yaml is left byte for byte; a resume that trains longer saves that one change
+    and no resume bookkeeping (the checkpoint, the step the logs go on from)."""
     import yaml
 
     from tests.conftest import main_in_process
 
+    root = tmp_path / "runs"
+    first = main_in_process("--trainer.default_root_dir", str(root), "--trainer.max_epochs", "2", *SHORT)
+    assert first.returncode == 0, first.stderr[-2000:]
+    run_dir = first.metrics_path.parent
+    config = run_dir / "config.yaml"
+    before = config.read_bytes()
+    again = main_in_process("--trainer.default_root_dir", str(root), "--ckpt_path", "last")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert config.read_bytes() == before and again.metrics_path == first.metrics_path
+    assert again.metrics["epochs"] == 2 and again.metrics["n_components"] == 16  # not default.yaml's 100 and 64
+    assert _max_epoch(run_dir) == 1
+
+    longer = main_in_process(
+        "--trainer.default_root_dir", str(root), "--ckpt_path", "last", "--trainer.max_epochs", "3"
+    )
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    saved, now = yaml.safe_load(before), yaml.safe_load(config.read_text())
+    assert now["trainer"].pop("max_epochs") == 3 and saved["trainer"].pop("max_epochs") == 2
+    assert now == saved  # the one setting the command changed, nothing else
+    assert now["ckpt_path"] is None and now["trainer"]["logger"]["init_args"]["resume_step"] is None
+    assert _max_epoch(run_dir) == 2 and longer.metrics["epochs"] == 3
+
+
+def test_a_copied_run_resumes_in_the_copy_and_leaves_the_original_alone(finished_run, tmp_path):
+    """Its saved config names the original's folder; the resume goes on where the checkpoint is."""
+    import shutil
+
+    from tests.conftest import main_in_process
+
     root, run_dir = finished_run
+    before = _files(root)
     copy = tmp_path / "copy"
     shutil.copytree(root, copy, symlinks=True)
-    config = copy / run_dir.relative_to(root) / "config.yaml"
-    before = yaml.safe_load(config.read_text())
     run = main_in_process("--trainer.default_root_dir", str(copy), "--ckpt_path", "last", "--trainer.max_epochs", "3")
     assert run.returncode == 0, run.stderr[-2000:]
-    after = yaml.safe_load(config.read_text())
-    assert after["trainer"].pop("max_epochs") == 3 and before["trainer"].pop("max_epochs") == 2
-    assert after == before  # only the setting the command changed; ckpt_path and the resume step are not saved
-    assert after["ckpt_path"] is None and after["trainer"]["logger"]["init_args"]["resume_step"] is None
+    assert run.metrics_path == copy / run_dir.relative_to(root) / "metrics.json" and run.metrics["epochs"] == 3
     assert _max_epoch(run.metrics_path.parent) == 2
+    assert _files(root) == before
 
 
 def test_rows_logged_after_the_last_checkpoint_are_dropped_once_on_resume(tmp_path):

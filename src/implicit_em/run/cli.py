@@ -341,8 +341,11 @@ class ImplicitEMCLI(LightningCLI):
         cfg.ckpt_path = str(ckpt)
         self.resume_step = int(self.resume_state.get("global_step") or 0)
         run = RunDir.of(ckpt)[0]  # <root>/<name>/<version>/checkpoints/last.ckpt
+        where = run.path.parent.parent
         for lg in _loggers(cfg.trainer):
             args = lg.init_args
+            if args.get("save_dir") is not None and Path(args.save_dir).resolve() != where:
+                args.save_dir = str(where)  # a run moved or copied since its config was saved goes on where it is
             if _is_file_logger(lg):
                 args.name, args.version = run.path.parent.name, run.path.name
             if lg.class_path.endswith("CSVLogger") and args.get("resume_step") is not None:
@@ -385,7 +388,7 @@ TRAINER_COUNTS = {
     "check_val_every_n_epoch": (1, "an integer >= 1 or null"),
     "accumulate_grad_batches": (1, "an integer >= 1"),
     "num_nodes": (1, "an integer >= 1"),
-    "log_every_n_steps": (1, "an integer >= 1 or null"),
+    "log_every_n_steps": (0, "an integer >= 0 or null"),
     "num_sanity_val_steps": (-1, "an integer >= -1 (-1: the whole validation split) or null"),
 }
 
