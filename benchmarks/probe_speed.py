@@ -51,7 +51,7 @@ def train(args) -> tuple:
             "--trainer.enable_model_summary", "false",
             "--report.probe_method", "torch",
             "--report.kmeans", "false",
-            "--features.every_n_epochs", "0",
+            "--components.every_n_epochs", "0",
             "--probe.every_n_epochs", "0",
         ],
         [REPO / "configs" / "default.yaml"],

@@ -2,7 +2,7 @@
 
 The plain loop does the same work as the default model: Linear(D -> 64) + ReLU, the LSE + variance +
 decorrelation objective, Adam 1e-3, batch 128, one randperm per epoch over an in-memory tensor. The
-project runs as users run it (default logging, metrics, checkpointing, feature images, probe during
+project runs as users run it (default logging, metrics, checkpointing, component images, probe during
 training), and reports ``epoch_seconds`` in metrics.json. The plain loop runs before and after the project
 so a drift in machine load shows. The last line is the ratio: project epoch / fastest plain epoch.
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""A feature dashboard of a run, in the browser: ``python scripts/dashboard.py RUN_DIR --out DIR``.
+"""A component dashboard of a run, in the browser: ``python scripts/dashboard.py RUN_DIR --out DIR``.
 
 An SAE folder (SAELens's, sparsify's or scripts/export.py's) opens the same way over a harvest it reads:
 ``python scripts/dashboard.py SAE_DIR --data-root HARVEST --out DIR``.
@@ -27,7 +27,10 @@ def main(argv: list[str] | None = None) -> int:
                    "sparsify's or scripts/export.py's) with --data-root")  # fmt: skip
     p.add_argument("--data-root", type=Path, default=None,
                    help="for an SAE folder: the harvest (shards and tokens) it reads, raw activations")  # fmt: skip
-    p.add_argument("--out", type=Path, required=True, help="the dashboard folder (created)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the dashboard folder: new, empty, or an earlier dashboard of the same run")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true",
+                   help="write the dashboard into a folder that holds other files (its namesakes are replaced)")  # fmt: skip
     p.add_argument("--split", default="all", choices=("all", "train", "val", "test"),
                    help="rows to read: all, or the run's train/val/test split (held-out documents)")  # fmt: skip
     p.add_argument("--max-rows", type=int, default=1_000_000, help="read at most this many rows (the first ones)")
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
-        from implicit_em.lm.dashboard.build import Settings, build
+        from implicit_em.lm.dashboard.build import Settings, build, check_out
         from implicit_em.lm.dashboard.stream import StreamConfig
         from implicit_em.run.app import load_run
 
@@ -65,10 +68,12 @@ def main(argv: list[str] | None = None) -> int:
             exit_with_argument_error(f"--{str(e).split()[0]}: {e}")
         settings = Settings(split=a.split, max_rows=a.max_rows, batch_rows=a.batch_rows, stream=cfg, block=a.block,
                             neuronpedia=not a.no_neuronpedia, skip_first=a.skip_first)  # fmt: skip
+        check_out(a.out, a.run, a.overwrite)  # before the run loads
         run = load_run(a.run, a.data_root)
         device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
         run.module.to(device)
-        dash = build(a.run, a.out, settings, log=lambda s: print(s, file=sys.stderr, flush=True), run=run)
+        dash = build(a.run, a.out, settings, log=lambda s: print(s, file=sys.stderr, flush=True), run=run,
+                     overwrite=a.overwrite)  # fmt: skip
         if a.wandb:
             from implicit_em.lm.dashboard.wandb_log import log_dashboard
 

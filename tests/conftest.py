@@ -30,7 +30,7 @@ QUIET = [
     "--trainer.enable_model_summary", "false",
     "--report.kmeans", "false",
     "--report.probe_method", "torch",
-    "--features.every_n_epochs", "0",
+    "--components.every_n_epochs", "0",
     "--probe.every_n_epochs", "0",
 ]  # fmt: skip
 

@@ -223,7 +223,7 @@ def test_a_trained_run_exports_the_fvu_it_was_judged_by(tmp_path):
     metrics_path = fit_run([
         "--config", str(REPO / "configs" / "default.yaml"), "--data.normalization", "zca",
         "--model.n_components", "24", "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.enable_progress_bar", "false", "--features.every_n_epochs", "0", "--probe.every_n_epochs", "0",
+        "--trainer.enable_progress_bar", "false", "--components.every_n_epochs", "0", "--probe.every_n_epochs", "0",
         "--report.kmeans", "false", "--report.probe_method", "torch",
     ])  # fmt: skip
     run_dir = metrics_path.parent

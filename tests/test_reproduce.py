@@ -33,10 +33,10 @@ EXPECTED = {
         {"model", "seeds", "per_seed"},
         {"benchmark.png"},
     ),
-    "features": (
+    "components": (
         {"image_shape", "rows"},
         {"model", "weight_redundancy", "effective_rank"},
-        {"features.png", "features_implicit_em.png", "features_sae.png"},
+        {"components.png", "components_implicit_em.png", "components_sae.png"},
     ),
     "dynamics": (
         {"rows"},
@@ -114,7 +114,7 @@ def test_quick_numbers_follow_the_protocol(quick):
         (curve,) = [s["loss_curve"] for s in row["per_seed"]]
         assert len(curve) == QUICK["epochs"] and curve[-1] == pytest.approx(row["final_loss"], rel=1e-5)
 
-    assert load(quick, "features")["image_shape"] == [8, 8]
+    assert load(quick, "components")["image_shape"] == [8, 8]
     runs = quick / "runs"
     assert {p.name for p in runs.iterdir()} == {
         "ablation", "implicit_em", "sae", "implicit_em_paper_start", "sae_paper_start", "dynamics"

@@ -167,7 +167,7 @@ def test_ddp_value_and_gradient_equal_the_single_process_ones_with_uneven_shards
 # -- training: 2 processes, and 2 nodes, equal one process under default settings ----------------------------
 
 COMMON = ["--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false", "--report.kmeans", "false",
-          "--report.probe_method", "torch", "--features.every_n_epochs", "0"]  # fmt: skip
+          "--report.probe_method", "torch", "--components.every_n_epochs", "0"]  # fmt: skip
 
 
 def _final_weights(metrics: dict) -> dict[str, torch.Tensor]:

@@ -118,7 +118,7 @@ def test_invalid_settings(kwargs, key):
         SyntheticMixtureDataModule(**kwargs)
 
 
-def test_trains_through_the_cli_with_feature_images_for_any_dims(train):
+def test_trains_through_the_cli_with_component_images_for_any_dims(train):
     run = train(
         "--config", "configs/data/synthetic.yaml", "--data.dims", "50", "--data.n_samples", "2000",
         "--trainer.max_epochs", "2", "--report.kmeans", "false", "--model.n_components", "16",
@@ -127,4 +127,4 @@ def test_trains_through_the_cli_with_feature_images_for_any_dims(train):
     m = run.metrics
     assert m["data"] == "synthetic" and m["n_parameters"] == 16 * 50 + 16
     assert m["probe_accuracy"] > 0.9  # eight well-separated classes
-    assert (run.metrics_path.parent / "features.png").is_file()
+    assert (run.metrics_path.parent / "components.png").is_file()

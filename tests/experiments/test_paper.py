@@ -12,7 +12,7 @@ from implicit_em.experiments.paper import (
     member_weights,
     random_distances,
     raw_input_probe,
-    run_features,
+    run_components,
     run_theorem,
 )
 from implicit_em.experiments.runs import Runs, Settings
@@ -34,10 +34,10 @@ def test_theorem_writes_the_worst_case_over_seeds(tmp_path):
     assert "± " in (tmp_path / "digits" / "theorem.md").read_text()  # two seeds: mean ± std
 
 
-def test_features_and_the_raw_probe_come_from_the_fits_themselves(tmp_path, one_pass):
+def test_components_and_the_raw_probe_come_from_the_fits_themselves(tmp_path, one_pass):
     s = Settings(REPO / "configs", out=tmp_path, epochs=1, seeds=[1], components=8, probe_method="torch")
     runs = Runs(s, log=lambda line: None)
-    result = json.loads(run_features(s, runs).read_text())
+    result = json.loads(run_components(s, runs).read_text())
     ours = runs.model("implicit_em")
     weights = member_weights(ours, "linear.weight")
     assert weights.shape == (8, 64) and result["image_shape"] == [8, 8]
@@ -45,4 +45,4 @@ def test_features_and_the_raw_probe_come_from_the_fits_themselves(tmp_path, one_
     raw = raw_input_probe(s, runs)
     assert 0.5 < raw["probe_accuracy"] <= 1 and raw["n_parameters"] == 0
     assert len(one_pass) == 2  # one DataModule per fit (ours, the SAE), none set up again for the raw probe
-    assert (tmp_path / "digits" / "features.png").is_file()
+    assert (tmp_path / "digits" / "components.png").is_file()

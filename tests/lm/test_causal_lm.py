@@ -324,6 +324,63 @@ def test_a_folder_that_is_not_a_model_and_text_shorter_than_a_window(tiny, tmp_p
         hv.harvest("not-a-causal-lm", 1, files, tmp_path / "o3", prepend_bos=True)
 
 
+def _gguf_header(path: Path, blocks: int) -> Path:
+    """A Llama GGUF file with metadata (strings and arrays before the block count) and one small tensor."""
+    gguf = pytest.importorskip("gguf", reason="the gguf package is missing")
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("header only")
+    writer.add_array("tokenizer.ggml.tokens", ["<s>", "the", "a"])
+    writer.add_array("tokenizer.ggml.scores", [0.0, -1.0, -2.0])
+    writer.add_block_count(blocks)
+    writer.add_context_length(16)
+    writer.add_tensor("token_embd.weight", np.zeros((3, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_the_block_count_is_read_from_the_gguf_metadata_alone(tmp_path):
+    from gguf import GGUFReader
+
+    path = _gguf_header(tmp_path / "llama.gguf", blocks=5)
+    assert cl.gguf_block_count(path) == 5 == GGUFReader(path).fields["llama.block_count"].contents()
+    assert cl.declared_layers(path) == 5
+    (tmp_path / "text.gguf").write_text("not a model")
+    with pytest.raises(DataError, match="text.gguf: not a readable GGUF file"):
+        cl.gguf_block_count(tmp_path / "text.gguf")
+
+
+def test_a_folders_config_declares_its_blocks(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 4}}))
+    assert cl.declared_layers(tmp_path) == 4
+    assert cl.declared_layers(tmp_path / "absent") is None and cl.declared_layers("org/hub-model") is None
+
+
+def test_a_layer_out_of_range_of_a_gguf_is_refused_from_its_header(tmp_path, monkeypatch):
+    path = _gguf_header(tmp_path / "llama.gguf", blocks=2)
+    monkeypatch.setattr(cl, "load_causal_lm", lambda *a, **k: pytest.fail("the weights were loaded"))
+    text = tmp_path / "t.txt"
+    text.write_text("the a the\n")
+    with pytest.raises(ConfigError, match="--layer 4 is out of range: .*llama.gguf has 2 blocks; pass 0"):
+        hv.harvest(path, 4, [text], tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_causal_harvest_lacking_a_token_file_of_the_splice_is_one_line(tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    for name in cl.SPLICE_FILES:
+        np.save(tokens / name, np.zeros(3, dtype=np.int64))
+    cl.check_splice_files(tmp_path)  # complete: nothing to say
+    (tokens / "window_tokens.npy").unlink()
+    with pytest.raises(DataError) as e:
+        cl.check_splice_files(tmp_path)
+    message = str(e.value)
+    assert f"lacks {tokens / 'window_tokens.npy'}," in message and "--report.lm_windows 0" in message
+
+
 # -- the real GGUF file ----------------------------------------------------------------------------------------
 def test_smollm2_gguf_spliced_back_gives_ce_clean(tmp_path, monkeypatch, capsys):
     """SmolLM2-135M (GGUF, de-quantised) block 6: harvest fortunes, splice the stored rows back: CE clean."""

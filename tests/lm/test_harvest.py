@@ -190,6 +190,24 @@ def test_a_layer_out_of_range_is_one_line_exit_2(tmp_path):
     assert "--layer 7 is out of range" in line and "has 6 layers" in line and "pass 0" in line and "to 6" in line
 
 
+@pytest.mark.parametrize(
+    "architecture, layer, says",
+    [("BertModel", 7, "has 6 layers; pass 0 (the embeddings' output) to 6"),
+     ("LlamaForCausalLM", 6, "has 6 blocks; pass 0 (the output of the first block) to 5")],
+)  # fmt: skip
+def test_a_layer_out_of_range_is_refused_from_the_config_before_the_model_loads(tmp_path, architecture, layer, says):
+    """A folder with config.json alone (no weights, no tokenizer): only the config can have said it."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": [architecture], "num_hidden_layers": 6}))
+    text = tmp_path / "t.txt"
+    text.write_text("one two three\n")
+    with pytest.raises(ConfigError) as e:
+        hv.harvest(model, layer, [text], tmp_path / "o")
+    assert str(e.value).startswith(f"--layer {layer} is out of range") and says in str(e.value)
+    assert not (tmp_path / "o").exists()
+
+
 def test_an_empty_corpus_is_one_line_exit_2(tmp_path):
     model = minilm()
     empty = tmp_path / "empty.txt"

@@ -1,4 +1,4 @@
-"""The encoder and the SAE baseline: seeded starts, activations, the data-aware start, decoding."""
+"""The encoder and what every net shares: seeded starts, activations, the data-aware start."""
 
 import pytest
 import torch
@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from implicit_em.errors import ConfigError
 from implicit_em.models.base import ACTIVATIONS, fit_to_data, seeded_linear
 from implicit_em.models.implicit_em import ImplicitEM as Encoder
-from implicit_em.models.sae import SparseAutoencoder
 
 D, K, N = 12, 7, 9
 
@@ -78,26 +77,3 @@ def test_fit_to_data_moves_hyperplanes_through_the_mean_and_sets_the_scale():
     assert torch.allclose(lin(x).std(0), torch.full((K,), 0.3), atol=1e-5)
     cos = F.cosine_similarity(lin.weight.detach(), w0, dim=1)  # directions kept, rows only rescaled
     assert torch.allclose(cos, torch.ones(K), atol=1e-5)
-
-
-def test_sae_shapes_codes_and_decode():
-    sae = SparseAutoencoder(D, K, seed=2)
-    x = _x(N, D, seed=5)
-    codes = sae(x)
-    assert codes.shape == (N, K) and (codes >= 0).all()
-    assert torch.allclose(codes, F.relu(x @ sae.encoder.weight.T + sae.encoder.bias), atol=1e-6)
-    x_hat = sae.decode(codes)
-    assert x_hat.shape == (N, D)
-    assert torch.allclose(x_hat, codes @ sae.decoder.weight.T + sae.decoder.bias, atol=1e-6)
-    assert sae.component_weights().shape == (K, D)
-    assert sorted(sae.state_dict()) == ["decoder.bias", "decoder.weight", "encoder.bias", "encoder.weight"]
-
-
-def test_sae_decode_by_hand():
-    sae = SparseAutoencoder(2, 2)
-    with torch.no_grad():
-        sae.decoder.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
-        sae.decoder.bias.copy_(torch.tensor([0.5, -1.0]))
-    codes = torch.tensor([[1.0, 0.0], [2.0, 1.0]])
-    # x_hat = W_d a + b_d: (1, 3) + b and (2 + 2, 6 + 4) + b
-    assert torch.allclose(sae.decode(codes), torch.tensor([[1.5, 2.0], [4.5, 9.0]]))

@@ -82,7 +82,7 @@ def test_trains_exports_and_reloads_with_its_own_codes(tmp_path):
         "--config", str(REPO / "configs" / "default.yaml"), "--config", str(REPO / "configs" / "model" / "batchtopk_sae.yaml"),
         "--model.n_components", "32", "--model.k", "4", "--trainer.max_epochs", "2",
         "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
-        "--features.every_n_epochs", "0", "--probe.every_n_epochs", "0", "--report.kmeans", "false",
+        "--components.every_n_epochs", "0", "--probe.every_n_epochs", "0", "--report.kmeans", "false",
         "--report.probe_method", "torch",
     ])  # fmt: skip
     metrics = json.loads(path.read_text())

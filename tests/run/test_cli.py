@@ -26,7 +26,7 @@ def test_one_epoch_smoke_writes_metrics_json(train, tmp_path):
     assert 0.5 < m["probe_accuracy"] <= 1.0
     assert m["n_parameters"] == 64 * 64 + 64
     assert len(m["epoch_seconds"]) == 1 and m["epoch_seconds"][0] > 0
-    assert (path.parent / "metrics.csv").is_file() and (path.parent / "features.png").is_file()
+    assert (path.parent / "metrics.csv").is_file() and (path.parent / "components.png").is_file()
     assert find_last_checkpoint(tmp_path) is not None
 
 
@@ -53,9 +53,11 @@ def test_help_documents_options():
         "--trainer.max_epochs",
         "--ckpt_path",
         "--report.probe_method",
-        "--features.every_n_epochs",
+        "--components.every_n_epochs",
     ):
         assert option in run.stdout, option
+    assert "<function" not in run.stdout  # the optimiser's default by its import path
+    assert "'optimizer': implicit_em.training.module.adam" in " ".join(run.stdout.split())
 
 
 @pytest.mark.parametrize(
@@ -72,6 +74,9 @@ def test_help_documents_options():
         (["--trainer.devices", "3", "--trainer.accelerator", "cpu"], "data.batch_size"),
         (["--report.probe_method", "svm"], "report.probe_method"),
         (["--model.members", '[{"seed": 1}]'], "members"),  # members belong to implicit_em.training.ensemble.Ensemble
+        (["--trainer.max_epochs", "-3"], "trainer.max_epochs must be an integer >= -1"),
+        (["--trainer.max_steps", "-2"], "trainer.max_steps"),
+        (["--trainer.val_check_interval", "-1"], "trainer: You have passed invalid value -1 for val_check_interval"),
     ],
 )
 def test_invalid_settings_fail_fast_with_one_line(train, args, key):
@@ -174,3 +179,30 @@ def test_a_model_config_gets_its_own_nets_defaults_and_nothing_from_default_yaml
     expected.update(own.get("init_args") or {})
     got = {n: v for n, v in dict(net["init_args"]).items() if n in expected}
     assert got == {n: v for n, v in expected.items() if n in got}, config
+
+
+def test_a_refused_run_prints_its_error_line_alone():
+    """A real process: no LightningCLI warning about its args parameter, no "Seed set to", one line, exit 2."""
+    from tests.conftest import TRAIN, run_script
+
+    run = run_script(TRAIN, "--model.n_components", "0", timeout=300)
+    lines = [ln for ln in (run.stdout + run.stderr).splitlines() if ln.strip()]
+    assert run.returncode == 2 and lines == ["error: model.n_components must be an integer >= 2 (got 0)"], lines
+
+
+def test_a_causal_harvest_missing_a_token_file_is_refused_before_training(train, tmp_path):
+    """The end-of-run CE evaluation reads the harvest's window files: their absence is found before any epoch."""
+    import numpy as np
+
+    root = tmp_path / "harvest"
+    (root / "tokens").mkdir(parents=True)
+    np.save(root / "shard-00000.npy", np.random.default_rng(0).standard_normal((400, 8)).astype(np.float32))
+    np.save(root / "doc_ids.npy", np.repeat(np.arange(40), 10))
+    (root / "manifest.json").write_text(json.dumps({"model_kind": "causal_lm", "model": "/nowhere", "layer": 1}))
+    for name in ("windows.npy", "positions.npy", "window_doc_ids.npy"):  # no window_tokens.npy
+        np.save(root / "tokens" / name, np.zeros(40, dtype=np.int64))
+    run = train("--config", "configs/data/activations.yaml", "--data.root", str(root), "--trainer.max_epochs", "1")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    (line,) = [ln for ln in run.stderr.splitlines() if ln.strip()]
+    assert "window_tokens.npy" in line and "--report.lm_windows 0" in line
+    assert not (tmp_path / "runs").exists()  # nothing trained, no run folder

@@ -16,7 +16,7 @@ SMALL = [
     "--trainer.max_epochs", "1",
     "--trainer.enable_progress_bar", "false",
     "--report.kmeans", "false",
-    "--features.every_n_epochs", "0",
+    "--components.every_n_epochs", "0",
     "--probe.every_n_epochs", "0",
 ]  # fmt: skip
 
@@ -128,3 +128,33 @@ def test_every_new_run_gets_its_own_wandb_id_and_a_resume_keeps_its_own():
     ids = [cfg.trainer.logger[1].init_args.id for cfg in (a, b)]
     assert ids[0] != ids[1] and all(len(i) == 12 for i in ids)
     assert resumed.trainer.logger[1].init_args.id == "kept1234"
+
+
+def test_a_resumed_csv_logger_keeps_the_rows_before_the_checkpoint(tmp_path):
+    first = loggers.CSVLogger(str(tmp_path), version="version_0")
+    for step in (10, 21, 32):
+        first.log_metrics({"train/loss": float(step)}, step)
+    first.save()
+    resumed = loggers.CSVLogger(str(tmp_path), version="version_0")
+    resumed.resume_from(22)  # the checkpoint was at step 22: step 32 is trained again, and logged once
+    resumed.log_metrics({"train/loss": 1.0}, 32)
+    resumed.save()
+    with open(tmp_path / "implicit_em" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["step"], r["train/loss"]) for r in rows] == [("10", "10.0"), ("21", "21.0"), ("32", "1.0")]
+
+
+def test_a_resumed_tensorboard_logger_purges_events_from_the_checkpoints_step(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = loggers.TensorBoardLogger(str(tmp_path), version="version_0")
+    for step in (10, 21, 32):
+        first.log_metrics({"train/loss": float(step)}, step)
+    first.finalize("success")
+    resumed = loggers.TensorBoardLogger(str(tmp_path), version="version_0")
+    resumed.resume_from(22)  # events at step 22 and after, from the first process, are dropped by readers
+    resumed.log_metrics({"train/loss": 1.0}, 32)
+    resumed.finalize("success")
+    events = EventAccumulator(str(tmp_path / "implicit_em" / "version_0"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(10, 10.0), (21, 21.0), (32, 1.0)]

@@ -19,7 +19,7 @@ from tests.conftest import REPO, TRAIN, fit_in_process, main_in_process, run_scr
 EPOCHS = 24
 STEPS_PER_EPOCH = 11  # digits: 1,293 training samples in batches of 128
 COMMON = ["--trainer.max_epochs", str(EPOCHS), "--trainer.enable_progress_bar", "false", "--seed_everything", "5",
-          "--report.kmeans", "false", "--report.probe_method", "torch", "--features.every_n_epochs", "0"]  # fmt: skip
+          "--report.kmeans", "false", "--report.probe_method", "torch", "--components.every_n_epochs", "0"]  # fmt: skip
 
 
 def _weights(metrics: dict) -> dict[str, torch.Tensor]:
@@ -96,7 +96,9 @@ def test_stop_then_resume_in_process_is_bitwise_the_uninterrupted_run(tmp_path, 
     whole = fit_in_process(tmp_path / "whole", "--trainer.max_epochs", "3", *extra)
     stopped = fit_in_process(tmp_path / "resumed", *first, *extra)
     assert 0 < stopped.trainer.global_step < 3 * STEPS_PER_EPOCH
-    resumed = fit_in_process(tmp_path / "resumed", "--trainer.max_epochs", "3", *extra, "--ckpt_path", "last")
+    # the resume changes the run's length (its max_steps too: every other setting comes back from config.yaml)
+    resumed = fit_in_process(tmp_path / "resumed", "--trainer.max_epochs", "3", "--trainer.max_steps", "-1", *extra,
+                             "--ckpt_path", "last")  # fmt: skip
     assert resumed.trainer.global_step == whole.trainer.global_step == 3 * STEPS_PER_EPOCH
     a, b = resumed.model.state_dict(), whole.model.state_dict()
     for k in b:
@@ -110,7 +112,7 @@ def _files(root) -> dict[str, bytes]:
 
 
 SHORT = ["--trainer.enable_progress_bar", "false", "--report.kmeans", "false", "--report.probe_method", "torch",
-         "--features.every_n_epochs", "0", "--probe.every_n_epochs", "0", "--model.n_components", "16"]  # fmt: skip
+         "--components.every_n_epochs", "0", "--probe.every_n_epochs", "0", "--model.n_components", "16"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +172,61 @@ def test_resuming_without_the_runs_settings_uses_its_saved_config_and_keeps_its_
     assert run.metrics["n_components"] == 16  # from the run's config.yaml, not default.yaml's 64
     rows = [r for r in csv.DictReader(open(run.metrics_path.parent / "metrics.csv")) if r.get("train/loss")]
     assert sorted(int(float(r["epoch"])) for r in rows) == [0, 1, 2, 3]
+
+
+def _max_epoch(run_dir) -> int:
+    import csv
+
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    return max(int(float(r["epoch"])) for r in rows if r.get("epoch"))
+
+
+def test_a_resume_keeps_every_setting_and_config_yaml_unless_the_command_changes_one(tmp_path):
+    """The README's command after a run stopped (here: finished): every setting comes back from config.yaml, the
+    Trainer's included, and config.yaml is left byte for byte; a resume that trains longer saves that one change
+    and no resume bookkeeping (the checkpoint, the step the logs go on from)."""
+    import yaml
+
+    from tests.conftest import main_in_process
+
+    root = tmp_path / "runs"
+    first = main_in_process("--trainer.default_root_dir", str(root), "--trainer.max_epochs", "2", *SHORT)
+    assert first.returncode == 0, first.stderr[-2000:]
+    run_dir = first.metrics_path.parent
+    config = run_dir / "config.yaml"
+    before = config.read_bytes()
+    again = main_in_process("--trainer.default_root_dir", str(root), "--ckpt_path", "last")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert config.read_bytes() == before and again.metrics_path == first.metrics_path
+    assert again.metrics["epochs"] == 2 and again.metrics["n_components"] == 16  # not default.yaml's 100 and 64
+    assert _max_epoch(run_dir) == 1
+
+    longer = main_in_process(
+        "--trainer.default_root_dir", str(root), "--ckpt_path", "last", "--trainer.max_epochs", "3"
+    )
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    saved, now = yaml.safe_load(before), yaml.safe_load(config.read_text())
+    assert now["trainer"].pop("max_epochs") == 3 and saved["trainer"].pop("max_epochs") == 2
+    assert now == saved  # the one setting the command changed, nothing else
+    assert now["ckpt_path"] is None and now["trainer"]["logger"]["init_args"]["resume_step"] is None
+    assert _max_epoch(run_dir) == 2 and longer.metrics["epochs"] == 3
+
+
+def test_a_copied_run_resumes_in_the_copy_and_leaves_the_original_alone(finished_run, tmp_path):
+    """Its saved config names the original's folder; the resume goes on where the checkpoint is."""
+    import shutil
+
+    from tests.conftest import main_in_process
+
+    root, run_dir = finished_run
+    before = _files(root)
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy, symlinks=True)
+    run = main_in_process("--trainer.default_root_dir", str(copy), "--ckpt_path", "last", "--trainer.max_epochs", "3")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.metrics_path == copy / run_dir.relative_to(root) / "metrics.json" and run.metrics["epochs"] == 3
+    assert _max_epoch(run.metrics_path.parent) == 2
+    assert _files(root) == before
 
 
 def test_rows_logged_after_the_last_checkpoint_are_dropped_once_on_resume(tmp_path):

@@ -1,6 +1,6 @@
 """A fit leaves its process as it found it: environment variables and torch's denormal handling are the same
 after an in-process fit as before, whether it succeeds, stops on a non-finite loss or fails with an exception;
-drawing feature images keeps the caller's matplotlib backend."""
+drawing component images keeps the caller's matplotlib backend."""
 
 from __future__ import annotations
 
@@ -57,11 +57,11 @@ def svg_backend():
         matplotlib.use(before)
 
 
-def test_a_fit_that_draws_feature_images_keeps_the_callers_matplotlib_backend(tmp_path, svg_backend):
+def test_a_fit_that_draws_component_images_keeps_the_callers_matplotlib_backend(tmp_path, svg_backend):
     path = fit_run(
-        ["--trainer.default_root_dir", str(tmp_path), *ONE_EPOCH, "--features.every_n_epochs", "1"], [DEFAULT_CONFIG]
+        ["--trainer.default_root_dir", str(tmp_path), *ONE_EPOCH, "--components.every_n_epochs", "1"], [DEFAULT_CONFIG]
     )
-    assert (path.parent / "features.png").is_file() and (path.parent / "features" / "epoch_0001.png").is_file()
+    assert (path.parent / "components.png").is_file() and (path.parent / "components" / "epoch_0001.png").is_file()
     assert matplotlib.get_backend().lower() == "svg"
 
 

@@ -138,7 +138,7 @@ def test_two_workers_share_a_study_on_postgresql(postgres_url, tmp_path):
         REPO / "scripts" / "sweep.py", "--space", space, "--study", "pg", "--storage", postgres_url, "--trials", "2",
         "--workers", "2", "--root", tmp_path / "runs", "--pruner", "none", "--no-wandb", "--",
         "--trainer.max_epochs", "1", "--model.n_components", "8", "--report.kmeans", "false",
-        "--report.probe_method", "torch", "--report.sae_metrics", "false", "--features.every_n_epochs", "0",
+        "--report.probe_method", "torch", "--report.sae_metrics", "false", "--components.every_n_epochs", "0",
         timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]

@@ -22,7 +22,7 @@ from tests.conftest import REPO  # noqa: E402
 
 #: a trial of a few seconds: digits, one epoch, 8 components, the fast probe, no KMeans or SAE numbers
 FAST = ["--trainer.max_epochs", "1", "--model.n_components", "8", "--report.kmeans", "false",
-        "--report.probe_method", "torch", "--report.sae_metrics", "false", "--features.every_n_epochs", "0"]  # fmt: skip
+        "--report.probe_method", "torch", "--report.sae_metrics", "false", "--components.every_n_epochs", "0"]  # fmt: skip
 
 
 def sweep_command(tmp_path: Path, study: str, trials: int, workers: int, *extra: str) -> list[str]:

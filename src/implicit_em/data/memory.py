@@ -131,7 +131,7 @@ class ComponentDataModule(L.LightningDataModule):
         drop_last: drop each epoch's last, partial batch.
     """
 
-    #: the shape of one sample as an image, for feature images; () when the rows are not images
+    #: the shape of one sample as an image, for component images; () when the rows are not images
     image_shape: tuple[int, ...] = ()
     name = "data"
 

@@ -76,7 +76,7 @@ class SyntheticMixtureDataModule(InMemoryDataModule):
 
     ``true_components`` (M x D tensor) is available as soon as the module is built; measure recovery with
     :func:`component_recovery` (in input space, so with ``normalization: none``). Samples are not confined to
-    [0, 1]. Feature images are sqrt(D) x sqrt(D) when D is a perfect square, else 1 x D strips.
+    [0, 1]. Component images are sqrt(D) x sqrt(D) when D is a perfect square, else 1 x D strips.
 
     Args:
         dims: input dimension D.

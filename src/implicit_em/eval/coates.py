@@ -228,12 +228,12 @@ def plot_dictionaries(dictionaries: dict[str, Tensor], patch_size: int, path: Pa
     side; each filter scaled by its own max |w|, 0 shown as grey. At most ``columns``^2 filters each."""
     import matplotlib.pyplot as plt
 
-    from implicit_em.eval.figures import feature_grid
+    from implicit_em.eval.figures import component_grid
 
     fig, axes = plt.subplots(1, len(dictionaries), figsize=(6 * len(dictionaries), 6.4), squeeze=False)
     for ax, (title, weight) in zip(axes[0], dictionaries.items()):
         shown = weight[: columns * columns]
-        grid = feature_grid(shown, (weight.shape[1] // patch_size**2, patch_size, patch_size), columns=columns)
+        grid = component_grid(shown, (weight.shape[1] // patch_size**2, patch_size, patch_size), columns=columns)
         ax.imshow(((grid + 1) / 2).clip(0, 1))
         ax.set_title(f"{title} ({len(shown)} of {len(weight)})")
         ax.set_axis_off()

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 #: diverging colormap for the component grid, centred at zero (blue negative, red positive)
-FEATURE_CMAP = "RdBu_r"
+COMPONENT_CMAP = "RdBu_r"
 
 
 #: the component grid shows at most this many components (the most used ones when usage is known)
@@ -29,7 +29,7 @@ def grid_components(
     return torch.argsort(usage.detach().double().cpu().reshape(-1), descending=True, stable=True)[:max_components]
 
 
-def feature_grid(
+def component_grid(
     weights: torch.Tensor,
     image_shape: tuple[int, ...],
     columns: int | None = None,
@@ -64,7 +64,7 @@ def feature_grid(
     return grid
 
 
-def feature_figure(
+def component_figure(
     weights: torch.Tensor,
     image_shape: tuple[int, ...],
     title: str = "",
@@ -76,7 +76,7 @@ def feature_figure(
     title says which are shown (the most used, given ``usage``)."""
     from matplotlib.figure import Figure
 
-    grid = feature_grid(weights, image_shape, usage=usage, max_components=max_components)
+    grid = component_grid(weights, image_shape, usage=usage, max_components=max_components)
     k = weights.shape[0]
     if k > max_components:
         which = "most used" if usage is not None else "first"
@@ -87,14 +87,14 @@ def feature_figure(
     if grid.ndim == 3:
         ax.imshow((grid + 1) / 2)
     else:
-        ax.imshow(grid, cmap=FEATURE_CMAP, vmin=-1, vmax=1)
+        ax.imshow(grid, cmap=COMPONENT_CMAP, vmin=-1, vmax=1)
     ax.set_axis_off()
     if title:
         ax.set_title(title)
     return fig
 
 
-def save_feature_grid(
+def save_component_grid(
     weights: torch.Tensor,
     image_shape: tuple[int, ...],
     path: str | Path,
@@ -102,8 +102,8 @@ def save_feature_grid(
     usage: torch.Tensor | None = None,
     max_components: int = GRID_MAX_COMPONENTS,
 ) -> Path:
-    """Write :func:`feature_figure` as a PNG."""
+    """Write :func:`component_figure` as a PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    feature_figure(weights, image_shape, title, usage, max_components).savefig(path, dpi=100, bbox_inches="tight")
+    component_figure(weights, image_shape, title, usage, max_components).savefig(path, dpi=100, bbox_inches="tight")
     return path

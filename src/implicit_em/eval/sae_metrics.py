@@ -1,4 +1,4 @@
-"""What sparse-autoencoder users read: L0, dead fraction, feature density, a fitted linear readout's
+"""What sparse-autoencoder users read: L0, dead fraction, component density, a fitted linear readout's
 reconstruction (FVU, explained variance, cosine, norm ratio) and k-sparse probing. Pure functions on tensors.
 
 Features f (N x K) are whatever a model gives per input: distances d for the decoder-free model, codes a for
@@ -53,7 +53,7 @@ def dead_fraction(f: Features, threshold: float = ACTIVE_THRESHOLD) -> float:
 
 
 def log10_density(f: Features, threshold: float = ACTIVE_THRESHOLD, eps: float = 1e-10) -> Tensor:
-    """log10(p_j + eps) per component: the feature-density histogram's values (SAELens's convention, so a
+    """log10(p_j + eps) per component: the density histogram's values (SAELens's convention, so a
     dead component sits at -10)."""
     return torch.log10(firing_frequency(f, threshold) + eps)
 

@@ -22,14 +22,14 @@ EXPERIMENTS: dict[str, Callable[[Settings, Runs], Path]] = {
     "theorem": paper.run_theorem,
     "ablation": paper.run_ablation,
     "benchmark": paper.run_benchmark,
-    "features": paper.run_features,
+    "components": paper.run_components,
     "dynamics": paper.run_dynamics,
     "compare": compare.run_compare_experiment,
     "frontier": frontier.run_frontier_experiment,
     "patches": patches.run_patches_experiment,
 }
 #: the experiments ``all`` runs
-PAPER = ("theorem", "ablation", "benchmark", "features", "dynamics")
+PAPER = ("theorem", "ablation", "benchmark", "components", "dynamics")
 DATASETS = ("mnist", "fashion_mnist", "digits", "cifar10", "synthetic", "activations")
 
 

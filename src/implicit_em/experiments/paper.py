@@ -25,14 +25,14 @@ BENCHMARK_METRICS = (
     "cluster_accuracy", "nmi",
 )  # fmt: skip
 DYNAMICS_METRICS = ("final_loss", "probe_accuracy")
-FEATURES_METRICS = ("weight_redundancy", "effective_rank")
+COMPONENTS_METRICS = ("weight_redundancy", "effective_rank")
 
 #: experiment -> (label columns, metric columns) of its table, read from its JSON's ``rows``
 TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "theorem": (("quantity",), ("max_abs_error", "mean_abs_error", "correlation")),
     "ablation": (("config",), ABLATION_METRICS),
     "benchmark": (("model", "start"), BENCHMARK_METRICS),
-    "features": (("model",), FEATURES_METRICS),
+    "components": (("model",), COMPONENTS_METRICS),
     "dynamics": (("optimizer", "lr"), DYNAMICS_METRICS),
 }
 
@@ -161,9 +161,9 @@ def member_weights(fitted, key: str) -> Tensor:
     return fitted.module.state_dict()[f"members.0.model.{key}"].detach().cpu()
 
 
-def run_features(s: Settings, runs: Runs) -> Path:
+def run_components(s: Settings, runs: Runs) -> Path:
     """The components of both models (member 0, the first seed) as images, side by side (Figure 4)."""
-    from implicit_em.eval.figures import save_feature_grid
+    from implicit_em.eval.figures import save_component_grid
 
     ours, sae = runs.model("implicit_em"), runs.model("sae")
     ours_w = member_weights(ours, "linear.weight")
@@ -174,13 +174,13 @@ def run_features(s: Settings, runs: Runs) -> Path:
         ("implicit_em", ours_w, "decoder-free model: rows of W"),
         ("sae", member_weights(sae, "encoder.weight"), "SAE encoder"),
     ):
-        grids.append(save_feature_grid(weights, shape, s.folder / f"features_{key}.png", f"{title} (seed {seed})"))
-    both = side_by_side(grids, s.folder / "features.png")
-    rows = summarize([{**r, "model": "implicit_em"} for r in ours.members], ["model"], FEATURES_METRICS)
-    rows += summarize([{**r, "model": "sae"} for r in sae.members], ["model"], FEATURES_METRICS)
+        grids.append(save_component_grid(weights, shape, s.folder / f"components_{key}.png", f"{title} (seed {seed})"))
+    both = side_by_side(grids, s.folder / "components.png")
+    rows = summarize([{**r, "model": "implicit_em"} for r in ours.members], ["model"], COMPONENTS_METRICS)
+    rows += summarize([{**r, "model": "sae"} for r in sae.members], ["model"], COMPONENTS_METRICS)
     result = {"image_shape": list(shape), "shown_seed": seed, "rows": rows,
               "run_dirs": [str(ours.run.path), str(sae.run.path)]}  # fmt: skip
-    return write(s, "features", result, [both, *grids])
+    return write(s, "components", result, [both, *grids])
 
 
 def run_dynamics(s: Settings, runs: Runs) -> Path:

@@ -94,7 +94,7 @@ def train_args(
         "--report.lm_windows", str(lm_windows),
         "--report.split", split,
         "--probe.every_n_epochs", "0",
-        "--features.every_n_epochs", "0",
+        "--components.every_n_epochs", "0",
         *extra,
     ]  # fmt: skip
     if batch_size:

@@ -66,7 +66,7 @@ def cli_args(s: Settings, name: str, experiment: str, *extra: str, kmeans=False,
         "--report.reconstruction", str(reconstruction).lower(),
         "--report.sae_metrics", "false",  # the paper's experiments report the paper's numbers
         "--probe.every_n_epochs", "0",
-        "--features.every_n_epochs", "0",
+        "--components.every_n_epochs", "0",
         *extra,
     ]  # fmt: skip
     if s.batch_size:
@@ -77,7 +77,7 @@ def cli_args(s: Settings, name: str, experiment: str, *extra: str, kmeans=False,
 
 
 class Runs:
-    """Trains each named run once per process, so experiments that share a run (benchmark, features)
+    """Trains each named run once per process, so experiments that share a run (benchmark, components)
     train it once; each is what its fit made (:class:`~implicit_em.run.app.Fitted`: the trained ensemble, its
     DataModule, its run and its metrics), never read back from disk."""
 

@@ -109,6 +109,74 @@ def gguf_architecture(path: Path) -> str:
         raise DataError(f"{path}: not a readable GGUF file ({_one_line(e)}); pass a .gguf model file") from None
 
 
+#: GGUF metadata value types with a fixed size: type id -> struct format (little-endian)
+GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+GGUF_STRING, GGUF_ARRAY = 8, 9
+
+
+def gguf_block_count(path: Path) -> int | None:
+    """``<architecture>.block_count`` of a GGUF file, read key by key from the metadata at the head of the file
+    (GGUF v2 and v3, little-endian) and stopped there: milliseconds, where parsing the whole file (its vocabulary,
+    its tensor table) takes seconds. None when the metadata does not say; a file that is not GGUF is a DataError."""
+    import struct
+
+    def read(f, fmt: str):
+        data = f.read(struct.calcsize(fmt))
+        if len(data) < struct.calcsize(fmt):
+            raise EOFError("the file ends inside its metadata")
+        return struct.unpack(fmt, data)[0]
+
+    def skip(f, kind: int) -> None:
+        if kind == GGUF_STRING:
+            f.seek(read(f, "<Q"), 1)
+        elif kind == GGUF_ARRAY:
+            inner, n = read(f, "<I"), read(f, "<Q")
+            if inner in GGUF_SCALARS:
+                f.seek(n * struct.calcsize(GGUF_SCALARS[inner]), 1)
+            else:
+                for _ in range(n):
+                    skip(f, inner)
+        else:
+            f.seek(struct.calcsize(GGUF_SCALARS[kind]), 1)  # an unknown type: KeyError, not a GGUF we read
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF" or read(f, "<I") not in (2, 3):
+                raise ValueError("no GGUF v2/v3 header")
+            read(f, "<Q")  # tensors
+            arch, counts = None, {}
+            for _ in range(read(f, "<Q")):
+                key = f.read(read(f, "<Q")).decode("utf-8", "replace")
+                kind = read(f, "<I")
+                if key == "general.architecture" and kind == GGUF_STRING:
+                    arch = f.read(read(f, "<Q")).decode("utf-8", "replace")
+                elif key.endswith(".block_count") and kind in GGUF_SCALARS:
+                    counts[key] = int(read(f, GGUF_SCALARS[kind]))
+                else:
+                    skip(f, kind)
+                if arch is not None and f"{arch}.block_count" in counts:
+                    return counts[f"{arch}.block_count"]
+    except (OSError, EOFError, ValueError, KeyError, struct.error) as e:
+        raise DataError(f"{path}: not a readable GGUF file ({_one_line(e)}); pass a .gguf model file") from None
+    return None
+
+
+def declared_layers(model: str | Path) -> int | None:
+    """The number of blocks a model declares, read without its weights: a GGUF file's metadata, a transformers
+    folder's config.json (``num_hidden_layers``, or its ``text_config``'s); None when neither says (a Hub id)."""
+    path = Path(model)
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        return gguf_block_count(path)
+    try:
+        config = json.loads((path / "config.json").read_text()) if path.is_dir() else {}
+    except (OSError, ValueError):
+        return None
+    for c in (config, config.get("text_config") or {}):
+        if isinstance(c.get("num_hidden_layers"), int):
+            return c["num_hidden_layers"]
+    return None
+
+
 def supported_gguf_architectures() -> list[str]:
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
@@ -428,6 +496,21 @@ def cached_lm(path: Path, device: str) -> tuple:
     if key not in _LOADED:
         _LOADED[key] = load_causal_lm(path, device)
     return _LOADED[key]
+
+
+#: the token files of a harvest that the spliced evaluation reads
+SPLICE_FILES = ("windows.npy", "positions.npy", "window_tokens.npy", "window_doc_ids.npy")
+
+
+def check_splice_files(root: str | Path) -> None:
+    """Refuse, with one line, a causal LM's harvest that lacks a token file the spliced evaluation reads (what the
+    command line checks before training, so a run never trains and then fails at its evaluation)."""
+    missing = [token_file(root, name) for name in SPLICE_FILES if not token_file(root, name).is_file()]
+    if missing:
+        raise DataError(
+            f"{root} lacks {', '.join(str(m) for m in missing)}, which the end-of-run CE evaluation reads; harvest "
+            f"{root} again with scripts/harvest.py, or pass --report.lm_windows 0 to train without that evaluation"
+        )
 
 
 def harvest_windows(root: Path) -> tuple[np.ndarray, np.ndarray]:

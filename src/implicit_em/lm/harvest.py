@@ -429,6 +429,11 @@ def harvest(
     out = Path(out)
     if Path(model).exists():
         model = str(Path(model).resolve())
+    from implicit_em.lm.causal_lm import declared_layers
+
+    n = declared_layers(model)  # the GGUF header or config.json, before any weight loads
+    if n is not None and not 0 <= layer < n + (0 if is_causal(model) else 1):
+        raise layer_error(layer, model, n, causal=is_causal(model))
     settings = _settings(model, layer, texts, separator, max_tokens, context, dtype, shard_rows, prepend_bos, parts)
     manifest = _prepare_out(out, settings, part, parts)
     names = [p.name for p in texts]

@@ -140,7 +140,7 @@ class Net(nn.Module):
         self.in_features, self.n_components, self.k, self.seed = in_features, n_components, k, int(seed)
 
     def forward(self, x: Tensor) -> Tensor:
-        """The codes (N x K) users read: the features every evaluation, probe and export sees."""
+        """The codes (N x K) users read: what every evaluation, probe and export sees of an input."""
         raise NotImplementedError
 
     def pre_activation(self, x: Tensor) -> Tensor:

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from implicit_em.core.distributed import close_process_group
-from implicit_em.errors import ConfigError, DataError, check, report_user_error
+from implicit_em.errors import ConfigError, check, report_user_error
 from implicit_em.run.checkpoints import load_checkpoint
-from implicit_em.run.cli import ImplicitEMCLI
+from implicit_em.run.cli import ImplicitEMCLI, saved_config_args
 from implicit_em.run.report import ReportConfig, evaluate_run, write_metrics
 from implicit_em.run.rundir import RunDir
 from implicit_em.run.runtime import training_process
@@ -115,7 +115,7 @@ def check_resumable(module, state: dict, checkpoint: str) -> None:
 
 def log_final(trainer, metrics: dict, log10_density=None) -> None:
     """The end-of-run numbers to every logger under ``final/`` (the k-sparse probes as ``..._k<k>``), and the
-    feature-density histogram to the loggers that draw histograms (W&B, TensorBoard)."""
+    component-density histogram to the loggers that draw histograms (W&B, TensorBoard)."""
     numbers = {
         **metrics,
         **{f"sparse_probe_accuracy_k{k}": v for k, v in metrics.get("sparse_probe_accuracy", {}).items()},
@@ -127,9 +127,9 @@ def log_final(trainer, metrics: dict, log10_density=None) -> None:
         if log10_density is not None and hasattr(lg, "log_image"):  # W&B
             import wandb
 
-            experiment.log({"final/log10_feature_density": wandb.Histogram(log10_density.numpy())})
+            experiment.log({"final/log10_component_density": wandb.Histogram(log10_density.numpy())})
         elif log10_density is not None and hasattr(experiment, "add_histogram"):  # TensorBoard
-            experiment.add_histogram("final/log10_feature_density", log10_density, trainer.global_step)
+            experiment.add_histogram("final/log10_component_density", log10_density, trainer.global_step)
         lg.save()
 
 
@@ -192,7 +192,7 @@ def build_cli(run: RunDir, overrides: Sequence[str] = (), config: str | Path | N
     config = Path(config) if config else run.config_path
     if not config.is_file():
         raise ConfigError(f"no {config.name} in {run.path}; pass the run's config with --config")
-    return configure(["--config", str(config), *overrides])
+    return configure([*saved_config_args(config), *overrides])
 
 
 def rebuild(run: RunDir | str | Path, trained: bool = True, checkpoint: str | Path | None = None, overrides=()):
@@ -224,8 +224,7 @@ def load_run(run_dir: str | Path, data_root: str | Path | None = None):
     if data_root is not None:
         raise ConfigError(f"--data-root is for an SAE folder; {run_dir} is read as a run, which reads its own data")
     run, ckpt = RunDir.of(run_dir)
-    if not run.config_path.is_file():
-        raise DataError(f"{run.path} has no config.yaml; pass the run directory that scripts/train.py wrote")
+    run.require_config(given=run_dir)
     with quiet_lightning():
         module, datamodule = rebuild(run, checkpoint=ckpt)
     norm = find_normalization(load_checkpoint(ckpt))

@@ -86,7 +86,8 @@ class CSVLogger(_CSVLogger):
     its history); ``save_dir`` defaults to the root directory.
 
     Args:
-        resume_step: set by ``--ckpt_path``: the global step of the checkpoint the run resumes from.
+        resume_step: the global step of the checkpoint the run resumes from; a resume sets it through
+            :meth:`resume_from` (config.yaml never holds it).
         (the others: Lightning's CSVLogger's)
     """
 
@@ -101,6 +102,11 @@ class CSVLogger(_CSVLogger):
         super().__init__(save_dir or ".", name=name, version=version, **kwargs)
         self.resume_step = resume_step
         self.writer: RunMetricsCSV | None = None
+
+    def resume_from(self, step: int) -> None:
+        """Go on from the checkpoint at global ``step``: metrics.csv keeps the rows before it (before any row is
+        written)."""
+        self.resume_step = step
 
     @property
     @rank_zero_experiment
@@ -117,6 +123,11 @@ class TensorBoardLogger(_TensorBoardLogger):
         self, save_dir: str | None = None, name: str = "implicit_em", version: int | str | None = None, **kwargs: Any
     ):
         super().__init__(save_dir or ".", name=name, version=version, **kwargs)
+
+    def resume_from(self, step: int) -> None:
+        """Go on from the checkpoint at global ``step``: events at or after it are purged (SummaryWriter's
+        ``purge_step``) when the writer opens."""
+        self._kwargs["purge_step"] = step
 
 
 def wandb_api_key_available() -> bool:

@@ -36,7 +36,7 @@ class ReportConfig:
         split: where the features are scored: ``test``, or ``val`` to choose settings without touching the
             test split.
         sae_metrics: also the SAE users' numbers (L0, dead fraction, FVU and the rest through a fitted ridge
-            readout, k-sparse probing; ``readout.safetensors`` and ``feature_density.png`` in the run dir).
+            readout, k-sparse probing; ``readout.safetensors`` and ``component_density.png`` in the run dir).
         lm_windows: where the data is a causal LM's harvest, the held-out windows the LM runs again with the
             layer's output replaced by the reconstruction (CE loss recovered, KL; 0: off).
     """
@@ -149,7 +149,7 @@ def evaluate_codes(codes: Codes, splits: dict, config: ReportConfig, to_raw=None
     (:func:`implicit_em.eval.sae_metrics.sae_evaluation`, in raw units through ``to_raw``) and the full linear
     probe, scored on ``config.split``, and with ``decode`` the FVU of the row's own decoder (``fvu_decoder``).
     Returns (row, readout or None); the row holds ``log10_density`` (a
-    tensor, for the loggers). With ``run_dir``, the readout and ``feature_density.png`` are saved there.
+    tensor, for the loggers). With ``run_dir``, the readout and ``component_density.png`` are saved there.
     Scored on test, the readout's ridge is chosen on val; scored on val, on the last tenth of the training rows.
     With ``splice`` (a causal LM's harvest) and ``encode`` (normalised x -> codes), the LM runs again with the
     layer's output replaced by ``decode(encode(x))`` (the fitted readout when ``decode`` is None), in raw units.

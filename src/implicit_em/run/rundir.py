@@ -6,8 +6,8 @@
         metrics.csv                   per-epoch training and validation numbers
         metrics.json                  the end-of-run evaluation
         readout.safetensors           the ridge readout x ~ f R + c (normalised space) the evaluation fitted
-        feature_density.png           log10 firing frequency of every component
-        features.png, features/       the component images (image data)
+        component_density.png           log10 firing frequency of every component
+        components.png, components/   the component images (image data)
         wandb_id                      the W&B run id, so a resumed run continues its own W&B run
 
 Everything else asks this object for a path (:func:`implicit_em.run.app.rebuild` rebuilds a run's model and data
@@ -30,9 +30,9 @@ LAST_CKPT = "last.ckpt"
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
 READOUT = "readout.safetensors"
-DENSITY_PNG = "feature_density.png"
-FEATURES_PNG = "features.png"
-FEATURES_DIR = "features"
+DENSITY_PNG = "component_density.png"
+COMPONENTS_PNG = "components.png"
+COMPONENTS_DIR = "components"
 WANDB_ID = "wandb_id"
 
 
@@ -114,6 +114,30 @@ class RunDir:
             self.path.parent.rmdir()
 
     # -- contents ------------------------------------------------------------------------------------
+    def holds_config(self, text: str) -> bool:
+        """Whether config.yaml exists and holds the settings of ``text`` (a YAML dump; comments aside)."""
+        import yaml
+
+        if not self.config_path.is_file():
+            return False
+        try:
+            return yaml.safe_load(self.config_path.read_text()) == yaml.safe_load(text)
+        except yaml.YAMLError:
+            return False
+
+    def require_config(self, given: str | Path | None = None) -> None:
+        """Refuse, with one line, a run without config.yaml, naming what is wrong with the path the user ``given``:
+        a checkpoint outside a run's checkpoints/ folder, or a folder that is not a run directory."""
+        if self.config_path.is_file():
+            return
+        given = Path(given) if given is not None else self.path
+        if given.is_file() and given.parent.name != CHECKPOINTS:
+            raise DataError(
+                f"{given} is a checkpoint outside a run directory (<run>/{CHECKPOINTS}/*.ckpt, with {CONFIG} in <run>); "
+                "pass the run directory scripts/train.py printed, or a checkpoint inside it"
+            )
+        raise DataError(f"{self.path} has no {CONFIG}; pass the run directory that scripts/train.py wrote")
+
     def config(self) -> dict[str, Any]:
         """The resolved config (config.yaml) as plain data."""
         import yaml

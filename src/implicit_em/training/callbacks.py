@@ -1,4 +1,4 @@
-"""Callbacks: epoch timing, feature images, the probe during training, and the identity check."""
+"""Callbacks: epoch timing, component images, the probe during training, and the identity check."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
 from implicit_em.core.objective import autograd_lse_gradient, responsibilities
-from implicit_em.eval.figures import save_feature_grid
+from implicit_em.eval.figures import save_component_grid
 from implicit_em.eval.probe import torch_probe
-from implicit_em.run.rundir import FEATURES_DIR, FEATURES_PNG, RunDir
+from implicit_em.run.rundir import COMPONENTS_DIR, COMPONENTS_PNG, RunDir
 
 
 def _sync(device: torch.device) -> None:
@@ -50,10 +50,10 @@ class EpochTimer(L.Callback):
         self.epoch_seconds = list(state_dict["epoch_seconds"])
 
 
-class FeatureImages(L.Callback):
+class ComponentImages(L.Callback):
     """The rows of W as images in the data's shape (the paper's Figure 4), every N epochs and at the end.
 
-    Saved as ``features/epoch_XXXX.png`` and ``features.png`` in the run directory and sent to the
+    Saved as ``components/epoch_XXXX.png`` and ``components.png`` in the run directory and sent to the
     loggers that take images (W&B, TensorBoard).
 
     Args:
@@ -66,10 +66,12 @@ class FeatureImages(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch + 1
         if self.every_n_epochs and epoch % self.every_n_epochs == 0:
-            self._draw(trainer, pl_module, RunDir.of_trainer(trainer) / FEATURES_DIR / f"epoch_{epoch:04d}.png", epoch)
+            self._draw(
+                trainer, pl_module, RunDir.of_trainer(trainer) / COMPONENTS_DIR / f"epoch_{epoch:04d}.png", epoch
+            )
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        self._draw(trainer, pl_module, RunDir.of_trainer(trainer) / FEATURES_PNG, trainer.current_epoch)
+        self._draw(trainer, pl_module, RunDir.of_trainer(trainer) / COMPONENTS_PNG, trainer.current_epoch)
 
     @rank_zero_only
     def _draw(self, trainer, pl_module, path: Path, epoch: int) -> None:
@@ -79,14 +81,14 @@ class FeatureImages(L.Callback):
         weights = pl_module.model.component_weights().detach()
         usage = getattr(pl_module, "last_usage", None)  # the most used components first, when K is large
         title = f"{getattr(pl_module.model, 'name', type(pl_module).__name__)} components, epoch {epoch}"
-        save_feature_grid(weights, shape, path, title=title, usage=usage)
+        save_component_grid(weights, shape, path, title=title, usage=usage)
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
-                logger.log_image(key="features", images=[str(path)], step=trainer.global_step)
+                logger.log_image(key="components", images=[str(path)], step=trainer.global_step)
             elif hasattr(getattr(logger, "experiment", None), "add_image"):
                 import matplotlib.image
 
-                logger.experiment.add_image("features", matplotlib.image.imread(path), epoch, dataformats="HWC")
+                logger.experiment.add_image("components", matplotlib.image.imread(path), epoch, dataformats="HWC")
 
 
 class ProbeDuringTraining(L.Callback):

@@ -238,3 +238,44 @@ def test_an_sae_folder_opens_over_a_harvest_with_its_own_codes(causal_run, tmp_p
         assert (c["max"] or 0.0) == pytest.approx(float(expected[c["i"]]), rel=1e-3, abs=1e-4)
     bad = script_in_process(REPO / "scripts" / "dashboard.py", folder, "--out", tmp_path / "o2")
     assert bad.returncode == 2 and "pass --data-root DIR" in bad.stderr.strip().splitlines()[-1]
+
+
+def _bare_run(folder: Path) -> Path:
+    """A run directory as far as --out is concerned: a checkpoint (unreadable: nothing may load it first)."""
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
+    return folder
+
+
+def test_out_takes_a_new_or_empty_folder_or_a_dashboard_of_the_same_run(tmp_path):
+    from implicit_em.errors import DataError
+    from implicit_em.lm.dashboard.build import SUMMARY, check_out
+
+    run, other = _bare_run(tmp_path / "run"), _bare_run(tmp_path / "other")
+    check_out(tmp_path / "new", run)
+    (tmp_path / "empty").mkdir()
+    check_out(tmp_path / "empty", run)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / SUMMARY).write_text(json.dumps({"run_dir": str(run)}))  # an earlier dashboard of this run: rebuilt
+    check_out(out, run)
+    check_out(out, run / "checkpoints" / "last.ckpt")
+    with pytest.raises(DataError, match=f"{out} is not empty and holds no dashboard of {other}; pass another --out"):
+        check_out(out, other)
+    check_out(out, other, overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="is a file; pass a folder"):
+        check_out(tmp_path / "file", run)
+
+
+def test_the_script_refuses_a_folder_of_other_files_in_one_line_and_leaves_it_alone(tmp_path):
+    run = _bare_run(tmp_path / "run")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "index.html").write_text("my own page")
+    r = script_in_process(REPO / "scripts" / "dashboard.py", run, "--out", out)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "--overwrite" in lines[0] and "Traceback" not in r.stderr
+    assert [p.name for p in out.iterdir()] == ["index.html"] and (out / "index.html").read_text() == "my own page"
+    loads = script_in_process(REPO / "scripts" / "dashboard.py", run, "--out", out, "--overwrite")
+    assert loads.returncode == 2 and "has no config.yaml" in loads.stderr  # past --out: the run is read

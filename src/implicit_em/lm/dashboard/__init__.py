@@ -1,4 +1,4 @@
-"""A feature dashboard: what each component means, read one component at a time (``scripts/dashboard.py``).
+"""A component dashboard: what each component means, read one component at a time (``scripts/dashboard.py``).
 
 - :mod:`.stream`: the one bounded streaming pass (top contexts, quantile samples, histograms, density);
 - :mod:`.source`: the run (:class:`~.source.LoadedRun`, rebuilt by :func:`implicit_em.run.app.load_run`) and its rows (harvest windows of tokens, or images);

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from implicit_em.errors import ConfigError
+from implicit_em.errors import ConfigError, DataError
 from implicit_em.lm.dashboard import html, neuronpedia
 from implicit_em.lm.dashboard.source import LoadedRun, limit_ranges, make_source, stream_pass
 from implicit_em.lm.dashboard.stream import ComponentStats, StreamConfig
@@ -227,18 +227,46 @@ def top_labels(comp: dict, labels: list | None, n: int = 3) -> str:
     return " · ".join(f"{name(int(values[i]))} {counts[i] / len(labs):.0%}" for i in order)
 
 
+#: what a dashboard folder holds besides its pages: the pass's numbers and the run they are of
+SUMMARY = "summary.json"
+
+
+def check_out(out: str | Path, run_dir: str | Path, overwrite: bool = False) -> None:
+    """Refuse, with one line, an ``out`` that is a file, or a folder holding files but no dashboard of the run in
+    ``run_dir`` (a run directory or one of its checkpoints), unless ``overwrite``. A dashboard of the same run is
+    rebuilt in place; with ``overwrite`` the dashboard's files replace their namesakes and other files stay."""
+    from implicit_em.run.rundir import RunDir
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file; pass a folder as --out")
+    if overwrite or not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        earlier = Path(json.loads((out / SUMMARY).read_text())["run_dir"]).resolve()
+    except (OSError, ValueError, KeyError, TypeError):
+        earlier = None
+    if earlier != RunDir.of(run_dir)[0].path.resolve():
+        raise DataError(
+            f"{out} is not empty and holds no dashboard of {run_dir}; pass another --out, or --overwrite to write "
+            "the dashboard's files there"
+        )
+
+
 def build(
     run_dir: str | Path, out: str | Path, settings: Settings | None = None, log: Callable[[str], None] = lambda s: None,
-    run: LoadedRun | None = None,
+    run: LoadedRun | None = None, overwrite: bool = False,
 ) -> Dashboard:  # fmt: skip
-    """Write the dashboard of ``run`` (``run_dir`` loaded by :func:`implicit_em.run.app.load_run`) into ``out``;
-    see the module docstring."""
+    """Write the dashboard of ``run`` (``run_dir`` loaded by :func:`implicit_em.run.app.load_run`) into ``out``
+    (refused by :func:`check_out` unless empty, new, a dashboard of the same run, or ``overwrite``); see the module
+    docstring."""
     from implicit_em.lm.dashboard import extras
 
     started = time.perf_counter()
     settings = settings or Settings()
     if run is None:
         raise ValueError("build() needs the loaded run: implicit_em.run.app.load_run(run_dir)")
+    check_out(out, run_dir, overwrite)
     source, ranges = make_source(run, settings.split)
     ranges = limit_ranges(ranges, settings.max_rows)
     strings = None
@@ -293,7 +321,7 @@ def build(
         np_writer.close()
     dead = sum(r[6] for r in rows)
     summary = {
-        "run_dir": str(run.run_dir), "out": str(out.resolve()), "components": k, "dead": dead,
+        "run_dir": str(run.run_dir.resolve()), "out": str(out.resolve()), "components": k, "dead": dead,
         "rows": stats.rows, "contexts": timing.contexts, "split": settings.split, "pass": timing.as_dict(),
         "settings": {**asdict(settings), "skip_first": skip, "stream": asdict(config)}, "seconds": 0.0,
     }  # fmt: skip
@@ -302,7 +330,7 @@ def build(
     html.write_component_page(out, meta)
     summary["seconds"] = round(time.perf_counter() - started, 2)
     summary["peak_rss_mb_total"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     return Dashboard(out, meta, rows, summary)
 
 

@@ -34,7 +34,7 @@ def _activation(x: dict, vocab: dict, lo: float, hi: float, contains: float) -> 
     }  # fmt: skip
 
 
-def feature(c: dict, vocab: dict) -> dict:
+def neuronpedia_record(c: dict, vocab: dict) -> dict:
     """One component record (see :func:`implicit_em.lm.dashboard.build.records`) as a Neuronpedia feature;
     ``vocab``: token id (int) -> string."""
     acts = []
@@ -80,7 +80,7 @@ class BatchWriter:
 
     def add(self, block: dict) -> None:
         vocab = {int(i): t for i, t in block["vocab"].items()}
-        features = [feature(c, vocab) for c in block["components"]]
+        features = [neuronpedia_record(c, vocab) for c in block["components"]]
         path = self.out / f"batch-{self.n}.json"
         path.write_text(json.dumps({**self.head, "features": features}, separators=(",", ":"), allow_nan=False))
         self.n += 1
