@@ -155,6 +155,20 @@ class Net(nn.Module):
         """The data-aware start on training inputs x (N x D): :func:`fit_to_data` on the first layer."""
         fit_to_data(self.first_layer(), x, std)
 
+    def plan_training(self, total_rows: int) -> None:
+        """Told once, as training starts, how many rows the run will see in all (optimiser steps x global batch):
+        what scales with the run is set here (the SAEs' dead window). Nothing by default."""
+
+    def before_optimizer_step(self) -> None:
+        """After the backward pass, before the optimiser's step: a constraint on the gradients. None by default."""
+
+    def after_optimizer_step(self) -> None:
+        """After the optimiser's step: the weights put back on their constraint. None by default."""
+
+    def finish_training(self, x: Tensor) -> None:
+        """After the last optimiser step, on the training rows x (N x D): what inference needs beyond the trained
+        weights (the BatchTopK threshold). Nothing by default."""
+
     def component_weights(self) -> Tensor:
         """K x D: the rows of the first layer, the components."""
         return self.first_layer().weight
