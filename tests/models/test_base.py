@@ -101,3 +101,20 @@ def test_sae_decode_by_hand():
     codes = torch.tensor([[1.0, 0.0], [2.0, 1.0]])
     # x_hat = W_d a + b_d: (1, 3) + b and (2 + 2, 6 + 4) + b
     assert torch.allclose(sae.decode(codes), torch.tensor([[1.5, 2.0], [4.5, 9.0]]))
+
+
+def test_sae_unit_norm_decoder_keeps_the_directions_through_a_step():
+    x = _x(64, D, seed=6)
+    for constrained in (True, False):
+        sae = SparseAutoencoder(D, K, seed=2, unit_norm_decoder=constrained)
+        opt = torch.optim.Adam(sae.parameters(), lr=0.05)
+        sae.objective(x, 0)["loss"].backward()
+        sae.before_optimizer_step()
+        along = (sae.decoder.weight.grad * sae.decoder.weight).sum(0).abs().max()
+        opt.step()
+        sae.after_optimizer_step()
+        off_unit = (sae.decoder.weight.norm(dim=0) - 1).abs().max()
+        if constrained:  # the gradient along each direction removed, the norms back at 1
+            assert along < 1e-6 and off_unit < 1e-6
+        else:  # the paper's SAE: nn.Linear's start, free norms
+            assert along > 1e-4 and off_unit > 1e-2

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from implicit_em.core.sae import remove_parallel_gradient, unit_norm
+
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
     "softplus": F.softplus,
@@ -95,6 +97,27 @@ def update_running_threshold(threshold: Tensor, is_set: Tensor, theta_batch: Ten
     m = momentum if bool(is_set) else 0.0
     threshold.mul_(m).add_((1 - m) * theta_batch)
     is_set.fill_(True)
+
+
+class UnitNormDecoder:
+    """The unit-norm decoder constraint, for a :class:`Net` with ``decoder`` (nn.Linear K -> D, its K columns the
+    decoder directions) and ``unit_norm_decoder``: before each optimiser step the gradient along each direction is
+    removed, after it each direction is rescaled to unit norm (:mod:`implicit_em.core.sae`). List it before
+    :class:`Net` among the bases."""
+
+    decoder: nn.Linear
+    unit_norm_decoder: bool
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        w, grad = self.decoder.weight, self.decoder.weight.grad
+        if self.unit_norm_decoder and grad is not None:
+            grad.copy_(remove_parallel_gradient(w, grad, dim=0))
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        if self.unit_norm_decoder:
+            self.decoder.weight.copy_(unit_norm(self.decoder.weight, dim=0))
 
 
 @dataclass

@@ -13,11 +13,9 @@ from implicit_em.core.sae import (
     auxk_loss,
     dead_window_rows,
     geometric_median,
-    remove_parallel_gradient,
-    unit_norm,
 )
 from implicit_em.errors import check, check_choice
-from implicit_em.models.base import InferenceForm, Net, keep_top_k, seeded_linear
+from implicit_em.models.base import InferenceForm, Net, UnitNormDecoder, keep_top_k, seeded_linear
 from implicit_em.models.registry import register
 from implicit_em.objective import topk_sae_objective
 
@@ -32,7 +30,7 @@ def unit_norm_directions(in_features: int, n_components: int, seed: int) -> Tens
     return directions / directions.norm(dim=0, keepdim=True).clamp_min(1e-12)
 
 
-class FieldSAE(Net):
+class FieldSAE(UnitNormDecoder, Net):
     """An SAE trained as sparsify and dictionary_learning train theirs. Subclasses choose the sparsity.
 
     - **Start:** decoder directions (the K columns of W_d) of unit norm in random directions from the seed's own
@@ -112,17 +110,6 @@ class FieldSAE(Net):
     def plan_training(self, total_rows: int) -> None:
         if self.dead_rows is None:
             self.dead_window = dead_window_rows(total_rows)
-
-    @torch.no_grad()
-    def before_optimizer_step(self) -> None:
-        w, grad = self.decoder.weight, self.decoder.weight.grad
-        if self.unit_norm_decoder and grad is not None:
-            grad.copy_(remove_parallel_gradient(w, grad, dim=0))
-
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        if self.unit_norm_decoder:
-            self.decoder.weight.copy_(unit_norm(self.decoder.weight, dim=0))
 
     # -- the objective ------------------------------------------------------------------------------------------
     def dead(self) -> Tensor:
