@@ -41,6 +41,7 @@ def variants(model: str, batch_size: int) -> dict[str, list[str]]:
         undo.pop("threshold_fit")
     rows = {"recipe": []}
     rows.update({f"recipe - {name}": args for name, args in undo.items()})
+    rows["recipe, lr 1e-3"] = ["--model.lr", "0.001"]  # Gao's rate against the previous one, with warm-up and decay
     rows["previous"] = [a for args in undo.values() for a in args]
     return rows
 
