@@ -139,3 +139,18 @@ def test_the_dead_window_scales_with_the_run_and_auxk_reaches_the_dead():
     terms["loss"].backward()
     assert model.encoder.weight.grad.abs().sum(1).gt(0).sum() > 1  # more components than the top-1 learn
     assert float(TopKSAE(8, 16, k=1, seed=0, aux_coefficient=0).objective(x, 0)["aux"]) == 0.0
+
+
+def test_a_checkpoint_from_before_the_row_counts_loads_with_counts_at_zero():
+    from implicit_em.models.batchtopk_sae import BatchTopKSAE
+
+    for cls in (TopKSAE, BatchTopKSAE):
+        trained = cls(8, 16, k=2, seed=3)
+        trained.rows_since_fired.fill_(9)
+        old = {k: v for k, v in trained.state_dict().items() if k != "rows_since_fired"}
+        if cls is BatchTopKSAE:
+            old["steps_since_fired"] = torch.zeros(16, dtype=torch.long)  # what its previous version saved
+        fresh = cls(8, 16, k=2, seed=4)
+        fresh.load_state_dict(old)  # strict
+        assert torch.equal(fresh.encoder.weight, trained.encoder.weight)
+        assert int(fresh.rows_since_fired.abs().sum()) == 0

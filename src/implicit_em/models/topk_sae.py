@@ -88,6 +88,13 @@ class FieldSAE(UnitNormDecoder, Net):
     def first_layer(self) -> nn.Linear:
         return self.encoder
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A checkpoint written before the dead window was counted in rows (no ``rows_since_fired``; the BatchTopK
+        SAE's counted steps, ``steps_since_fired``) loads with every count at 0."""
+        state_dict.pop(prefix + "steps_since_fired", None)
+        state_dict.setdefault(prefix + "rows_since_fired", torch.zeros_like(self.rows_since_fired))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def decode(self, codes: Tensor) -> Tensor:
         """x_hat = W_d a + b_d."""
         return self.decoder(codes)
