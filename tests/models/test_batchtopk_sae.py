@@ -1,4 +1,5 @@
-"""The BatchTopK SAE with AuxK: N k codes per batch in training, one threshold at inference, dead latents revived."""
+"""The BatchTopK SAE with AuxK: N k codes per batch in training, one threshold at inference (fitted after training
+so that the training rows' mean L0 is k), dead components revived."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from implicit_em.errors import ConfigError
 from implicit_em.models import MODELS, model_class
 from implicit_em.models.base import batch_top_k
-from implicit_em.models.batchtopk_sae import BatchTopKSAE, auxk_loss
+from implicit_em.models.batchtopk_sae import BatchTopKSAE
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,26 +25,17 @@ def test_batch_top_k_keeps_the_n_k_largest_of_the_whole_batch():
     assert float(theta) == 4.0
 
 
-def test_auxk_loss_reconstructs_the_error_from_dead_latents_only():
-    decoder = torch.eye(3)  # latent j writes unit j
-    z = torch.tensor([[2.0, 1.0, 3.0], [2.0, 1.0, 3.0]])
-    error = torch.tensor([[2.0, 0.0, 0.0], [-2.0, 0.0, 0.0]])  # mean 0: ||e - mean e||^2 = 8
-    only_0 = torch.tensor([True, False, False])  # latent 0 alone may explain the error: e_hat = (2, 0, 0) per row
-    assert float(auxk_loss(error, z, only_0, decoder, 1)) == pytest.approx((0 + 16) / 8)
-    only_2 = torch.tensor([False, False, True])  # latent 2: e_hat = (0, 0, 3) per row
-    assert float(auxk_loss(error, z, only_2, decoder, 1)) == pytest.approx((4 + 9 + 4 + 9) / 8)
-    assert float(auxk_loss(error, z, torch.zeros(3, dtype=torch.bool), decoder, 1)) == 0.0
-
-
 def test_registered_under_its_name_and_refuses_a_bad_setting():
     assert MODELS["batchtopk_sae"] is BatchTopKSAE is model_class("BatchTopKSAE")
-    with pytest.raises(ConfigError, match="model.net.dead_steps"):
-        BatchTopKSAE(8, 16, k=2, dead_steps=0)
+    with pytest.raises(ConfigError, match="model.net.dead_rows"):
+        BatchTopKSAE(8, 16, k=2, dead_rows=0)
+    with pytest.raises(ConfigError, match="model.net.threshold_fit"):
+        BatchTopKSAE(8, 16, k=2, threshold_fit="last")
 
 
 def test_training_tracks_the_threshold_and_inference_uses_it():
     torch.manual_seed(0)
-    net = BatchTopKSAE(8, 32, k=4, seed=1, dead_steps=3)
+    net = BatchTopKSAE(8, 32, k=4, seed=1, dead_rows=3 * 256)
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     x = torch.randn(256, 8)
     first_loss = None
@@ -51,7 +43,9 @@ def test_training_tracks_the_threshold_and_inference_uses_it():
         terms = net.objective(x, step)
         opt.zero_grad()
         terms["loss"].backward()
+        net.before_optimizer_step()
         opt.step()
+        net.after_optimizer_step()
         first_loss = first_loss if first_loss is not None else float(terms["mse"])
     assert float(terms["mse"]) < 0.5 * first_loss  # it learns
     assert float(net.threshold) > 0
@@ -59,12 +53,18 @@ def test_training_tracks_the_threshold_and_inference_uses_it():
         codes = net(x)
         z = torch.relu(net.encoder(x))
     assert torch.equal(codes, z * (z > net.threshold))  # the inference form, exactly
-    assert 1 <= float((codes != 0).float().sum(1).mean()) <= 12  # about k per input on average
+    assert 1 <= float((codes != 0).float().sum(1).mean()) <= 12  # about k per input on average (running mean)
+    net.finish_training(x)  # the fit on the training rows: mean L0 k, within 5% (exactly, barring ties)
+    assert float((net(x) != 0).float().sum(1).mean()) == pytest.approx(4, rel=0.05)
+    running = BatchTopKSAE(8, 32, k=4, seed=1, threshold_fit="running")
+    running.threshold.fill_(0.123)
+    running.finish_training(x)
+    assert float(running.threshold) == pytest.approx(0.123)  # the running mean kept
 
 
-def test_the_dead_latents_get_the_auxk_gradient():
-    net = BatchTopKSAE(8, 16, k=1, seed=0, dead_steps=1)
-    net.steps_since_fired.fill_(5)  # every latent dead
+def test_the_dead_components_get_the_auxk_gradient():
+    net = BatchTopKSAE(8, 16, k=1, seed=0, dead_rows=10)
+    net.rows_since_fired.fill_(10)  # every component dead
     terms = net.objective(torch.randn(64, 8), 0)
     assert float(terms["dead"]) == 16 and float(terms["aux"]) > 0
     terms["loss"].backward()
@@ -92,6 +92,10 @@ def test_trains_exports_and_reloads_with_its_own_codes(tmp_path):
     assert cfg["architecture"] == "jumprelu" and cfg["implicit_em"]["trained_as"] == "batchtopk"
     module, dm = rebuild(path.parent)
     dm.setup("fit")
+    with torch.no_grad():  # the checkpoint holds the threshold fitted on the training rows after the last step
+        train_l0 = float((module(dm.splits["train"].x) != 0).float().sum(1).mean())
+    assert train_l0 == pytest.approx(4, rel=0.05), train_l0
+    assert module.model.settings()["threshold"] == pytest.approx(metrics["threshold"])
     x = dm.splits["test"].x
     raw = dm.normalization.inverse()(x) if dm.normalization.inverse() else x
     with torch.no_grad():

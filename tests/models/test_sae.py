@@ -91,3 +91,20 @@ def test_training_lowers_the_loss_and_the_l1_keeps_codes_sparse():
     last = sae.objective(x, 200)
     assert last["loss"].item() < 0.5 * first
     assert (sae(x) == 0).float().mean() > 0.3  # the ReLU and the L1 leave many codes at zero
+
+
+def test_sae_unit_norm_decoder_keeps_the_directions_through_a_step():
+    x = _x(64, D, seed=6)
+    for constrained in (True, False):
+        sae = SparseAutoencoder(D, K, seed=2, unit_norm_decoder=constrained)
+        opt = torch.optim.Adam(sae.parameters(), lr=0.05)
+        sae.objective(x, 0)["loss"].backward()
+        sae.before_optimizer_step()
+        along = (sae.decoder.weight.grad * sae.decoder.weight).sum(0).abs().max()
+        opt.step()
+        sae.after_optimizer_step()
+        off_unit = (sae.decoder.weight.norm(dim=0) - 1).abs().max()
+        if constrained:  # the gradient along each direction removed, the norms back at 1
+            assert along < 1e-6 and off_unit < 1e-6
+        else:  # the paper's SAE: nn.Linear's start, free norms
+            assert along > 1e-4 and off_unit > 1e-2

@@ -248,3 +248,23 @@ def test_an_ensemble_resumes_exactly_from_its_checkpoint(tmp_path):
     assert again[1]["stopped_because"] == first[1]["stopped_because"] is not None
     for s in (0, 2):
         assert again[s]["final_loss"] == pytest.approx(first[s]["final_loss"], rel=1e-6)
+
+
+def test_a_batchtopk_member_takes_the_sae_recipe_as_its_lone_run(tmp_path):
+    """The recipe's hooks run for members as for a lone run: the learning-rate schedule, the unit-norm decoder, the
+    dead window and the threshold fitted after the last step."""
+    from tests.conftest import REPO
+
+    recipe = {"k": 4, "lr": "gao", "lr_warmup_steps": 3, "lr_decay_fraction": 0.5}
+    lone = fit_in_process(tmp_path / "lone", "--config", str(REPO / "configs" / "model" / "batchtopk_sae.yaml"),
+                          "--model.n_components", K, "--model.k", "4", "--model.lr_warmup_steps", "3",
+                          "--model.lr_decay_fraction", "0.5", *COMMON)  # fmt: skip
+    ensemble = fit_in_process(tmp_path / "ensemble", *COMMON, *ensemble_args([{"seed": 0}, {"seed": 3}], recipe),
+                              "--model.init_args.member_class", "batchtopk_sae")  # fmt: skip
+    a, b = model_weights(ensemble.model.members[0]), model_weights(lone.model)
+    assert a.keys() == b.keys() and "threshold" in a
+    for name in a:
+        assert torch.equal(a[name], b[name]), (name, a[name], b[name])
+    member = ensemble.model.members[1].model
+    assert torch.allclose(member.decoder.weight.norm(dim=0), torch.ones(int(K)), atol=1e-6)
+    assert float(member.threshold) != float(lone.model.model.threshold)  # the other seed: its own fit

@@ -1,6 +1,7 @@
 """The LightningModules through the real training path: collapse, the Trainer's step settings counted in exact
 optimiser steps (chunks of several steps per Lightning batch in play), callback hooks once per step, the
-non-finite guard, and the same data-aware start for the model and the SAE."""
+non-finite guard, the same data-aware start for the model and the SAE; the SAE configs' recipe through the
+Trainer: Gao's learning rate with its warm-up and decay step by step, b_dec at the training mean."""
 
 import csv
 import re
@@ -10,12 +11,13 @@ import lightning as L
 import pytest
 import torch
 
+from implicit_em.core.sae import gao_learning_rate, lr_factor
 from implicit_em.models import implicit_em as module_lib
 from implicit_em.models.implicit_em import ImplicitEM as Encoder
 from implicit_em.models.sae import SparseAutoencoder
 from implicit_em.run.app import main
 from implicit_em.run.checkpoints import load_checkpoint
-from tests.conftest import DEFAULT_CONFIG, QUIET, fit_in_process, model_weights
+from tests.conftest import DEFAULT_CONFIG, QUIET, REPO, fit_in_process, model_weights
 
 STEPS_PER_EPOCH = 11  # digits: 1,293 training samples in batches of 128, the last (13) kept
 
@@ -33,6 +35,7 @@ class StepRecorder(L.Callback):
         self.saved_at: list[int] = []
         self.saved_weights: dict[int, dict] = {}
         self.start: dict | None = None
+        self.lrs: dict[int, float] = {}  # optimiser step (1-based) -> the learning rate it was taken with
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.chunks.append(len(batch))
@@ -48,6 +51,7 @@ class StepRecorder(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.hooks["on_before_optimizer_step"] += 1
+        self.lrs[trainer.global_step + 1] = optimizer.param_groups[0]["lr"]
         assert trainer.global_step + 1 == self.hooks["on_before_optimizer_step"]  # the step about to be taken
 
     def on_validation_epoch_end(self, trainer, pl_module):
@@ -220,6 +224,35 @@ def test_data_init_false_keeps_the_seeded_nn_linear_start(tmp_path, model):
     ref = Encoder(64, 64, seed=4).linear if model.endswith("ImplicitEM") else SparseAutoencoder(64, 64, seed=4).encoder
     first = "linear" if model.endswith("ImplicitEM") else "encoder"
     assert torch.equal(rec.start[f"{first}.weight"], ref.weight) and torch.equal(rec.start[f"{first}.bias"], ref.bias)
+
+
+# -- the SAE configs' recipe through the Trainer ------------------------------------------------------------
+
+TOPK = ["--config", str(REPO / "configs" / "model" / "topk_sae.yaml"), "--model.n_components", "32", "--model.k", "4"]
+
+
+def test_the_sae_config_steps_with_gaos_rate_warmed_up_and_decayed(tmp_path):
+    schedule = ["--model.lr_warmup_steps", "4", "--model.lr_decay_fraction", "0.5"]
+    cli, rec = fit(tmp_path / "set", *TOPK, *schedule, "--trainer.max_epochs", "2")
+    steps = 2 * STEPS_PER_EPOCH
+    assert max(rec.chunks) > 1 and cli.model.total_steps == steps  # T known without a loader length
+    expected = {t + 1: gao_learning_rate(32) * lr_factor(t, steps, 4, 0.5) for t in range(steps)}
+    assert rec.lrs == pytest.approx(expected, rel=1e-12)
+    assert rec.lrs[4] == rec.lrs[11] == pytest.approx(2e-4 / (32 / 2**14) ** 0.5)  # full rate after the warm-up
+    assert rec.lrs[1] == pytest.approx(rec.lrs[4] / 4) and rec.lrs[steps] == pytest.approx(rec.lrs[4] / 11)
+    # the config's own warm-up: min(1000, T / 20) = 1 step here, and decay over the last 20%
+    cli, rec = fit(tmp_path / "config", *TOPK, "--trainer.max_epochs", "2")
+    assert rec.lrs == pytest.approx({t + 1: gao_learning_rate(32) * lr_factor(t, steps, 1, 0.2) for t in range(steps)})
+
+
+def test_the_sae_config_starts_b_dec_at_the_training_mean(tmp_path):
+    cli, rec = fit(tmp_path, *TOPK, "--trainer.max_steps", "1", "--trainer.max_epochs", "-1")
+    mean = cli.datamodule.splits["train"].x.mean(0)
+    assert torch.allclose(rec.start["decoder.bias"], mean, atol=1e-5)
+    assert torch.allclose(rec.start["encoder.bias"], -rec.start["encoder.weight"] @ mean, atol=1e-5)
+    assert torch.equal(rec.start["encoder.weight"], rec.start["decoder.weight"].T)  # the decoder's transpose
+    norms = cli.model.model.decoder.weight.norm(dim=0)  # after the step too
+    assert torch.allclose(norms, torch.ones(32), atol=1e-6)
 
 
 # -- the non-finite guard --------------------------------------------------------------------------------

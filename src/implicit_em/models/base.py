@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from implicit_em.core.sae import remove_parallel_gradient, unit_norm
+
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
     "softplus": F.softplus,
@@ -97,6 +99,27 @@ def update_running_threshold(threshold: Tensor, is_set: Tensor, theta_batch: Ten
     is_set.fill_(True)
 
 
+class UnitNormDecoder:
+    """The unit-norm decoder constraint, for a :class:`Net` with ``decoder`` (nn.Linear K -> D, its K columns the
+    decoder directions) and ``unit_norm_decoder``: before each optimiser step the gradient along each direction is
+    removed, after it each direction is rescaled to unit norm (:mod:`implicit_em.core.sae`). List it before
+    :class:`Net` among the bases."""
+
+    decoder: nn.Linear
+    unit_norm_decoder: bool
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        w, grad = self.decoder.weight, self.decoder.weight.grad
+        if self.unit_norm_decoder and grad is not None:
+            grad.copy_(remove_parallel_gradient(w, grad, dim=0))
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        if self.unit_norm_decoder:
+            self.decoder.weight.copy_(unit_norm(self.decoder.weight, dim=0))
+
+
 @dataclass
 class InferenceForm:
     """A net as SAELens runs it, in the net's own (normalised) input space.
@@ -154,6 +177,20 @@ class Net(nn.Module):
     def start_from_data(self, x: Tensor, std: float | None) -> None:
         """The data-aware start on training inputs x (N x D): :func:`fit_to_data` on the first layer."""
         fit_to_data(self.first_layer(), x, std)
+
+    def plan_training(self, total_rows: int) -> None:
+        """Told once, as training starts, how many rows the run will see in all (optimiser steps x global batch):
+        what scales with the run is set here (the SAEs' dead window). Nothing by default."""
+
+    def before_optimizer_step(self) -> None:
+        """After the backward pass, before the optimiser's step: a constraint on the gradients. None by default."""
+
+    def after_optimizer_step(self) -> None:
+        """After the optimiser's step: the weights put back on their constraint. None by default."""
+
+    def finish_training(self, x: Tensor) -> None:
+        """After the last optimiser step, on the training rows x (N x D): what inference needs beyond the trained
+        weights (the BatchTopK threshold). Nothing by default."""
 
     def component_weights(self) -> Tensor:
         """K x D: the rows of the first layer, the components."""

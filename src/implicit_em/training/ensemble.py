@@ -158,9 +158,11 @@ class Ensemble(L.LightningModule):
         x = self.trainer.datamodule.device_split("train").x
         for m in self.members:
             m.fit_to_data(x)
+            m.plan(self.trainer)
 
     def configure_optimizers(self):
-        return MemberOptimizers([m.configure_optimizers() for m in self.members])
+        self.member_optimizers = MemberOptimizers([m.configure_optimizers() for m in self.members])
+        return self.member_optimizers
 
     def training_step(self, chunk: list[Tensor], batch_idx: int) -> None:
         opt = self.optimizers()
@@ -179,7 +181,7 @@ class Ensemble(L.LightningModule):
                 break
             opt.zero_grad(set_to_none=True)
             self.manual_backward(sum(t["loss"] for t in terms.values()))
-            opt.step()
+            self.take_step(opt, list(terms))
             for s, t in terms.items():
                 values = torch.stack(list(t.values())).detach()
                 sums[s] = sums[s] + values if s in sums else values
@@ -192,6 +194,21 @@ class Ensemble(L.LightningModule):
         if not self.alive():
             reasons = "; ".join(f"member {s}: {r}" for s, r in enumerate(self.stop_reasons))
             raise NonFiniteLossError(f"every member stopped on a non-finite loss ({reasons}); lower the learning rates")
+
+    def take_step(self, opt, stepping: list[int]) -> None:
+        """One step of the members in ``stepping``, each as its lone run takes it
+        (:meth:`ComponentModule.take_step`): its learning rate and constraints, the step; after the last step, each
+        net's fit on the training rows."""
+        step = self.global_step
+        for s in stepping:
+            self.members[s].set_learning_rate(self.member_optimizers.optimizers[s], step)
+            self.members[s].model.before_optimizer_step()
+        opt.step()
+        last = self.global_step == self.members[stepping[0]].total_steps
+        for s in stepping:
+            self.members[s].model.after_optimizer_step()
+            if last:
+                self.members[s].model.finish_training(self.trainer.datamodule.device_split("train").x)
 
     def _stop(self, s: int, terms: dict[str, Tensor]) -> None:
         bad = [n for n, v in terms.items() if n != "loss" and not torch.isfinite(v)]
