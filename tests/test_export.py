@@ -217,7 +217,7 @@ def test_a_trained_run_exports_the_fvu_it_was_judged_by(tmp_path):
     """The acceptance check in small: train on digits with ZCA whitening, judge the features, save the
     readout, export; the FVU recomputed from the exported files on raw inputs equals the evaluation's."""
     from implicit_em.eval.sae_metrics import readout_scores, sae_evaluation
-    from implicit_em.experiments.compare import load_data, module_features  # noqa: F401
+    from implicit_em.experiments.rows import Data, module_row
     from implicit_em.run.app import fit_run, rebuild
 
     metrics_path = fit_run([
@@ -228,8 +228,9 @@ def test_a_trained_run_exports_the_fvu_it_was_judged_by(tmp_path):
     ])  # fmt: skip
     run_dir = metrics_path.parent
     module, datamodule = rebuild(run_dir)
-    data = load_data(datamodule)
-    f = module_features(module, data)
+    datamodule.setup("fit")
+    data = Data.of(datamodule)
+    f = module_row(module).features(data)
     s = data.splits
     metrics, readout = sae_evaluation(
         f["train"], s["train"].x, f["val"], s["val"].x, f["test"], s["test"].x, None, None, to_raw=data.to_raw

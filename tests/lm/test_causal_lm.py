@@ -406,7 +406,7 @@ def test_smollm2_gguf_spliced_back_gives_ce_clean(tmp_path, monkeypatch, capsys)
 def test_a_run_on_a_causal_harvest_reports_the_spliced_numbers_and_compares_raw_exactly(tiny, tmp_path):
     """The end-of-run evaluation splices the model's reconstruction into the LM (metrics.json has CE clean,
     spliced, zero-ablated, recovered and KL), and compare's raw row, the exact activations, gives CE clean."""
-    from implicit_em.experiments.compare import Row, evaluate_row, load_data
+    from implicit_em.experiments.rows import Data, Row, evaluate_row
     from tests.conftest import main_in_process
 
     out = tiny[2]
@@ -420,7 +420,8 @@ def test_a_run_on_a_causal_harvest_reports_the_spliced_numbers_and_compares_raw_
     assert m["ce_loss_zero_ablation"] > m["ce_loss_clean"] > 0 and m["lm_windows"] == 4
     assert all(isinstance(m[k], float) for k in ("ce_loss_spliced", "ce_loss_recovered", "kl_div"))
     _, datamodule = rebuild(run.metrics_path.parent)
-    data = load_data(datamodule, lm_windows=4)
+    datamodule.setup("fit")
+    data = Data.of(datamodule, lm_windows=4)
     raw = evaluate_row(Row(lambda x: x, lambda x: x), data, "torch", probes_only=True, lm_windows=4)
     assert abs(raw["ce_loss_spliced"] - raw["ce_loss_clean"]) <= 1e-4 and raw["ce_loss_clean"] == m["ce_loss_clean"]
 

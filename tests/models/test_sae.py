@@ -65,7 +65,7 @@ def test_seeded_start_depends_on_the_seed_only():
 def test_a_negative_l1_is_refused_and_the_setting_is_reported():
     with pytest.raises(ConfigError, match="model.net.l1 must be >= 0"):
         SparseAutoencoder(D, K, l1=-0.1)
-    assert SparseAutoencoder(D, K, l1=0.2).settings() == {"l1": 0.2}
+    assert SparseAutoencoder(D, K, l1=0.2).settings() == {"l1": 0.2, "unit_norm_decoder": False}
 
 
 def test_the_saelens_form_encodes_and_decodes_as_the_model_does():
