@@ -449,7 +449,8 @@ def test_a_run_stopped_mid_epoch_resumes_exactly(train, tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     ckpt = torch.load(first.metrics["checkpoint"], weights_only=False)
     assert ckpt["global_step"] == 8 and ckpt["epoch"] == 0  # inside the first epoch (12 steps)
-    rest = train(*E2E, "--data.root", root, "--trainer.max_epochs", "2", *every, *part_root, "--ckpt_path", "last")
+    rest = train(*E2E, "--data.root", root, "--trainer.max_epochs", "2", *every, *part_root, "--trainer.max_steps", "-1",
+                 "--ckpt_path", "last")  # fmt: skip
     assert rest.returncode == 0, rest.stderr[-2000:]
     a, b = _weights(rest), _weights(whole)
     for k in a:

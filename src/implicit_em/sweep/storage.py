@@ -85,9 +85,9 @@ def _open(url: str, heartbeat_s: int, grace: int):
     if url.startswith(JOURNAL):
         return HeartbeatJournalStorage(JournalFileBackend(str(path)), heartbeat_s, grace)
     try:
-        if url.startswith("sqlite"):
-            return SQLiteStorage(url, engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}},
-                                 heartbeat_interval=heartbeat_s, grace_period=grace)  # fmt: skip
+        if url.startswith("sqlite"):  # two processes making a new file's tables at once: one retries
+            return _retry_startup(lambda: SQLiteStorage(url, engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}},
+                                                        heartbeat_interval=heartbeat_s, grace_period=grace))  # fmt: skip
         return _retry_startup(lambda: _rdb_storage(url, heartbeat_s, grace))
     except ModuleNotFoundError as e:
         raise ConfigError(f"--storage {masked(url)} needs the Python package {e.name}: pip install "
