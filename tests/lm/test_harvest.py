@@ -14,6 +14,7 @@ from implicit_em.errors import ConfigError, DataError
 from implicit_em.lm import harvest as hv
 from implicit_em.lm.activations import ActivationsDataModule
 from implicit_em.lm.shards import ShardSet
+from implicit_em.lm.text import read_documents
 from tests.conftest import REPO, harvest_refusal, run_script
 
 HARVEST = REPO / "scripts" / "harvest.py"
@@ -39,15 +40,6 @@ def fake_tokenize(text: str) -> list[int]:
 
 
 # -- documents and windows (no model) ------------------------------------------------------------------------
-def test_documents_are_files_or_pieces_between_separator_lines(tmp_path, monkeypatch):
-    f = tmp_path / "a.txt"
-    f.write_text("one two\n%\nthree\nfour\n%\n%\nfive %\n")
-    assert list(hv.read_documents(f, "%")) == [(0, "one two\n"), (1, "three\nfour\n"), (3, "five %\n")]
-    assert list(hv.read_documents(f, None)) == [(0, f.read_text())]
-    monkeypatch.setattr(hv, "PIECE_CHARS", 10)  # a long document comes in pieces cut at line ends
-    assert list(hv.read_documents(f, None))[:2] == [(0, "one two\n%\n"), (0, "three\nfour\n")]
-
-
 def test_files_take_turns_by_tokens_up_to_max_tokens(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.write_text("%\n".join("w " * 10 + "\n" for _ in range(50)))  # 50 documents of 10 tokens
@@ -100,7 +92,7 @@ def test_rows_are_the_content_tokens_of_each_document(harvested):
     from transformers import AutoModel, AutoTokenizer
 
     model, files, out, _ = harvested
-    text = next(hv.read_documents(files[0], "%"))[1]
+    text = next(read_documents(files[0], "%"))[1]
     tok, net = AutoTokenizer.from_pretrained(model), AutoModel.from_pretrained(model).eval()
     enc = tok(text, return_tensors="pt")
     with torch.no_grad():
@@ -254,7 +246,7 @@ def test_an_encoder_harvest_also_writes_tokens_windows_and_its_hook_name(harvest
     tokens, windows, positions = (np.load(out / "tokens" / f) for f in ("tokens.npy", "windows.npy", "positions.npy"))
     wtok, docs = np.load(out / "tokens" / "window_tokens.npy"), np.load(out / "doc_ids.npy")
     assert len(tokens) == len(windows) == len(positions) == 1500 == ShardSet(out).n_rows
-    first = tok(next(hv.read_documents(files[0], "%"))[1], add_special_tokens=False)["input_ids"]
+    first = tok(next(read_documents(files[0], "%"))[1], add_special_tokens=False)["input_ids"]
     assert tokens[: len(first)].tolist() == first and (windows[: len(first)] == 0).all()
     assert (wtok[:, 0] == tok.cls_token_id).all() and np.array_equal(wtok[windows, positions], tokens)
     assert np.array_equal(np.load(out / "tokens" / "window_doc_ids.npy")[windows], docs)
@@ -262,16 +254,16 @@ def test_an_encoder_harvest_also_writes_tokens_windows_and_its_hook_name(harvest
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    from tests.test_causal_lm import tiny_llama, word_corpus
+    from tests.lm.test_causal_lm import tiny_llama, word_corpus
 
     base = tmp_path_factory.mktemp("llama")
     return tiny_llama(base / "model"), word_corpus(base, n_docs=40)
 
 
-def _tiny(llama, out, **kwargs):
+def _tiny(llama, out, texts=None, **kwargs):
     model, files = llama
     settings = {"separator": "%", "context": 16, "shard_rows": 37, "batch_size": 4, "dtype": "float32", **kwargs}
-    return hv.harvest(model, 1, files, out, **settings)
+    return hv.harvest(model, 1, texts or files, out, **settings)
 
 
 ROW_AND_WINDOW_FILES = ["labels.npy", "doc_ids.npy", "tokens/tokens.npy", "tokens/windows.npy", "tokens/positions.npy",
@@ -374,3 +366,27 @@ def test_a_part_killed_mid_harvest_resumes_and_the_last_part_assembles(llama, tm
     assert m["tokens"] == single["tokens"] and np.array_equal(
         np.sort(np.load(out / "tokens" / "windows.npy")), np.load(tmp_path / "one" / "tokens" / "windows.npy")
     )  # fmt: skip
+
+
+def test_a_folder_of_html_pages_is_one_source_of_one_document_per_page(llama, tmp_path):
+    from tests.lm.test_causal_lm import WORDS
+
+    model, files = llama
+    site = tmp_path / "site"
+    (site / "sub").mkdir(parents=True)
+    for i in range(6):
+        body = " ".join(WORDS[i : i + 20])
+        (site / ("sub" if i % 2 else ".") / f"p{i}.html").write_text(
+            f"<html><head><title>the title</title></head><body><nav>of of of</nav><p>{body}</p></body></html>"
+        )
+    out = tmp_path / "o"
+    m = _tiny(llama, out, texts=[files[0], site])
+    assert json.loads((out / "label_names.json").read_text()) == [files[0].name, "site"] == m["label_names"]
+    labels, docs = np.load(out / "labels.npy"), np.load(out / "doc_ids.npy")
+    pages = docs[labels == 1]
+    assert len(np.unique(pages)) == 6 and len(pages) == 6 * 20  # each page's visible words, nothing else
+    assert m["settings"]["texts"][1]["files"] == 6
+    assert _tiny(llama, out, texts=[files[0], site]) == m  # complete: not redone
+    (site / "p0.html").write_text("<p>the a</p>")
+    with pytest.raises(ConfigError, match="other settings.*texts"):
+        _tiny(llama, out, texts=[files[0], site])
