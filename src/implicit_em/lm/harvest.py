@@ -79,7 +79,7 @@ import torch
 
 from implicit_em.errors import ConfigError, DataError
 from implicit_em.files import atomic_write
-from implicit_em.lm.causal_lm import padded_length
+from implicit_em.lm.causal_lm import padded_length, resolve_model
 from implicit_em.lm.shards import TOKEN_DIR, TOKEN_FILES
 from implicit_em.lm.text import Source, text_sources
 
@@ -218,13 +218,11 @@ def layer_error(layer: int, model: str, n: int, causal: bool = False) -> ConfigE
     )
 
 
-@torch.inference_mode()
-def hidden_rows(
-    model, windows: list[Window], frame, pad_id: int, layer: int, name: str, device, causal: bool = False,
-    length: int | None = None,
-) -> torch.Tensor:  # fmt: skip
-    """Layer ``layer``'s hidden states of the content tokens of ``windows``, window after window (rows x d); the
-    batch is padded on the right to ``length`` (default: its longest sequence)."""
+def batch_inputs(
+    windows: list[Window], frame, pad_id: int, length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input ids, attention mask and the content positions (bool) of a batch of windows, each framed and padded on
+    the right to ``length`` (default: the batch's longest sequence)."""
     prefix, suffix = frame
     seqs = [prefix + w.ids + suffix for w in windows]
     length = max(len(s) for s in seqs) if length is None else length
@@ -235,6 +233,17 @@ def hidden_rows(
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
         keep[i, len(prefix) : len(prefix) + len(w.ids)] = True
+    return ids, mask, keep
+
+
+@torch.inference_mode()
+def hidden_rows(
+    model, windows: list[Window], frame, pad_id: int, layer: int, name: str, device, causal: bool = False,
+    length: int | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Layer ``layer``'s hidden states of the content tokens of ``windows``, window after window (rows x d); the
+    batch is padded on the right to ``length`` (default: its longest sequence)."""
+    ids, mask, keep = batch_inputs(windows, frame, pad_id, length)
     if causal:
         from implicit_em.lm.causal_lm import block_output
 
@@ -300,12 +309,34 @@ class Layer:
                 out.append([i])
         return out
 
+    def padded_to(self, windows: list[Window]) -> int | None:
+        """The length a batch of ``windows`` is padded to (None: its longest sequence)."""
+        return max(self.length(w) for w in windows) if self.pad_multiple is not None else None
+
+    def inputs(self, windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input ids, attention mask and content positions of one batch (:func:`batch_inputs`)."""
+        return batch_inputs(windows, self.frame, self.pad_id, self.padded_to(windows))
+
+    def window_rows(
+        self, windows: list[Window], batch_size: int,
+        then: Callable[[list[Window], torch.Tensor], torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:  # fmt: skip
+        """Each window's rows, in the order of ``windows``, computed in :meth:`batches`; ``then(batch, rows)``
+        maps each batch's rows first (e.g. to the shards' dtype on the CPU)."""
+        per_window: list[torch.Tensor] = [None] * len(windows)  # type: ignore[list-item]
+        for idx in self.batches(windows, batch_size):
+            batch = [windows[i] for i in idx]
+            h = self.rows(batch)
+            h = then(batch, h) if then is not None else h
+            for i, piece in zip(idx, h.split([len(w.ids) for w in batch])):
+                per_window[i] = piece
+        return per_window
+
     def rows(self, windows: list[Window]) -> torch.Tensor:
         """The layer's rows of the content tokens of ``windows`` (one batch), window after window, on the
         model's device in its precision."""
-        length = max(self.length(w) for w in windows) if self.pad_multiple is not None else None
         return hidden_rows(self.net, windows, self.frame, self.pad_id, self.layer, self.model, self.device,
-                           self.causal, length)  # fmt: skip
+                           self.causal, self.padded_to(windows))  # fmt: skip
 
 
 def default_lm_dtype(model: str) -> str:
@@ -325,7 +356,7 @@ def open_layer(
 ) -> Layer:
     """Load ``model`` (a causal LM folder or ``.gguf`` file, cached per process; else an encoder) in ``lm_dtype``
     (default :func:`default_lm_dtype`) and check ``layer`` and ``context`` against it (one-line errors)."""
-    model = str(model)
+    model = resolve_model(model)
     lm_dtype = lm_dtype or default_lm_dtype(model)
     if lm_dtype not in LM_DTYPES:
         raise ConfigError(f"--lm_dtype must be one of {', '.join(LM_DTYPES)} (got {lm_dtype!r})")
@@ -538,7 +569,7 @@ def harvest(
     complete). With ``parts`` > 1, returns this part's progress (``complete`` true, ``all_parts`` false) until the
     last part finishes and writes the harvest's manifest.
     """
-    model = str(model)
+    model = resolve_model(model)
     lm_dtype = lm_dtype or default_lm_dtype(model)
     if lm_dtype not in LM_DTYPES:
         raise ConfigError(f"--lm_dtype must be one of {', '.join(LM_DTYPES)} (got {lm_dtype!r})")
@@ -631,11 +662,8 @@ def harvest(
         """Rows of a group of (window, rows already written), in window order; computed in batches of one padded
         length (:meth:`Layer.batches`)."""
         nonlocal n_pending
-        windows = [w for w, _ in group]
-        per_window: list[torch.Tensor | None] = [None] * len(group)
-        for idx in lm.batches(windows, batch_size):
-            batch = [windows[i] for i in idx]
-            h = lm.rows(batch)
+
+        def stored(batch: list[Window], h: torch.Tensor) -> torch.Tensor:
             if on_batch is not None:
                 on_batch(lm, batch, h)
             h = h.to("cpu", DTYPES[dtype])
@@ -644,8 +672,9 @@ def harvest(
                     f"layer {layer} of {model} has values beyond {dtype}'s range or not finite; pass --dtype float32 "
                     "or bfloat16"
                 )
-            for i, piece in zip(idx, h.split([len(w.ids) for w in batch])):
-                per_window[i] = piece
+            return h
+
+        per_window = lm.window_rows([w for w, _ in group], batch_size, stored)
         for (w, skip), h in zip(group, per_window):
             k = len(w.ids)
             if skip == 0:

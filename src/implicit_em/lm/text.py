@@ -1,14 +1,16 @@
 """Text for a harvest: sources (a text file, a folder of HTML pages, a glob), their documents, and the visible text of
 an HTML page.
 
-A **source** is one ``--text`` argument and one label (one value of ``labels.npy``):
+A **source** is one label (one value of ``labels.npy``). A ``--text`` argument gives
 
-- a file: its documents are the whole file, or the pieces between lines equal to the separator; a ``.html`` /
-  ``.htm`` file is one document, its visible text;
-- a folder: every ``.html`` / ``.htm`` file under it (recursively, in sorted path order), one document each, e.g.
-  Debian's ``python3.11-doc`` (``/usr/share/doc/python3.11/html``);
-- a glob (``*``, ``?`` or ``[``; ``**`` spans folders), quoted so that the shell leaves it alone: the matching files
-  in sorted order, each read as a file is above.
+- a file: one source; its documents are the whole file, or the pieces between lines equal to the separator; a
+  ``.html`` / ``.htm`` file is one document, its visible text;
+- a folder: one source of every ``.html`` / ``.htm`` file under it (recursively, in sorted path order), one
+  document each, e.g. Debian's ``python3.11-doc`` (``/usr/share/doc/python3.11/html``);
+- a glob (``*``, ``?`` or ``[``; ``**`` spans folders), quoted so that the shell leaves it alone: one source per
+  matching file, in sorted order, as the shell's expansion would give, except binary files (a NUL byte in their
+  first 4 KiB) and links to a file already matched, e.g. ``'/usr/share/games/fortunes/*'`` gives the fortune
+  files without their ``.dat`` indexes and ``.u8`` links (a glob with a fixed config file needs no shell).
 
 **Visible text** (:func:`visible_text`) is what a browser shows of the page's body: the text outside ``<head>``,
 ``<script>``, ``<style>``, ``<template>``, ``<noscript>``, and outside navigation (``<nav>`` and elements with
@@ -167,29 +169,45 @@ class Source:
         return {"path": self.spec, "files": len(self.files), "size": size, "sha1": digest.hexdigest()}
 
 
-def _source_files(spec: str) -> tuple[Path, ...]:
+def is_binary(path: Path) -> bool:
+    """Whether ``path`` holds a NUL byte in its first 4 KiB (text files do not)."""
+    with open(path, "rb") as f:
+        return b"\0" in f.read(4096)
+
+
+def _glob_files(spec: str) -> list[Path]:
+    """The files a glob matches, sorted, but binary files and links to a file already matched."""
+    files, seen = [], set()
+    for p in sorted(Path(p) for p in glob.glob(spec, recursive=True)):
+        if not p.is_file() or p.resolve() in seen or is_binary(p):
+            continue
+        seen.add(p.resolve())
+        files.append(p)
+    if not files:
+        raise DataError(f"{spec}: the pattern matches no text file; pass existing text files, a folder or a glob")
+    return files
+
+
+def _specs(spec: str) -> list[tuple[str, tuple[Path, ...]]]:
+    """(argument, files) of each source one ``--text`` argument gives."""
     path = Path(spec)
     if path.is_file():
-        return (path,)
+        return [(spec, (path,))]
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and is_html(p))
         if not files:
             raise DataError(f"{spec}: a folder without .html files; pass text files, a folder of HTML pages, or a glob")
-        return tuple(files)
+        return [(spec, tuple(files))]
     if any(c in spec for c in GLOB_CHARS):
-        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
-        if not files:
-            raise DataError(f"{spec}: the pattern matches no file; pass existing text files, a folder or a glob")
-        return tuple(files)
+        return [(str(p), (p,)) for p in _glob_files(spec)]
     raise DataError(f"{spec}: no such file; pass existing text files, a folder of HTML pages, or a glob to --text")
 
 
 def text_sources(specs: list[str | Path]) -> list[Source]:
-    """The sources of ``--text`` (see the module docstring); their names are the files' or folders' names (the
-    whole argument where two would share a name, and for a glob)."""
-    specs = [str(s) for s in specs]
-    files = [_source_files(s) for s in specs]
-    names = [s if any(c in s for c in GLOB_CHARS) and not Path(s).exists() else Path(s).name for s in specs]
+    """The sources of ``--text`` arguments (see the module docstring); their names are the files' or folders'
+    names (their whole paths where two would share a name)."""
+    found = [s for spec in specs for s in _specs(str(spec))]
+    names = [Path(spec).name for spec, _ in found]
     if len(set(names)) != len(names):
-        names = specs
-    return [Source(n, s, f) for n, s, f in zip(names, specs, files)]
+        names = [spec for spec, _ in found]
+    return [Source(n, spec, files) for n, (spec, files) in zip(names, found)]
