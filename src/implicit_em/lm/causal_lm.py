@@ -1,7 +1,7 @@
 """Judge a dictionary inside the language model: splice its reconstruction back into a causal LM's residual stream.
 
 A causal LM is loaded from a ``transformers`` folder or a ``.gguf`` file (de-quantised to float32 by
-``transformers``; needs the ``gguf`` package). Its decoder blocks are the ``ModuleList`` of ``num_hidden_layers``
+``transformers``; needs the ``gguf`` package), in float32 or bfloat16. Its decoder blocks are the ``ModuleList`` of ``num_hidden_layers``
 modules; layer ``L`` is the output of block ``L`` (0-based), the residual stream SAELens calls
 ``blocks.L.hook_resid_post``, captured with a forward hook on that block.
 
@@ -13,14 +13,17 @@ modules; layer ``L`` is the output of block ``L`` (0-based), the residual stream
 and compares the next-token cross-entropy and the KL divergence to the clean next-token distribution. Positions
 outside the mask (the prepended BOS, which the harvest does not keep as a training row, and padding) keep their
 clean activations. Every next-token prediction of a window counts (position ``i`` predicts token ``i + 1``),
-including the one made at the BOS position, which no splice changes. :func:`lm_scores` does it for a harvest
-directory: held-out windows, the LM named by its manifest (cached per path in this process)::
+including the one made at the BOS position, which no splice changes. Each score comes with a 95% bootstrap
+interval over windows (:func:`splice_intervals`). :func:`lm_scores` does it for a harvest directory: held-out
+windows (enough for :data:`LM_TOKENS` predicted tokens by default), the LM named by its manifest (cached per path
+and precision in this process), run in the precision the harvest ran it (``lm_dtype``) with its batches padded as
+the harvest's were (``pad_multiple``), so the stored activations spliced back give exactly the clean pass::
 
     heldout = np.unique(datamodule.splits["test"].groups.numpy())  # the training run's held-out documents
     scores = lm_scores(root, heldout, {"sae": raw_to_raw, "raw": lambda x: x}, train_mean_raw)
 
-``raw_to_raw`` maps raw activations (rows x d_model, float32, on the LM's device) to their reconstruction in raw
-units (normalise, encode, read out, undo the normalisation). Cost: one forward pass of the LM per reconstruction
+``raw_to_raw`` maps raw activations (rows x d_model, in the LM's precision, on its device) to their
+reconstruction in raw units (normalise, encode, read out, undo the normalisation). Cost: one forward pass of the LM per reconstruction
 over the windows, plus a clean pass per call and, once per set of windows and mean, the two ablations.
 """
 

@@ -20,9 +20,10 @@ Rows are the content tokens of each window, window after window, in position ord
 With ``max_tokens`` the sources take turns: the next document always comes from the source with the fewest tokens
 so far, so each gives about ``max_tokens / n_sources`` (a source that runs out leaves its share to the others).
 
-**Precision.** The model runs in ``lm_dtype``: bfloat16 by default for a causal LM (on a CPU with bfloat16
-kernels several times faster than float32; ``benchmarks/harvest_speed.py`` measures both), float32 for an
-encoder. The shards hold ``dtype``: by default bfloat16 for a bfloat16 model (the values exactly as the model
+**Precision.** The model runs in ``lm_dtype``: by default bfloat16 for a causal LM where the device computes in
+it natively (a GPU, or a CPU with AVX-512 BF16 or AMX: several times faster than float32), float32 elsewhere (on
+an AVX2-only CPU bfloat16 is emulated and several times slower) and for an encoder;
+``benchmarks/harvest_speed.py`` measures both. The shards hold ``dtype``: by default bfloat16 for a bfloat16 model (the values exactly as the model
 computed them) and float16 for a float32 one. The spliced evaluation (:mod:`implicit_em.lm.causal_lm`) runs the
 LM in the manifest's ``lm_dtype`` and pads its batches as the harvest did (``pad_multiple``), so the stored rows
 spliced back give exactly the clean pass of that precision.
@@ -339,10 +340,24 @@ class Layer:
                            self.causal, self.padded_to(windows))  # fmt: skip
 
 
-def default_lm_dtype(model: str) -> str:
-    """bfloat16 for a causal LM (where its precision allows: the splice runs the LM in the same precision),
-    float32 for an encoder."""
-    return "bfloat16" if is_causal(model) else "float32"
+def bfloat16_is_fast(device: str | torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively: a CUDA GPU that supports it, or a CPU with bfloat16
+    instructions (AVX-512 BF16 or AMX, as oneDNN sees them). Elsewhere (e.g. an AVX2-only CPU) bfloat16 matrix
+    products are emulated and several times slower than float32's."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
+
+
+def default_lm_dtype(model: str, device: str | torch.device = "cpu") -> str:
+    """bfloat16 for a causal LM on a device that computes in it natively (:func:`bfloat16_is_fast`; the splice
+    runs the LM in the same precision, so the CE numbers stay exact within it), else float32; float32 for an
+    encoder."""
+    return "bfloat16" if is_causal(model) and bfloat16_is_fast(device) else "float32"
 
 
 def open_layer(
@@ -357,11 +372,11 @@ def open_layer(
     """Load ``model`` (a causal LM folder or ``.gguf`` file, cached per process; else an encoder) in ``lm_dtype``
     (default :func:`default_lm_dtype`) and check ``layer`` and ``context`` against it (one-line errors)."""
     model = resolve_model(model)
-    lm_dtype = lm_dtype or default_lm_dtype(model)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    lm_dtype = lm_dtype or default_lm_dtype(model, device)
     if lm_dtype not in LM_DTYPES:
         raise ConfigError(f"--lm_dtype must be one of {', '.join(LM_DTYPES)} (got {lm_dtype!r})")
     _import_transformers()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     causal = is_causal(model)
     if causal:
         from implicit_em.lm.causal_lm import cached_lm, hook_name
@@ -473,6 +488,16 @@ def _same_settings(manifest: dict, settings: dict, out: Path) -> None:
         )
 
 
+def _previous_setting(out: Path, part: int, parts: int, key: str):
+    """A setting of the harvest already in ``out`` (None: none there, or it does not say)."""
+    for path in (out / MANIFEST, _part_file(out, part)) if parts > 1 else (out / MANIFEST,):
+        try:
+            return {**LEGACY_SETTINGS, **json.loads(path.read_text())["settings"]}.get(key)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
 def _part_file(out: Path, part: int) -> Path:
     return out / PARTS / f"part-{part:04d}.json"
 
@@ -570,7 +595,9 @@ def harvest(
     last part finishes and writes the harvest's manifest.
     """
     model = resolve_model(model)
-    lm_dtype = lm_dtype or default_lm_dtype(model)
+    out = Path(out)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    lm_dtype = lm_dtype or _previous_setting(out, part, parts, "lm_dtype") or default_lm_dtype(model, device)
     if lm_dtype not in LM_DTYPES:
         raise ConfigError(f"--lm_dtype must be one of {', '.join(LM_DTYPES)} (got {lm_dtype!r})")
     dtype = dtype or ("bfloat16" if lm_dtype == "bfloat16" else "float16")
@@ -587,7 +614,6 @@ def harvest(
     if not texts:
         raise ConfigError("no text files: pass --text FILE [FILE ...]")
     sources = text_sources(texts)
-    out = Path(out)
     if Path(model).exists():
         model = str(Path(model).resolve())
     settings = _settings(model, layer, sources, separator, max_tokens, context, dtype, shard_rows, prepend_bos, parts,

@@ -56,12 +56,12 @@ class ReportConfig:
         check(self.lm_tokens >= 0, "report.lm_tokens", "an integer >= 0", self.lm_tokens)
         check(self.lm_windows is None or self.lm_windows >= 0, "report.lm_windows", "an integer >= 0 or null",
               self.lm_windows)  # fmt: skip
+        check_choice(self.split, "report.split", ("test", "val"))
 
     @property
     def splices(self) -> bool:
         """Whether the causal LM's splice runs (neither setting is 0)."""
         return bool(self.lm_tokens) and self.lm_windows != 0
-        check_choice(self.split, "report.split", ("test", "val"))
 
 
 @torch.no_grad()
