@@ -85,12 +85,15 @@ def test_a_glob_gives_a_source_per_text_file_as_the_shell_would(tmp_path):
     ]  # fmt: skip
 
 
-def test_sources_sharing_a_name_are_named_by_their_whole_path(tmp_path):
-    for d in ("x", "y"):
-        (tmp_path / d).mkdir()
+def test_sources_sharing_a_name_are_named_by_enough_of_their_paths(tmp_path):
+    for d in ("x/a", "y/a", "z"):
+        (tmp_path / d).mkdir(parents=True)
         (tmp_path / d / "doc.txt").write_text("t\n")
-    files = [tmp_path / "x" / "doc.txt", tmp_path / "y" / "doc.txt"]
-    assert [s.name for s in tx.text_sources(files)] == [str(f) for f in files]
+    files = [tmp_path / "x/a/doc.txt", tmp_path / "y/a/doc.txt", tmp_path / "z/doc.txt"]
+    assert [s.name for s in tx.text_sources(files)] == ["x/a/doc.txt", "y/a/doc.txt", "z/doc.txt"]
+    docs = ["/usr/share/doc/python3.11/html", "/usr/share/doc/linux-doc-6.1/html", "/usr/share/games/fortunes/art"]
+    assert tx.short_names(docs) == ["python3.11/html", "linux-doc-6.1/html", "art"]
+    assert tx.short_names(["a/b", "b", "a/b"]) == ["a/b", "b", "a/b"]  # the same path twice: whole paths
 
 
 def test_bad_sources_are_one_line_errors(tmp_path):

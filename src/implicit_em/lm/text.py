@@ -203,11 +203,23 @@ def _specs(spec: str) -> list[tuple[str, tuple[Path, ...]]]:
     raise DataError(f"{spec}: no such file; pass existing text files, a folder of HTML pages, or a glob to --text")
 
 
+def short_names(paths: list[str]) -> list[str]:
+    """The last component of each path, or as many of its last components as tell it apart from the others
+    (``/usr/share/doc/python3.11/html`` and ``/usr/share/doc/linux-doc-6.1/html``: ``python3.11/html`` and
+    ``linux-doc-6.1/html``); the whole path where nothing shorter does."""
+    parts = [Path(p).parts for p in paths]
+    depth = [1] * len(paths)
+    while True:
+        names = ["/".join(q[-d:]) if d < len(q) else p for q, d, p in zip(parts, depth, paths)]
+        clash = {n for n in names if names.count(n) > 1}
+        grow = [i for i, n in enumerate(names) if n in clash and depth[i] < len(parts[i])]
+        if not grow:
+            return names
+        for i in grow:
+            depth[i] += 1
+
+
 def text_sources(specs: list[str | Path]) -> list[Source]:
-    """The sources of ``--text`` arguments (see the module docstring); their names are the files' or folders'
-    names (their whole paths where two would share a name)."""
+    """The sources of ``--text`` arguments (see the module docstring), named by :func:`short_names`."""
     found = [s for spec in specs for s in _specs(str(spec))]
-    names = [Path(spec).name for spec, _ in found]
-    if len(set(names)) != len(names):
-        names = [spec for spec, _ in found]
-    return [Source(n, spec, files) for n, (spec, files) in zip(names, found)]
+    return [Source(n, spec, files) for n, (spec, files) in zip(short_names([f[0] for f in found]), found)]
