@@ -94,7 +94,7 @@ def main() -> None:
               "--seed_everything", str(a.seed), "--trainer.default_root_dir", a.out,
               "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
               "--trainer.logger", "false", "--checkpoint.save_last", "false", "--checkpoint.save_top_k", "0",
-              "--features.every_n_epochs", "0", "--probe.every_n_epochs", "0"]  # fmt: skip
+              "--components.every_n_epochs", "0", "--probe.every_n_epochs", "0"]  # fmt: skip
     print(f"{'model':<14} {'variant':<28} {'FVU test':>9} {'L0 train':>9} {'L0 test':>8} {'dead':>6} {'train s':>8}")
     for model in a.models:
         config = ["--config", str(REPO / "configs" / "model" / f"{model}.yaml")]

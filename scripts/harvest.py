@@ -2,9 +2,14 @@
 """Harvest one layer of a transformers model over text into activation shards for ``--config
 configs/data/activations.yaml --data.root OUT``.
 
-    python scripts/harvest.py --model PATH_OR_ID_OR_GGUF --layer L --text FILE [FILE ...] --out DIR
-        [--separator LINE] [--max_tokens N] [--context 128] [--batch_size 32] [--dtype float16]
-        [--shard_rows 100000] [--no-prepend_bos] [--part I --parts N]
+    python scripts/harvest.py --model PATH_OR_ID_OR_GGUF --layer L --text SOURCE [SOURCE ...] --out DIR
+        [--separator LINE] [--max_tokens N] [--context 128] [--batch_size 32] [--lm_dtype bfloat16]
+        [--dtype bfloat16] [--shard_rows 100000] [--threads N] [--no-prepend_bos] [--part I --parts N]
+
+A SOURCE is a text file, a folder of HTML pages (e.g. /usr/share/doc/python3.11/html: each page's visible text is
+one document) or a quoted glob; each source is one label. --lm_dtype is the precision the model runs in (default
+bfloat16 for a causal LM, float32 for an encoder; the spliced evaluation runs the LM in the same precision),
+--dtype the shards' (default bfloat16 for a bfloat16 model, float16 for float32).
 
 Needs the extra: pip install -e ".[activations]" (a .gguf file also needs gguf). For a causal LM (a .gguf file,
 or a folder of a ...ForCausalLM) --layer L is the residual stream after block L, 0-based (SAELens'
@@ -30,13 +35,24 @@ def main(argv: list[str] | None = None) -> int:
         "--layer", required=True, type=int,
         help="causal LM: the output of block L (0-based); encoder: 0 the embeddings' output, L the L-th block's",
     )  # fmt: skip
-    p.add_argument("--text", required=True, nargs="+", help="text files; each file's name is its documents' label")
+    p.add_argument(
+        "--text", required=True, nargs="+",
+        help="text files, folders of HTML pages or quoted globs; each is one label (its name)",
+    )  # fmt: skip
     p.add_argument("--out", required=True, help="the output directory (new, empty, or an unfinished harvest)")
     p.add_argument("--separator", help="a line that separates documents in a file (e.g. %%); default: whole files")
     p.add_argument("--max_tokens", type=int, help="at most this many tokens in all, shared evenly by the files")
     p.add_argument("--context", type=int, default=128, help="tokens per model input, special tokens included")
     p.add_argument("--batch_size", type=int, default=32, help="model inputs per forward pass")
-    p.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"], help="of the shards")
+    p.add_argument(
+        "--lm_dtype", choices=["bfloat16", "float32"],
+        help="the model's precision (default: bfloat16 for a causal LM, float32 for an encoder)",
+    )  # fmt: skip
+    p.add_argument(
+        "--dtype", choices=["float16", "float32", "bfloat16"],
+        help="of the shards (default: bfloat16 for a bfloat16 model, float16 for a float32 one)",
+    )  # fmt: skip
+    p.add_argument("--threads", type=int, help="torch threads (default: the CPU cores this process may use)")
     p.add_argument("--shard_rows", type=int, default=100_000, help="rows per shard (about)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument(
@@ -47,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--part", type=int, default=0, help="this process's part, 0 to --parts - 1")
     p.add_argument("--parts", type=int, default=1, help="processes harvesting disjoint documents into one --out")
     args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        p.error(f"argument --threads: must be >= 1 (got {args.threads})")
+    import torch
+
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     try:  # this process's choice: no per-weight loading bar from transformers (its absence is reported below)
         from transformers.utils import logging
 
@@ -60,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model, args.layer, args.text, args.out, separator=args.separator, max_tokens=args.max_tokens,
             context=args.context, batch_size=args.batch_size, dtype=args.dtype, shard_rows=args.shard_rows,
             device=args.device, prepend_bos=args.prepend_bos, part=args.part, parts=args.parts,
+            lm_dtype=args.lm_dtype,
         )  # fmt: skip
     except Exception as e:  # settings or data a user can fix: one line, their exit code
         return report_user_error(e)
@@ -72,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(
         f"harvested {manifest['tokens']} tokens of {manifest['documents']} documents into {len(manifest['shards'])} "
-        f"shard(s): layer {manifest['layer']} ({manifest.get('hook_name')}), d_model {manifest['d_model']}, {manifest['dtype']}, "
-        f"{manifest['seconds']:.1f} s",
+        f"shard(s): layer {manifest['layer']} ({manifest.get('hook_name')}), d_model {manifest['d_model']}, "
+        f"{manifest.get('lm_dtype', 'float32')} model, {manifest['dtype']} shards, {manifest['seconds']:.1f} s "
+        f"({manifest['tokens'] / max(manifest['seconds'], 1e-9):.0f} tokens/s)",
         file=sys.stderr,
     )
     print(args.out)

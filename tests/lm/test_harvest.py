@@ -14,10 +14,16 @@ from implicit_em.errors import ConfigError, DataError
 from implicit_em.lm import harvest as hv
 from implicit_em.lm.activations import ActivationsDataModule
 from implicit_em.lm.shards import ShardSet
+from implicit_em.lm.text import read_documents
 from tests.conftest import REPO, harvest_refusal, run_script
 
 HARVEST = REPO / "scripts" / "harvest.py"
 FORTUNES = Path("/usr/share/games/fortunes")
+
+
+def minilm_or_encoder() -> str:
+    """An encoder's name (whether or not it is installed: only its kind is read)."""
+    return "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def minilm() -> str:
@@ -39,15 +45,6 @@ def fake_tokenize(text: str) -> list[int]:
 
 
 # -- documents and windows (no model) ------------------------------------------------------------------------
-def test_documents_are_files_or_pieces_between_separator_lines(tmp_path, monkeypatch):
-    f = tmp_path / "a.txt"
-    f.write_text("one two\n%\nthree\nfour\n%\n%\nfive %\n")
-    assert list(hv.read_documents(f, "%")) == [(0, "one two\n"), (1, "three\nfour\n"), (3, "five %\n")]
-    assert list(hv.read_documents(f, None)) == [(0, f.read_text())]
-    monkeypatch.setattr(hv, "PIECE_CHARS", 10)  # a long document comes in pieces cut at line ends
-    assert list(hv.read_documents(f, None))[:2] == [(0, "one two\n%\n"), (0, "three\nfour\n")]
-
-
 def test_files_take_turns_by_tokens_up_to_max_tokens(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.write_text("%\n".join("w " * 10 + "\n" for _ in range(50)))  # 50 documents of 10 tokens
@@ -100,7 +97,7 @@ def test_rows_are_the_content_tokens_of_each_document(harvested):
     from transformers import AutoModel, AutoTokenizer
 
     model, files, out, _ = harvested
-    text = next(hv.read_documents(files[0], "%"))[1]
+    text = next(read_documents(files[0], "%"))[1]
     tok, net = AutoTokenizer.from_pretrained(model), AutoModel.from_pretrained(model).eval()
     enc = tok(text, return_tensors="pt")
     with torch.no_grad():
@@ -272,7 +269,7 @@ def test_an_encoder_harvest_also_writes_tokens_windows_and_its_hook_name(harvest
     tokens, windows, positions = (np.load(out / "tokens" / f) for f in ("tokens.npy", "windows.npy", "positions.npy"))
     wtok, docs = np.load(out / "tokens" / "window_tokens.npy"), np.load(out / "doc_ids.npy")
     assert len(tokens) == len(windows) == len(positions) == 1500 == ShardSet(out).n_rows
-    first = tok(next(hv.read_documents(files[0], "%"))[1], add_special_tokens=False)["input_ids"]
+    first = tok(next(read_documents(files[0], "%"))[1], add_special_tokens=False)["input_ids"]
     assert tokens[: len(first)].tolist() == first and (windows[: len(first)] == 0).all()
     assert (wtok[:, 0] == tok.cls_token_id).all() and np.array_equal(wtok[windows, positions], tokens)
     assert np.array_equal(np.load(out / "tokens" / "window_doc_ids.npy")[windows], docs)
@@ -286,10 +283,10 @@ def llama(tmp_path_factory):
     return tiny_llama(base / "model"), word_corpus(base, n_docs=40)
 
 
-def _tiny(llama, out, **kwargs):
+def _tiny(llama, out, texts=None, **kwargs):
     model, files = llama
     settings = {"separator": "%", "context": 16, "shard_rows": 37, "batch_size": 4, "dtype": "float32", **kwargs}
-    return hv.harvest(model, 1, files, out, **settings)
+    return hv.harvest(model, 1, texts or files, out, **settings)
 
 
 ROW_AND_WINDOW_FILES = ["labels.npy", "doc_ids.npy", "tokens/tokens.npy", "tokens/windows.npy", "tokens/positions.npy",
@@ -392,3 +389,57 @@ def test_a_part_killed_mid_harvest_resumes_and_the_last_part_assembles(llama, tm
     assert m["tokens"] == single["tokens"] and np.array_equal(
         np.sort(np.load(out / "tokens" / "windows.npy")), np.load(tmp_path / "one" / "tokens" / "windows.npy")
     )  # fmt: skip
+
+
+def test_a_folder_of_html_pages_is_one_source_of_one_document_per_page(llama, tmp_path):
+    from tests.lm.test_causal_lm import WORDS
+
+    model, files = llama
+    site = tmp_path / "site"
+    (site / "sub").mkdir(parents=True)
+    for i in range(6):
+        body = " ".join(WORDS[i : i + 20])
+        (site / ("sub" if i % 2 else ".") / f"p{i}.html").write_text(
+            f"<html><head><title>the title</title></head><body><nav>of of of</nav><p>{body}</p></body></html>"
+        )
+    out = tmp_path / "o"
+    m = _tiny(llama, out, texts=[files[0], site])
+    assert json.loads((out / "label_names.json").read_text()) == [files[0].name, "site"] == m["label_names"]
+    labels, docs = np.load(out / "labels.npy"), np.load(out / "doc_ids.npy")
+    pages = docs[labels == 1]
+    assert len(np.unique(pages)) == 6 and len(pages) == 6 * 20  # each page's visible words, nothing else
+    assert m["settings"]["texts"][1]["files"] == 6
+    assert _tiny(llama, out, texts=[files[0], site]) == m  # complete: not redone
+    (site / "p0.html").write_text("<p>the a</p>")
+    with pytest.raises(ConfigError, match="other settings.*texts"):
+        _tiny(llama, out, texts=[files[0], site])
+
+
+def test_the_harvest_speed_benchmark_times_the_harvest_against_a_bare_forward(llama):
+    from tests.conftest import script_in_process
+
+    model, files = llama
+    run = script_in_process(
+        REPO / "benchmarks" / "harvest_speed.py", "--model", model, "--layer", 1, "--text", *files, "--tokens", 300,
+        "--context", 16, "--batch_size", 4, "--threads", 1,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.strip().splitlines()
+    for dtype in ("bfloat16", "float32"):
+        line = next(x for x in lines if x.startswith(f"{dtype}: harvest"))
+        assert "tokens/s, bare forward to block 1" in line and float(line.rsplit("ratio ", 1)[1]) > 0
+    default = next(x for x in lines if x.startswith(f"{hv.default_lm_dtype(str(model))}: harvest"))
+    assert lines[-1] == f"ratio {default.rsplit('ratio ', 1)[1]}"  # the last line: the default precision's ratio
+
+
+def test_the_default_precision_follows_the_device_and_a_resumed_harvest_keeps_its_own(llama, tmp_path, monkeypatch):
+    """bfloat16 where the device computes in it natively, float32 where it is emulated (an AVX2-only CPU)."""
+    model, files = llama
+    monkeypatch.setattr(hv, "bfloat16_is_fast", lambda device: False)
+    assert hv.default_lm_dtype(str(model)) == "float32"
+    m = _tiny(llama, tmp_path / "o", dtype=None)
+    assert m["lm_dtype"] == "float32" and m["dtype"] == "float16" and m["settings"]["lm_dtype"] == "float32"
+    monkeypatch.setattr(hv, "bfloat16_is_fast", lambda device: True)
+    assert hv.default_lm_dtype(str(model)) == "bfloat16" and hv.default_lm_dtype(minilm_or_encoder()) == "float32"
+    assert _tiny(llama, tmp_path / "o", dtype=None) == m  # the harvest there says float32: kept, not refused
+    assert _tiny(llama, tmp_path / "b", dtype=None)["lm_dtype"] == "bfloat16"

@@ -71,3 +71,15 @@ def test_the_scored_split_is_the_configured_one(split):
     row, _ = evaluate_codes(codes, splits, ReportConfig(probe_method="torch", kmeans=False, split=split))
     assert row["scored_on"] == split
     assert (row["probe_accuracy"] < 0.5) == (split == "val")
+
+
+def test_the_splice_settings_count_tokens_by_default_and_zero_turns_it_off():
+    from implicit_em.errors import ConfigError
+
+    config = ReportConfig()
+    assert config.lm_tokens == 20_480 and config.lm_windows is None and config.splices
+    assert not ReportConfig(lm_windows=0).splices and not ReportConfig(lm_tokens=0).splices
+    assert ReportConfig(lm_windows=4).splices
+    for bad in ({"lm_tokens": -1}, {"lm_windows": -2}, {"split": "train"}):
+        with pytest.raises(ConfigError):
+            ReportConfig(**bad)

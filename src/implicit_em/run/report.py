@@ -37,8 +37,10 @@ class ReportConfig:
             test split.
         sae_metrics: also the SAE users' numbers (L0, dead fraction, FVU and the rest through a fitted ridge
             readout, k-sparse probing; ``readout.safetensors`` and ``component_density.png`` in the run dir).
-        lm_windows: where the data is a causal LM's harvest, the held-out windows the LM runs again with the
-            layer's output replaced by the reconstruction (CE loss recovered, KL; 0: off).
+        lm_tokens: where the data is a causal LM's harvest, the predicted tokens of the held-out windows the LM
+            runs again with the layer's output replaced by the reconstruction (CE loss recovered, KL, their 95%
+            bootstrap intervals over windows; SAEBench's 20,480 by default; 0: off).
+        lm_windows: that many held-out windows instead of ``lm_tokens`` (quick runs; 0: off; None: by tokens).
     """
 
     probe_method: str = "sklearn"
@@ -46,12 +48,20 @@ class ReportConfig:
     reconstruction: bool = False
     split: str = "test"
     sae_metrics: bool = True
-    lm_windows: int = 100
+    lm_tokens: int = 20_480
+    lm_windows: int | None = None
 
     def __post_init__(self):
         check_choice(self.probe_method, "report.probe_method", PROBE_METHODS)
-        check(self.lm_windows >= 0, "report.lm_windows", "an integer >= 0", self.lm_windows)
+        check(self.lm_tokens >= 0, "report.lm_tokens", "an integer >= 0", self.lm_tokens)
+        check(self.lm_windows is None or self.lm_windows >= 0, "report.lm_windows", "an integer >= 0 or null",
+              self.lm_windows)  # fmt: skip
         check_choice(self.split, "report.split", ("test", "val"))
+
+    @property
+    def splices(self) -> bool:
+        """Whether the causal LM's splice runs (neither setting is 0)."""
+        return bool(self.lm_tokens) and self.lm_windows != 0
 
 
 @torch.no_grad()
@@ -119,22 +129,26 @@ class LanguageModelSplice:
         """The splice of a DataModule whose data is a causal LM's harvest (its manifest says so), else None."""
         root = getattr(datamodule, "root", None)
         test = datamodule.splits[config.split]
-        if not config.lm_windows or root is None or test.groups is None or not is_causal_harvest(root):
+        if not config.splices or root is None or test.groups is None or not is_causal_harvest(root):
             return None
         to_raw = datamodule.normalization.inverse() or (lambda x: x)
         train = datamodule.splits["train"].x
         return cls(Path(root), test.groups.unique(), datamodule.normalization, to_raw, to_raw(train).double().mean(0))
 
-    def scores(self, reconstruct: Callable[[Tensor], Tensor], n_windows: int) -> dict:
-        """CE clean, spliced, zero- and mean-ablated, the recovered fractions and KL (see
-        :func:`implicit_em.lm.causal_lm.splice_scores`) of ``reconstruct`` (normalised x -> normalised x_hat)."""
+    def scores(
+        self, reconstruct: Callable[[Tensor], Tensor], n_windows: int | None = None, n_tokens: int | None = None
+    ) -> dict:
+        """CE clean, spliced, zero- and mean-ablated, the recovered fractions, KL and their intervals (see
+        :func:`implicit_em.lm.causal_lm.splice_scores`) of ``reconstruct`` (normalised x -> normalised x_hat), on
+        ``n_windows`` held-out windows or enough for ``n_tokens`` predicted tokens (default 20,480)."""
         from implicit_em.lm.causal_lm import lm_scores
 
         def raw_to_raw(x_raw: Tensor) -> Tensor:
             with torch.no_grad():
                 return self.to_raw(reconstruct(self.normalize(x_raw.float())).float()).to(x_raw.dtype)
 
-        found = lm_scores(self.root, self.heldout_docs.numpy(), raw_to_raw, self.train_mean.float(), n_windows)
+        found = lm_scores(self.root, self.heldout_docs.numpy(), raw_to_raw, self.train_mean.float(), n_windows,
+                          n_tokens=n_tokens)  # fmt: skip
         return found or {}
 
 
@@ -181,7 +195,7 @@ def evaluate_codes(codes: Codes, splits: dict, config: ReportConfig, to_raw=None
         row["probes_skipped"] = NO_LABELS
     if splice is not None and encode is not None and (decode is not None or readout is not None):
         decoder = decode or readout
-        row.update(splice.scores(lambda x: decoder(encode(x)), config.lm_windows))
+        row.update(splice.scores(lambda x: decoder(encode(x)), config.lm_windows, config.lm_tokens))
     if config.split == "val":  # also under names that say so: what a sweep optimises, never a test number
         row.update({f"val_{k}": row[k] for k in VALIDATION_KEYS if isinstance(row.get(k), (int, float))})
     return row, readout
