@@ -7,9 +7,10 @@ configs/data/activations.yaml --data.root OUT``.
         [--dtype bfloat16] [--shard_rows 100000] [--threads N] [--no-prepend_bos] [--part I --parts N]
 
 A SOURCE is a text file, a folder of HTML pages (e.g. /usr/share/doc/python3.11/html: each page's visible text is
-one document) or a quoted glob; each source is one label. --lm_dtype is the precision the model runs in (default
-bfloat16 for a causal LM, float32 for an encoder; the spliced evaluation runs the LM in the same precision),
---dtype the shards' (default bfloat16 for a bfloat16 model, float16 for float32).
+one document; one label) or a quoted glob (one label per text file). --lm_dtype is the precision the model runs in
+(default: bfloat16 for a causal LM where the device computes in it natively, a GPU or a CPU with AVX-512 BF16 or
+AMX; float32 elsewhere and for an encoder; the spliced evaluation runs the LM in the same precision), --dtype the
+shards' (default bfloat16 for a bfloat16 model, float16 for float32).
 
 Needs the extra: pip install -e ".[activations]" (a .gguf file also needs gguf). For a causal LM (a .gguf file,
 or a folder of a ...ForCausalLM) --layer L is the residual stream after block L, 0-based (SAELens'
@@ -37,16 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument(
         "--text", required=True, nargs="+",
-        help="text files, folders of HTML pages or quoted globs; each is one label (its name)",
+        help="text files and folders of HTML pages (one label each), quoted globs (one label per text file)",
     )  # fmt: skip
     p.add_argument("--out", required=True, help="the output directory (new, empty, or an unfinished harvest)")
     p.add_argument("--separator", help="a line that separates documents in a file (e.g. %%); default: whole files")
-    p.add_argument("--max_tokens", type=int, help="at most this many tokens in all, shared evenly by the files")
+    p.add_argument("--max_tokens", type=int, help="at most this many tokens in all, shared evenly by the sources")
     p.add_argument("--context", type=int, default=128, help="tokens per model input, special tokens included")
     p.add_argument("--batch_size", type=int, default=32, help="model inputs per forward pass")
     p.add_argument(
         "--lm_dtype", choices=["bfloat16", "float32"],
-        help="the model's precision (default: bfloat16 for a causal LM, float32 for an encoder)",
+        help="the model's precision (default: bfloat16 for a causal LM where the device computes in it natively)",
     )  # fmt: skip
     p.add_argument(
         "--dtype", choices=["float16", "float32", "bfloat16"],

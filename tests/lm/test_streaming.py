@@ -19,7 +19,7 @@ from tests.lm.test_causal_lm import tiny_llama, word_corpus
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     base = tmp_path_factory.mktemp("stream")
-    return tiny_llama(base / "model"), word_corpus(base, n_docs=40), base
+    return tiny_llama(base / "model"), word_corpus(base, n_docs=25), base
 
 
 def test_the_stream_after_the_evaluation_harvest_is_the_harvest_of_the_documents_that_follow(llama):
@@ -94,7 +94,7 @@ def test_a_streaming_run_trains_and_is_judged_on_the_evaluation_harvest(llama, t
         "--data.context", "24", "--data.eval_tokens", "500", "--data.train_tokens", "1600", "--data.batch_size", "32",
         "--data.block_rows", "64", "--data.buffer_rows", "256", "--data.eval_train_rows", "1000",
         "--data.lm_batch_size", "4", "--data.lm_dtype", "bfloat16", "--model.n_components", "16",
-        "--trainer.max_epochs", "2",
+        "--trainer.max_epochs", "2", "--report.lm_windows", "12", "--report.probe_method", "torch",
         "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
