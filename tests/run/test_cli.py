@@ -201,7 +201,8 @@ def test_a_causal_harvest_missing_a_token_file_is_refused_before_training(train,
     (root / "manifest.json").write_text(json.dumps({"model_kind": "causal_lm", "model": "/nowhere", "layer": 1}))
     for name in ("windows.npy", "positions.npy", "window_doc_ids.npy"):  # no window_tokens.npy
         np.save(root / "tokens" / name, np.zeros(40, dtype=np.int64))
-    run = train("--config", "configs/data/activations.yaml", "--data.root", str(root), "--trainer.max_epochs", "1")
+    run = train("--config", "configs/data/activations.yaml", "--data.root", str(root), "--trainer.max_epochs", "1",
+                "--data.batch_size", "64")  # fmt: skip
     assert run.returncode == 2 and "Traceback" not in run.stderr
     (line,) = [ln for ln in run.stderr.splitlines() if ln.strip()]
     assert "window_tokens.npy" in line and "--report.lm_windows 0" in line

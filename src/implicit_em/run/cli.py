@@ -287,7 +287,9 @@ class ImplicitEMCLI(LightningCLI):
         """A causal LM's harvest whose end-of-run evaluation (CE loss recovered, ``report.lm_windows``) would need
         token files it lacks is refused now, not after training."""
         root = (cfg.data.get("init_args") or Namespace()).get("root")
-        if not root or not cfg.report.lm_windows or not is_causal_harvest(root):
+        windows, tokens = cfg.report.get("lm_windows"), cfg.report.get("lm_tokens")
+        splices = bool(windows) if windows is not None else bool(tokens)
+        if not root or not splices or not is_causal_harvest(root):
             return
         from implicit_em.lm.causal_lm import check_splice_files
 
