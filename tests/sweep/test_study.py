@@ -42,7 +42,10 @@ def start(command: list[str], log: Path) -> subprocess.Popen:
 
 
 def load(tmp_path: Path, study: str) -> optuna.Study:
-    return optuna.load_study(study_name=study, storage=f"sqlite:///{tmp_path / 'study.db'}")
+    """The study, through the sweep's own opener (it waits out a sweep that is making the file's tables)."""
+    from implicit_em.sweep.storage import open_storage
+
+    return optuna.load_study(study_name=study, storage=open_storage(f"sqlite:///{tmp_path / 'study.db'}", 60))
 
 
 def wait_for_running(tmp_path: Path, study: str, n: int, proc: subprocess.Popen, log: Path, limit: float = 300):
