@@ -31,14 +31,20 @@ def sweep_command(tmp_path: Path, study: str, trials: int, workers: int, *extra:
     return [sys.executable, str(REPO / "scripts" / "sweep.py"), "--space", str(space), "--study", study,
             "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--trials", str(trials), "--workers", str(workers),
             "--root", str(tmp_path / "runs"), "--pruner", "none", "--no-wandb", "--heartbeat", "2", *extra,
-            "--", *FAST]  # fmt: skip
+            "--", *FAST, "--trainer.callbacks+=tests.sweep.hold.HoldUntilReleased"]  # fmt: skip
 
 
 def start(command: list[str], log: Path) -> subprocess.Popen:
+    """The sweep as a process of its own; every trial holds at its start until ``release(tmp_path)``."""
     env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
-    env.update(WANDB_MODE="offline", MPLBACKEND="Agg", OMP_NUM_THREADS="1")
+    env.update(WANDB_MODE="offline", MPLBACKEND="Agg", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
+               IMPLICIT_EM_TEST_RELEASE=str(log.parent / "release"))  # fmt: skip
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
+
+
+def release(tmp_path: Path) -> None:
+    (tmp_path / "release").touch()
 
 
 def load(tmp_path: Path, study: str) -> optuna.Study:
@@ -93,6 +99,7 @@ def test_two_workers_finish_the_study_when_one_is_killed_mid_trial(tmp_path):
         workers = children(proc.pid)
         assert len(workers) == 2
         os.kill(workers[0], signal.SIGKILL)
+        release(tmp_path)
         assert proc.wait(timeout=600) == 0, log.read_text()[-2000:]
     finally:
         if proc.poll() is None:
@@ -118,6 +125,7 @@ def test_the_same_command_finishes_a_killed_sweep(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    release(tmp_path)
     second = start(command, tmp_path / "second.log")
     assert second.wait(timeout=600) == 0, (tmp_path / "second.log").read_text()[-2000:]
     study = load(tmp_path, "again")
