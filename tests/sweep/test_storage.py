@@ -1,18 +1,11 @@
 """Where a study lives: URL forms, SQLite that waits out another process's lock, heartbeats in the journal
-file, and a two-worker study on a real PostgreSQL server (started and stopped here where one can be)."""
+file. (Two workers on a real PostgreSQL server, one killed mid-trial: tests/sweep/test_study.py.)"""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import socket
 import sqlite3
-import subprocess
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -23,11 +16,6 @@ from optuna.trial import TrialState  # noqa: E402
 
 from implicit_em.errors import ConfigError  # noqa: E402
 from implicit_em.sweep import storage as storages  # noqa: E402
-from tests.conftest import REPO, run_script  # noqa: E402
-
-#: Debian's and Ubuntu's PostgreSQL server binaries (the newest installed version)
-PG_BIN = max(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit()
-             else 0, default=Path("/usr/lib/postgresql/15/bin"))  # fmt: skip
 
 
 def test_storage_urls_normalise(tmp_path, monkeypatch):
@@ -86,68 +74,3 @@ def test_the_journal_file_fails_a_trial_whose_heartbeats_stopped(tmp_path):
         study_name="s", storage=storages.open_storage(storages.normalize(str(tmp_path / "s.log")))
     )
     assert [t.state for t in again.get_trials()] == [TrialState.FAIL, TrialState.RUNNING]
-
-
-# -- a real PostgreSQL server --------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    """A PostgreSQL server of Debian's postgresql package in a temporary folder on a free port (as the user
-    postgres when this runs as root), stopped at the end; skipped with its reason where none can start."""
-    pytest.importorskip("psycopg2", reason="PostgreSQL needs psycopg2-binary (the sweep extra)")
-    if not (PG_BIN / "initdb").is_file():
-        pytest.skip(f"no PostgreSQL server binaries in {PG_BIN} (apt-get install postgresql)")
-    as_postgres = []
-    if os.geteuid() == 0:
-        if shutil.which("runuser") is None:
-            pytest.skip("running as root and no runuser to start PostgreSQL as the user postgres")
-        as_postgres = ["runuser", "-u", "postgres", "--"]
-    folder = Path(tempfile.mkdtemp(prefix="iem-pg-"))
-    if as_postgres:
-        shutil.chown(folder, "postgres")
-    data, port = folder / "data", _free_port()
-    init = subprocess.run([*as_postgres, str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"],
-                          capture_output=True, text=True)  # fmt: skip
-    if init.returncode:
-        shutil.rmtree(folder, ignore_errors=True)
-        pytest.skip(f"initdb failed: {init.stderr.strip().splitlines()[-1:]}")
-    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"
-    start = subprocess.run([*as_postgres, str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", options, "-l",
-                            str(folder / "log"), "-w", "-t", "60", "start"], capture_output=True, text=True)  # fmt: skip
-    if start.returncode:
-        log = (folder / "log").read_text().strip().splitlines()[-1:] if (folder / "log").is_file() else []
-        shutil.rmtree(folder, ignore_errors=True)
-        pytest.skip(f"PostgreSQL did not start: {start.stderr.strip()} {log}")
-    try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run([*as_postgres, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True)  # fmt: skip
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def test_two_workers_share_a_study_on_postgresql(postgres_url, tmp_path):
-    space = tmp_path / "space.yaml"
-    space.write_text("params:\n  model.net.lambda_tc: {type: float, low: 0.1, high: 10.0, log: true}\n")
-    run = run_script(
-        REPO / "scripts" / "sweep.py", "--space", space, "--study", "pg", "--storage", postgres_url, "--trials", "2",
-        "--workers", "2", "--root", tmp_path / "runs", "--pruner", "none", "--no-wandb", "--",
-        "--trainer.max_epochs", "1", "--model.n_components", "8", "--report.kmeans", "false",
-        "--report.probe_method", "torch", "--report.sae_metrics", "false", "--components.every_n_epochs", "0",
-        timeout=600,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
-    study = optuna.load_study(study_name="pg", storage=postgres_url)
-    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    assert len(done) == 2 and len({t.user_attrs["run_dir"] for t in done}) == 2
-    for t in done:
-        metrics = json.loads((Path(t.user_attrs["run_dir"]) / "metrics.json").read_text())
-        assert metrics["val_probe_accuracy"] == t.value and metrics["scored_on"] == "val"
-    # no file storage: the table goes under --root
-    assert (tmp_path / "runs" / "pg_trials.csv").is_file()
-    assert f"best val_probe_accuracy {study.best_value:.6g}" in run.stdout

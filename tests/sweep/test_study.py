@@ -1,5 +1,6 @@
-"""Studies on SQLite with worker processes: two workers, one of them killed mid-trial; a whole sweep killed
-and the same command run again; exactly N COMPLETE trials, the killed ones FAIL."""
+"""Studies with worker processes: two workers on a real PostgreSQL server (SQLite where none can start), one of
+them killed mid-trial; a whole sweep on SQLite killed and the same command run again; exactly N COMPLETE trials,
+the killed ones FAIL."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,17 +21,22 @@ from optuna.trial import TrialState  # noqa: E402
 
 from implicit_em.sweep.study import Worker, counts  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
+from tests.sweep.postgres import NoServer, postgres_server  # noqa: E402
 
 #: a trial of a few seconds: digits, one epoch, 8 components, the fast probe, no KMeans or SAE numbers
 FAST = ["--trainer.max_epochs", "1", "--model.n_components", "8", "--report.kmeans", "false",
         "--report.probe_method", "torch", "--report.sae_metrics", "false", "--components.every_n_epochs", "0"]  # fmt: skip
 
 
-def sweep_command(tmp_path: Path, study: str, trials: int, workers: int, *extra: str) -> list[str]:
+def sqlite(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'study.db'}"
+
+
+def sweep_command(tmp_path: Path, url: str, study: str, trials: int, workers: int, *extra: str) -> list[str]:
     space = tmp_path / "space.yaml"
     space.write_text("params:\n  model.net.lambda_tc: {type: float, low: 0.1, high: 10.0, log: true}\n")
     return [sys.executable, str(REPO / "scripts" / "sweep.py"), "--space", str(space), "--study", study,
-            "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--trials", str(trials), "--workers", str(workers),
+            "--storage", url, "--trials", str(trials), "--workers", str(workers),
             "--root", str(tmp_path / "runs"), "--pruner", "none", "--no-wandb", "--heartbeat", "2", *extra,
             "--", *FAST, "--trainer.callbacks+=tests.sweep.hold.HoldUntilReleased"]  # fmt: skip
 
@@ -47,22 +54,24 @@ def release(tmp_path: Path) -> None:
     (tmp_path / "release").touch()
 
 
-def load(tmp_path: Path, study: str) -> optuna.Study:
-    """The study, through the sweep's own opener (it waits out a sweep that is making the file's tables)."""
+def load(url: str, study: str) -> optuna.Study:
+    """The study, through the sweep's own opener (it waits out a sweep that is making a file's tables)."""
     from implicit_em.sweep.storage import open_storage
 
-    return optuna.load_study(study_name=study, storage=open_storage(f"sqlite:///{tmp_path / 'study.db'}", 60))
+    return optuna.load_study(study_name=study, storage=open_storage(url, 60))
 
 
-def wait_for_running(tmp_path: Path, study: str, n: int, proc: subprocess.Popen, log: Path, limit: float = 300):
-    """Wait until ``n`` trials are RUNNING with their run directory known."""
+def wait_for_running(url: str, study: str, n: int, proc: subprocess.Popen, log: Path, limit: float = 300):
+    """Wait until ``n`` trials are RUNNING with their run directory known (they hold until released)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"the sweep ended early: {log.read_text()[-2000:]}"
-        if (tmp_path / "study.db").is_file():
+        if not url.startswith("sqlite:///") or Path(url.removeprefix("sqlite:///")).is_file():
             try:
-                running = load(tmp_path, study).get_trials(states=(TrialState.RUNNING,))
-            except KeyError:  # the study is not created yet
+                running = load(url, study).get_trials(states=(TrialState.RUNNING,))
+            except (KeyError, SQLAlchemyError):  # the study or its tables are not made yet
                 running = []
             if len([t for t in running if "run_dir" in t.user_attrs]) >= n:
                 return running
@@ -90,12 +99,29 @@ def children(pid: int) -> list[int]:
     return found
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker processes through /proc (Linux)")
-def test_two_workers_finish_the_study_when_one_is_killed_mid_trial(tmp_path):
-    log = tmp_path / "sweep.log"
-    proc = start(sweep_command(tmp_path, "two", 2, 2), log)
+@pytest.fixture(scope="module")
+def shared_url():
+    """A real PostgreSQL server where one can start (Debian's postgresql), else an SQLite file, with a warning
+    that says why PostgreSQL went untested."""
     try:
-        running = wait_for_running(tmp_path, "two", 2, proc, log)
+        with postgres_server() as url:
+            yield url
+    except NoServer as reason:
+        warnings.warn(f"two workers ran on SQLite, not PostgreSQL: {reason}", stacklevel=1)
+        yield None
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker processes through /proc (Linux)")
+def test_two_workers_finish_the_study_when_one_is_killed_mid_trial(tmp_path, shared_url):
+    """Two workers share one study (on PostgreSQL where a server starts); worker 0 is SIGKILLed mid-trial: the
+    sweep exits 0 with exactly 2 COMPLETE trials in distinct run folders (each metrics.json holding the trial's
+    value, scored on val), the killed trial FAILs, the note, the best value and the reproduce command are printed,
+    and the table (beside an SQLite file, else under --root) and the history plot are written."""
+    url = shared_url or sqlite(tmp_path)
+    log = tmp_path / "sweep.log"
+    proc = start(sweep_command(tmp_path, url, "two", 2, 2), log)
+    try:
+        running = wait_for_running(url, "two", 2, proc, log)
         workers = children(proc.pid)
         assert len(workers) == 2
         os.kill(workers[0], signal.SIGKILL)
@@ -104,31 +130,32 @@ def test_two_workers_finish_the_study_when_one_is_killed_mid_trial(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    study = load(tmp_path, "two")
+    study = load(url, "two")
     check_finished(study, 2)
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert len(failed) == 1 and failed[0].number in [t.number for t in running]
     out = log.read_text()
     assert f"note: worker 0 was killed (signal {signal.SIGKILL.value})" in out
     assert "reproduce: python scripts/train.py" in out and f"best val_probe_accuracy {study.best_value:.6g}" in out
-    table = (tmp_path / "two_trials.csv").read_text().splitlines()
+    files = tmp_path if url.startswith("sqlite") else tmp_path / "runs"
+    table = (files / "two_trials.csv").read_text().splitlines()
     assert table[0].startswith("trial,state,value") and len(table) == 1 + len(study.trials)
-    assert (tmp_path / "two_history.png").is_file()
+    assert (files / "two_history.png").is_file()
 
 
 def test_the_same_command_finishes_a_killed_sweep(tmp_path):
     log = tmp_path / "first.log"
-    command = sweep_command(tmp_path, "again", 1, 1)
+    command = sweep_command(tmp_path, sqlite(tmp_path), "again", 1, 1)
     proc = start(command, log)
     try:
-        killed = wait_for_running(tmp_path, "again", 1, proc, log)[0]
+        killed = wait_for_running(sqlite(tmp_path), "again", 1, proc, log)[0]
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     release(tmp_path)
     second = start(command, tmp_path / "second.log")
     assert second.wait(timeout=600) == 0, (tmp_path / "second.log").read_text()[-2000:]
-    study = load(tmp_path, "again")
+    study = load(sqlite(tmp_path), "again")
     done = check_finished(study, 1)
     assert study.trials[killed.number].state == TrialState.FAIL
     assert killed.user_attrs["run_dir"] not in [t.user_attrs["run_dir"] for t in done]  # never reused
