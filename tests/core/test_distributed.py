@@ -6,9 +6,10 @@ The objective under 2-process DDP: every rank holds half of the rows, gathers th
 gradients equal the single-process ones on the whole batch, on both sides of the N < K and D < K switches, and for
 the subset estimate drawn from identically seeded generators.
 
-Runs real CPU DDP (gloo): the gradient checks spawn processes with torch.multiprocessing and average the
+Runs real CPU DDP (gloo): the gradient checks fork processes with torch.multiprocessing and average the
 gradients over ranks as DDP does; the training checks launch scripts/train.py as users do, with
-configs/trainer/ddp_cpu.yaml (2 processes) and as 2 nodes of one process each (MASTER_ADDR, NODE_RANK, ...).
+configs/trainer/ddp_cpu.yaml (2 processes) and as 2 nodes of one process each (MASTER_ADDR, NODE_RANK, ...),
+against the one-process run made in the test process.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from implicit_em.core.objective import implicit_em_objective
 from implicit_em.models.implicit_em import ImplicitEM
 from implicit_em.run.checkpoints import load_checkpoint
 from implicit_em.training.module import ComponentModule
-from tests.conftest import REPO, TRAIN, Run, run_script
+from tests.conftest import REPO, TRAIN, Run, main_in_process, run_script
 
 D, K = 10, 6
 
@@ -38,6 +39,12 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _launch(worker, args: tuple, world: int) -> None:
+    """``worker(rank, *args)`` in ``world`` processes, joined. Forked, they start at once with this process's
+    imports (spawned ones would import torch and the project again, seconds each)."""
+    mp.start_processes(worker, args=args, nprocs=world, join=True, start_method="fork")
 
 
 # -- the objective: every rank gathers the distances with gradients (gather_samples) and evaluates the
@@ -89,7 +96,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_objective")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    _launch(_worker, (_free_port(), str(out)), WORLD)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -145,7 +152,7 @@ def _ddp_gradient_worker(rank: int, world: int, sizes: list[int], port: int, out
 def test_ddp_value_and_gradient_equal_the_single_process_ones_with_uneven_shards(tmp_path):
     sizes = [15, 9, 0]  # uneven, and a rank with no rows (as a last batch of 2 over 4 ranks leaves)
     world, out = len(sizes), str(tmp_path / "ddp")
-    mp.spawn(_ddp_gradient_worker, args=(world, sizes, _free_port(), out), nprocs=world, join=True)
+    _launch(_ddp_gradient_worker, (world, sizes, _free_port(), out), world)
     single = _module()
     terms = single.objective(_batch(sum(sizes)))
     terms["loss"].backward()
@@ -166,8 +173,10 @@ def test_ddp_value_and_gradient_equal_the_single_process_ones_with_uneven_shards
 
 # -- training: 2 processes, and 2 nodes, equal one process under default settings ----------------------------
 
+#: the evaluation reduced to the fast probe (no KMeans, no SAE numbers): the weights are what is compared
 COMMON = ["--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false", "--report.kmeans", "false",
-          "--report.probe_method", "torch", "--components.every_n_epochs", "0"]  # fmt: skip
+          "--report.probe_method", "torch", "--report.sae_metrics", "false",
+          "--components.every_n_epochs", "0"]  # fmt: skip
 
 
 def _final_weights(metrics: dict) -> dict[str, torch.Tensor]:
@@ -188,8 +197,9 @@ def _assert_same_training(run: Run, single: Run) -> None:
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    run = run_script(TRAIN, "--config", "configs/trainer/cpu.yaml", "--trainer.default_root_dir",
-                     tmp_path_factory.mktemp("single"), *COMMON)  # fmt: skip
+    """The one-process run, in this process (the multi-process runs below are real processes)."""
+    run = main_in_process("--config", "configs/trainer/cpu.yaml", "--trainer.default_root_dir",
+                          tmp_path_factory.mktemp("single"), *COMMON)  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     return run
 

@@ -308,7 +308,8 @@ def test_metrics_under_ddp_equal_single_process_on_concatenated_data(tmp_path):
     k = 6
     d = _random_distances(91, k, seed=2)
     shards = [d[:50], d[50:]]  # uneven shards
-    mp.spawn(_ddp_worker, args=(2, _free_port(), shards, k, str(tmp_path)), nprocs=2, join=True)
+    # forked workers start at once: they inherit this process's imports instead of importing everything again
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), shards, k, str(tmp_path)), nprocs=2, start_method="fork")
     single = _metrics(k)
     for m in single.values():
         m.update(d)
