@@ -6,9 +6,11 @@ The objective under 2-process DDP: every rank holds half of the rows, gathers th
 gradients equal the single-process ones on the whole batch, on both sides of the N < K and D < K switches, and for
 the subset estimate drawn from identically seeded generators.
 
-Runs real CPU DDP (gloo): the gradient checks spawn processes with torch.multiprocessing and average the
+Runs real CPU DDP (gloo): the gradient checks fork processes with torch.multiprocessing and average the
 gradients over ranks as DDP does; the training checks launch scripts/train.py as users do, with
-configs/trainer/ddp_cpu.yaml (2 processes) and as 2 nodes of one process each (MASTER_ADDR, NODE_RANK, ...).
+configs/trainer/ddp_cpu.yaml (2 processes, on the digits) and as 2 nodes of one process each (MASTER_ADDR,
+NODE_RANK, ..., on a folder of activation shards: the streaming loader's DDP parts), each against the one-process
+run on the same data made in the test process.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from implicit_em.core.objective import implicit_em_objective
 from implicit_em.models.implicit_em import ImplicitEM
 from implicit_em.run.checkpoints import load_checkpoint
 from implicit_em.training.module import ComponentModule
-from tests.conftest import REPO, TRAIN, Run, run_script
+from tests.conftest import REPO, TRAIN, Run, main_in_process, run_script
+from tests.lm.test_activations import E2E as SHARDS
+from tests.lm.test_activations import write_shards
 
 D, K = 10, 6
 
@@ -38,6 +42,12 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _launch(worker, args: tuple, world: int) -> None:
+    """``worker(rank, *args)`` in ``world`` processes, joined. Forked, they start at once with this process's
+    imports (spawned ones would import torch and the project again, seconds each)."""
+    mp.start_processes(worker, args=args, nprocs=world, join=True, start_method="fork")
 
 
 # -- the objective: every rank gathers the distances with gradients (gather_samples) and evaluates the
@@ -89,7 +99,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_objective")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    _launch(_worker, (_free_port(), str(out)), WORLD)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -145,7 +155,7 @@ def _ddp_gradient_worker(rank: int, world: int, sizes: list[int], port: int, out
 def test_ddp_value_and_gradient_equal_the_single_process_ones_with_uneven_shards(tmp_path):
     sizes = [15, 9, 0]  # uneven, and a rank with no rows (as a last batch of 2 over 4 ranks leaves)
     world, out = len(sizes), str(tmp_path / "ddp")
-    mp.spawn(_ddp_gradient_worker, args=(world, sizes, _free_port(), out), nprocs=world, join=True)
+    _launch(_ddp_gradient_worker, (world, sizes, _free_port(), out), world)
     single = _module()
     terms = single.objective(_batch(sum(sizes)))
     terms["loss"].backward()
@@ -164,10 +174,12 @@ def test_ddp_value_and_gradient_equal_the_single_process_ones_with_uneven_shards
     assert (dict(naive.named_parameters())[w].grad / 2 - grad).norm() > 1e-3 * grad.norm()
 
 
-# -- training: 2 processes, and 2 nodes, equal one process under default settings ----------------------------
+# -- training: 2 processes (digits), and 2 nodes (activation shards), equal one process under default settings --
 
+#: the evaluation reduced to the fast probe (no KMeans, no SAE numbers): the weights are what is compared
 COMMON = ["--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false", "--report.kmeans", "false",
-          "--report.probe_method", "torch", "--components.every_n_epochs", "0"]  # fmt: skip
+          "--report.probe_method", "torch", "--report.sae_metrics", "false",
+          "--components.every_n_epochs", "0"]  # fmt: skip
 
 
 def _final_weights(metrics: dict) -> dict[str, torch.Tensor]:
@@ -175,11 +187,11 @@ def _final_weights(metrics: dict) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k.startswith("model.")}
 
 
-def _assert_same_training(run: Run, single: Run) -> None:
+def _assert_same_training(run: Run, single: Run, n_train: int = 1293) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     m, s = run.metrics, single.metrics
     assert m["final_loss"] == pytest.approx(s["final_loss"], rel=1e-4)
-    assert m["n_train"] == s["n_train"] == 1293 and 1293 % 128 == 13  # a last, partial batch was in play
+    assert m["n_train"] == s["n_train"] == n_train and n_train % 128 != 0  # a last, partial batch was in play
     a, b = _final_weights(m), _final_weights(s)
     assert a.keys() == b.keys()
     for k in a:
@@ -188,8 +200,9 @@ def _assert_same_training(run: Run, single: Run) -> None:
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    run = run_script(TRAIN, "--config", "configs/trainer/cpu.yaml", "--trainer.default_root_dir",
-                     tmp_path_factory.mktemp("single"), *COMMON)  # fmt: skip
+    """The one-process run, in this process (the multi-process runs below are real processes)."""
+    run = main_in_process("--config", "configs/trainer/cpu.yaml", "--trainer.default_root_dir",
+                          tmp_path_factory.mktemp("single"), *COMMON)  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     return run
 
@@ -215,8 +228,18 @@ def test_ddp_run_writes_one_metrics_json_and_prints_its_path_once(ddp):
     assert run.metrics["probe_accuracy"] > 0.5
 
 
-def test_two_nodes_of_one_process_equal_one_process(tmp_path, single):
-    """Two nodes on this host, as a cluster launcher starts them: one process per node, rendezvous by env."""
+def test_two_nodes_of_one_process_on_activation_shards_equal_one_process(tmp_path):
+    """Two nodes on this host, as a cluster launcher starts them: one process per node, rendezvous by env
+    (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, NODE_RANK), training on a folder of activation shards (each rank
+    reads its part of every global batch, the last one partial). Asserts: node 1 exits 0; node 0 exits 0
+    and ends with the final loss and the weights of the one-process run on the same shards (made in this
+    process); only global rank 0 writes metrics.json."""
+    root = tmp_path / "shards"
+    write_shards(root, index=False)
+    args = [*SHARDS, "--data.root", str(root), *COMMON, "--trainer.max_epochs", "2"]  # the data config first
+    single = main_in_process("--config", "configs/trainer/cpu.yaml", "--trainer.default_root_dir",
+                             tmp_path / "single", *args)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-2000:]
     port = str(_free_port())
     env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
     env.update(WANDB_MODE="offline", MPLBACKEND="Agg", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2",
@@ -225,7 +248,7 @@ def test_two_nodes_of_one_process_equal_one_process(tmp_path, single):
              "--trainer.num_nodes", "2"]  # fmt: skip
     procs = [
         subprocess.Popen(
-            [sys.executable, str(TRAIN), *nodes, *COMMON, "--trainer.default_root_dir", str(tmp_path / f"n{r}")],
+            [sys.executable, str(TRAIN), *nodes, *args, "--trainer.default_root_dir", str(tmp_path / f"n{r}")],
             cwd=REPO,
             env={**env, "NODE_RANK": str(r)},
             stdout=subprocess.PIPE,
@@ -242,5 +265,5 @@ def test_two_nodes_of_one_process_equal_one_process(tmp_path, single):
                 p.kill()
     node0 = Run(procs[1].returncode, *results[0])
     assert procs[0].returncode == 0, results[1][1][-3000:]
-    _assert_same_training(node0, single)
+    _assert_same_training(node0, single, n_train=1426)
     assert not list((tmp_path / "n1").rglob("metrics.json"))  # only global rank 0 evaluates and writes

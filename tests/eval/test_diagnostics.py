@@ -116,11 +116,15 @@ def test_weight_redundancy_and_effective_rank_by_hand():
     assert effective_rank(rank_one).item() == pytest.approx(1.0, abs=1e-6)
 
 
-def test_weight_metrics_at_large_k_use_the_d_by_d_side():
-    # K = 5000 x D = 1000 (5M entries, above CHUNK_ELEMENTS): the D x D Gram paths agree with the direct
-    # K x K formulas computed on a copy small enough to check (every 5th row, same D < K regime)
+def test_weight_metrics_at_large_k_use_the_d_by_d_side(monkeypatch):
+    # W above CHUNK_ELEMENTS (lowered here to 2^16, so that K = 1500 x D = 300, 450k entries, is above it: the
+    # paths of a 5000 x 1000 W under the real limit): the D x D Gram, accumulated over 7 chunks of rows, and
+    # its eigenvalues agree with the direct K x K formula and LAPACK's singular values
+    import implicit_em.eval.diagnostics as metrics
+
+    monkeypatch.setattr(metrics, "CHUNK_ELEMENTS", 1 << 16)
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(5000, 1000, generator=g)
+    w = torch.randn(1500, 300, generator=g)
     w[:, :10] *= 20  # a few dominant directions
     w[7] = 0.0  # a zero row
     wn = w.double() / w.double().norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -308,7 +312,8 @@ def test_metrics_under_ddp_equal_single_process_on_concatenated_data(tmp_path):
     k = 6
     d = _random_distances(91, k, seed=2)
     shards = [d[:50], d[50:]]  # uneven shards
-    mp.spawn(_ddp_worker, args=(2, _free_port(), shards, k, str(tmp_path)), nprocs=2, join=True)
+    # forked workers start at once: they inherit this process's imports instead of importing everything again
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), shards, k, str(tmp_path)), nprocs=2, start_method="fork")
     single = _metrics(k)
     for m in single.values():
         m.update(d)

@@ -131,25 +131,31 @@ def test_kmeans_scores_runs_and_returns_keys():
 
 
 def test_torch_probe_restores_the_thread_setting(digits_split):
-    x_tr, y_tr, x_te, y_te = digits_split
+    # a few hundred rows and a loose tolerance pose the same question (on 2 threads of busy cores each step is slow)
+    x_tr, y_tr, x_te, y_te = (t[:400] for t in digits_split)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        one = torch_probe(x_tr, y_tr, x_te, y_te, cpu_threads=1)
+        one = torch_probe(x_tr, y_tr, x_te, y_te, cpu_threads=1, tol=1e-2)
         assert torch.get_num_threads() == 2
-        assert torch_probe(x_tr, y_tr, x_te, y_te, cpu_threads=None) == pytest.approx(one, abs=1 / len(y_te) + 1e-12)
+        assert torch_probe(x_tr, y_tr, x_te, y_te, cpu_threads=None, tol=1e-2) == pytest.approx(
+            one, abs=1 / len(y_te) + 1e-12
+        )
     finally:
         torch.set_num_threads(before)
 
 
 def test_probe_speed_benchmark_smoke(tmp_path):
-    from tests.conftest import REPO, run_script
+    """benchmarks/probe_speed.py through its main (in this process): both probes' accuracies, close to each
+    other, and the speed ratio on the last line, after training through the project's CLI."""
+    from implicit_em.run.runtime import training_process
+    from tests.conftest import REPO, script_in_process
 
-    run = run_script(
-        REPO / "benchmarks" / "probe_speed.py",
-        "--data", "digits", "--epochs", "1", "--repeats", "1", "--root_dir", str(tmp_path / "runs"),
-        timeout=300,
-    )  # fmt: skip
+    with training_process():  # what the fit sets in the process (environment variables, threads) is undone
+        run = script_in_process(
+            REPO / "benchmarks" / "probe_speed.py",
+            "--data", "digits", "--epochs", "1", "--repeats", "1", "--root_dir", str(tmp_path / "runs"),
+        )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.strip().splitlines()
     accuracies = [float(ln.split("accuracy")[1].split()[0]) for ln in lines if " probe" in ln and "accuracy" in ln]

@@ -22,7 +22,9 @@ from implicit_em.training.ensemble import Ensemble
 from tests.conftest import DEFAULT_CONFIG, QUIET, fit_in_process, model_weights
 
 K = "16"
-COMMON = ["--trainer.max_epochs", "2"]
+#: two epochs, evaluated without the SAE numbers (ridge readout, k-sparse probes, density figure): nothing here
+#: reads them; the diverging run below keeps them on, so a member's full evaluation still runs
+COMMON = ["--trainer.max_epochs", "2", "--report.sae_metrics", "false"]
 #: different seeds, learning rates and loss weights (and a subset estimate of L_tc, whose subsets follow the
 #: optimiser step), so that a member taking another's data or settings shows
 MEMBERS = [
@@ -193,7 +195,8 @@ def test_the_others_are_untouched_and_the_stopped_member_keeps_its_last_finite_s
         for name, value in model_weights(lone_runs("adam", s).model).items():
             assert torch.equal(model_weights(members[s])[name], value), (s, name)
     # member 1: the weights of its lone run after the 12 steps before the poisoned one
-    before = ["--trainer.max_steps", str(POISONED_STEP - 1), "--trainer.max_epochs", "-1"]
+    before = ["--trainer.max_steps", str(POISONED_STEP - 1), "--trainer.max_epochs", "-1",
+              "--report.sae_metrics", "false"]  # fmt: skip
     stopped = lone_run(root / "lone1", MEMBERS[1], {}, *before)
     for name, value in model_weights(stopped.model).items():
         assert torch.equal(model_weights(members[1])[name], value), name
@@ -202,7 +205,8 @@ def test_the_others_are_untouched_and_the_stopped_member_keeps_its_last_finite_s
 def test_the_run_exits_0_when_one_member_diverges(train):
     # lr 1e30 with phi = z^2: the first step puts W near 1e30, so the second step's distances overflow to inf
     members = [{"seed": 0}, {"seed": 1, "lr": 1e30, "activation": "square"}]
-    run = train(*COMMON, *ensemble_args(members), "--report.kmeans", "false", "--report.probe_method", "torch")
+    run = train("--trainer.max_epochs", "2", *ensemble_args(members), "--report.kmeans", "false",
+                "--report.probe_method", "torch")  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     rows = run.metrics["members"]
     assert rows[0]["stopped_at_step"] == 0 and rows[0]["final_loss"] is not None
@@ -232,9 +236,9 @@ def test_every_member_non_finite_stops_the_run_with_one_line(tmp_path, capsys):
 def test_an_ensemble_resumes_exactly_from_its_checkpoint(tmp_path):
     # member 1 stops in epoch 1: its stop record must survive the resume too
     members = [{"seed": 0, "lr": 0.003}, {"seed": 1}, {"seed": 2, "optimizer": "sgd", "momentum": 0.9}]
-    args = [*ensemble_args(members), "--trainer.max_epochs", "3"]
+    args = [*ensemble_args(members), *COMMON, "--trainer.max_epochs", "3"]
     whole = fit_poisoned(tmp_path / "whole", *args)
-    fit_poisoned(tmp_path / "resumed", *ensemble_args(members), "--trainer.max_epochs", "2")
+    fit_poisoned(tmp_path / "resumed", *ensemble_args(members), *COMMON)
     resumed = fit_in_process(tmp_path / "resumed", *args, "--ckpt_path", "last")
     assert resumed.trainer.global_step == whole.trainer.global_step == 33
     assert resumed.metrics_path.parent == tmp_path / "resumed" / "implicit_em" / "version_0"  # the same run
