@@ -69,15 +69,12 @@ def fit_in_process(root, *args: str, callbacks=(), fit: bool = True):
     """Build the CLI of ``scripts/train.py ARGS`` (default.yaml, quiet settings, run directory ``root``) in this
     process, add ``callbacks`` to its Trainer and, with ``fit``, train and evaluate as ``main`` does (inside
     :func:`~implicit_em.run.runtime.training_process`). Returns the CLI (``.model``, ``.trainer``, ``.datamodule``)."""
-    import warnings
 
     from implicit_em.run import app
     from implicit_em.run.cli import ImplicitEMCLI
     from implicit_em.run.runtime import training_process
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = ImplicitEMCLI(["--trainer.default_root_dir", str(root), *QUIET, *map(str, args)], [DEFAULT_CONFIG])
+    cli = ImplicitEMCLI(["--trainer.default_root_dir", str(root), *QUIET, *map(str, args)], [DEFAULT_CONFIG])
     cli.trainer.callbacks.extend(callbacks)
     if fit:
         with training_process():

@@ -140,10 +140,7 @@ def fit_module(args: Sequence[str], default_config_files: Sequence[str | Path] |
     For library callers (experiments, notebooks): errors propagate as exceptions; the process's environment
     and float settings are restored afterwards.
     """
-    import warnings
-
-    with training_process(), warnings.catch_warnings():  # the args are ours, not sys.argv's
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    with training_process():
         fitted = fit(ImplicitEMCLI(list(args), default_config_files))
     if fitted is None:
         raise RuntimeError(f"the run {list(args)} was interrupted or ran on a worker rank")
@@ -159,12 +156,9 @@ def configure(args: Sequence[str], default_config_files: Sequence[str | Path] | 
     """The objects the command ``scripts/train.py ARGS`` configures (``.model``, ``.datamodule``, ``.config``),
     built without a logger, a resume or a fit: the module as it is before any training (its seeded init), the
     DataModule not set up."""
-    import warnings
 
     quiet = ["--ckpt_path", "null", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        return ImplicitEMCLI([*args, *quiet], default_config_files)
+    return ImplicitEMCLI([*args, *quiet], default_config_files)
 
 
 def evaluate_checkpoint(

@@ -120,19 +120,20 @@ class OneLineParser(LightningArgumentParser):
         exit_with_argument_error(message)
 
 
-def _loggers(trainer_cfg: Namespace) -> list[Namespace]:
+def loggers_of(trainer_cfg: Namespace) -> list[Namespace]:
+    """The logger sections of a parsed ``trainer`` section (none, one or a list)."""
     logger = trainer_cfg.get("logger")
     if isinstance(logger, Namespace):
         return [logger]
     return [lg for lg in logger if isinstance(lg, Namespace)] if isinstance(logger, list) else []
 
 
-def _is_file_logger(logger: Namespace) -> bool:
+def is_file_logger(logger: Namespace) -> bool:
     """A logger whose files make the run directory (CSV, TensorBoard): its name and version are the run's."""
     return logger.class_path.endswith(("CSVLogger", "TensorBoardLogger"))
 
 
-def _option(args: list[str], name: str) -> str | None:
+def option(args: list[str], name: str) -> str | None:
     """The last value of ``--name VALUE`` or ``--name=VALUE`` among raw command-line ``args``."""
     found = None
     for i, arg in enumerate(args):
@@ -149,11 +150,11 @@ def with_the_runs_config(args: list[str], default_config_files: list[str]) -> li
     command's own arguments, which follow it, override any of them."""
     import yaml
 
-    ckpt = _option(args, "--ckpt_path")
+    ckpt = option(args, "--ckpt_path")
     if ckpt in (None, "null", "None"):
         return args
     if ckpt == "last":
-        root = _option(args, "--trainer.default_root_dir")
+        root = option(args, "--trainer.default_root_dir")
         configs = [*default_config_files, *(args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config")]
         for config in configs if root is None else []:  # the last config that names a root directory wins
             if Path(config).is_file():
@@ -258,7 +259,7 @@ class ImplicitEMCLI(LightningCLI):
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         if cfg.trainer.enable_progress_bar is False:  # a config saved by an earlier version may name one
             cfg.trainer.callbacks = [c for c in callbacks if "ProgressBar" not in getattr(c, "class_path", "")]
-        for lg in _loggers(cfg.trainer):
+        for lg in loggers_of(cfg.trainer):
             if "save_dir" in lg.init_args and lg.init_args.save_dir in (None, "."):
                 lg.init_args.save_dir = str(root)
         self._share_version(cfg)
@@ -299,7 +300,7 @@ class ImplicitEMCLI(LightningCLI):
     def _share_version(cfg: Namespace) -> None:
         """Give the file loggers (CSV, TensorBoard) one run directory: the next free version_N under their
         name. DDP's worker processes inherit the choice through the environment instead of recounting."""
-        dir_loggers = [lg for lg in _loggers(cfg.trainer) if _is_file_logger(lg)]
+        dir_loggers = [lg for lg in loggers_of(cfg.trainer) if is_file_logger(lg)]
         if not dir_loggers or any(lg.init_args.version is not None for lg in dir_loggers):
             return
         inherited = os.environ.get("LOCAL_RANK", "0") != "0"  # a worker launched by rank 0
@@ -344,11 +345,11 @@ class ImplicitEMCLI(LightningCLI):
         self.resume_step = int(self.resume_state.get("global_step") or 0)
         run = RunDir.of(ckpt)[0]  # <root>/<name>/<version>/checkpoints/last.ckpt
         where = run.path.parent.parent
-        for lg in _loggers(cfg.trainer):
+        for lg in loggers_of(cfg.trainer):
             args = lg.init_args
             if args.get("save_dir") is not None and Path(args.save_dir).resolve() != where:
                 args.save_dir = str(where)  # a run moved or copied since its config was saved goes on where it is
-            if _is_file_logger(lg):
+            if is_file_logger(lg):
                 args.name, args.version = run.path.parent.name, run.path.name
             if lg.class_path.endswith("CSVLogger") and args.get("resume_step") is not None:
                 args.resume_step = None  # an earlier version saved it in config.yaml
@@ -360,7 +361,7 @@ class ImplicitEMCLI(LightningCLI):
         """A new run's W&B loggers get an id of their own (never another run's), kept in the run folder."""
         import secrets
 
-        for lg in _loggers(cfg.trainer):
+        for lg in loggers_of(cfg.trainer):
             if lg.class_path.endswith("WandbLogger") and not lg.init_args.get("id"):
                 lg.init_args.id = secrets.token_hex(6)
 

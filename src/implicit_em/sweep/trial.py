@@ -9,7 +9,6 @@ import os
 import secrets
 import shlex
 import socket
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,7 @@ from jsonargparse import Namespace
 
 from implicit_em.errors import ConfigError
 from implicit_em.run.app import fit
-from implicit_em.run.cli import ImplicitEMCLI, _is_file_logger, _loggers
-from implicit_em.run.cli import _option as option
+from implicit_em.run.cli import ImplicitEMCLI, is_file_logger, loggers_of, option
 from implicit_em.run.rundir import RunDir
 from implicit_em.run.runtime import training_process
 from implicit_em.sweep.pruning import MONITORS, ReportToPruner, ValidationFVU
@@ -112,17 +110,17 @@ class TrialCLI(ImplicitEMCLI):
         if str(devices) not in ("1", "auto") or nodes != 1:
             raise ConfigError(f"--trainer.devices {devices} --trainer.num_nodes {nodes}: a trial trains on one "
                               "device; run several workers (--workers, or more machines) instead")  # fmt: skip
-        loggers = _loggers(cfg.trainer)
+        loggers = loggers_of(cfg.trainer)
         for lg in loggers:
             if lg.class_path.endswith("WandbLogger"):
                 self.wandb_project = lg.init_args.get("project") or self.wandb_project
         kept = [lg for lg in loggers if not lg.class_path.endswith("WandbLogger")]
-        if not any(_is_file_logger(lg) for lg in kept):
+        if not any(is_file_logger(lg) for lg in kept):
             kept.insert(
                 0, Namespace(class_path="implicit_em.run.loggers.CSVLogger", init_args=Namespace(save_dir=None))
             )
         for lg in kept:
-            if _is_file_logger(lg):
+            if is_file_logger(lg):
                 lg.init_args.name, lg.init_args.version = self.study, self.version
         cfg.trainer.logger = kept
         super().before_instantiate_classes()
@@ -134,9 +132,7 @@ def parse_only(plan: TrialPlan, params: dict[str, Any]) -> Namespace:
     """The trial's options parsed and checked as train.py would, nothing built: a bad option or value exits
     here with train.py's one-line error (code 2), before any trial."""
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            TrialCLI(plan.args(params), plan.default_config_files, plan.study, "parse-only", dry=True)
+        TrialCLI(plan.args(params), plan.default_config_files, plan.study, "parse-only", dry=True)
     except Parsed as done:
         return done.config
     raise AssertionError("TrialCLI(dry=True) returned without raising Parsed")
@@ -189,8 +185,7 @@ def run_trial(trial, plan: TrialPlan, params: dict[str, Any]) -> float:
     version = claim_run_dir(plan.root, plan.study, trial.number)
     trial.set_user_attr("command", plan.command(params))
     trial.set_user_attr("host", socket.gethostname())  # run_dir is a path on this machine
-    with training_process(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    with training_process():
         try:
             cli = TrialCLI(plan.args(params), plan.default_config_files, plan.study, version)
         except SystemExit:  # train.py's parser printed its one line
