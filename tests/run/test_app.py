@@ -43,9 +43,8 @@ def test_rows_trained_are_the_rows_of_the_optimiser_steps_taken(run, tmp_path):
     args = ["--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "5", "--trainer.max_steps", "13",
             "--model.n_components", str(K), "--report.sae_metrics", "false", *QUIET]  # fmt: skip
     m = app.fit_module(args, [DEFAULT_CONFIG]).metrics
-    assert (
-        m["rows_trained"] == 1293 + 2 * 128 != m["train_rows"] * m["epochs"]
-    )  # epoch 1's 10 full batches and its last of 13 rows, then 2 more
+    # epoch 1's 10 full batches and its last of 13 rows, then 2 more (not train_rows x the epoch counter)
+    assert m["rows_trained"] == 1293 + 2 * 128 != m["train_rows"] * m["epochs"]
 
 
 def test_evaluate_checkpoint_gives_the_runs_own_numbers(run):
