@@ -90,8 +90,8 @@ def compare_seed(
 ) -> list[dict]:  # fmt: skip
     """Every row of one seed: train what needs training (each judged by its own fit), then judge the other rows
     the same way on the data of this model's fit (with the causal LM's splice on ``lm_tokens`` predicted tokens
-    of held-out windows, or ``lm_windows`` windows when not None, where the data is a causal LM's harvest); ``saes``: saved SAEs by row name (:func:`load_saes`), each a frozen
-    row through its own decoder."""
+    of held-out windows, or ``lm_windows`` windows when not None, where the data is a causal LM's harvest);
+    ``saes``: saved SAEs by row name (:func:`load_saes`), each a frozen row through its own decoder."""
     from implicit_em.run.app import fit_module
 
     def args_of(name: str, model: str, *extra: str) -> list[str]:
@@ -208,7 +208,8 @@ def run_compare(
     rows = summarize(per_seed, ["model"])
     header = {"data": data, "components": components, "epochs": epochs, "seeds": list(seeds),
               "tokens_trained": tokens_trained(rows), "batch_size": batch_size, "probe_method": probe_method,
-              "lm_windows": lm_windows, "lm_tokens": lm_tokens if lm_windows is None else None, "saes": [str(d) for d in sae_dirs], "command": command}  # fmt: skip
+              "lm_tokens": lm_tokens if lm_windows is None else None, "lm_windows": lm_windows,
+              "saes": [str(d) for d in sae_dirs], "command": command}  # fmt: skip
     figures = [p for p in [plot(rows, folder / "compare.png", f"{data}: K = {components}, {epochs} epochs")] if p]
     protocol = (f"K = {components}, {epochs} epochs ({trained_on(header)}), {{seeds}}; probe: {probe_method}."
                 + (f" Saved SAEs judged beside them: {', '.join(map(str, sae_dirs))}." if sae_dirs else ""))  # fmt: skip

@@ -445,8 +445,10 @@ def run_frontier(
     epoch = None  # (rows, batch, drop_last) of a training epoch: the same for every row (their data and batch)
     if budgets[0] is not None or data_class(Path(configs), data).startswith("implicit_em.lm."):  # counted cheaply
         first = next(c for n, c in TRAINED if n in rows_kept)
-        epoch = training_epoch(train_args(Path(configs), data, first, folder / "runs", epochs, seeds[0], components,
-                                          batch_size, data_root, probe_method, lm_windows, split, lm_tokens=lm_tokens))  # fmt: skip
+        args = train_args(Path(configs), data, first, folder / "runs", epochs, seeds[0], components, batch_size,
+                          data_root, probe_method, lm_windows, split, "--model.k", str(l0s[0]),
+                          lm_tokens=lm_tokens)  # fmt: skip
+        epoch = training_epoch(args)
     done_budgets = []
     for n in budgets:
         length = training_length(epoch, epochs, n, checkpoint_every)
