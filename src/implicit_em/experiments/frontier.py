@@ -5,16 +5,21 @@
 - ``implicit_em``: the sparse decoder-free model with ``--model.k k`` (``configs/model/implicit_em_sparse.yaml``);
 - ``topk_sae``: the TopK SAE with k (``configs/model/topk_sae.yaml``);
 - ``batchtopk_sae``: the BatchTopK SAE with the AuxK loss, k on average (``configs/model/batchtopk_sae.yaml``);
+- ``sparsify_peer`` (a harvest only): sparsify's SparseCoder with K and k, trained by sparsify's own Trainer on
+  the rows the trained rows saw at k, in their order (:func:`implicit_em.lm.peers.train_peer`), judged like a
+  saved SAE through its own decoder, its optimiser and learning rate (``peer.json``) in its row;
 - ``random_encoder``: this model's net with the same k, untrained (seeded init and data-aware start) -- a random
   frozen encoder with TopK, its readout fitted like ours;
 
 and once, as reference points: ``kmeans`` (one-hot assignments, L0 = 1) and ``pca`` (dense projections); with
 ``--sae DIR ...``, each saved SAE (SAELens, sparsify, ``scripts/export.py``) as a frozen row named after its folder,
 at the target L0 of its k, judged through its own decoder on raw activations.
-Same data, width K, training tokens (epochs, batch; the header's ``tokens_trained``) and evaluation for every row:
+Same data, width K, training tokens (epochs or ``--tokens``, batch; the header's ``tokens_trained``: the rows of
+the optimiser steps a trained row took) and evaluation for every row:
 the one evaluation of :mod:`implicit_em.experiments.rows` (ridge readout FVU, ``fvu_decoder`` through a row's own
 decoder, L0, dead fraction, k-sparse probing, the full linear probe ``probe_accuracy``, CE loss recovered and KL,
-with their intervals where measured, where the data is a causal LM's harvest; a trained row's are its fit's own
+with their intervals where measured, where the data is a causal LM's harvest: ``--lm-tokens`` predicted tokens,
+20,480 by default, or ``--lm-windows`` windows; a trained row's are its fit's own
 end-of-run numbers), plus ``sparse_probe_mean`` (mean of k-sparse probing at k = 1, 2, 5), ``n_parameters``,
 ``parameters_code`` (the encoder alone) and ``parameters_reconstruction`` (what CE and FVU need: the encoder and
 its decoder, or the ridge readout), ``train_seconds`` (the run's epochs), ``eval_seconds`` (its
@@ -26,6 +31,12 @@ settings without touching the test split. Writes ``<out>/<data>/frontier.json`` 
 seeds, each seed's row under ``per_seed``), ``frontier.md`` and one PNG per metric against L0
 (``frontier_<metric>.png``) and the SAEs' training curves (``frontier_train_curve.png``); ``reproduce.py --wandb``
 logs the table and the PNGs to W&B as well (offline by itself).
+
+``--tokens N [N ...]`` trains by token budget instead of epochs (:mod:`implicit_em.experiments.budgets`: one
+frontier per budget in ``<out>/<data>/tokens_<N>/`` and their curve in ``<out>/<data>/frontier_tokens.json``
+when there are several). A run goes on row by row: each trained row, the peer and the random encoder keep their
+row in ``row.json`` beside their run, taken as it is by a rerun with the same arguments, and a trained row
+interrupted mid-run resumes from its newest checkpoint (:func:`frontier_seed`).
 """
 
 from __future__ import annotations
