@@ -195,3 +195,27 @@ def test_the_sparsify_peer_trains_on_the_rows_our_rows_saw_and_is_judged_through
 
     with pytest.raises(ValueError, match="--rows: sparsify_peer trains on a harvest"):
         run_frontier("digits", tmp_path, components=16, l0s=[2], rows_kept=["topk_sae", "sparsify_peer"])
+
+
+def test_on_a_causal_harvest_every_row_splices_the_lm_by_tokens(tmp_path, monkeypatch):
+    """A tiny Llama's harvest (tests/lm's helpers): the trained row (through its fit's report) and the peer
+    (through the frontier's evaluation) both run the LM again on the same --lm-tokens predicted tokens."""
+    from implicit_em.lm import harvest as hv
+    from tests.lm.test_causal_lm import tiny_llama, word_corpus
+
+    monkeypatch.setenv("SPARSIFY_DISABLE_TRITON", "1")
+    pytest.importorskip("sparsify", reason="eai-sparsify is not installed: pip install -e '.[peers]'")
+    model, files = tiny_llama(tmp_path / "llama"), word_corpus(tmp_path)
+    root = tmp_path / "harvest"
+    hv.harvest(model, 1, files, root, separator="%", context=16, shard_rows=50, batch_size=4, dtype="float32",
+               lm_dtype="float32")  # fmt: skip
+    path = run_frontier("activations", tmp_path / "out", components=16, seeds=[1], l0s=[4], configs=REPO / "configs",
+                        data_root=str(root), batch_size=64, tokens=[200], lm_tokens=64,
+                        rows_kept=["topk_sae", "sparsify_peer"], log=lambda _: None)  # fmt: skip
+    result = json.loads(path.read_text())
+    assert result["lm_tokens"] == 64 and result["lm_windows"] is None
+    by = {r["model"]: r for r in result["rows"]}
+    for name in ("topk_sae", "sparsify_peer"):
+        r = by[name]
+        assert r["lm_tokens"] == 64 and r["n_tokens"] >= 64 and isinstance(r["ce_loss_recovered"], float), name
+    assert by["topk_sae"]["ce_loss_clean"] == by["sparsify_peer"]["ce_loss_clean"]  # the same windows
