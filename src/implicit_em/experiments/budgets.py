@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from implicit_em.data.memory import epoch_sizes, steps_for_rows
+from implicit_em.errors import ConfigError
 from implicit_em.experiments.plots import draw_against_tokens, panels
 from implicit_em.experiments.tables import markdown_table, write_results
 
@@ -69,14 +70,14 @@ def training_length(
     :func:`default_checkpoint_every` of the run's steps where they are known, else every epoch."""
     if tokens is not None:
         if epoch is None:
-            raise ValueError("--tokens: the training rows of an epoch are needed to count the steps")
+            raise ConfigError("--tokens: the training rows of an epoch are needed to count the steps")
         steps = steps_for_rows(tokens, *epoch)
         max_epochs = max(1, math.ceil(steps / len(epoch_sizes(*epoch))))
     else:
         steps = epochs * len(epoch_sizes(*epoch)) if epoch is not None else None
         max_epochs = epochs
     if checkpoint_every is not None and checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be a number of steps >= 1 (got {checkpoint_every})")
+        raise ConfigError(f"checkpoint_every must be a number of steps >= 1 (got {checkpoint_every})")
     every = checkpoint_every or (default_checkpoint_every(steps) if steps else None)
     return Length(max_epochs, steps if tokens is not None else None, every)
 

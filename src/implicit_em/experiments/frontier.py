@@ -47,6 +47,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from implicit_em.errors import ConfigError
 from implicit_em.experiments.budgets import Length, training_length, write_curve
 from implicit_em.experiments.plots import draw_against_l0, draw_curves, panels
 from implicit_em.experiments.rows import (
@@ -428,22 +429,22 @@ def run_frontier(
     with a line in the log)."""
     l0s = sorted({int(k) for k in l0s})
     if not l0s or min(l0s) < 1 or max(l0s) > components:
-        raise ValueError(f"--l0: target L0s must lie in 1..{components} (K), got {l0s}")
+        raise ConfigError(f"--l0: target L0s must lie in 1..{components} (K), got {l0s}")
     asked = rows_kept is not None
     rows_kept = ROWS if rows_kept is None else tuple(rows_kept)
     if unknown := sorted(set(rows_kept) - set(ROWS)):
-        raise ValueError(f"--rows: unknown rows {unknown}; choose from {', '.join(ROWS)}")
+        raise ConfigError(f"--rows: unknown rows {unknown}; choose from {', '.join(ROWS)}")
     if not any(r in rows_kept for r in TRAINED_ROWS):
-        raise ValueError(f"--rows: keep at least one trained row ({', '.join(TRAINED_ROWS)}): its run fixes "
+        raise ConfigError(f"--rows: keep at least one trained row ({', '.join(TRAINED_ROWS)}): its run fixes "
                          "the data every row is judged on")  # fmt: skip
     if "random_encoder" in rows_kept and "implicit_em" not in rows_kept:
-        raise ValueError("--rows: random_encoder is this model's net untrained; keep implicit_em with it")
+        raise ConfigError("--rows: random_encoder is this model's net untrained; keep implicit_em with it")
     rows_kept = peer_kept(rows_kept, asked, Path(configs), data, log)
     if not seeds:
-        raise ValueError("--seeds: give at least one seed")
+        raise ConfigError("--seeds: give at least one seed")
     budgets = sorted({int(n) for n in tokens}) if tokens else [None]
     if budgets[0] is not None and budgets[0] < 1:
-        raise ValueError(f"--tokens: each budget must be a number of tokens >= 1 (got {budgets[0]})")
+        raise ConfigError(f"--tokens: each budget must be a number of tokens >= 1 (got {budgets[0]})")
     folder = Path(out) / data
     where = {n: folder if len(budgets) == 1 else folder / f"tokens_{n}" for n in budgets}
     headers = {n: {"data": data, "components": components, "epochs": None if n else epochs, "tokens": n,
@@ -527,12 +528,12 @@ def peer_kept(rows_kept: Sequence[str], asked: bool, configs: Path, data: str, l
         return tuple(rows_kept)
     if not data_class(configs, data).endswith(".ActivationsDataModule"):
         if asked:
-            raise ValueError(f"--rows: sparsify_peer trains on a harvest's shards (--data activations), not on {data}; "
+            raise ConfigError(f"--rows: sparsify_peer trains on a harvest's shards (--data activations), not on {data}; "
                              "drop it from --rows")  # fmt: skip
         return tuple(r for r in rows_kept if r != "sparsify_peer")
     if importlib.util.find_spec("sparsify") is None:
         if asked:
-            raise ValueError("--rows: sparsify_peer needs eai-sparsify: pip install -e '.[peers]', or drop it from "
+            raise ConfigError("--rows: sparsify_peer needs eai-sparsify: pip install -e '.[peers]', or drop it from "
                              "--rows")  # fmt: skip
         log("[frontier] sparsify_peer left out: eai-sparsify is not installed (pip install -e '.[peers]')")
         return tuple(r for r in rows_kept if r != "sparsify_peer")
@@ -550,7 +551,7 @@ def finished_seeds(path: Path, header: dict) -> dict[int, list[dict]]:
     holds), so a run asked for more seeds goes on from it. ``probe_method`` may differ: sklearn and torch solve the
     same convex problem for the full linear probe, which the frontier's table does not show; the header keeps
     the latest. ``{}`` when there is no such file. A file with other
-    settings, or with seeds this run was not asked for, is refused (ValueError, naming the fix) and left as it
+    settings, or with seeds this run was not asked for, is refused (ConfigError, naming the fix) and left as it
     is: a run never overwrites results it was not asked to extend."""
     if not path.is_file():
         return {}
@@ -558,7 +559,7 @@ def finished_seeds(path: Path, header: dict) -> dict[int, list[dict]]:
         old = json.loads(path.read_text())
         rows, old_seeds = old["rows"], [int(s) for s in old["seeds"]]
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(
+        raise ConfigError(
             f"{path} is not a frontier.json this code can read ({e}); pass another --out or move it"
         ) from e
     old.setdefault("rows_kept", [m for m in ROWS if any(r.get("model") == m for r in rows)])
@@ -568,9 +569,9 @@ def finished_seeds(path: Path, header: dict) -> dict[int, list[dict]]:
     differ = [k for k in SETTINGS if old.get(k) != header.get(k)]
     if differ:
         shown = "; ".join(f"{k} {old.get(k)} there, {header.get(k)} now" for k in differ)
-        raise ValueError(f"{path} holds a frontier run with other settings ({shown}); pass another --out or move it")
+        raise ConfigError(f"{path} holds a frontier run with other settings ({shown}); pass another --out or move it")
     if extra := [s for s in old_seeds if s not in header["seeds"]]:
-        raise ValueError(f"{path} holds seeds {extra} this run was not asked for; ask for seeds {old_seeds} too "
+        raise ConfigError(f"{path} holds seeds {extra} this run was not asked for; ask for seeds {old_seeds} too "
                          "(e.g. --seeds " + " ".join(str(s) for s in sorted(set(old_seeds) | set(header["seeds"])))
                          + ") or pass another --out")  # fmt: skip
 

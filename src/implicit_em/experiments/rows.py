@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from implicit_em.errors import ConfigError
 from implicit_em.eval.sae_metrics import SPARSE_PROBE_KS
 
 #: the numbers of the SAE users' evaluation a row shows; a row without them (the raw inputs) has them as None
@@ -175,7 +176,7 @@ def save_row(run_root: Path, args: Any, row: dict) -> Path:
 def saved_row(run_root: Path, args: Any) -> dict | None:
     """The row an earlier run judged and saved in ``<run_root>/row.json`` (:func:`save_row`), when it was made
     with the same ``args`` (:func:`row_identity`); None when there is none. A row made with other arguments, or
-    a file that does not read, is refused (ValueError naming the folder and the fix)."""
+    a file that does not read, is refused (ConfigError naming the folder and the fix)."""
     import json
 
     path = Path(run_root) / ROW_FILE
@@ -185,10 +186,10 @@ def saved_row(run_root: Path, args: Any) -> dict | None:
         saved = json.loads(path.read_text())
         old, row = saved["args"], dict(saved["row"])
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not a saved row this code can read ({e}); remove {run_root} to run the row "
+        raise ConfigError(f"{path} is not a saved row this code can read ({e}); remove {run_root} to run the row "
                          "again") from None  # fmt: skip
     if (then := row_identity(old)) != (now := row_identity(args)):
-        raise ValueError(f"{path} holds a row made with other arguments ({first_difference(then, now)}); pass "
+        raise ConfigError(f"{path} holds a row made with other arguments ({first_difference(then, now)}); pass "
                          f"another --out, or remove {run_root} to run the row again")  # fmt: skip
     return row
 
@@ -293,8 +294,6 @@ def sae_row(sae, data: Data) -> Row:
     normalised rows mapped back), ``sae.decode`` gives them (mapped to the normalised space the evaluation scores
     in, and back to raw units there). Uses only ``encode`` and ``decode`` (and ``d_in``, where the SAE has one, to
     refuse an SAE of another width with one line)."""
-    from implicit_em.errors import ConfigError
-
     d_in = getattr(sae, "d_in", None)
     if d_in is not None and d_in != data.dims:
         raise ConfigError(f"--sae: an SAE on {d_in}-dimensional inputs cannot read this data ({data.dims} dimensions); "
