@@ -54,11 +54,27 @@ def parser() -> argparse.ArgumentParser:
         help="target L0s (codes kept per input) of the frontier experiment (default: 16 32 64 128)",
     )
     p.add_argument(
+        "--tokens",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="frontier: train every trained row on N tokens (a harvest's rows: the fewest optimiser steps that reach "
+        "N) instead of --epochs; several N: one frontier each in <out>/<data>/tokens_<N>/ and their curve in "
+        "<out>/<data>/frontier_tokens.json",
+    )
+    p.add_argument(
+        "--lm-tokens",
+        type=int,
+        default=20_480,
+        help="predicted tokens of the held-out windows the causal LM runs again per row of compare and frontier "
+        "(causal harvests; 0: off; default: 20480, SAEBench's)",
+    )
+    p.add_argument(
         "--lm-windows",
         type=int,
-        default=50,
-        help="held-out windows the causal LM runs again per row of compare and frontier (causal harvests; 0: off; "
-        "default: 50)",
+        default=None,
+        help="that many held-out windows instead of --lm-tokens (quick runs; 0: off)",
     )
     p.add_argument(
         "--model-set",
@@ -71,7 +87,8 @@ def parser() -> argparse.ArgumentParser:
         "--rows",
         nargs="+",
         default=None,
-        help="frontier: the rows to run (default: all): implicit_em topk_sae batchtopk_sae random_encoder kmeans pca",
+        help="frontier: the rows to run (default: all that apply): implicit_em topk_sae batchtopk_sae sparsify_peer "
+        "(activations only) random_encoder kmeans pca",
     )
     p.add_argument(
         "--split",
@@ -118,8 +135,17 @@ def settings(argv: list[str]):
         p.error(f"argument --data: configs/data/{data}.yaml does not exist")
     if a.l0 is not None and any(k < 1 or k > a.components for k in a.l0):
         p.error(f"argument --l0: each must lie in 1..--components ({a.components}) (got {' '.join(map(str, a.l0))})")
-    if a.lm_windows < 0:
+    if a.lm_windows is not None and a.lm_windows < 0:
         p.error(f"argument --lm-windows: must be >= 0 (got {a.lm_windows})")
+    if a.lm_tokens < 0:
+        p.error(f"argument --lm-tokens: must be >= 0 (got {a.lm_tokens})")
+    if a.tokens is not None:
+        if any(n < 1 for n in a.tokens):
+            p.error(f"argument --tokens: each must be >= 1 (got {' '.join(map(str, a.tokens))})")
+        if a.epochs is not None:
+            p.error("argument --tokens: trains by tokens instead of --epochs; pass one of them")
+        if a.experiment != ["frontier"]:
+            p.error("argument --tokens: only the frontier trains by tokens; run it alone (--experiment frontier)")
     bad = [kv for kv in a.model_set if "=" not in kv or kv.startswith(("=", "-"))]
     if bad:
         p.error(f"argument --model-set: each must be KEY=VALUE, e.g. net.distance=softplus (got {' '.join(bad)})")
@@ -136,6 +162,7 @@ def settings(argv: list[str]):
                  a.data_root, command)  # fmt: skip
     s.l0s = list(a.l0) if a.l0 is not None else None  # read by the frontier experiment only
     s.lm_windows, s.split, s.rows, s.wandb_project = a.lm_windows, a.split, a.rows, a.wandb
+    s.lm_tokens, s.tokens = a.lm_tokens, list(a.tokens) if a.tokens is not None else None
     s.saes = [str(d) for d in a.sae]
     s.model_args = [arg for kv in a.model_set for arg in (f"--model.{kv.split('=', 1)[0]}", kv.split("=", 1)[1])]
     return s, a.experiment

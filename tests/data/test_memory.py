@@ -10,6 +10,9 @@ from implicit_em.data.memory import (
     InMemoryLoader,
     batches_per_epoch,
     epoch_permutation,
+    epoch_sizes,
+    rows_of_steps,
+    steps_for_rows,
     stratified_split,
 )
 from implicit_em.data.normalization import NORMALIZATIONS, Normalization
@@ -103,6 +106,18 @@ def test_the_same_global_batches_for_any_number_of_processes(n, b, drop_last, si
     shards = [batches(make_loader(n=n, b=b, world=world, rank=r, drop_last=drop_last)) for r in range(world)]
     assert [sum(len(s[i]) for s in shards) for i in range(len(sizes))] == sizes
     assert all(len(s) == len(sizes) for s in shards)
+
+
+@pytest.mark.parametrize("n, b, drop_last", [(42, 20, False), (42, 20, True), (41, 20, False), (40, 20, False)])
+def test_rows_of_steps_count_the_batches_the_loader_serves_and_steps_for_rows_inverts_them(n, b, drop_last):
+    served = [len(i) for epoch in range(3) for i in batches(make_loader(n=n, b=b, epoch=epoch, drop_last=drop_last))]
+    assert epoch_sizes(n, b, drop_last) == served[: len(served) // 3]
+    for steps in range(len(served) + 1):
+        assert rows_of_steps(steps, n, b, drop_last) == sum(served[:steps])
+    for rows in range(1, sum(served) + 1):
+        steps = steps_for_rows(rows, n, b, drop_last)
+        assert sum(served[:steps]) >= rows > sum(served[: steps - 1])
+    assert steps_for_rows(0, n, b, drop_last) == 0
 
 
 def test_state_dict_resumes_mid_epoch_at_the_step_trained_not_the_chunk_fetched():

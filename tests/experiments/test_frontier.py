@@ -55,7 +55,8 @@ def test_reproduce_passes_lm_windows_model_settings_rows_and_split(monkeypatch):
     assert seen["frontier"]["wandb_project"] is None and seen["frontier"]["sae_dirs"] == []
     assert seen["compare"]["lm_windows"] == 20 and seen["compare"]["sae_dirs"] == []
     defaults, _ = reproduce.settings(["--experiment", "frontier"])
-    assert defaults.lm_windows == 50 and defaults.split == "test" and defaults.rows is None and not defaults.model_args
+    assert defaults.lm_windows is None and defaults.lm_tokens == 20480 and defaults.split == "test"
+    assert defaults.rows is None and not defaults.model_args
     assert defaults.wandb_project is None
     assert reproduce.settings(["--experiment", "frontier", "--wandb"])[0].wandb_project == "implicit-em"
     assert reproduce.settings(["--experiment", "frontier", "--wandb", "mine"])[0].wandb_project == "mine"

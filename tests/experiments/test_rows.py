@@ -133,3 +133,18 @@ def test_a_saved_sae_is_judged_on_raw_activations_through_its_own_decoder():
     assert sae_parameters(sae) == {"parameters_code": 5 * 6 + 6, "parameters_reconstruction": 2 * 5 * 6 + 6 + 5}
     with pytest.raises(Exception, match="--sae: an SAE on 5-dimensional inputs"):
         sae_row(sae, _data(d=4))
+
+
+def test_the_data_of_a_fits_arguments_built_afresh_is_the_data_of_that_fit(tmp_path):
+    from implicit_em.run.app import fit_module
+
+    args = train_args(REPO / "configs", "digits", "topk_sae", tmp_path, 1, 5, 16, None, None, "torch", 0, "test",
+                      "--model.k", "4", "--data.normalization", "standardize", "--trainer.max_steps", "1")  # fmt: skip
+    fit = fit_module([*args, "--report.sae_metrics", "false"])
+    ours, again = Data.of(fit.datamodule), Data.configured(args)
+    assert again.datamodule is not fit.datamodule
+    for name, split in ours.splits.items():
+        assert torch.equal(again.splits[name].x, split.x) and torch.equal(again.splits[name].y, split.y), name
+    x = torch.randn(5, ours.dims)
+    assert torch.equal(again.to_raw(x), ours.to_raw(x)) and not torch.equal(ours.to_raw(x), x)
+    assert torch.equal(again.normalize(x), ours.normalize(x))

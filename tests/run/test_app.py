@@ -38,6 +38,15 @@ def test_fit_run_writes_the_run_and_its_metrics(run):
     assert m["device"] == "cpu" and m["peak_memory_mb"] > 0
 
 
+def test_rows_trained_are_the_rows_of_the_optimiser_steps_taken(run, tmp_path):
+    assert run.metrics()["rows_trained"] == run.metrics()["train_rows"] == 1293  # a full epoch: every row once
+    args = ["--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "5", "--trainer.max_steps", "13",
+            "--model.n_components", str(K), "--report.sae_metrics", "false", *QUIET]  # fmt: skip
+    m = app.fit_module(args, [DEFAULT_CONFIG]).metrics
+    # epoch 1's 10 full batches and its last of 13 rows, then 2 more (not train_rows x the epoch counter)
+    assert m["rows_trained"] == 1293 + 2 * 128 != m["train_rows"] * m["epochs"]
+
+
 def test_evaluate_checkpoint_gives_the_runs_own_numbers(run):
     m = run.metrics()
     again = app.evaluate_checkpoint(m["checkpoint"], overrides=["--report.probe_method", "torch"])

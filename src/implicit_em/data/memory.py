@@ -35,6 +35,40 @@ def batches_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size + int(not drop_last and last >= 2)
 
 
+def epoch_sizes(n_rows: int, batch_size: int, drop_last: bool) -> list[int]:
+    """The rows of each global batch of one epoch of ``n_rows`` rows: full batches, then the last, partial one
+    where it is kept (:func:`batches_per_epoch`)."""
+    sizes = [batch_size] * (n_rows // batch_size)
+    return sizes + [n_rows % batch_size] if batches_per_epoch(n_rows, batch_size, drop_last) > len(sizes) else sizes
+
+
+def rows_of_steps(steps: int, n_rows: int, batch_size: int, drop_last: bool) -> int:
+    """The rows that ``steps`` optimiser steps train on, one batch each, epoch after epoch of ``n_rows`` rows
+    (:func:`epoch_sizes`): with s = len(sizes) batches of R = sum(sizes) rows an epoch,
+    rows(steps) = (steps // s) R + sum(sizes[: steps % s])."""
+    sizes = epoch_sizes(n_rows, batch_size, drop_last)
+    if not sizes:
+        return 0
+    epochs, rest = divmod(int(steps), len(sizes))
+    return epochs * sum(sizes) + sum(sizes[:rest])
+
+
+def steps_for_rows(rows: int, n_rows: int, batch_size: int, drop_last: bool) -> int:
+    """The fewest optimiser steps whose rows (:func:`rows_of_steps`) reach ``rows``."""
+    sizes = epoch_sizes(n_rows, batch_size, drop_last)
+    if rows <= 0:
+        return 0
+    if not sizes:
+        raise DataError(f"an epoch of {n_rows} rows in batches of {batch_size} has no batch; lower the batch size")
+    epochs, left = divmod(int(rows), sum(sizes))
+    steps, seen = epochs * len(sizes), 0
+    for size in sizes if left else ():
+        seen, steps = seen + size, steps + 1
+        if seen >= left:
+            break
+    return steps
+
+
 def rank_rows(batch: Tensor, rank: int, world_size: int) -> Tensor:
     """This rank's contiguous part of a global batch (parts differ by at most one row)."""
     return batch.tensor_split(world_size)[rank] if world_size > 1 else batch

@@ -1,7 +1,7 @@
 """The experiments behind ``scripts/reproduce.py``: one registry, one entry point.
 
 ``paper`` holds the paper's experiments, ``compare`` the SAE users' comparison with the usual baselines,
-``frontier`` the same at matched target L0s, ``patches`` the CIFAR-10 patch dictionaries against k-means. ``runs``
+``frontier`` the same at matched target L0s (``budgets`` its token budgets and their curve), ``patches`` the CIFAR-10 patch dictionaries against k-means. ``runs``
 launches their training runs (``configs/experiment/*.yaml`` through the path of ``scripts/train.py``, each handed
 back as the fit made it), ``rows`` holds the rows compare and frontier judge and their one evaluation, ``tables``
 sums results up over seeds and writes them (JSON and markdown), ``plots`` draws. A new experiment is a function

@@ -85,19 +85,19 @@ NOTES = (
 
 def compare_seed(
     configs: Path, data: str, folder: Path, components: int, epochs: int, seed: int, batch_size: int | None,
-    data_root: str | None, probe_method: str, log: Callable[[str], None] = print, lm_windows: int = 50,
-    saes: dict | None = None,
+    data_root: str | None, probe_method: str, log: Callable[[str], None] = print, lm_windows: int | None = None,
+    saes: dict | None = None, lm_tokens: int = 20_480,
 ) -> list[dict]:  # fmt: skip
     """Every row of one seed: train what needs training (each judged by its own fit), then judge the other rows
-    the same way on the data of this model's fit (with the causal LM's splice on ``lm_windows`` held-out windows
-    where the data is a causal LM's harvest); ``saes``: saved SAEs by row name (:func:`load_saes`), each a frozen
-    row through its own decoder."""
+    the same way on the data of this model's fit (with the causal LM's splice on ``lm_tokens`` predicted tokens
+    of held-out windows, or ``lm_windows`` windows when not None, where the data is a causal LM's harvest);
+    ``saes``: saved SAEs by row name (:func:`load_saes`), each a frozen row through its own decoder."""
     from implicit_em.run.app import fit_module
 
     def args_of(name: str, model: str, *extra: str) -> list[str]:
         run_root = folder / "runs" / name / f"seed{seed}"
         return train_args(configs, data, model, run_root, epochs, seed, components, batch_size, data_root,
-                          probe_method, lm_windows, "test", *extra)  # fmt: skip
+                          probe_method, lm_windows, "test", *extra, lm_tokens=lm_tokens)  # fmt: skip
 
     def row(name: str, n: int, numbers: dict, start: float, **extra) -> dict:
         return {"model": name, "seed": seed, "components": n, **extra, **numbers,
@@ -115,10 +115,11 @@ def compare_seed(
         return fitted
 
     def judged(name: str, n: int, encoder, start: float, probes_only: bool = False, **keys) -> None:
-        rows.append(row(name, n, evaluate_row(encoder, shared, probe_method, probes_only, lm_windows), start, **keys))
+        numbers = evaluate_row(encoder, shared, probe_method, probes_only, lm_windows, lm_tokens=lm_tokens)
+        rows.append(row(name, n, numbers, start, **keys))
 
     # this model first: its fit fixes the data (splits, normalisation) every other row is judged on
-    shared = Data.of(trained("implicit_em", "implicit_em").datamodule, lm_windows)
+    shared = Data.of(trained("implicit_em", "implicit_em").datamodule, lm_windows, lm_tokens=lm_tokens)
     k_l0, k_fixed = matched_k(rows[0]["l0"], components), min(TOPK_FIXED, components)
     trained("sae", "sae")
     trained("topk_sae_l0", "topk_sae", "--model.k", str(k_l0), k=k_l0)
@@ -174,12 +175,14 @@ def run_compare(
     configs: str | Path = "configs",
     command: str = "",
     log: Callable[[str], None] = print,
-    lm_windows: int = 50,
+    lm_windows: int | None = None,
     sae_dirs: Sequence[str | Path] = (),
+    lm_tokens: int = 20_480,
 ) -> Path:
     """Train and judge every row on ``data`` once per seed; write compare.json, compare.md and compare.png
-    into ``<out>/<data>/`` and return compare.json's path. ``lm_windows``: held-out windows of the causal LM's
-    splice (causal harvests only; 0: off); ``sae_dirs``: saved SAEs (SAELens, sparsify, ``scripts/export.py``)
+    into ``<out>/<data>/`` and return compare.json's path. ``lm_tokens``: predicted tokens of the held-out windows
+    the causal LM runs again per row (causal harvests only; 0: off); ``lm_windows``: that many windows instead
+    (None: by tokens; 0: off); ``sae_dirs``: saved SAEs (SAELens, sparsify, ``scripts/export.py``)
     added as frozen rows named after their folders."""
     folder = Path(out) / data
     saes = load_saes(sae_dirs)  # refused before anything trains
@@ -199,12 +202,14 @@ def run_compare(
             log,
             lm_windows,
             saes,
+            lm_tokens,
         )
     ]
     rows = summarize(per_seed, ["model"])
     header = {"data": data, "components": components, "epochs": epochs, "seeds": list(seeds),
               "tokens_trained": tokens_trained(rows), "batch_size": batch_size, "probe_method": probe_method,
-              "lm_windows": lm_windows, "saes": [str(d) for d in sae_dirs], "command": command}  # fmt: skip
+              "lm_tokens": lm_tokens if lm_windows is None else None, "lm_windows": lm_windows,
+              "saes": [str(d) for d in sae_dirs], "command": command}  # fmt: skip
     figures = [p for p in [plot(rows, folder / "compare.png", f"{data}: K = {components}, {epochs} epochs")] if p]
     protocol = (f"K = {components}, {epochs} epochs ({trained_on(header)}), {{seeds}}; probe: {probe_method}."
                 + (f" Saved SAEs judged beside them: {', '.join(map(str, sae_dirs))}." if sae_dirs else ""))  # fmt: skip
@@ -218,4 +223,5 @@ def run_compare_experiment(s, runs=None) -> Path:
     return run_compare(
         s.data, s.out, s.components, s.epochs, s.seeds, s.data_root, s.batch_size, s.probe_method, s.configs,
         s.command, log=runs.log if runs is not None else print, lm_windows=s.lm_windows, sae_dirs=s.saes,
+        lm_tokens=s.lm_tokens,
     )  # fmt: skip

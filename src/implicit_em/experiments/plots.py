@@ -101,6 +101,26 @@ def draw_against_l0(ax, rows: Sequence[dict], metric: str, ylabel: str, lower: b
     return bool(have)
 
 
+def draw_against_tokens(ax, curves: Sequence[dict], metric: str, ylabel: str, lower: bool | None = None) -> bool:
+    """``metric`` against the training tokens on ``ax`` (log x): one line per model and target L0 over its
+    ``points`` (each at its ``x``), a lone marker for a curve with one point. False (nothing drawn) when no
+    point has both numbers."""
+    drawn = False
+    for i, c in enumerate(curves):
+        pts = sorted((p["x"], p[metric]) for p in c["points"] if _finite(p.get(metric)) and _finite(p.get("x")))
+        if not pts:
+            continue
+        label = str(c["model"]) + (f" k={c['target_l0']}" if c.get("target_l0") is not None else "")
+        ax.plot(*zip(*pts), marker="o", label=label, color=f"C{i % 10}", linestyle="-" if len(pts) > 1 else "none")
+        drawn = True
+    ax.set(xscale="log", xlabel="training tokens (rows each trained row saw)", ylabel=ylabel)
+    if lower is not None:
+        ax.set_title(f"{'lower' if lower else 'higher'} is better")
+    if drawn:
+        ax.legend(fontsize=7)
+    return drawn
+
+
 def draw_sparse_probing(ax, rows: Sequence[dict], ks: Sequence[int]) -> None:
     """k-sparse probing (``sparse_probe_accuracy``) against k on ``ax``, one line per row."""
     for i, r in enumerate(rows):

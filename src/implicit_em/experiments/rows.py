@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from implicit_em.errors import ConfigError
 from implicit_em.eval.sae_metrics import SPARSE_PROBE_KS
 
 #: the numbers of the SAE users' evaluation a row shows; a row without them (the raw inputs) has them as None
@@ -32,29 +33,45 @@ SPLICE_PREFIXES = ("ce_", "kl_", "n_windows", "n_tokens", "n_replaced", "lm_", "
 
 @dataclass
 class Data:
-    """The evaluation splits every row shares, the map back to raw activation units, and the causal LM's splice
-    (None unless the data is a causal LM's harvest)."""
+    """The evaluation splits every row shares, the map back to raw activation units, the causal LM's splice
+    (None unless the data is a causal LM's harvest) and the DataModule they come from (the rows a peer trains
+    on: :func:`implicit_em.lm.peers.train_peer`)."""
 
     splits: dict  # name -> Split(x, y, groups), normalised x
     to_raw: Callable[[Tensor], Tensor] | None
     splice: Any = None
     normalize: Callable[[Tensor], Tensor] | None = None  # raw -> normalised (None: the identity)
+    datamodule: Any = None
 
     @property
     def dims(self) -> int:
         return int(self.splits["train"].x.shape[1])
 
     @classmethod
-    def of(cls, datamodule, lm_windows: int = 0, split: str = "test") -> Data:
+    def of(cls, datamodule, lm_windows: int | None = 0, split: str = "test", lm_tokens: int = 20_480) -> Data:
         """The splits and normalisation of a DataModule set up by a fit (nothing is loaded or fitted again), with
-        the causal LM's splice over the held-out documents of ``split`` (where the data is a causal LM's harvest
-        and ``lm_windows`` > 0)."""
+        the causal LM's splice over the held-out documents of ``split`` where the data is a causal LM's harvest
+        and the splice runs (:attr:`ReportConfig.splices <implicit_em.run.report.ReportConfig.splices>` of
+        ``lm_tokens`` and ``lm_windows``: ``lm_windows`` 0, the default here, turns it off; None counts tokens)."""
         from implicit_em.run.report import LanguageModelSplice, ReportConfig
 
-        config = ReportConfig(lm_windows=lm_windows, split=split)
-        splice = LanguageModelSplice.of(datamodule, config) if lm_windows else None
+        config = ReportConfig(lm_tokens=lm_tokens, lm_windows=lm_windows, split=split)
+        splice = LanguageModelSplice.of(datamodule, config) if config.splices else None
         norm = datamodule.normalization
-        return cls(dict(datamodule.splits), norm.inverse(), splice, norm)
+        return cls(dict(datamodule.splits), norm.inverse(), splice, norm, datamodule)
+
+    @classmethod
+    def configured(
+        cls, args: Sequence[str], lm_windows: int | None = 0, split: str = "test", lm_tokens: int = 20_480
+    ) -> Data:
+        """:meth:`of` the DataModule of ``scripts/train.py ARGS`` built and set up here, without a fit
+        (:func:`implicit_em.run.app.configure`): the same splits and normalisation as that command's fit, for
+        rows judged when no fit of this process made them (every trained row taken from an earlier run)."""
+        from implicit_em.run.app import configure
+
+        datamodule = configure(args).datamodule
+        datamodule.setup("fit")
+        return cls.of(datamodule, lm_windows, split, lm_tokens)
 
 
 @dataclass
@@ -73,11 +90,13 @@ class Row:
 # -- the experiments' training runs -----------------------------------------------------------------------
 def train_args(
     configs: Path, data: str, model: str, run_root: Path, epochs: int, seed: int, components: int,
-    batch_size: int | None, data_root: str | None, probe_method: str, lm_windows: int, split: str, *extra: str,
+    batch_size: int | None, data_root: str | None, probe_method: str, lm_windows: int | None, split: str,
+    *extra: str, lm_tokens: int | None = None,
 ) -> list[str]:  # fmt: skip
     """The ``scripts/train.py`` arguments of one trained row (the same flags a user would type). Its end-of-run
-    report is the experiment's evaluation (``probe_method``, the SAE numbers, the splice on ``lm_windows``
-    windows, scored on ``split``; no KMeans), so the row's numbers are the fit's own."""
+    report is the experiment's evaluation (``probe_method``, the SAE numbers, the splice on ``lm_tokens``
+    predicted tokens or ``lm_windows`` windows, each passed only when not None, scored on ``split``; no KMeans),
+    so the row's numbers are the fit's own."""
     args = [
         "--config", str(configs / "default.yaml"),
         "--config", str(configs / "data" / f"{data}.yaml"),
@@ -91,17 +110,102 @@ def train_args(
         "--report.probe_method", probe_method,
         "--report.kmeans", "false",
         "--report.sae_metrics", "true",
-        "--report.lm_windows", str(lm_windows),
         "--report.split", split,
         "--probe.every_n_epochs", "0",
         "--components.every_n_epochs", "0",
         *extra,
     ]  # fmt: skip
+    args += ["--report.lm_tokens", str(lm_tokens)] if lm_tokens is not None else []
+    args += ["--report.lm_windows", str(lm_windows)] if lm_windows is not None else []
     if batch_size:
         args += ["--data.batch_size", str(batch_size)]
     if data_root:
         args += ["--data.root", str(data_root)]
     return args
+
+
+def training_epoch(args: Sequence[str]) -> tuple[int, int, bool]:
+    """(rows, batch size, drop_last) of one training epoch of ``scripts/train.py ARGS``: what
+    :func:`~implicit_em.data.memory.rows_of_steps` and :func:`~implicit_em.data.memory.steps_for_rows` count
+    with. A harvest (or a stream) knows its training rows from its settings and document ids, no row read; an
+    in-memory source is loaded and split to count them."""
+    from implicit_em.run.app import configure
+
+    datamodule = configure(args).datamodule
+    if not hasattr(datamodule, "split_rows"):
+        datamodule.setup("fit")
+    return int(datamodule.train_rows), int(datamodule.batch_size), bool(datamodule.drop_last)
+
+
+# -- a finished row kept beside its run (the frontier goes on row by row) ------------------------------------
+#: the file in a row's run folder holding its numbers and the arguments that made it
+ROW_FILE = "row.json"
+#: flags that say how a run saves or was resumed, not what it trains: left out when a row's arguments are compared
+BOOKKEEPING = ("--checkpoint.", "--ckpt_path")
+
+
+def row_identity(args: Any) -> Any:
+    """What must match for a saved row to stand for a new one: ``args`` as JSON reads it back, a list of flags
+    without the :data:`BOOKKEEPING` flags and their values (a dict: each entry the same way)."""
+    import json
+
+    args = json.loads(json.dumps(args))
+    if isinstance(args, dict):
+        return {k: row_identity(v) for k, v in args.items()}
+    if not isinstance(args, list):
+        return args
+    kept, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif isinstance(a, str) and a.startswith(BOOKKEEPING):
+            skip = "=" not in a
+        else:
+            kept.append(a)
+    return kept
+
+
+def save_row(run_root: Path, args: Any, row: dict) -> Path:
+    """Write a judged row and the arguments that made it (``scripts/train.py``'s, or what a row without a run
+    was made from) to ``<run_root>/row.json``, atomically (non-finite numbers as null)."""
+    from implicit_em.run.report import write_metrics
+
+    return write_metrics({"args": args, "row": row}, Path(run_root) / ROW_FILE)
+
+
+def saved_row(run_root: Path, args: Any) -> dict | None:
+    """The row an earlier run judged and saved in ``<run_root>/row.json`` (:func:`save_row`), when it was made
+    with the same ``args`` (:func:`row_identity`); None when there is none. A row made with other arguments, or
+    a file that does not read, is refused (ConfigError naming the folder and the fix)."""
+    import json
+
+    path = Path(run_root) / ROW_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        old, row = saved["args"], dict(saved["row"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path} is not a saved row this code can read ({e}); remove {run_root} to run the row "
+                         "again") from None  # fmt: skip
+    if (then := row_identity(old)) != (now := row_identity(args)):
+        raise ConfigError(f"{path} holds a row made with other arguments ({first_difference(then, now)}); pass "
+                         f"another --out, or remove {run_root} to run the row again")  # fmt: skip
+    return row
+
+
+def first_difference(then: Any, now: Any) -> str:
+    """Where two arguments (flag lists, or dicts of them) first differ, as ``X there, Y now``."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        key = next(k for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k))
+        return f"{key}: {first_difference(then.get(key), now.get(key))}"
+    if isinstance(then, list) and isinstance(now, list):
+        i = next((i for i, (a, b) in enumerate(zip(then, now)) if a != b), min(len(then), len(now)))
+        if i > 0 and str(then[i - 1]).startswith("--"):  # the flag (the same in both) with its value
+            i -= 1
+        shown = [" ".join(map(str, a[i : i + 2])) or "nothing" for a in (then, now)]
+        return f"{shown[0]} there, {shown[1]} now"
+    return f"{then} there, {now} now"
 
 
 def fitted_numbers(metrics: dict) -> dict:
@@ -190,8 +294,6 @@ def sae_row(sae, data: Data) -> Row:
     normalised rows mapped back), ``sae.decode`` gives them (mapped to the normalised space the evaluation scores
     in, and back to raw units there). Uses only ``encode`` and ``decode`` (and ``d_in``, where the SAE has one, to
     refuse an SAE of another width with one line)."""
-    from implicit_em.errors import ConfigError
-
     d_in = getattr(sae, "d_in", None)
     if d_in is not None and d_in != data.dims:
         raise ConfigError(f"--sae: an SAE on {d_in}-dimensional inputs cannot read this data ({data.dims} dimensions); "
@@ -239,18 +341,20 @@ def sae_parameters(sae) -> dict[str, int]:
 
 # -- one evaluation for every row -------------------------------------------------------------------------
 def evaluate_row(
-    row: Row, data: Data, probe_method: str, probes_only: bool = False, lm_windows: int = 0, split: str = "test"
-) -> dict:
+    row: Row, data: Data, probe_method: str, probes_only: bool = False, lm_windows: int | None = None,
+    split: str = "test", lm_tokens: int = 20_480,
+) -> dict:  # fmt: skip
     """One row through the evaluation every run meets (:func:`implicit_em.run.report.evaluate_codes`), with the
-    causal LM's splice where the data has one; ``probes_only`` (the raw inputs): the probes and the splice (the
-    exact activations back: CE clean, the check that cannot be faked), the reconstruction numbers left empty.
-    ``split``: where the row is scored (``val`` to choose settings without touching the test split)."""
+    causal LM's splice where the data has one (on ``lm_tokens`` predicted tokens, or ``lm_windows`` windows when
+    not None); ``probes_only`` (the raw inputs): the probes and the splice (the exact activations back: CE clean,
+    the check that cannot be faked), the reconstruction numbers left empty. ``split``: where the row is scored
+    (``val`` to choose settings without touching the test split)."""
     from implicit_em.run.report import Codes, ReportConfig, evaluate_codes, has_labels
 
     feats = row.features(data)
     train, test = data.splits["train"], data.splits[split]
     config = ReportConfig(probe_method=probe_method, kmeans=False, sae_metrics=not probes_only, lm_windows=lm_windows,
-                          split=split)  # fmt: skip
+                          lm_tokens=lm_tokens, split=split)  # fmt: skip
     codes = Codes(feats["train"], feats["val"], feats["test"])
     out, _ = evaluate_codes(codes, data.splits, config, data.to_raw, splice=data.splice, encode=row.encode,
                             decode=row.decode)  # fmt: skip

@@ -28,7 +28,9 @@ class Settings:
     data_root: str | None = None
     command: str = ""
     l0s: list[int] | None = None  # the frontier's target L0s (None: its defaults)
-    lm_windows: int = 50  # held-out windows of the causal LM's splice in compare and frontier (0: off)
+    lm_tokens: int = 20_480  # predicted tokens of the causal LM's splice in compare and frontier (0: off)
+    lm_windows: int | None = None  # that many held-out windows instead (None: by tokens; 0: off)
+    tokens: list[int] | None = None  # frontier: train every row on each of these token budgets (None: by epochs)
     split: str = "test"  # where frontier scores its rows: test, or val to choose settings without touching test
     model_args: list[str] = field(default_factory=list)  # extra scripts/train.py flags for this model's frontier runs
     rows: list[str] | None = None  # the frontier's rows to run (None: all)

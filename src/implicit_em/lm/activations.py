@@ -346,8 +346,9 @@ class ActivationsDataModule(ComponentDataModule):
 
     @property
     def train_rows(self) -> int:
-        """Every training row of the shards (streamed each epoch; ``splits["train"]`` is a sample of them)."""
-        return self.rows["train"].n
+        """Every training row of the shards (streamed each epoch; ``splits["train"]`` is a sample of them); known
+        before ``setup`` too (the split reads no shard rows)."""
+        return (self.rows or self.split_rows())["train"].n
 
     def _read_json(self, name: str):
         path = Path(self.root) / name

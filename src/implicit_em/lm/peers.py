@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from implicit_em.data.memory import batches_per_epoch
+from implicit_em.data.memory import epoch_sizes
 from implicit_em.errors import ConfigError, DataError, check
 from implicit_em.lm.activations import ActivationLoader, ActivationsDataModule
 
@@ -80,12 +80,6 @@ def tokens_per_epoch(datamodule: ActivationsDataModule) -> int:
     where it is dropped: ``drop_last``, or a single row): ``epochs`` x this is the ``tokens`` of a run as long as
     theirs."""
     return sum(epoch_sizes(datamodule.split_rows()["train"].n, datamodule.batch_size, datamodule.drop_last))
-
-
-def epoch_sizes(n_rows: int, batch_size: int, drop_last: bool) -> list[int]:
-    """The rows of each batch of one epoch of ``n_rows`` rows (as :mod:`implicit_em.data.memory` counts them)."""
-    sizes = [batch_size] * (n_rows // batch_size)
-    return sizes + [n_rows % batch_size] if batches_per_epoch(n_rows, batch_size, drop_last) > len(sizes) else sizes
 
 
 def batch_sizes(n_rows: int, batch_size: int, drop_last: bool, tokens: int) -> list[int]:

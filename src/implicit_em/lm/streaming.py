@@ -220,6 +220,11 @@ class StreamingDataModule(ActivationsDataModule):
         self.eval_harvest()
         return super().dims
 
+    @property
+    def train_rows(self) -> int:
+        """The rows one training epoch streams: ``train_tokens`` in full batches."""
+        return self.train_tokens // self.batch_size * self.batch_size
+
     def setup(self, stage: str | None = None) -> None:
         self.eval_harvest()
         super().setup(stage)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from implicit_em.core.distributed import close_process_group
+from implicit_em.data.memory import rows_of_steps
 from implicit_em.errors import ConfigError, check, report_user_error
 from implicit_em.run.checkpoints import load_checkpoint
 from implicit_em.run.cli import ImplicitEMCLI, saved_config_args
@@ -85,7 +86,7 @@ def fit(cli: ImplicitEMCLI) -> Fitted | None:
         data=getattr(dm, "name", type(dm).__name__),
         n_train=len(dm.splits["train"].x),
         train_rows=dm.train_rows,  # one epoch's (a harvest's rows are its tokens)
-        rows_trained=dm.train_rows * trainer.current_epoch,
+        rows_trained=rows_of_steps(trainer.global_step, dm.train_rows, dm.batch_size, dm.drop_last),  # its steps'
         peak_memory_mb=peak_memory_mb(module.device),
         device=device_name(module.device),
         n_test=len(dm.splits["test"].x),
