@@ -42,12 +42,15 @@ def carry_code(path, marker) -> None:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A finished one-epoch run: <root>/implicit_em/version_0 with config.yaml and checkpoints/."""
-    root = tmp_path_factory.mktemp("run")
-    run = run_script(TRAIN, "--trainer.default_root_dir", root, *SMALL, "--report.kmeans", "false")
-    assert run.returncode == 0, run.stderr[-2000:]
-    return run.metrics_path.parent
+def trained(tmp_path_factory):
+    """A finished one-epoch run, trained in this process (the refusals below are real processes): its CLI."""
+    return fit_in_process(tmp_path_factory.mktemp("run"), *SMALL)
+
+
+@pytest.fixture
+def run_dir(trained):
+    """The run's directory: <root>/implicit_em/version_0 with config.yaml and checkpoints/."""
+    return trained.metrics_path.parent
 
 
 @pytest.fixture
@@ -111,8 +114,8 @@ def test_an_unreadable_or_missing_file_is_a_user_error(tmp_path):
     ],
     ids=["implicit_em", "sae", "ensemble"],
 )  # fmt: skip
-def test_our_own_checkpoints_load_as_weights_only(tmp_path, model):
-    cli = fit_in_process(tmp_path, *SMALL, *model)
+def test_our_own_checkpoints_load_as_weights_only(tmp_path, model, trained):
+    cli = fit_in_process(tmp_path, *SMALL, *model) if model else trained  # the plain model: the run above
     path = cli.trainer.checkpoint_callback.last_model_path
     state = torch.load(path, map_location="cpu", weights_only=True)  # torch's own check, not only ours
     assert state["global_step"] == 11 and state["optimizer_states"]
