@@ -18,7 +18,7 @@ from implicit_em.run.checkpoints import (
     find_last_checkpoint,
     load_checkpoint,
 )
-from tests.conftest import QUIET, REPO, TRAIN, fit_in_process, run_script
+from tests.conftest import QUIET, REPO, fit_in_process, main_in_process, run_script
 from tests.data.conftest import assert_one_line_error
 
 SMALL = ["--trainer.max_epochs", "1", "--model.n_components", "8", *QUIET]
@@ -88,9 +88,11 @@ def test_probe_script_refuses_it_with_one_line(evil_run):
 
 
 def test_resume_refuses_it_with_one_line(evil_run):
+    """scripts/train.py's ``main`` in this process (a refusal in a real process, its output one line alone:
+    test_cli.py's test_a_refused_run_prints_its_error_line_alone)."""
     root, ckpt, marker = evil_run
-    run = run_script(TRAIN, "--trainer.default_root_dir", root, *SMALL, "--trainer.max_epochs", "2",
-                     "--ckpt_path", "last", timeout=300)  # fmt: skip
+    run = main_in_process("--trainer.default_root_dir", root, *SMALL, "--trainer.max_epochs", "2",
+                          "--ckpt_path", "last")  # fmt: skip
     assert_one_line_error(run, "refusing to load it", "checkpoints")
     assert not marker.exists()
 

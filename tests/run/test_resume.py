@@ -37,7 +37,8 @@ step, marker, config, *args = sys.argv[1:]
 class Hold(Callback):
     def on_train_batch_start(self, trainer, *_):
         if trainer.global_step >= int(step):
-            Path(marker).write_text(str(trainer.global_step))
+            Path(marker + ".tmp").write_text(str(trainer.global_step))
+            Path(marker + ".tmp").rename(marker)  # whole when it appears
             while True:
                 time.sleep(1)
 
@@ -64,12 +65,15 @@ def _kill_when_held(root, args: list[str], step: int, marker) -> None:
     with open(log, "w") as err:
         proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, env=env)
     deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    assert proc.poll() is None, f"the run ended before it could be killed: {log.read_text()[-2000:]}"
-    assert marker.exists(), "the run never reached the step it should be killed at"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, f"the run ended before it could be killed: {log.read_text()[-2000:]}"
+        assert marker.exists(), "the run never reached the step it should be killed at"
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not list(root.rglob("metrics.json")), "the killed run had already written metrics.json"
 
