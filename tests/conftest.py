@@ -87,17 +87,22 @@ def model_weights(module) -> dict:
     return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
 
 
-def call_in_process(main, argv: list[str]) -> Run:
+def call_in_process(main, argv: list[str], env: dict | None = None) -> Run:
     """``main(argv)`` in this process, from the project root and offline, as a script would run it: its exit
-    code, stdout and stderr (an argument error's ``sys.exit`` and a bug's traceback included)."""
+    code, stdout and stderr (an argument error's ``sys.exit`` and a bug's traceback included). ``env``: more
+    environment variables for the call (``None`` unsets one; ``{"WANDB_MODE": None}`` leaves W&B to decide)."""
     import contextlib
     import io
     import traceback
 
     out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
-    saved = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_API_KEY")}
-    os.environ["WANDB_MODE"] = "offline"
-    os.environ.pop("WANDB_API_KEY", None)
+    changes = {"WANDB_MODE": "offline", "WANDB_API_KEY": None, **(env or {})}
+    saved = {k: os.environ.get(k) for k in changes}
+    for k, v in changes.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     try:
         os.chdir(REPO)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -118,12 +123,12 @@ def call_in_process(main, argv: list[str]) -> Run:
     return Run(code, out.getvalue(), err.getvalue())
 
 
-def main_in_process(*args: str) -> Run:
-    """``scripts/train.py ARGS`` as its ``main`` runs them, in this process (:func:`call_in_process`). What
-    needs a real process (kill -9, DDP, the interpreter's exit) uses :func:`run_script`."""
+def main_in_process(*args: str, env: dict | None = None) -> Run:
+    """``scripts/train.py ARGS`` as its ``main`` runs them, in this process (:func:`call_in_process`, ``env``
+    included). What needs a real process (kill -9, DDP, the interpreter's exit) uses :func:`run_script`."""
     from implicit_em.run.app import main
 
-    return call_in_process(lambda argv: main(argv, [DEFAULT_CONFIG]), list(args))
+    return call_in_process(lambda argv: main(argv, [DEFAULT_CONFIG]), list(args), env)
 
 
 def script_in_process(script: Path, *args) -> Run:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -184,23 +182,19 @@ def test_a_topk_sae_exports_its_k(tmp_path):
     torch.testing.assert_close(model(x).double(), _reference(run, x, "decoder", k=3)[1], atol=1e-5, rtol=1e-5)
 
 
-def test_the_cli_exports_and_fails_in_one_line(tmp_path, capsys):
-    import runpy
+def test_the_cli_exports_and_fails_in_one_line(tmp_path):
+    """scripts/export.py's ``main`` in this process: exit 0 and the export folder's path on stdout; a missing run:
+    exit 2 and one line naming it."""
+    from tests.conftest import script_in_process
 
     run = _run(tmp_path)
-    script = str(REPO / "scripts" / "export.py")
-    ok = subprocess.run(
-        [sys.executable, script, str(run["run"]), "--out", str(tmp_path / "e")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )  # fmt: skip  (the one real process: exit code and stdout)
+    script = REPO / "scripts" / "export.py"
+    ok = script_in_process(script, run["run"], "--out", tmp_path / "e")
     assert ok.returncode == 0, ok.stderr
     assert Path(ok.stdout.strip()) == (tmp_path / "e").resolve() and (tmp_path / "e" / "cfg.json").is_file()
-    main = runpy.run_path(script)["main"]  # the failure in-process: the same main, its exit code and stderr
-    assert main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "f")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "does not exist" in err
+    bad = script_in_process(script, tmp_path / "nowhere", "--out", tmp_path / "f")
+    assert bad.returncode == 2 and bad.stdout == "" and not (tmp_path / "f").exists()
+    assert bad.stderr.count("\n") == 1 and "does not exist" in bad.stderr
 
 
 def test_a_corrupt_readout_is_one_line(tmp_path):

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from implicit_em.experiments import PAPER, expand_experiments
-from tests.conftest import REPO, run_script
+from tests.conftest import REPO, call_in_process, run_script
 
 REPRODUCE = REPO / "scripts" / "reproduce.py"
 QUICK = runpy.run_path(str(REPRODUCE))["QUICK"]  # the --quick settings
@@ -48,10 +48,12 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """One ``--quick`` run (all experiments, digits, 5 epochs, seed 1) shared by the tests below."""
+    """One ``--quick`` run (all experiments, digits, 5 epochs, seed 1) shared by the tests below: the script's
+    ``main`` in this process (its real process: test_bad_argument_in_a_real_run_is_one_line_and_exit_2)."""
     out = tmp_path_factory.mktemp("reproduce")
     start = time.perf_counter()
-    run = run_script(REPRODUCE, "--quick", "--out", out, timeout=600)
+    main = runpy.run_path(str(REPRODUCE))["main"]
+    run = call_in_process(main, ["--quick", "--out", out], env={"MPLBACKEND": "Agg"})  # main sets it
     assert run.returncode == 0, run.stderr[-3000:]
     print(f"--quick took {time.perf_counter() - start:.0f} s")
     return out / "digits"

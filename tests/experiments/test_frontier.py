@@ -196,6 +196,14 @@ def test_an_interrupted_frontier_keeps_the_seeds_it_finished(tmp_path, monkeypat
     assert "seeds [1]" in (tmp_path / "digits" / "frontier.md").read_text()
 
 
+@pytest.fixture
+def no_figures(monkeypatch):
+    """The frontier's PNGs are not drawn (matplotlib's seconds): for the tests that read only its JSON and
+    Markdown; the figures themselves: the interrupted run's test and test_markdown_and_plot_skip_missing_numbers."""
+    monkeypatch.setattr(frontier, "plot_metric", lambda *a, **k: None)
+    monkeypatch.setattr(frontier, "plot_curves", lambda *a, **k: None)
+
+
 def _fake_seed(calls):
     def one_seed(configs, data, folder, components, epochs, seed, *rest):
         calls.append(seed)
@@ -205,7 +213,7 @@ def _fake_seed(calls):
     return one_seed
 
 
-def test_a_frontier_run_again_with_more_seeds_goes_on_from_the_seeds_it_finished(tmp_path, monkeypatch):
+def test_a_frontier_run_again_with_more_seeds_goes_on_from_the_seeds_it_finished(tmp_path, monkeypatch, no_figures):
     calls: list[int] = []
     monkeypatch.setattr(frontier, "frontier_seed", _fake_seed(calls))
     kw = {"components": 16, "l0s": [2], "configs": REPO / "configs", "rows_kept": ["implicit_em", "pca"]}
@@ -227,7 +235,7 @@ def test_a_frontier_run_again_with_more_seeds_goes_on_from_the_seeds_it_finished
     assert [r["fvu"] for r in result["rows"][0]["per_seed"]] == pytest.approx([0.1, 0.2, 0.3, 0.4])
 
 
-def test_a_frontier_with_other_settings_or_seeds_is_refused_and_left_as_it_is(tmp_path, monkeypatch):
+def test_a_frontier_with_other_settings_or_seeds_is_refused_and_left_as_it_is(tmp_path, monkeypatch, no_figures):
     calls: list[int] = []
     monkeypatch.setattr(frontier, "frontier_seed", _fake_seed(calls))
     kw = {"components": 16, "l0s": [2], "configs": REPO / "configs", "rows_kept": ["implicit_em", "pca"]}

@@ -18,7 +18,7 @@ from implicit_em.run.checkpoints import (
     find_last_checkpoint,
     load_checkpoint,
 )
-from tests.conftest import QUIET, REPO, TRAIN, fit_in_process, run_script
+from tests.conftest import QUIET, REPO, fit_in_process, main_in_process, run_script
 from tests.data.conftest import assert_one_line_error
 
 SMALL = ["--trainer.max_epochs", "1", "--model.n_components", "8", *QUIET]
@@ -42,12 +42,15 @@ def carry_code(path, marker) -> None:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A finished one-epoch run: <root>/implicit_em/version_0 with config.yaml and checkpoints/."""
-    root = tmp_path_factory.mktemp("run")
-    run = run_script(TRAIN, "--trainer.default_root_dir", root, *SMALL, "--report.kmeans", "false")
-    assert run.returncode == 0, run.stderr[-2000:]
-    return run.metrics_path.parent
+def trained(tmp_path_factory):
+    """A finished one-epoch run, trained in this process (the refusals below are real processes): its CLI."""
+    return fit_in_process(tmp_path_factory.mktemp("run"), *SMALL)
+
+
+@pytest.fixture
+def run_dir(trained):
+    """The run's directory: <root>/implicit_em/version_0 with config.yaml and checkpoints/."""
+    return trained.metrics_path.parent
 
 
 @pytest.fixture
@@ -85,9 +88,11 @@ def test_probe_script_refuses_it_with_one_line(evil_run):
 
 
 def test_resume_refuses_it_with_one_line(evil_run):
+    """scripts/train.py's ``main`` in this process (a refusal in a real process, its output one line alone:
+    test_cli.py's test_a_refused_run_prints_its_error_line_alone)."""
     root, ckpt, marker = evil_run
-    run = run_script(TRAIN, "--trainer.default_root_dir", root, *SMALL, "--trainer.max_epochs", "2",
-                     "--ckpt_path", "last", timeout=300)  # fmt: skip
+    run = main_in_process("--trainer.default_root_dir", root, *SMALL, "--trainer.max_epochs", "2",
+                          "--ckpt_path", "last")  # fmt: skip
     assert_one_line_error(run, "refusing to load it", "checkpoints")
     assert not marker.exists()
 
@@ -111,8 +116,8 @@ def test_an_unreadable_or_missing_file_is_a_user_error(tmp_path):
     ],
     ids=["implicit_em", "sae", "ensemble"],
 )  # fmt: skip
-def test_our_own_checkpoints_load_as_weights_only(tmp_path, model):
-    cli = fit_in_process(tmp_path, *SMALL, *model)
+def test_our_own_checkpoints_load_as_weights_only(tmp_path, model, trained):
+    cli = fit_in_process(tmp_path, *SMALL, *model) if model else trained  # the plain model: the run above
     path = cli.trainer.checkpoint_callback.last_model_path
     state = torch.load(path, map_location="cpu", weights_only=True)  # torch's own check, not only ours
     assert state["global_step"] == 11 and state["optimizer_states"]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from implicit_em.run.checkpoints import find_last_checkpoint
+from tests.conftest import REPO, Run, call_in_process
 
 REQUIRED = [
     "probe_accuracy", "dead_components", "redundancy", "responsibility_entropy", "l0_density",
@@ -16,7 +17,9 @@ REQUIRED = [
 
 
 def test_one_epoch_smoke_writes_metrics_json(train, tmp_path):
-    run = train("--trainer.max_epochs", "1", real=True)  # the one real process of the main job
+    """The main job's defaults for one epoch, through scripts/train.py's ``main`` in this process (its real
+    processes: the refused run below, the SIGKILL resume in test_resume.py, the DDP runs in test_distributed.py)."""
+    run = train("--trainer.max_epochs", "1")
     assert run.returncode == 0, run.stderr[-2000:]
     path = run.metrics_path
     assert path.is_absolute() and path.name == "metrics.json" and path.is_relative_to(tmp_path)
@@ -43,10 +46,10 @@ def test_overrides_and_composed_configs_reach_the_model(train):
 
 
 def test_help_documents_options():
-    from tests.conftest import TRAIN, run_script
+    from tests.conftest import main_in_process
 
-    run = run_script(TRAIN, "--help")
-    assert run.returncode == 0
+    run = main_in_process("--help")
+    assert run.returncode == 0, run.stderr[-2000:]
     for option in (
         "--model",
         "--data",
@@ -88,28 +91,38 @@ def test_invalid_settings_fail_fast_with_one_line(train, args, key):
     assert run.stdout.strip() == "" or "metrics.json" not in run.stdout
 
 
-def test_probe_script_reproduces_the_runs_metrics_from_its_checkpoint(train, tmp_path, capsys):
-    from tests.conftest import REPO, run_script
-
-    run = train("--trainer.max_epochs", "2", "--report.kmeans", "false")
-    assert run.returncode == 0, run.stderr[-2000:]
-    m = run.metrics
-    probe = run_script(REPO / "scripts" / "probe.py", m["checkpoint"], "--no-kmeans", "--out", tmp_path / "p.json")
-    assert probe.returncode == 0, probe.stderr[-2000:]
-    again = json.loads((tmp_path / "p.json").read_text())
-    for key in ("probe_accuracy", "dead_components", "redundancy", "cluster_accuracy"):
-        assert again[key] == pytest.approx(m[key], rel=1e-6), key
-    assert again["global_step"] == 2 * 11 and again["checkpoint"] == str(Path(m["checkpoint"]).resolve())
+def probe_in_process(*args) -> Run:
+    """``python scripts/probe.py ARGS`` through its ``main`` (which reads sys.argv) in this process; probe.py's
+    real process: tests/run/test_checkpoints.py."""
     import runpy
     import sys
 
-    main = runpy.run_path(str(REPO / "scripts" / "probe.py"))["main"]  # the failure in-process
-    argv, sys.argv = sys.argv, ["probe.py", str(tmp_path / "nope.ckpt")]
-    try:
-        assert main() == 2
-    finally:
-        sys.argv = argv
-    err = capsys.readouterr().err
+    main = runpy.run_path(str(REPO / "scripts" / "probe.py"))["main"]
+
+    def with_argv(argv):
+        saved, sys.argv = sys.argv, ["probe.py", *argv]
+        try:
+            return main()
+        finally:
+            sys.argv = saved
+
+    return call_in_process(with_argv, list(args))
+
+
+def test_probe_script_reproduces_the_runs_metrics_from_its_checkpoint(train, tmp_path):
+    run = train("--trainer.max_epochs", "2", "--report.kmeans", "false")
+    assert run.returncode == 0, run.stderr[-2000:]
+    m = run.metrics
+    probe = probe_in_process(m["checkpoint"], "--no-kmeans", "--out", tmp_path / "p.json")
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    again = json.loads((tmp_path / "p.json").read_text())
+    assert probe.stdout.strip() == (tmp_path / "p.json").read_text().strip()  # printed and written alike
+    for key in ("probe_accuracy", "dead_components", "redundancy", "cluster_accuracy"):
+        assert again[key] == pytest.approx(m[key], rel=1e-6), key
+    assert again["global_step"] == 2 * 11 and again["checkpoint"] == str(Path(m["checkpoint"]).resolve())
+    missing = probe_in_process(tmp_path / "nope.ckpt")
+    assert missing.returncode == 2 and missing.stdout == ""
+    err = missing.stderr
     assert "nope.ckpt" in err and "Traceback" not in err and err.count("\n") == 1
 
 

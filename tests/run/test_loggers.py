@@ -3,27 +3,20 @@ tests/test_checkpoints.py.)"""
 
 import csv
 import os
-import subprocess
-import sys
 import time
 
 import pytest
 
 from implicit_em.run import loggers
-from tests.conftest import REPO, TRAIN, Run
+from tests.conftest import QUIET, Run, main_in_process
 
-SMALL = [
-    "--trainer.max_epochs", "1",
-    "--trainer.enable_progress_bar", "false",
-    "--report.kmeans", "false",
-    "--components.every_n_epochs", "0",
-    "--probe.every_n_epochs", "0",
-]  # fmt: skip
+SMALL = ["--trainer.max_epochs", "1", *QUIET]
 
 
 def no_wandb_env(tmp_path) -> dict:
-    """No API key anywhere, no WANDB_MODE, and W&B's server address unreachable (a closed local port)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}
+    """No API key anywhere, no WANDB_MODE, and W&B's server address unreachable (a closed local port): the
+    changes to this process's environment (None: unset) for :func:`~tests.conftest.main_in_process`."""
+    env = {k: None for k in [*os.environ, "WANDB_MODE", "WANDB_API_KEY"] if k.startswith("WANDB_") or k == "NETRC"}
     env.update(
         NETRC=str(tmp_path / "no-netrc"),
         WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
@@ -35,12 +28,14 @@ def no_wandb_env(tmp_path) -> dict:
 
 
 def timed_train(root, *args, env) -> tuple[Run, float]:
+    """scripts/train.py's ``main`` in this process, and then what the process's exit does for W&B (finish its
+    run: the files of an offline run are complete); the seconds both took."""
+    import wandb
+
     start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, str(TRAIN), "--trainer.default_root_dir", str(root), *SMALL, *args],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
-    return Run(proc.returncode, proc.stdout, proc.stderr), time.perf_counter() - start
+    run = main_in_process("--trainer.default_root_dir", str(root), *SMALL, *args, env=env)
+    wandb.finish()  # a no-op without a W&B run
+    return run, time.perf_counter() - start
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +45,16 @@ def csv_run(tmp_path_factory):
 
 
 def test_wandb_without_key_or_network_logs_offline_quickly_and_a_resume_continues_the_run(csv_run, tmp_path):
+    """With no API key, no WANDB_MODE and no network, a run with the W&B logger says once that it logs offline,
+    keeps its records in <root>/wandb/offline-run-* (a *.wandb file), its W&B id in the run folder and its CSV
+    alongside, and costs at most 30 s more than the same run with the CSV log alone; resumed, it goes on in the
+    same run directory and the same W&B run (a second offline run under the same id)."""
     csv_only, csv_seconds = csv_run
     assert csv_only.returncode == 0, csv_only.stderr[-2000:]
     root, env = tmp_path / "runs", no_wandb_env(tmp_path)
     run, seconds = timed_train(root, "--config", "configs/logger/wandb.yaml", env=env)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "W&B: no API key; logging offline" in run.stderr
+    assert run.stderr.count("W&B: no API key; logging offline") == 1, run.stderr[-3000:]
     assert "Traceback" not in run.stderr
     offline = list((root / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and offline[0].is_dir(), list(root.rglob("*"))[:50]

@@ -4,6 +4,7 @@ checkpoints."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,73 +15,108 @@ import pytest
 import torch
 
 from implicit_em.run.checkpoints import find_last_checkpoint, load_checkpoint
-from tests.conftest import REPO, TRAIN, fit_in_process, main_in_process, run_script
+from tests.conftest import DEFAULT_CONFIG, QUIET, REPO, fit_in_process, main_in_process
 
-EPOCHS = 24
+EPOCHS = 3
 STEPS_PER_EPOCH = 11  # digits: 1,293 training samples in batches of 128
-COMMON = ["--trainer.max_epochs", str(EPOCHS), "--trainer.enable_progress_bar", "false", "--seed_everything", "5",
-          "--report.kmeans", "false", "--report.probe_method", "torch", "--components.every_n_epochs", "0"]  # fmt: skip
+
+#: ``python -c HELD STEP MARKER CONFIG ARGS...``: scripts/train.py's ``main`` in a real process whose Trainer, at the
+#: start of the first batch at global step >= STEP, writes MARKER and waits there to be killed (it trains nothing
+#: more and changes nothing: the test knows where the run stands when it kills it)
+HELD = """
+import sys, time
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+
+from implicit_em.run import app
+
+step, marker, config, *args = sys.argv[1:]
 
 
-def _weights(metrics: dict) -> dict[str, torch.Tensor]:
-    state = load_checkpoint(metrics["checkpoint"])["state_dict"]
-    return {k: v for k, v in state.items() if k.startswith("model.")}
+class Hold(Callback):
+    def on_train_batch_start(self, trainer, *_):
+        if trainer.global_step >= int(step):
+            Path(marker + ".tmp").write_text(str(trainer.global_step))
+            Path(marker + ".tmp").rename(marker)  # whole when it appears
+            while True:
+                time.sleep(1)
 
 
-def _kill_after_checkpoint(root, extra: list[str], min_step: int, mid_epoch: bool) -> None:
-    """Start a run, SIGKILL it once a checkpoint past ``min_step`` exists (one saved inside an epoch when
-    ``mid_epoch``), while training goes on."""
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    proc = subprocess.Popen(
-        [sys.executable, str(TRAIN), "--trainer.default_root_dir", str(root), *COMMON, *extra],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-    )  # fmt: skip
+fit = app.fit
+
+
+def held(cli):
+    cli.trainer.callbacks.append(Hold())
+    return fit(cli)
+
+
+app.fit = held
+sys.exit(app.main(args, [config]))
+"""
+
+
+def _kill_when_held(root, args: list[str], step: int, marker) -> None:
+    """Start the run as a real process, SIGKILL it once it holds at ``step`` (training under way)."""
+    env = {**os.environ, "WANDB_MODE": "offline", "MPLBACKEND": "Agg"}
+    argv = [sys.executable, "-c", HELD, str(step), str(marker), str(DEFAULT_CONFIG),
+            "--trainer.default_root_dir", str(root), *QUIET, *args]  # fmt: skip
+    log = marker.with_suffix(".stderr")
+    with open(log, "w") as err:
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, env=env)
     deadline = time.time() + 300
-    while time.time() < deadline:
-        ckpt = find_last_checkpoint(root)
-        try:  # the file may be replaced while we read it
-            step = load_checkpoint(ckpt)["global_step"] if ckpt is not None else -1
-        except Exception:
-            step = -1
-        if step >= min_step and (not mid_epoch or step % STEPS_PER_EPOCH):
-            break
-        time.sleep(0.2)
-        assert proc.poll() is None, "the run ended before it could be killed"
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, f"the run ended before it could be killed: {log.read_text()[-2000:]}"
+        assert marker.exists(), "the run never reached the step it should be killed at"
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
     assert not list(root.rglob("metrics.json")), "the killed run had already written metrics.json"
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    run = main_in_process("--trainer.default_root_dir", tmp_path_factory.mktemp("whole"), *COMMON)
-    assert run.returncode == 0, run.stderr[-2000:]
-    return run.metrics
+    """One run of EPOCHS epochs, never stopped (in this process): what every stopped and resumed run must end as."""
+    return fit_in_process(tmp_path_factory.mktemp("whole"), "--trainer.max_epochs", str(EPOCHS))
+
+
+def _assert_same_end(resumed, whole) -> None:
+    """The resumed run's global step, weights (bitwise) and last training loss are the uninterrupted run's."""
+    assert resumed.trainer.global_step == whole.trainer.global_step == EPOCHS * STEPS_PER_EPOCH
+    a, b = resumed.model.state_dict(), whole.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in b:
+        assert torch.equal(a[k], b[k]), (k, float((a[k].float() - b[k].float()).abs().max()))
+    assert float(resumed.trainer.callback_metrics["train/loss"]) == float(whole.trainer.callback_metrics["train/loss"])
 
 
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
-    """Killed with SIGKILL after a checkpoint saved inside an epoch (epoch-end checkpoints: the in-process tests
-    below, which stop at both positions)."""
-    # a checkpoint every 8 optimiser steps: most land inside an epoch; 264 = 24 * 11 steps ends on one, so the
-    # last checkpoint is the end
-    extra = ["--checkpoint.every_n_epochs", "0", "--checkpoint.every_n_train_steps", "8"]
-    _kill_after_checkpoint(tmp_path, extra, 5 * STEPS_PER_EPOCH, mid_epoch=True)
-    resumed = run_script(TRAIN, "--trainer.default_root_dir", tmp_path, *COMMON, *extra, "--ckpt_path", "last")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    m = resumed.metrics
-    assert m["final_loss"] == pytest.approx(uninterrupted["final_loss"], rel=1e-6)
-    a, b = _weights(m), _weights(uninterrupted)
-    for k in a:
-        assert torch.equal(a[k], b[k]), (k, float((a[k] - b[k]).abs().max()))
-    assert len(m["epoch_seconds"]) == EPOCHS  # the killed run's epochs are kept in the record
-    assert len(list(tmp_path.rglob("metrics.json"))) == 1  # resumed into the same run directory
+    """A real process killed with SIGKILL two optimiser steps after a checkpoint saved inside an epoch (steps 16
+    and 17 trained, not saved), resumed with --ckpt_path last: the same global step, weights (bitwise), last
+    training loss and final_loss as the uninterrupted run, both checkpoints' weights equal too, the killed
+    run's finished epoch kept in epoch_seconds, one metrics.json in the same run directory. (Epoch-end
+    checkpoints: the in-process test below, which stops at both positions.)"""
+    # a checkpoint every 3 optimiser steps: 15 lies inside epoch 1 (steps 12-22); 33 = 3 * 11 ends on one
+    extra = ["--trainer.max_epochs", str(EPOCHS), "--checkpoint.every_n_epochs", "0",
+             "--checkpoint.every_n_train_steps", "3"]  # fmt: skip
+    _kill_when_held(tmp_path / "runs", extra, 17, tmp_path / "held")
+    assert (tmp_path / "held").read_text() == "17"
+    state = load_checkpoint(find_last_checkpoint(tmp_path / "runs"))
+    assert state["global_step"] == 15 and state["global_step"] % STEPS_PER_EPOCH  # saved inside an epoch
 
-
-def test_ckpt_path_last_without_a_checkpoint_starts_a_new_run(train, tmp_path):
-    run = train("--trainer.max_epochs", "1", "--ckpt_path", "last", "--report.kmeans", "false")
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "starting a new run" in run.stderr
+    resumed = fit_in_process(tmp_path / "runs", *extra, "--ckpt_path", "last")
+    _assert_same_end(resumed, uninterrupted)
+    m, whole = json.loads(resumed.metrics_path.read_text()), json.loads(uninterrupted.metrics_path.read_text())
+    assert m["final_loss"] == pytest.approx(whole["final_loss"], rel=1e-6)
+    a, b = (load_checkpoint(x["checkpoint"])["state_dict"] for x in (m, whole))
+    for k in b:
+        assert torch.equal(a[k], b[k]), k
+    assert len(m["epoch_seconds"]) == EPOCHS  # the killed run's epoch is kept in the record
+    assert list((tmp_path / "runs").rglob("metrics.json")) == [resumed.metrics_path]  # the same run directory
 
 
 @pytest.mark.parametrize(
@@ -92,21 +128,16 @@ def test_ckpt_path_last_without_a_checkpoint_starts_a_new_run(train, tmp_path):
     ],
     ids=["epoch_end", "mid_epoch"],
 )  # fmt: skip
-def test_stop_then_resume_in_process_is_bitwise_the_uninterrupted_run(tmp_path, first, extra):
-    whole = fit_in_process(tmp_path / "whole", "--trainer.max_epochs", "3", *extra)
-    stopped = fit_in_process(tmp_path / "resumed", *first, *extra)
-    assert 0 < stopped.trainer.global_step < 3 * STEPS_PER_EPOCH
+def test_stop_then_resume_in_process_is_bitwise_the_uninterrupted_run(tmp_path, uninterrupted, first, extra):
+    stopped = fit_in_process(tmp_path, *first, *extra)
+    assert 0 < stopped.trainer.global_step < EPOCHS * STEPS_PER_EPOCH
     # the resume changes the run's length (its max_steps too: every other setting comes back from config.yaml)
-    resumed = fit_in_process(tmp_path / "resumed", "--trainer.max_epochs", "3", "--trainer.max_steps", "-1", *extra,
+    resumed = fit_in_process(tmp_path, "--trainer.max_epochs", str(EPOCHS), "--trainer.max_steps", "-1", *extra,
                              "--ckpt_path", "last")  # fmt: skip
-    assert resumed.trainer.global_step == whole.trainer.global_step == 3 * STEPS_PER_EPOCH
-    a, b = resumed.model.state_dict(), whole.model.state_dict()
-    for k in b:
-        assert torch.equal(a[k], b[k]), (k, float((a[k].float() - b[k].float()).abs().max()))
-    assert float(resumed.trainer.callback_metrics["train/loss"]) == float(whole.trainer.callback_metrics["train/loss"])
+    _assert_same_end(resumed, uninterrupted)
 
 
-# -- a refused resume changes nothing; a resumed run keeps its history ---------------------------------------
+# -- a refused resume changes nothing; a resumed run keeps its settings and its history ----------------------
 def _files(root) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -117,9 +148,7 @@ SHORT = ["--trainer.enable_progress_bar", "false", "--report.kmeans", "false", "
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """A 2-epoch run (K = 16), as scripts/train.py leaves it."""
-    from tests.conftest import main_in_process
-
+    """A 2-epoch run (K = 16), as scripts/train.py leaves it: (root, run directory)."""
     root = tmp_path_factory.mktemp("finished")
     run = main_in_process("--trainer.default_root_dir", str(root), "--trainer.max_epochs", "2", *SHORT)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -127,8 +156,6 @@ def finished_run(tmp_path_factory):
 
 
 def test_a_resume_whose_settings_do_not_fit_changes_no_file_and_says_so_in_one_line(finished_run):
-    from tests.conftest import main_in_process
-
     root, _ = finished_run
     before = _files(root)
     run = main_in_process("--trainer.default_root_dir", str(root), "--trainer.max_epochs", "4",
@@ -140,12 +167,10 @@ def test_a_resume_whose_settings_do_not_fit_changes_no_file_and_says_so_in_one_l
 
 
 def test_a_resume_from_a_checkpoint_carrying_code_changes_no_file(finished_run, tmp_path):
-    from tests.conftest import main_in_process
+    import shutil
 
     root, run_dir = finished_run
     evil = tmp_path / "copy"
-    import shutil
-
     shutil.copytree(root, evil, symlinks=True)
     ckpt = evil / run_dir.relative_to(root) / "checkpoints" / "last.ckpt"
     target = ckpt.resolve()
@@ -156,24 +181,6 @@ def test_a_resume_from_a_checkpoint_carrying_code_changes_no_file(finished_run, 
     assert _files(evil) == before
 
 
-def test_resuming_without_the_runs_settings_uses_its_saved_config_and_keeps_its_history(finished_run, tmp_path):
-    """The README's command: --ckpt_path last and nothing about the model; metrics.csv keeps epochs 0-1 and adds
-    2-3, each epoch's training loss once."""
-    import csv
-    import shutil
-
-    from tests.conftest import main_in_process
-
-    root, _ = finished_run
-    copy = tmp_path / "copy"
-    shutil.copytree(root, copy, symlinks=True)
-    run = main_in_process("--trainer.default_root_dir", str(copy), "--trainer.max_epochs", "4", "--ckpt_path", "last")
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.metrics["n_components"] == 16  # from the run's config.yaml, not default.yaml's 64
-    rows = [r for r in csv.DictReader(open(run.metrics_path.parent / "metrics.csv")) if r.get("train/loss")]
-    assert sorted(int(float(r["epoch"])) for r in rows) == [0, 1, 2, 3]
-
-
 def _max_epoch(run_dir) -> int:
     import csv
 
@@ -181,17 +188,40 @@ def _max_epoch(run_dir) -> int:
     return max(int(float(r["epoch"])) for r in rows if r.get("epoch"))
 
 
+def test_a_copied_run_resumed_without_its_settings_goes_on_in_the_copy_with_its_history(finished_run, tmp_path):
+    """The README's command (--ckpt_path last and nothing about the model) on a copy of a run whose saved config
+    names the original's folder: the resume goes on where the checkpoint is (metrics.json in the copy), with the
+    run's saved settings (K = 16 from its config.yaml, not default.yaml's 64); metrics.csv keeps epochs 0-1 and
+    adds 2, each epoch's training loss once; the original is left byte for byte."""
+    import csv
+    import shutil
+
+    root, run_dir = finished_run
+    before = _files(root)
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy, symlinks=True)
+    run = main_in_process("--trainer.default_root_dir", str(copy), "--ckpt_path", "last", "--trainer.max_epochs", "3")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.metrics_path == copy / run_dir.relative_to(root) / "metrics.json" and run.metrics["epochs"] == 3
+    assert run.metrics["n_components"] == 16
+    rows = [r for r in csv.DictReader(open(run.metrics_path.parent / "metrics.csv")) if r.get("train/loss")]
+    assert sorted(int(float(r["epoch"])) for r in rows) == [0, 1, 2]
+    assert _max_epoch(run.metrics_path.parent) == 2
+    assert _files(root) == before
+
+
 def test_a_resume_keeps_every_setting_and_config_yaml_unless_the_command_changes_one(tmp_path):
-    """The README's command after a run stopped (here: finished): every setting comes back from config.yaml, the
-    Trainer's included, and config.yaml is left byte for byte; a resume that trains longer saves that one change
-    and no resume bookkeeping (the checkpoint, the step the logs go on from)."""
+    """The README's command, --ckpt_path last, from the start: with no checkpoint yet it says so and starts a new
+    run; after the run stopped (here: finished), every setting comes back from config.yaml, the Trainer's
+    included, and config.yaml is left byte for byte; a resume that trains longer saves that one change and no
+    resume bookkeeping (the checkpoint, the step the logs go on from)."""
     import yaml
 
-    from tests.conftest import main_in_process
-
     root = tmp_path / "runs"
-    first = main_in_process("--trainer.default_root_dir", str(root), "--trainer.max_epochs", "2", *SHORT)
+    first = main_in_process("--trainer.default_root_dir", str(root), "--trainer.max_epochs", "2", *SHORT,
+                            "--ckpt_path", "last")  # fmt: skip
     assert first.returncode == 0, first.stderr[-2000:]
+    assert "starting a new run" in first.stderr
     run_dir = first.metrics_path.parent
     config = run_dir / "config.yaml"
     before = config.read_bytes()
@@ -212,23 +242,6 @@ def test_a_resume_keeps_every_setting_and_config_yaml_unless_the_command_changes
     assert _max_epoch(run_dir) == 2 and longer.metrics["epochs"] == 3
 
 
-def test_a_copied_run_resumes_in_the_copy_and_leaves_the_original_alone(finished_run, tmp_path):
-    """Its saved config names the original's folder; the resume goes on where the checkpoint is."""
-    import shutil
-
-    from tests.conftest import main_in_process
-
-    root, run_dir = finished_run
-    before = _files(root)
-    copy = tmp_path / "copy"
-    shutil.copytree(root, copy, symlinks=True)
-    run = main_in_process("--trainer.default_root_dir", str(copy), "--ckpt_path", "last", "--trainer.max_epochs", "3")
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.metrics_path == copy / run_dir.relative_to(root) / "metrics.json" and run.metrics["epochs"] == 3
-    assert _max_epoch(run.metrics_path.parent) == 2
-    assert _files(root) == before
-
-
 def test_rows_logged_after_the_last_checkpoint_are_dropped_once_on_resume(tmp_path):
     from implicit_em.run.loggers import RunMetricsCSV
 
@@ -244,8 +257,6 @@ def test_rows_logged_after_the_last_checkpoint_are_dropped_once_on_resume(tmp_pa
 
 
 def test_a_new_run_that_fails_leaves_no_empty_folder(tmp_path):
-    from tests.conftest import main_in_process
-
     run = main_in_process("--trainer.default_root_dir", str(tmp_path), "--config", "configs/data/fashion_mnist.yaml",
                           "--data.root", str(tmp_path / "nowhere"))  # fmt: skip
     assert run.returncode == 2 and "fashion_mnist" in run.stderr

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, run_script, script_in_process
+from tests.conftest import REPO, script_in_process
 from tests.lm.dashboard.conftest import WORDS, K, copy_run_with_root, needs_minilm
 
 pytestmark = needs_minilm
@@ -165,24 +165,21 @@ def test_neuronpedia_batches_have_the_upload_fields(causal_dashboard):
         assert len(tops) == len(c["top"])
 
 
-def test_the_script_writes_the_folder_and_prints_it_last(causal_run, tmp_path):
+def test_the_script_writes_the_folder_prints_it_last_and_logs_offline_to_wandb(causal_run, tmp_path):
+    """scripts/dashboard.py (its ``main``, in this process) with --wandb: exit 0, the folder's path as the last
+    stdout line; summary.json within --max-rows on the --split asked for, with K components and the pass's speed
+    and memory; index.html and no neuronpedia/ (--no-neuronpedia); with WANDB_MODE=offline and no key, an offline
+    W&B run inside the folder holding the components' table (K rows) and --wandb-pages pages of the dashboard."""
     out = tmp_path / "dash"
-    r = run_script(REPO / "scripts" / "dashboard.py", causal_run, "--out", out, "--top", "5", "--max-rows", "700",
-                   "--split", "test", "--no-neuronpedia", timeout=300)  # fmt: skip
+    r = script_in_process(REPO / "scripts" / "dashboard.py", causal_run, "--out", out, "--top", "5", "--samples", "4",
+                          "--max-rows", "700", "--split", "test", "--no-neuronpedia", "--wandb",
+                          "--wandb-pages", "2")  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == str(out.resolve())
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rows"] <= 700 and summary["split"] == "test" and summary["components"] == K
     assert summary["pass"]["contexts_per_s"] > 0 and summary["pass"]["peak_rss_mb"] > 0
     assert (out / "index.html").is_file() and not (out / "neuronpedia").exists()
-
-
-def test_the_script_with_wandb_logs_offline_into_the_folder(causal_run, tmp_path):
-    out = tmp_path / "dash"
-    r = script_in_process(REPO / "scripts" / "dashboard.py", causal_run, "--out", out, "--top", "3", "--samples",
-                          "4", "--max-rows", "300", "--no-neuronpedia", "--wandb", "--wandb-pages", "2")  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.strip().splitlines()[-1] == str(out.resolve())
     (run,) = (out / "wandb").glob("offline-run-*")  # WANDB_MODE=offline and no key: a run to sync later
     table = json.loads(next((run / "files").rglob("*.table.json")).read_text())
     assert len(table["data"]) == K and table["columns"][:2] == ["component", "density"]
