@@ -168,9 +168,7 @@ def test_a_ddp_worker_leaves_without_the_interpreters_shutdown(monkeypatch):
     assert app.main([]) == 0 and exits == [0]
 
 
-@pytest.mark.parametrize(
-    "config", sorted(p.name for p in (Path(__file__).parents[1] / "configs" / "model").glob("*.yaml"))
-)
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs" / "model").glob("*.yaml")))
 def test_a_model_config_gets_its_own_nets_defaults_and_nothing_from_default_yaml(config, tmp_path):
     """default.yaml's net is the paper's model; a model config switching the class must get the new class's own
     defaults (overridden only by its yaml), not a same-named setting carried over from the paper's model (the
@@ -182,7 +180,7 @@ def test_a_model_config_gets_its_own_nets_defaults_and_nothing_from_default_yaml
     from implicit_em.models.registry import MODELS
     from tests.conftest import fit_in_process
 
-    path = Path(__file__).parents[1] / "configs" / "model" / config
+    path = REPO / "configs" / "model" / config
     own = yaml.safe_load(path.read_text())["model"]["init_args"]["net"]
     cli = fit_in_process(tmp_path, "--config", str(path), fit=False)
     net = cli.config["model"]["init_args"]["net"]
