@@ -45,9 +45,19 @@ def _free_port() -> int:
 
 
 def _launch(worker, args: tuple, world: int) -> None:
-    """``worker(rank, *args)`` in ``world`` processes, joined. Forked, they start at once with this process's
-    imports (spawned ones would import torch and the project again, seconds each)."""
-    mp.start_processes(worker, args=args, nprocs=world, join=True, start_method="fork")
+    """``worker(rank, *args)`` in ``world`` processes, joined. They fork from a fork server that imported this
+    module once (spawned ones would import torch and the project again, seconds each; forking this process
+    itself can deadlock a child on a lock another of its threads held)."""
+    start_forked(worker, args, world)
+
+
+def start_forked(worker, args: tuple, world: int) -> None:
+    """``worker(rank, *args)`` in ``world`` processes forked from a fork server that preloads ``worker``'s
+    module, joined."""
+    import multiprocessing
+
+    multiprocessing.set_forkserver_preload([worker.__module__])
+    mp.start_processes(worker, args=args, nprocs=world, join=True, start_method="forkserver")
 
 
 # -- the objective: every rank gathers the distances with gradients (gather_samples) and evaluates the

@@ -7,7 +7,6 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from implicit_em.core.objective import (
     correlation_matrix,
@@ -312,8 +311,9 @@ def test_metrics_under_ddp_equal_single_process_on_concatenated_data(tmp_path):
     k = 6
     d = _random_distances(91, k, seed=2)
     shards = [d[:50], d[50:]]  # uneven shards
-    # forked workers start at once: they inherit this process's imports instead of importing everything again
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), shards, k, str(tmp_path)), nprocs=2, start_method="fork")
+    from tests.core.test_distributed import start_forked
+
+    start_forked(_ddp_worker, (2, _free_port(), shards, k, str(tmp_path)), 2)
     single = _metrics(k)
     for m in single.values():
         m.update(d)
