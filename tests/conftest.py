@@ -56,7 +56,9 @@ TRAIN = REPO / "scripts" / "train.py"
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
-#: small, quiet settings for in-process fits: no progress bar, no feature images, the fast probe, no KMeans
+#: small, quiet settings for in-process fits: no progress bar, no feature images, the fast probe, no KMeans, no
+#: SAE numbers (ridge readout, k-sparse probes, density histogram: half a fit's time on digits; a test that reads
+#: them passes ``--report.sae_metrics true`` after these)
 QUIET = [
     "--trainer.enable_progress_bar", "false",
     "--trainer.enable_model_summary", "false",
@@ -64,6 +66,7 @@ QUIET = [
     "--report.probe_method", "torch",
     "--components.every_n_epochs", "0",
     "--probe.every_n_epochs", "0",
+    "--report.sae_metrics", "false",
 ]  # fmt: skip
 
 

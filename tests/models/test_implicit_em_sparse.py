@@ -189,7 +189,7 @@ def test_the_sparse_config_trains_through_the_cli(selection, tmp_path):
     from tests.conftest import fit_in_process
 
     cli = fit_in_process(tmp_path, "--config", SPARSE_CONFIG, "--model.k", "4", "--model.net.selection", selection,
-                         "--model.net.activation", "softplus", "--trainer.max_epochs", "2")  # fmt: skip
+                         "--model.net.activation", "softplus", "--trainer.max_epochs", "2", "--report.sae_metrics", "true")  # fmt: skip
     assert type(cli.model.model) is ImplicitEMSparse and cli.model.model.k == 4
     metrics = json.loads(Path(cli.metrics_path).read_text())
     assert metrics["model"] == "implicit_em_sparse"

@@ -24,7 +24,7 @@ def run(tmp_path_factory) -> RunDir:
     """A 1-epoch run (K = 8, digits) fitted in this process through fit_run."""
     root = tmp_path_factory.mktemp("app")
     args = ["--trainer.default_root_dir", str(root), "--trainer.max_epochs", "1", "--model.n_components", str(K),
-            *QUIET]  # fmt: skip
+            *QUIET, "--report.sae_metrics", "true"]  # fmt: skip
     return RunDir(app.fit_run(args, [DEFAULT_CONFIG]).parent)
 
 

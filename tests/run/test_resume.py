@@ -143,7 +143,7 @@ def _files(root) -> dict[str, bytes]:
 
 
 SHORT = ["--trainer.enable_progress_bar", "false", "--report.kmeans", "false", "--report.probe_method", "torch",
-         "--components.every_n_epochs", "0", "--probe.every_n_epochs", "0", "--model.n_components", "16"]  # fmt: skip
+         "--components.every_n_epochs", "0", "--probe.every_n_epochs", "0", "--model.n_components", "16", "--report.sae_metrics", "false"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

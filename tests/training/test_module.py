@@ -77,7 +77,7 @@ def fit(root, *args, **kwargs):
 # log-variance barrier lifts them slowly). With 0.01 the last one revives by epoch 6 for seeds 0-3; LSE-only
 # has every component dead from epoch 1. Both runs share every setting except the two lambdas.
 COLLAPSE = ["--trainer.max_epochs", "8", "--model.lr", "0.01", "--report.kmeans", "false",
-            "--probe.every_n_epochs", "0"]  # fmt: skip
+            "--probe.every_n_epochs", "0", "--report.sae_metrics", "false"]  # fmt: skip
 
 
 def test_lse_only_collapses_every_component_full_objective_none(train):

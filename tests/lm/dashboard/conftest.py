@@ -89,6 +89,7 @@ def train(root: Path, runs: Path) -> Path:
         "--data.root", str(root), "--model.n_components", str(K), "--trainer.max_epochs", "2",
         "--data.batch_size", "128", "--data.block_rows", "256", "--data.buffer_rows", "1024",
         "--trainer.default_root_dir", str(runs), "--trainer.logger", "false", *QUIET,
+        "--report.sae_metrics", "true",  # the readout the dashboard's logit effects go through
         "--report.lm_windows", "0",  # the tiny causal "LM" of these harvests writes no windows to splice
     ])  # fmt: skip
     return Path(metrics).parent
