@@ -404,6 +404,25 @@ def test_the_block_count_is_read_from_the_gguf_metadata_alone(tmp_path):
         cl.gguf_block_count(tmp_path / "text.gguf")
 
 
+def test_inside_gguf_parsed_once_a_file_is_parsed_once_and_gguf_is_restored_after(tmp_path):
+    import gguf
+
+    path = _gguf_header(tmp_path / "llama.gguf", blocks=3)
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with cl.gguf_parsed_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first and gguf.GGUFReader(tmp_path / "." / "llama.gguf") is first
+        assert isinstance(first, real_reader) and cl.gguf_architecture(path) == "llama"
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 3) is gguf.get_tensor_name_map(arch, 3)  # built once
+        assert gguf.get_tensor_name_map(arch, 3).get_name("blk.1.attn_q") == real_map(arch, 3).get_name("blk.1.attn_q")
+    assert gguf.GGUFReader is real_reader and gguf.get_tensor_name_map is real_map
+    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)  # outside, every open parses again
+    with pytest.raises(RuntimeError), cl.gguf_parsed_once():  # restored when the load fails too
+        raise RuntimeError("a failed load")
+    assert gguf.GGUFReader is real_reader
+
+
 def test_a_folders_config_declares_its_blocks(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 4}}))
     assert cl.declared_layers(tmp_path) == 4

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import importlib.util
 import io
@@ -103,6 +104,33 @@ def _transformers():
     except ImportError:
         raise ConfigError('causal LMs need the transformers package: pip install -e ".[activations]"') from None
     return transformers
+
+
+@contextlib.contextmanager
+def gguf_parsed_once():
+    """Within this context a GGUF file is parsed once however often it is opened: transformers opens one three
+    times (the tokenizer, the config, the weights), each a full parse of its metadata (SmolLM2's 49,152-token
+    vocabulary and merges: seconds each), and builds gguf's tensor-name map anew for every module it maps (397
+    times for SmolLM2). Inside, ``gguf.GGUFReader`` hands back the reader already made for the same path and
+    arguments, and ``gguf.get_tensor_name_map`` (a pure function of the architecture and block count) is
+    memoised; both are restored on exit. The readers are read-only memory maps: the weights and the tokenizer are
+    those of the plain load, bit for bit (SmolLM2-135M's GGUF loads in about 14 s instead of 33 s on a 2-core CPU)."""
+    import gguf
+
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def reader(path, *args, **kwargs):
+        key = (str(Path(path).resolve()), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = real_reader(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(real_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
 
 
 def gguf_architecture(path: Path) -> str:
@@ -218,8 +246,15 @@ def load_causal_lm(model: str | Path, device: str | torch.device = "cpu", dtype:
     ``info`` has model (the path), gguf_file (its name, or None), architecture and n_layers. Bad input
     (no such file, a folder that is not a model, a GGUF architecture transformers cannot load) is a one-line
     :class:`ConfigError` / :class:`DataError`."""
-    transformers = _transformers()
     path = Path(model)
+    if path.suffix.lower() == ".gguf" and path.is_file() and importlib.util.find_spec("gguf") is not None:
+        with gguf_parsed_once():
+            return _load_causal_lm(path, device, dtype)
+    return _load_causal_lm(path, device, dtype)
+
+
+def _load_causal_lm(path: Path, device: str | torch.device, dtype: str) -> tuple:
+    transformers = _transformers()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise DataError(f"{path}: no such .gguf file; pass an existing GGUF model file to --model")
