@@ -39,7 +39,6 @@ LONGEST_FIRST = [
     "tests/run/test_resume.py",
     "tests/run/test_checkpoints.py",
     "tests/training/test_ensemble.py",
-    "tests/eval/test_diagnostics.py",
     "tests/lm/dashboard/test_html.py",
     "tests/experiments/test_compare.py",
     "tests/eval/test_probe.py",

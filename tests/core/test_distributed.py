@@ -28,10 +28,13 @@ import torch.multiprocessing as mp
 
 from implicit_em.core.distributed import gather_samples
 from implicit_em.core.objective import implicit_em_objective
+from implicit_em.eval.diagnostics import ComponentDiagnostics, Redundancy
 from implicit_em.models.implicit_em import ImplicitEM
 from implicit_em.run.checkpoints import load_checkpoint
 from implicit_em.training.module import ComponentModule
 from tests.conftest import REPO, TRAIN, Run, main_in_process, run_script
+from tests.eval.test_diagnostics import _assert_same, _metrics, _results
+from tests.eval.test_diagnostics import _random_distances as _diagnostics_distances
 from tests.lm.test_activations import E2E as SHARDS
 from tests.lm.test_activations import write_shards
 
@@ -277,3 +280,54 @@ def test_two_nodes_of_one_process_on_activation_shards_equal_one_process(tmp_pat
     assert procs[0].returncode == 0, results[1][1][-3000:]
     _assert_same_training(node0, single, n_train=1426)
     assert not list((tmp_path / "n1").rglob("metrics.json"))  # only global rank 0 evaluates and writes
+
+
+# -- the diagnostics synced across ranks -----------------------------------------------------------------------
+
+
+def _metrics_worker(rank: int, world: int, port: int, shards: list, k: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        metrics = _metrics(k)
+        diagnostics = ComponentDiagnostics(k)
+        estimate = Redundancy(k, max_exact=3, subset=4)
+        for chunk in shards[rank].split(17):  # several updates per rank
+            for m in [*metrics.values(), estimate]:
+                m.update(chunk)
+            diagnostics.update(chunk)
+        results = _results(metrics)
+        results.update({f"diag/{key}": v for key, v in diagnostics.compute().items()})
+        results.update({f"estimate/{key}": v for key, v in estimate.compute().items()})
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears down while another still communicates
+    finally:
+        dist.destroy_process_group()
+
+
+def test_metrics_under_ddp_equal_single_process_on_concatenated_data(tmp_path):
+    """The diagnostics (tests/eval/test_diagnostics.py) synced over 2 ranks of uneven shards equal one process
+    on their concatenation (here, to share this file's fork server)."""
+    k = 6
+    d = _diagnostics_distances(91, k, seed=2)
+    shards = [d[:50], d[50:]]  # uneven shards
+    _launch(_metrics_worker, (2, _free_port(), shards, k, str(tmp_path)), 2)
+    single = _metrics(k)
+    for m in single.values():
+        m.update(d)
+    expected = _results(single)
+    diag = ComponentDiagnostics(k, sync_on_compute=False)
+    diag.update(d)
+    expected.update({f"diag/{key}": v for key, v in diag.compute().items()})
+    estimate = Redundancy(k, max_exact=3, subset=4, sync_on_compute=False)
+    estimate.update(d)
+    expected.update({f"estimate/{key}": v for key, v in estimate.compute().items()})
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        _assert_same(got, expected)
+    # the shards alone differ from the whole: the test would notice a missing sync
+    alone = _metrics(k)
+    for m in alone.values():
+        m.update(shards[0])
+    assert not torch.allclose(_results(alone)["redundancy"], expected["redundancy"])

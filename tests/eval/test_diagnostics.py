@@ -1,12 +1,10 @@
-"""Diagnostics: hand-computed values, batch accumulation, and the same values under 2-process CPU DDP."""
+"""Diagnostics: hand-computed values and batch accumulation (the same values synced under 2-process CPU DDP:
+tests/core/test_distributed.py, which shares its fork server)."""
 
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from implicit_em.core.objective import (
     correlation_matrix,
@@ -17,7 +15,6 @@ from implicit_em.core.objective import (
 from implicit_em.eval.diagnostics import (
     REDUNDANCY_EXACT_MAX,
     REDUNDANCY_SUBSET,
-    ComponentDiagnostics,
     ComponentUsage,
     DeadComponents,
     L0Density,
@@ -275,60 +272,3 @@ def test_reset_clears_state():
     m.reset()
     m.update(torch.tensor([[0.0, 0.0], [1.0, 2.0], [2.0, 4.0]]))
     assert m.compute()["redundancy"].item() == pytest.approx(2.0, abs=1e-6)  # perfectly correlated pair
-
-
-# -- 2-process CPU DDP -----------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world: int, port: int, shards: list, k: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        metrics = _metrics(k)
-        diagnostics = ComponentDiagnostics(k)
-        estimate = Redundancy(k, max_exact=3, subset=4)
-        for chunk in shards[rank].split(17):  # several updates per rank
-            for m in [*metrics.values(), estimate]:
-                m.update(chunk)
-            diagnostics.update(chunk)
-        results = _results(metrics)
-        results.update({f"diag/{key}": v for key, v in diagnostics.compute().items()})
-        results.update({f"estimate/{key}": v for key, v in estimate.compute().items()})
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # no rank tears down while another still communicates
-    finally:
-        dist.destroy_process_group()
-
-
-def test_metrics_under_ddp_equal_single_process_on_concatenated_data(tmp_path):
-    k = 6
-    d = _random_distances(91, k, seed=2)
-    shards = [d[:50], d[50:]]  # uneven shards
-    from tests.core.test_distributed import start_forked
-
-    start_forked(_ddp_worker, (2, _free_port(), shards, k, str(tmp_path)), 2)
-    single = _metrics(k)
-    for m in single.values():
-        m.update(d)
-    expected = _results(single)
-    diag = ComponentDiagnostics(k, sync_on_compute=False)
-    diag.update(d)
-    expected.update({f"diag/{key}": v for key, v in diag.compute().items()})
-    estimate = Redundancy(k, max_exact=3, subset=4, sync_on_compute=False)
-    estimate.update(d)
-    expected.update({f"estimate/{key}": v for key, v in estimate.compute().items()})
-    for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
-        _assert_same(got, expected)
-    # the shards alone differ from the whole: the test would notice a missing sync
-    alone = _metrics(k)
-    for m in alone.values():
-        m.update(shards[0])
-    assert not torch.allclose(_results(alone)["redundancy"], expected["redundancy"])
