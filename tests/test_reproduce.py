@@ -142,6 +142,19 @@ def test_notebook_executes_on_the_quick_results(quick, monkeypatch):
     assert images == 7  # every figure of every experiment
 
 
+def test_every_registered_experiment_resolves_and_naming_them_imports_no_lightning():
+    import subprocess
+    import sys
+
+    from implicit_em.experiments import EXPERIMENTS, runner
+    from implicit_em.experiments.frontier import run_frontier_experiment
+
+    assert all(callable(runner(name)) for name in EXPERIMENTS) and runner("frontier") is run_frontier_experiment
+    probe = "import sys, implicit_em.experiments; print(sorted(m for m in sys.modules if m.startswith('lightning')))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
+    assert loaded.stdout.strip() == "[]"  # a bad argument of reproduce.py is answered before any of it loads
+
+
 def test_bad_argument_in_a_real_run_is_one_line_and_exit_2():
     run = run_script(REPRODUCE, "--experiment", "theorem", "nonsense", timeout=120)
     assert run.returncode == 2
