@@ -20,25 +20,25 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one torch thread per worker (its pr
     import torch
 
     torch.set_num_threads(1)
-#: the test files that take longest (real processes, the real SmolLM2, DDP launches), longest first: each worker
-#: of ``-n 2 --dist loadfile --no-loadscope-reorder`` takes the next file when it is free, so starting with these
-#: and ending with the many short files keeps the two workers busy to the end. Measured with ``pytest
-#: --durations=0`` (each file's test times summed); refresh when a file's cost changes much. Order only: every
-#: file runs either way.
+#: the test files that take longest, in the order the two workers of ``-n 2 --dist loadfile --no-loadscope-reorder``
+#: take them (each takes the next file when it is free): the sweep's and the DDP tests (real processes that also
+#: wait: on rendezvous, heartbeats, a held trial) are kept apart, each beside files that compute in this process,
+#: and the many short files come last to even out the end. Measured with ``pytest --durations=0`` (each file's test
+#: times summed); refresh when a file's cost changes much. Order only: every file runs either way.
 LONGEST_FIRST = [
     "tests/sweep/test_study.py",
-    "tests/core/test_distributed.py",
-    "tests/test_reproduce.py",
-    "tests/lm/test_harvest.py",
-    "tests/experiments/test_frontier_tokens.py",
-    "tests/data/test_cifar10.py",
-    "tests/run/test_cli.py",
-    "tests/lm/test_causal_lm.py",
-    "tests/experiments/test_frontier.py",
     "tests/training/test_module.py",
-    "tests/run/test_resume.py",
-    "tests/run/test_checkpoints.py",
+    "tests/experiments/test_frontier.py",
+    "tests/run/test_cli.py",
+    "tests/core/test_distributed.py",
+    "tests/experiments/test_frontier_tokens.py",
+    "tests/lm/test_causal_lm.py",
     "tests/training/test_ensemble.py",
+    "tests/lm/test_harvest.py",
+    "tests/run/test_resume.py",
+    "tests/data/test_cifar10.py",
+    "tests/test_reproduce.py",
+    "tests/run/test_checkpoints.py",
     "tests/lm/dashboard/test_html.py",
     "tests/experiments/test_compare.py",
     "tests/eval/test_probe.py",
