@@ -12,14 +12,14 @@ from implicit_em.errors import OneLineArgumentParser, report_user_error
 from implicit_em.run.app import evaluate_checkpoint
 
 
-def main() -> int:
+def main(argv=None) -> int:
     p = OneLineArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="a .ckpt file written by scripts/train.py")
     p.add_argument("--config", help="the run's config.yaml (default: the one beside the checkpoint's run)")
     p.add_argument("--probe-method", choices=["sklearn", "torch"], default="sklearn")
     p.add_argument("--no-kmeans", action="store_true", help="skip the KMeans baseline")
     p.add_argument("--out", help="also write the JSON here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     overrides = ["--report.probe_method", args.probe_method, "--report.kmeans", str(not args.no_kmeans).lower()]
     try:
         metrics = evaluate_checkpoint(args.checkpoint, args.config, overrides)

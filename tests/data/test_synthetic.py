@@ -122,6 +122,7 @@ def test_trains_through_the_cli_with_component_images_for_any_dims(train):
     run = train(
         "--config", "configs/data/synthetic.yaml", "--data.dims", "50", "--data.n_samples", "2000",
         "--trainer.max_epochs", "2", "--report.kmeans", "false", "--model.n_components", "16",
+        "--components.every_n_epochs", "10",
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     m = run.metrics

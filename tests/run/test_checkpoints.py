@@ -5,6 +5,7 @@ runs; our own checkpoints (plain model, SAE, ensemble) load that way; writes are
 from __future__ import annotations
 
 import os
+import runpy
 import shutil
 
 import pytest
@@ -18,7 +19,7 @@ from implicit_em.run.checkpoints import (
     find_last_checkpoint,
     load_checkpoint,
 )
-from tests.conftest import QUIET, REPO, fit_in_process, main_in_process, run_script
+from tests.conftest import QUIET, REPO, call_in_process, fit_in_process, main_in_process
 from tests.data.conftest import assert_one_line_error
 
 SMALL = ["--trainer.max_epochs", "1", "--model.n_components", "8", *QUIET]
@@ -80,8 +81,11 @@ def test_load_checkpoint_refuses_a_pickled_call_and_never_runs_it(evil_run):
 
 
 def test_probe_script_refuses_it_with_one_line(evil_run):
+    """scripts/probe.py's ``main`` in this process (a refusal in a real process, its output one line alone:
+    test_cli.py's test_a_refused_run_prints_its_error_line_alone)."""
     _, ckpt, marker = evil_run
-    run = run_script(REPO / "scripts" / "probe.py", ckpt, "--probe-method", "torch", "--no-kmeans", timeout=300)
+    main = runpy.run_path(str(REPO / "scripts" / "probe.py"))["main"]
+    run = call_in_process(main, [ckpt, "--probe-method", "torch", "--no-kmeans"])
     line = assert_one_line_error(run, str(ckpt), "refusing to load it")
     assert not marker.exists(), line
     assert run.stdout.strip() == ""

@@ -65,6 +65,8 @@ def test_component_images_go_to_the_loggers_that_take_images_and_skip_non_image_
     sent = []
     wandb_like = SimpleNamespace(log_image=lambda key, images, step: sent.append((key, images, step)))
     cb.ComponentImages(every_n_epochs=0).on_fit_end(_trainer(tmp_path, 4, loggers=[wandb_like]), _Module())
+    assert sent == [] and not (tmp_path / COMPONENTS_PNG).exists()  # 0: never drawn, not even at the end
+    cb.ComponentImages(every_n_epochs=10).on_fit_end(_trainer(tmp_path, 4, loggers=[wandb_like]), _Module())
     assert sent == [("components", [str(tmp_path / COMPONENTS_PNG)], 35)]
     flat = tmp_path / "flat"
     cb.ComponentImages(every_n_epochs=1).on_train_epoch_end(_trainer(flat, 0, image_shape=()), _Module())

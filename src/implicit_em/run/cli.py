@@ -62,9 +62,9 @@ class SaveAndLogConfig(SaveConfigCallback):
         run = RunDir.of_trainer(trainer)  # every rank: log_dir may broadcast
         if trainer.is_global_zero:
             text = self.parser.dump(self.config, skip_none=False)
-            if not run.holds_config(text):
+            if not run.holds_config(text):  # the dump written as it is: one dump per run, not two
                 run.path.mkdir(parents=True, exist_ok=True)
-                self.parser.save(self.config, run.config_path, skip_none=False, overwrite=True)
+                run.config_path.write_text(text)
             self.save_config(trainer, pl_module, stage)
             self.already_saved = True
         self.already_saved = trainer.strategy.broadcast(self.already_saved)

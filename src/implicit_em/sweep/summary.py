@@ -113,6 +113,10 @@ def save_plots(study: optuna.Study, out_dir: Path, metric: str) -> tuple[list[Pa
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return made, ["no COMPLETE trial to plot"]
     plots = {"history": "plot_optimization_history", "importances": "plot_param_importances"}
+    searched = {name for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) for name in t.params}
+    if len(searched) < 2:  # one parameter has all the importance: nothing to rank (and fANOVA costs seconds)
+        del plots["importances"]
+        notes.append(f"importances: the study searches {len(searched)} parameter(s); nothing to rank")
     for name, fn in plots.items():
         path = out_dir / f"{study.study_name}_{name}.png"
         try:

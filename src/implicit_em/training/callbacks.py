@@ -57,7 +57,7 @@ class ComponentImages(L.Callback):
     loggers that take images (W&B, TensorBoard).
 
     Args:
-        every_n_epochs: how often during training (0: only at the end).
+        every_n_epochs: how often during training, besides once at the end (0: never, not even at the end).
     """
 
     def __init__(self, every_n_epochs: int = 10):
@@ -71,7 +71,8 @@ class ComponentImages(L.Callback):
             )
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        self._draw(trainer, pl_module, RunDir.of_trainer(trainer) / COMPONENTS_PNG, trainer.current_epoch)
+        if self.every_n_epochs:
+            self._draw(trainer, pl_module, RunDir.of_trainer(trainer) / COMPONENTS_PNG, trainer.current_epoch)
 
     @rank_zero_only
     def _draw(self, trainer, pl_module, path: Path, epoch: int) -> None:
