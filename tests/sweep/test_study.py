@@ -114,17 +114,18 @@ def shared_url():
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker processes through /proc (Linux)")
 def test_two_workers_finish_the_study_when_one_is_killed_mid_trial(tmp_path, shared_url):
-    """Two workers share one study (on PostgreSQL where a server starts); worker 0 is SIGKILLed mid-trial: the
-    sweep exits 0 with exactly 2 COMPLETE trials in distinct run folders (each metrics.json holding the trial's
-    value, scored on val), the killed trial FAILs, the note, the best value and the reproduce command are printed,
-    and the table (beside an SQLite file, else under --root) and the history plot are written."""
+    """Two workers share one study (on PostgreSQL where a server starts): worker 0 in the sweep's own process,
+    worker 1 in a process of its own, SIGKILLed mid-trial: the sweep exits 0 with exactly 2 COMPLETE trials in
+    distinct run folders (each metrics.json holding the trial's value, scored on val), the killed trial FAILs, the
+    note, the best value and the reproduce command are printed, and the table (beside an SQLite file, else under
+    --root) and the history plot are written."""
     url = shared_url or sqlite(tmp_path)
     log = tmp_path / "sweep.log"
     proc = start(sweep_command(tmp_path, url, "two", 2, 2), log)
     try:
         running = wait_for_running(url, "two", 2, proc, log)
         workers = children(proc.pid)
-        assert len(workers) == 2
+        assert len(workers) == 1  # worker 1; worker 0 is the sweep's process
         os.kill(workers[0], signal.SIGKILL)
         release(tmp_path)
         assert proc.wait(timeout=600) == 0, log.read_text()[-2000:]
@@ -136,7 +137,7 @@ def test_two_workers_finish_the_study_when_one_is_killed_mid_trial(tmp_path, sha
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert len(failed) == 1 and failed[0].number in [t.number for t in running]
     out = log.read_text()
-    assert f"note: worker 0 was killed (signal {signal.SIGKILL.value})" in out
+    assert f"note: worker 1 was killed (signal {signal.SIGKILL.value})" in out
     assert "reproduce: python scripts/train.py" in out and f"best val_probe_accuracy {study.best_value:.6g}" in out
     files = tmp_path if url.startswith("sqlite") else tmp_path / "runs"
     table = (files / "two_trials.csv").read_text().splitlines()
@@ -198,3 +199,42 @@ def test_a_study_made_for_another_metric_or_direction_is_refused(tmp_path):
         open_study("s", url, "minimize", "val_fvu")
     with pytest.raises(ConfigError, match="pass --direction maximize"):
         open_study("s", url, "minimize", "val_probe_accuracy")
+
+
+#: a stand-in worker process: notes that it is ready, then writes which signal ended it
+STAND_IN = """import pathlib, signal, sys, time
+out = pathlib.Path(sys.argv[1])
+def stop(signum, frame):
+    out.write_text(signal.Signals(signum).name)
+    sys.exit(0)
+signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGTERM, stop)
+out.with_suffix(".ready").touch()
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("sent, stops", [(signal.SIGTERM, SystemExit), (signal.SIGINT, KeyboardInterrupt)])
+def test_a_signal_stops_worker_0_here_and_reaches_every_worker_process(tmp_path, sent, stops):
+    """SIGTERM or SIGINT to the sweep's process while its worker 0 runs: each worker process gets the signal and
+    is waited for, worker 0 stops (SystemExit 143, KeyboardInterrupt), and the handlers are restored."""
+    from implicit_em.sweep.study import run_workers
+
+    outs = [tmp_path / f"w{i}.txt" for i in (1, 2)]
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def own():
+        deadline = time.monotonic() + 60
+        while not all(o.with_suffix(".ready").exists() for o in outs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), sent)
+        time.sleep(60)  # the handler stops this
+        raise AssertionError("worker 0 was not stopped")
+
+    started = time.monotonic()
+    with pytest.raises(stops) as e:
+        run_workers([[sys.executable, "-c", STAND_IN, str(o)] for o in outs], 1, own)
+    assert time.monotonic() - started < 50
+    assert stops is not SystemExit or e.value.code == 128 + signal.SIGTERM
+    assert [o.read_text() for o in outs] == [sent.name] * 2  # every process got it, and had ended by the return
+    assert {s: signal.getsignal(s) for s in before} == before

@@ -139,18 +139,24 @@ def sweep(args: argparse.Namespace, own: list[str], train: list[str], default_co
         summary.say(f"study {args.study} on {storages.masked(url)}: {plan.metric} ({direction}), {args.trials} "
                     f"COMPLETE trials, {args.workers} worker(s) x {threads or 'the given'} thread(s); runs in "
                     f"{plan.root / args.study}")  # fmt: skip
+    run = studies.Worker(study, plan, space, args.trials, summary.say, min(2.0, args.heartbeat)).run
     if worker or args.workers == 1:
-        studies.Worker(study, plan, space, args.trials, summary.say, min(2.0, args.heartbeat)).run()
+        run()
     if worker:
         return 0
-    if args.workers > 1:
+    if args.workers > 1:  # worker 0 in this process, workers 1, 2, ... in their own
         pinned = ["--metric", plan.metric, "--direction", direction]
         pinned += [a for path in default_config_files for a in ("--default-config", path)]
-        codes = studies.spawn_workers([[*own, *pinned, "--worker-index", str(i), "--", *train]
-                                      for i in range(args.workers)], threads or 1)  # fmt: skip
+        try:
+            commands = [studies.worker_command([*own, *pinned, "--worker-index", str(i), "--", *train])
+                        for i in range(1, args.workers)]  # fmt: skip
+            codes = studies.run_workers(commands, threads or 1, run)
+        except KeyboardInterrupt:
+            print("interrupted: the running trials are marked FAIL by the next sweep on this study", file=sys.stderr)
+            return 130
         if any(c > 0 for c in codes):  # a worker stopped on an error it printed (a setting: 2; a bug: 1)
             return max(codes)
-        for i, c in enumerate(codes):
+        for i, c in enumerate(codes, start=1):
             if c < 0:
                 print(f"note: worker {i} was killed (signal {-c}); its trial is marked FAIL", file=sys.stderr)
     finish(study, plan, space, args, url)

@@ -144,31 +144,43 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def spawn_workers(argvs: Sequence[Sequence[str]], threads: int) -> list[int]:
-    """Run one worker process of this sweep per argument list (``python -m implicit_em.sweep.cli ARGV``), each
-    with ``threads`` torch threads, and wait for them; SIGINT/SIGTERM are passed on, and a worker ends with its
-    parent. Returns the workers' exit codes (negative: killed by that signal)."""
+def worker_command(argv: Sequence[str]) -> list[str]:
+    """The command of a worker process of this sweep: ``python -m implicit_em.sweep.cli ARGV``."""
+    return [sys.executable, "-m", "implicit_em.sweep.cli", *argv]
+
+
+def run_workers(commands: Sequence[Sequence[str]], threads: int, own: Callable[[], None]) -> list[int]:
+    """Run ``own`` (worker 0, in this process: it has already imported what a trial needs) beside one worker
+    process per command (:func:`worker_command`: workers 1, 2, ...), each with ``threads`` torch threads, and
+    wait for them all. SIGINT and SIGTERM are passed on to the processes and stop
+    worker 0 here as well (KeyboardInterrupt, SystemExit(143)); a worker process ends with its parent. Returns the
+    exit codes of the worker processes (negative: killed by that signal), or raises what stopped worker 0 once
+    every process has ended."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "implicit_em.sweep.cli", *argv],
-            env=env,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            list(command), env=env, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None
         )  # fmt: skip
-        for argv in argvs
+        for command in commands
     ]
 
     def forward(signum, frame):
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        codes = [p.wait() for p in procs]
+        own()
     finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
+        try:
+            codes = [p.wait() for p in procs]
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
     return codes
 
 
