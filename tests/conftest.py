@@ -15,11 +15,13 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing loads from a hub: a test that tries fails at once
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # one torch thread per worker (its processes too): no oversubscription
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker (its processes too): no oversubscription
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(1)
+    threadpool_limits(1)  # numpy's BLAS was loaded (by pytest plugins) before OMP_NUM_THREADS was set
 #: the test files that take longest, in the order the two workers of ``-n 2 --dist loadfile --no-loadscope-reorder``
 #: take them (each takes the next file when it is free): the sweep's and the DDP tests (real processes that also
 #: wait: on rendezvous, heartbeats, a held trial) are kept apart, each beside files that compute in this process,

@@ -94,3 +94,34 @@ def test_training_process_applies_its_settings_and_undoes_them(process_state, mo
         del os.environ["PATH"]
         raise KeyError("interrupted")
     assert dict(os.environ) == environ and flushes_denormals() == process_state["denormals"]
+
+
+def test_threads_limits_torch_and_numpys_blas_during_the_fit_and_restores_both(tmp_path):
+    """``--threads 1`` in a process whose pools hold 2 threads: torch and numpy's BLAS (the probes' and KMeans'
+    matrix products) run on one thread during the fit and hold 2 again after it."""
+    import lightning as L
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from tests.conftest import fit_in_process
+
+    def blas_threads() -> set[int]:
+        return {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
+
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            seen.append((torch.get_num_threads(), blas_threads()))
+
+    threads = torch.get_num_threads()
+    limits = threadpool_limits(2, user_api="blas")
+    try:
+        torch.set_num_threads(2)
+        if blas_threads() != {2}:
+            pytest.skip(f"numpy's BLAS here cannot hold 2 threads: {threadpool_info()}")
+        fit_in_process(tmp_path, *ONE_EPOCH, "--threads", "1", callbacks=[Record()])
+        assert seen == [(1, {1})]
+        assert torch.get_num_threads() == 2 and blas_threads() == {2}
+    finally:
+        limits.restore_original_limits()
+        torch.set_num_threads(threads)

@@ -55,9 +55,11 @@ def fit(cli: ImplicitEMCLI) -> Fitted | None:
     trainer, module, dm = cli.trainer, cli.model, cli.datamodule
     if cli.config.get("threads") is not None:
         import torch
+        from threadpoolctl import threadpool_limits
 
         check(cli.config.threads >= 1, "threads", "an integer >= 1 or null", cli.config.threads)
         torch.set_num_threads(int(cli.config.threads))
+        threadpool_limits(int(cli.config.threads))  # numpy's and scipy's BLAS too (the probes, KMeans)
     if getattr(cli, "resume_state", None) is not None:
         check_resumable(module, cli.resume_state, cli.config.ckpt_path)
     try:
