@@ -45,9 +45,8 @@ def sweep_command(tmp_path: Path, url: str, study: str, trials: int, workers: in
 def start(command: list[str], log: Path) -> subprocess.Popen:
     """The sweep as a process of its own; every trial holds at its start until ``release(tmp_path)``."""
     env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
-    path = os.pathsep.join(
-        p for p in (str(REPO), env.get("PYTHONPATH")) if p
-    )  # tests.sweep.hold, then the caller's path
+    # the repository (tests.sweep.hold), then the caller's path (a clone's src)
+    path = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env.update(WANDB_MODE="offline", MPLBACKEND="Agg", OMP_NUM_THREADS="1", PYTHONPATH=path,
                IMPLICIT_EM_TEST_RELEASE=str(log.parent / "release"))  # fmt: skip
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,

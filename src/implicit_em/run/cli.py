@@ -228,8 +228,9 @@ class ImplicitEMCLI(LightningCLI):
         )  # fmt: skip
         parser.add_argument(
             "--threads", type=int | None, default=None,
-            help="CPU threads for this run: torch's and numpy's BLAS (null: their default, one per core). On a shared or busy machine "
-            "set it to the cores you may use: oversubscribed threads make each step many times slower.",
+            help="CPU threads for this run, torch's and numpy's BLAS (null: their default, one per core). On a "
+            "shared or busy machine set it to the cores you may use: oversubscribed threads make each step many "
+            "times slower.",
         )  # fmt: skip
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults(

@@ -147,9 +147,9 @@ def sweep(args: argparse.Namespace, own: list[str], train: list[str], default_co
     if args.workers > 1:  # worker 0 in this process, workers 1, 2, ... in their own
         pinned = ["--metric", plan.metric, "--direction", direction]
         pinned += [a for path in default_config_files for a in ("--default-config", path)]
+        commands = [studies.worker_command([*own, *pinned, "--worker-index", str(i), "--", *train])
+                    for i in range(1, args.workers)]  # fmt: skip
         try:
-            commands = [studies.worker_command([*own, *pinned, "--worker-index", str(i), "--", *train])
-                        for i in range(1, args.workers)]  # fmt: skip
             codes = studies.run_workers(commands, threads or 1, run)
         except KeyboardInterrupt:
             print("interrupted: the running trials are marked FAIL by the next sweep on this study", file=sys.stderr)

@@ -152,10 +152,10 @@ def worker_command(argv: Sequence[str]) -> list[str]:
 def run_workers(commands: Sequence[Sequence[str]], threads: int, own: Callable[[], None]) -> list[int]:
     """Run ``own`` (worker 0, in this process: it has already imported what a trial needs) beside one worker
     process per command (:func:`worker_command`: workers 1, 2, ...), each with ``threads`` torch threads, and
-    wait for them all. SIGINT and SIGTERM are passed on to the processes and stop
-    worker 0 here as well (KeyboardInterrupt, SystemExit(143)); a worker process ends with its parent. Returns the
-    exit codes of the worker processes (negative: killed by that signal), or raises what stopped worker 0 once
-    every process has ended."""
+    wait for them all. SIGINT and SIGTERM are passed on to the processes and stop worker 0 here as well
+    (KeyboardInterrupt, SystemExit(143)); a worker process ends with its parent. Returns the exit codes of the
+    worker processes (negative: killed by that signal), or raises what stopped worker 0 once every process has
+    ended."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     procs = [
         subprocess.Popen(
