@@ -30,3 +30,12 @@ def test_the_seed_fixes_the_splits():
         dm.setup()
     assert torch.equal(a.splits["test"].x, b.splits["test"].x)
     assert not torch.equal(a.splits["test"].x, c.splits["test"].x)
+
+
+def test_each_load_is_its_own_copy_of_the_pixels_read_once():
+    """The file is read once per process; a module that changes its arrays in place changes no later load."""
+    first = DigitsDataModule().load()["train"]
+    first[0][:] = -1.0
+    first[1][:] = 99
+    x, y = DigitsDataModule().load()["train"]
+    assert x.min() == 0.0 and x.max() == 1.0 and set(np.unique(y)) == set(range(10))

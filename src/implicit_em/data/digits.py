@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from implicit_em.data.memory import InMemoryDataModule
@@ -15,7 +17,14 @@ class DigitsDataModule(InMemoryDataModule):
     name = "digits"
 
     def load(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        from sklearn.datasets import load_digits
+        x, y = _digits()
+        return {"train": (x.copy(), y.copy())}
 
-        digits = load_digits()
-        return {"train": ((digits.data / 16.0).astype(np.float32), digits.target.astype(np.int64))}
+
+@functools.cache
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    """The pixels in [0, 1] and the labels, read once per process (the experiments fit many rows in one)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return (digits.data / 16.0).astype(np.float32), digits.target.astype(np.int64)
