@@ -296,6 +296,44 @@ def test_a_spliced_pass_that_skips_the_blocks_before_the_layer_equals_the_whole_
     assert abs(got["ce_loss_spliced"] - got["ce_loss_clean"]) > 1e-3  # the replacement changed something
 
 
+def test_a_second_reconstruction_on_the_same_windows_reuses_the_clean_pass(tiny, monkeypatch):
+    """A frontier judges many rows on one set of windows: the clean pass (log-probabilities and block L's output)
+    runs once and is kept, the numbers equal a fresh run's to the last bit; past CLEAN_CACHE_BYTES nothing is kept;
+    a freed LM takes its entries along."""
+    import gc
+
+    model, _, out, _ = tiny
+    _, ids = _heldout(out)
+    windows, masks = cl.windows_and_masks(out, ids)
+    _, net, _ = cl.cached_lm(Path(model), "cpu")
+    net = __import__("copy").deepcopy(net)  # an LM of this test alone: nothing kept for it yet
+    clean_passes = []
+    logprobs = cl._logprobs
+    monkeypatch.setattr(cl, "_logprobs", lambda *a: clean_passes.append(a[4] is None) or logprobs(*a))
+
+    def fn(x):
+        return 0.5 * x + 0.1
+
+    batches = len(cl.splice_batches([len(w) for w in windows], 4, None, None))
+    monkeypatch.setattr(cl, "CLEAN_CACHE_BYTES", 0)  # too small: each call runs its own clean pass
+    fresh = [cl.splice_scores(net, 1, windows, fn, torch.zeros(32), masks, batch_size=4) for _ in range(2)]
+    assert sum(clean_passes) == 2 * batches and fresh[0] == fresh[1]
+    monkeypatch.setattr(cl, "CLEAN_CACHE_BYTES", 6 << 30)
+    clean_passes.clear()
+    first = cl.splice_scores(net, 1, windows, fn, torch.zeros(32), masks, batch_size=4)
+    second = cl.splice_scores(net, 1, windows, {"a": fn, "b": lambda x: x}, torch.ones(32), masks, batch_size=4)
+    assert sum(clean_passes) == batches  # the first call's clean passes only
+    assert first == fresh[0] and second["a"]["ce_loss_spliced"] == first["ce_loss_spliced"]
+    assert second["a"]["kl_div"] == first["kl_div"] and second["b"]["kl_div"] == pytest.approx(0, abs=1e-7)
+    cl.splice_scores(net, 1, windows[1:], fn, torch.zeros(32), masks[1:], batch_size=4)
+    assert sum(clean_passes) == batches + len(cl.splice_batches([len(w) for w in windows[1:]], 4, None, None))
+    assert len(cl._PER_LM[net]["clean"]) == 2  # other windows: their own clean pass, kept beside
+    n = len(cl._PER_LM)
+    del net
+    gc.collect()
+    assert len(cl._PER_LM) == n - 1
+
+
 def test_reconstruct_sees_the_rows_of_the_replaced_positions_in_order(tiny):
     model, _, out, _ = tiny
     _, ids = _heldout(out)

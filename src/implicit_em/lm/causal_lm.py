@@ -23,8 +23,10 @@ the harvest's were (``pad_multiple``), so the stored activations spliced back gi
     scores = lm_scores(root, heldout, {"sae": raw_to_raw, "raw": lambda x: x}, train_mean_raw)
 
 ``raw_to_raw`` maps raw activations (rows x d_model, in the LM's precision, on its device) to their
-reconstruction in raw units (normalise, encode, read out, undo the normalisation). Cost: one forward pass of the LM per reconstruction
-over the windows, plus a clean pass per call and, once per set of windows and mean, the two ablations.
+reconstruction in raw units (normalise, encode, read out, undo the normalisation). Cost: per reconstruction, the
+blocks after the layer over the windows; once per set of windows, the clean pass (kept for the next call on the same
+windows, up to :data:`CLEAN_CACHE_BYTES`; beyond it, one per call) and, once per set of windows and mean, the two
+ablations.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import json
 import os
 import re
 import sys
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -65,8 +68,15 @@ LM_TOKENS = 20_480
 LM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: loaded LMs, per (path, device), so that scoring many models loads each LM once
 _LOADED: dict[tuple[str, str], tuple] = {}
-#: clean and ablation numbers per (LM, layer, windows, masks, mean): they do not depend on the reconstruction
-_BASELINES: dict[tuple, dict] = {}
+#: per loaded LM (held weakly: a freed LM takes its entries along), what does not depend on the reconstruction:
+#: ``"baselines"``: clean and ablation numbers per (precision, layer, batches, windows, masks, mean);
+#: ``"clean"``: per (precision, layer, batches, windows, masks) the clean pass of every batch (its log-probabilities
+#: at the predicted positions and block ``layer``'s output), so that a second reconstruction judged on the same
+#: windows costs only its spliced pass
+_PER_LM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: the most memory the kept clean passes of one set of windows may take (predicted tokens x vocabulary x 4 bytes:
+#: 4.0 GiB for SmolLM2's 49,152 at 20,480 tokens); beyond it each call runs its own clean pass, as before
+CLEAN_CACHE_BYTES = 6 << 30
 
 Reconstruct = Callable[[Tensor], Tensor]
 
@@ -512,8 +522,12 @@ def splice_scores(
     blocks = decoder_blocks(net)
     dtype = next(net.parameters()).dtype
     # batches and precision change the rounding
-    key = (id(net), dtype, layer, batch_size, pad_multiple, context, _key(*windows), _key(*masks), _key(mean))
-    baselines = _BASELINES.get(key)
+    passes = (dtype, layer, batch_size, pad_multiple, context, _key(*windows), _key(*masks))
+    kept = _PER_LM.setdefault(net, {"baselines": {}, "clean": {}})
+    baselines = kept["baselines"].get((*passes, _key(mean)))
+    cleans = kept["clean"].get(passes)
+    keep: list | None = [] if cleans is None else None
+    kept_bytes = 0
     variants: dict[str, Reconstruct] = dict(fns)
     if baselines is None:
         variants["zero"] = lambda x: torch.zeros_like(x)
@@ -522,13 +536,21 @@ def splice_scores(
     kl: dict[str, list[Tensor]] = {k: [] for k in variants}
     tokens: list[Tensor] = []
     n_replaced = 0
-    for lo, hi, length in splice_batches([len(w) for w in windows], batch_size, pad_multiple, context):
+    for i, (lo, hi, length) in enumerate(splice_batches([len(w) for w in windows], batch_size, pad_multiple, context)):
         ids, attn, replace = _pad(windows[lo:hi], masks[lo:hi], pad_id, device, length)
         predicted = attn[:, 1:].bool()  # position i predicts token i + 1 where that token exists
         targets = ids[:, 1:][predicted]
 
-        batch, capture = (ids, attn, replace, predicted), _Capture()
-        clean = _logprobs(net, blocks, layer, batch, None, capture)
+        batch = (ids, attn, replace, predicted)
+        if cleans is not None:
+            clean, capture = cleans[i]
+        else:
+            capture = _Capture()
+            clean = _logprobs(net, blocks, layer, batch, None, capture)
+            kept_bytes += clean.numel() * clean.element_size()
+            if keep is not None:
+                keep.append((clean, capture))
+                keep = None if kept_bytes > CLEAN_CACHE_BYTES else keep
         ce["clean"].append(_per_window(F.nll_loss(clean, targets, reduction="none"), predicted))
         for name, fn in variants.items():
             spliced = _logprobs(net, blocks, layer, batch, fn, capture)
@@ -542,8 +564,10 @@ def splice_scores(
         raise DataError("the windows predict no token (each has fewer than 2 tokens)")
     ce_w = {k: torch.cat(v) for k, v in ce.items()}
     kl_w = {k: torch.cat(v) for k, v in kl.items()}
+    if keep is not None:
+        kept["clean"][passes] = keep
     if baselines is None:
-        baselines = _BASELINES[key] = {  # per window
+        baselines = kept["baselines"][(*passes, _key(mean))] = {  # per window
             "ce_loss_clean": ce_w["clean"], "ce_loss_zero_ablation": ce_w["zero"], "ce_loss_mean_ablation": ce_w["mean"],
             "kl_div_zero_ablation": kl_w["zero"], "kl_div_mean_ablation": kl_w["mean"],
         }  # fmt: skip
