@@ -327,7 +327,9 @@ def test_a_second_reconstruction_on_the_same_windows_reuses_the_clean_pass(tiny,
     assert second["a"]["kl_div"] == first["kl_div"] and second["b"]["kl_div"] == pytest.approx(0, abs=1e-7)
     cl.splice_scores(net, 1, windows[1:], fn, torch.zeros(32), masks[1:], batch_size=4)
     assert sum(clean_passes) == batches + len(cl.splice_batches([len(w) for w in windows[1:]], 4, None, None))
-    assert len(cl._PER_LM[net]["clean"]) == 2  # other windows: their own clean pass, kept beside
+    assert list(cl._PER_LM[net]["clean"].values())[0] is not None and len(cl._PER_LM[net]["clean"]) == 1  # the newest
+    cl.splice_scores(net, 1, windows, fn, torch.zeros(32), masks, batch_size=4)  # the first windows again: rerun
+    assert sum(clean_passes) == 2 * batches + len(cl.splice_batches([len(w) for w in windows[1:]], 4, None, None))
     n = len(cl._PER_LM)
     del net
     gc.collect()

@@ -70,11 +70,11 @@ LM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _LOADED: dict[tuple[str, str], tuple] = {}
 #: per loaded LM (held weakly: a freed LM takes its entries along), what does not depend on the reconstruction:
 #: ``"baselines"``: clean and ablation numbers per (precision, layer, batches, windows, masks, mean);
-#: ``"clean"``: per (precision, layer, batches, windows, masks) the clean pass of every batch (its log-probabilities
+#: ``"clean"``: for the newest (precision, layer, batches, windows, masks), the clean pass of every batch (its log-probabilities
 #: at the predicted positions and block ``layer``'s output), so that a second reconstruction judged on the same
 #: windows costs only its spliced pass
 _PER_LM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-#: the most memory the kept clean passes of one set of windows may take (predicted tokens x vocabulary x 4 bytes:
+#: the most memory the kept clean passes of an LM may take (predicted tokens x vocabulary x 4 bytes:
 #: 4.0 GiB for SmolLM2's 49,152 at 20,480 tokens); beyond it each call runs its own clean pass, as before
 CLEAN_CACHE_BYTES = 6 << 30
 
@@ -564,8 +564,8 @@ def splice_scores(
         raise DataError("the windows predict no token (each has fewer than 2 tokens)")
     ce_w = {k: torch.cat(v) for k, v in ce.items()}
     kl_w = {k: torch.cat(v) for k, v in kl.items()}
-    if keep is not None:
-        kept["clean"][passes] = keep
+    if keep is not None:  # one set of windows a LM (the newest), so that the cap bounds what is kept
+        kept["clean"] = {passes: keep}
     if baselines is None:
         baselines = kept["baselines"][(*passes, _key(mean))] = {  # per window
             "ce_loss_clean": ce_w["clean"], "ce_loss_zero_ablation": ce_w["zero"], "ce_loss_mean_ablation": ce_w["mean"],
