@@ -132,9 +132,12 @@ def test_a_frontier_goes_on_row_by_row_keeping_finished_rows_and_resuming_the_in
 
 
 def test_several_budgets_make_one_frontier_each_and_their_curve(tmp_path):
+    lines = []
     path = run_frontier("digits", tmp_path, components=16, seeds=[1], l0s=[2], configs=REPO / "configs",
-                        tokens=[512, 256], rows_kept=["implicit_em", "random_encoder"], log=lambda _: None)  # fmt: skip
+                        tokens=[256, 512], rows_kept=["implicit_em", "random_encoder"], log=lines.append)  # fmt: skip
     folder = tmp_path / "digits"
+    started = [line.split(" tokens:")[0] for line in lines if " tokens: " in line]
+    assert started == ["[frontier] 512", "[frontier] 256"]  # the largest budget, the headline, runs first
     assert path == folder / "frontier_tokens.json"
     for n in (256, 512):
         header = json.loads((folder / f"tokens_{n}" / "frontier.json").read_text())

@@ -417,7 +417,9 @@ def run_frontier(
     ``tokens``: token budgets instead of ``epochs``: each trained row trains the fewest optimiser steps whose rows
     reach the budget (:mod:`implicit_em.experiments.budgets`). One budget is one frontier in ``<out>/<data>/``;
     several are one frontier each in ``<out>/<data>/tokens_<N>/``, then their curve in
-    ``<out>/<data>/frontier_tokens.json`` (and ``.md``, PNGs), whose path is returned. ``checkpoint_every``: the
+    ``<out>/<data>/frontier_tokens.json`` (and ``.md``, PNGs), whose path is returned. The largest budget runs
+    first: it is the frontier a reader looks for, and it takes longest, so a run cut short holds it and the smaller
+    budgets, quick to finish, come after (each resumes row by row). ``checkpoint_every``: the
     steps between a trained row's checkpoints (None: about 20 a row where its steps are known before training,
     with a token budget or on a harvest, else one an epoch). ``lm_tokens``: the predicted tokens of the held-out
     windows the causal LM runs again per row (causal harvests only; SAEBench's 20,480; 0: off);
@@ -462,7 +464,7 @@ def run_frontier(
                           lm_tokens=lm_tokens)  # fmt: skip
         epoch = training_epoch(args)
     done_budgets = []
-    for n in budgets:
+    for n in sorted(budgets, key=lambda n: -1 if n is None else n, reverse=True):  # the largest, the headline, first
         length = training_length(epoch, epochs, n, checkpoint_every)
         if n is not None:
             log(f"[frontier] {n:,} tokens: {length.described()} a trained row, into {where[n]}")
