@@ -47,6 +47,24 @@ def test_rows_trained_are_the_rows_of_the_optimiser_steps_taken(run, tmp_path):
     assert m["rows_trained"] == 1293 + 2 * 128 != m["train_rows"] * m["epochs"]
 
 
+def test_fit_module_keeps_lightnings_noise_out_and_restores_the_callers_warning_filters(tmp_path):
+    """A library fit checkpointing every n steps (as the frontier's rows do) warns nothing of app.QUIET, and the
+    caller's warning filters are as they were after it."""
+    import re
+    import warnings
+
+    args = ["--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "4", "--model.n_components", str(K),
+            "--checkpoint.every_n_train_steps", "2", "--checkpoint.every_n_epochs", "0", *QUIET]  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        before = list(warnings.filters)
+        app.fit_module(args, [DEFAULT_CONFIG])
+        after = list(warnings.filters)
+    said = [str(w.message) for w in caught]
+    assert not [m for m in said if any(re.match(p, m) for p in app.QUIET)], said
+    assert after == before
+
+
 def test_evaluate_checkpoint_gives_the_runs_own_numbers(run):
     m = run.metrics()
     again = app.evaluate_checkpoint(m["checkpoint"], overrides=["--report.probe_method", "torch"])

@@ -8,9 +8,11 @@ objects without training with :func:`configure`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,7 +145,7 @@ def fit_module(args: Sequence[str], default_config_files: Sequence[str | Path] |
     For library callers (experiments, notebooks): errors propagate as exceptions; the process's environment
     and float settings are restored afterwards.
     """
-    with training_process():
+    with quiet_warnings(), training_process():
         fitted = fit(ImplicitEMCLI(list(args), default_config_files))
     if fitted is None:
         raise RuntimeError(f"the run {list(args)} was interrupted or ran on a worker rank")
@@ -254,17 +256,24 @@ QUIET = (
     r".*isinstance\(treespec, LeafSpec\)",  # Lightning's internal use of a deprecated torch API
     r"The number of training batches .* is smaller than the logging interval",  # chunks count steps, not batches
     r"Your `IterableDataset` has `__len__` defined",  # not ours; chunked loaders have no length
+    # every model steps manually and a checkpoint lands between steps: the state after a step is the one to resume
+    r"Using ModelCheckpoint with manual optimization and every_n_train_steps",
 )
+
+
+@contextlib.contextmanager
+def quiet_warnings():
+    """Lightning's warnings of :data:`QUIET` ignored inside, the caller's warning filters restored after."""
+    with warnings.catch_warnings():
+        for pattern in QUIET:
+            warnings.filterwarnings("ignore", message=pattern)
+        yield
 
 
 def main(args: Sequence[str] | None = None, default_config_files: Sequence[str | Path] | None = None) -> int:
     """Run the main job; print metrics.json's absolute path as the last stdout line. Returns the exit code."""
-    import warnings
-
-    for pattern in QUIET:
-        warnings.filterwarnings("ignore", message=pattern)
     try:
-        with training_process():
+        with quiet_warnings(), training_process():
             cli = ImplicitEMCLI(args, default_config_files)
             fitted = fit(cli)
     except Exception as e:  # settings or data a user can fix: one line and its exit code
