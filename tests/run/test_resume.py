@@ -129,12 +129,17 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, uninterrup
     ids=["epoch_end", "mid_epoch"],
 )  # fmt: skip
 def test_stop_then_resume_in_process_is_bitwise_the_uninterrupted_run(tmp_path, uninterrupted, first, extra):
+    start = time.perf_counter()
     stopped = fit_in_process(tmp_path, *first, *extra)
     assert 0 < stopped.trainer.global_step < EPOCHS * STEPS_PER_EPOCH
+    time.sleep(2)  # a pause between the stop and the resume, which no epoch counts
     # the resume changes the run's length (its max_steps too: every other setting comes back from config.yaml)
     resumed = fit_in_process(tmp_path, "--trainer.max_epochs", str(EPOCHS), "--trainer.max_steps", "-1", *extra,
                              "--ckpt_path", "last")  # fmt: skip
     _assert_same_end(resumed, uninterrupted)
+    seconds = json.loads(resumed.metrics_path.read_text())["epoch_seconds"]
+    assert len(seconds) == EPOCHS and all(s > 0 for s in seconds)
+    assert sum(seconds) < time.perf_counter() - start - 2  # the pause left out
 
 
 # -- a refused resume changes nothing; a resumed run keeps its settings and its history ----------------------

@@ -25,29 +25,42 @@ class EpochTimer(L.Callback):
     """Wall time of each training epoch: from its start to the end of its last training batch.
 
     Validation, checkpointing and the probe are outside it. Saved in checkpoints, so a resumed run
-    reports every epoch.
+    reports every epoch; an epoch resumed from a checkpoint inside it counts the time before the
+    checkpoint (``epoch_so_far``) and the time from the resume on, not the pause between.
     """
 
     def __init__(self):
         self.epoch_seconds: list[float] = []
-        self._start = self._last = 0.0
+        self._start = self._last = time.perf_counter()
+        self._carried = 0.0  # seconds of the epoch in progress spent before a resume
+        self._resumed = False
+
+    def on_train_start(self, trainer, pl_module) -> None:  # every fit, a resume inside an epoch included
+        _sync(pl_module.device)
+        self._start = self._last = time.perf_counter()
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         _sync(pl_module.device)
         self._start = self._last = time.perf_counter()
+        if not self._resumed:  # a new epoch; the one resumed into keeps what it had before the checkpoint
+            self._carried = 0.0
+        self._resumed = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         _sync(pl_module.device)
         self._last = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.epoch_seconds.append(self._last - self._start)
+        self.epoch_seconds.append(self._carried + self._last - self._start)
+        self._carried, self._start, self._resumed = 0.0, self._last, False
 
     def state_dict(self) -> dict:
-        return {"epoch_seconds": list(self.epoch_seconds)}
+        return {"epoch_seconds": list(self.epoch_seconds), "epoch_so_far": self._carried + self._last - self._start}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.epoch_seconds = list(state_dict["epoch_seconds"])
+        self._carried = float(state_dict.get("epoch_so_far", 0.0))  # older checkpoints: the resumed part only
+        self._resumed = True
 
 
 class ComponentImages(L.Callback):
